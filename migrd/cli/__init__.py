@@ -1,0 +1,47 @@
+"""`migrctl`: the admin CLI. Subcommands live in one module per concept and are registered
+here. MigrdError becomes one line on stderr and the error class's exit code."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import MigrdError
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  other migrd error
+  2  usage error (bad option or argument)
+  3  bad input: no such PID, host or directory
+  4  not permitted: not root, PID 1, process not opted in
+  5  CRIU failed (its error line and log path are printed)
+  6  checkpoint image missing, altered or not a checkpoint
+  7  SSH transport failed (unreachable, timeout, host key mismatch)
+  8  configuration file invalid (key and line are printed)
+  9  a helper program failed
+"""
+
+
+class MigrdGroup(click.Group):
+    """Turns MigrdError into a readable line and its exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except MigrdError as e:
+            click.echo(f"migrctl: error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=MigrdGroup, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="migrctl")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv: every command run).")
+def main(verbose: int) -> None:
+    """Administer migrd: checkpoint, restore and migrate running processes with CRIU over SSH."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")

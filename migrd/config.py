@@ -1,0 +1,194 @@
+"""Configuration: one YAML file (/etc/migrd/migrd.yaml, or $MIGRD_CONFIG) read into frozen
+dataclasses. The dataclasses are the schema: every field's type and default is checked, unknown
+keys are refused, and every error names the key path and the line it is on.
+
+A cluster config written by `migrctl bed up` uses exactly this format, so the embedded bed and a
+real deployment share one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/migrd/migrd.yaml")
+DEFAULT_STATE_DIR = Path("/var/lib/migrd")
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """One peer host in the cluster."""
+
+    name: str
+    address: str
+    port: int = 22
+    user: str = "root"
+    #: known_hosts lines for this host ("ADDR KEYTYPE BASE64"); checked strictly.
+    host_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    client_key: Path = Path("/etc/migrd/id_ed25519")
+    #: Written from the hosts' host_keys when empty; an explicit file wins.
+    known_hosts: Path | None = None
+    connect_timeout: float = 5.0
+    op_timeout: float = 120.0
+    #: Wire compression of image streams: "none" or "zstd".
+    compression: str = "none"
+
+
+@dataclass(frozen=True)
+class CriuSettings:
+    #: Path of a criu binary or wrapper; empty means: search (see migrd.criu.find_criu).
+    path: Path | None = None
+    #: Network lock method: nftables needs no binary (CRIU links libnftables); iptables needs
+    #: iptables-restore on the host.
+    network_lock: str = "nftables"
+
+
+@dataclass(frozen=True)
+class Config:
+    #: Name of this host in `hosts` (None: not part of a cluster, e.g. a single-host demo).
+    host: str | None = None
+    state_dir: Path = DEFAULT_STATE_DIR
+    hosts: tuple[HostEntry, ...] = ()
+    ssh: SshSettings = field(default_factory=SshSettings)
+    criu: CriuSettings = field(default_factory=CriuSettings)
+    #: Where this config came from (not a YAML key).
+    source: Path | None = field(default=None, metadata={"yaml": False})
+
+    def peer(self, name: str) -> HostEntry:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        known = ", ".join(h.name for h in self.hosts) or "none configured"
+        from .errors import InputError
+
+        raise InputError(f"unknown host {name!r} (known hosts: {known})")
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("MIGRD_CONFIG", DEFAULT_PATH))
+
+
+def load(path: Path | None = None) -> Config:
+    """Load the config; a missing default file means all defaults, a missing explicit one is
+    an error."""
+    explicit = path is not None or "MIGRD_CONFIG" in os.environ
+    path = path or config_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return Config()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    return dataclasses.replace(parse(text, str(path)), source=path)
+
+
+def parse(text: str, name: str = "<config>") -> Config:
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{name}:{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if node is None:
+        return Config()
+    return _build(Config, node, name, "")
+
+
+def dump(cfg: Config) -> str:
+    """Serialise a Config back to YAML (used by the bed to write cluster configs)."""
+    return yaml.safe_dump(_plain(cfg), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.metadata.get("yaml", True)
+        }
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _where(name: str, key: str, node: yaml.Node) -> str:
+    return f"{name}: key '{key}' (line {node.start_mark.line + 1})"
+
+
+def _build(cls: type, node: yaml.Node, name: str, prefix: str) -> Any:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{_where(name, prefix or '<top>', node)}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
+    values: dict[str, Any] = {}
+    for knode, vnode in node.value:
+        key = knode.value
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            allowed = ", ".join(fields)
+            raise ConfigError(f"{_where(name, path, knode)}: unknown key (allowed here: {allowed})")
+        values[key] = _convert(hints[key], vnode, name, path)
+    missing = [
+        f for f in fields.values()
+        if f.name not in values and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(
+            f"{_where(name, prefix or '<top>', node)}: missing required key '{missing[0].name}'"
+        )
+    return cls(**values)
+
+
+def _convert(tp: Any, node: yaml.Node, name: str, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return None
+        return _convert(args[0], node, name, path)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, node, name, path)
+    if origin is tuple:
+        if not isinstance(node, yaml.SequenceNode):
+            raise ConfigError(f"{_where(name, path, node)}: expected a list")
+        item = typing.get_args(tp)[0]
+        return tuple(_convert(item, n, name, f"{path}[{i}]") for i, n in enumerate(node.value))
+    if origin is dict:
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError(f"{_where(name, path, node)}: expected a mapping")
+        vt = typing.get_args(tp)[1]
+        return {k.value: _convert(vt, v, name, f"{path}.{k.value}") for k, v in node.value}
+    if not isinstance(node, yaml.ScalarNode):
+        raise ConfigError(f"{_where(name, path, node)}: expected a single value")
+    value = yaml.safe_load(yaml.serialize(node))
+    want = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            Path: "a path"}[tp]
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp in (str, Path) and isinstance(value, (str, int, float)) and not isinstance(value, bool))
+    )
+    if not ok:
+        raise ConfigError(f"{_where(name, path, node)}: expected {want}, got {value!r}")
+    if tp is Path:
+        return Path(str(value))
+    return tp(value)

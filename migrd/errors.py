@@ -1,0 +1,62 @@
+"""The exception hierarchy. Messages are written for the operator; the CLI maps classes to
+exit codes (documented in the README and in `migrctl --help`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MigrdError(Exception):
+    """Base class. `str(err)` is one line an operator can act on."""
+
+    exit_code = 1
+
+
+class InputError(MigrdError):
+    """The request names something that does not exist or is malformed (PID, host, directory)."""
+
+    exit_code = 3
+
+
+class NotPermitted(MigrdError):
+    """The request is well-formed but not allowed: not root, PID 1, process not opted in."""
+
+    exit_code = 4
+
+
+class CriuError(MigrdError):
+    """CRIU ran and failed. Carries CRIU's own error lines and the log they came from."""
+
+    exit_code = 5
+
+    def __init__(self, action: str, error_lines: list[str], log_path: Path | None) -> None:
+        self.action = action
+        self.error_lines = error_lines
+        self.log_path = log_path
+        first = error_lines[0] if error_lines else "no error line in the log"
+        where = f" (log: {log_path})" if log_path else ""
+        super().__init__(f"criu {action} failed: {first}{where}")
+
+
+class ImageError(MigrdError):
+    """A checkpoint directory is incomplete, altered or not a checkpoint at all."""
+
+    exit_code = 6
+
+
+class TransportError(MigrdError):
+    """SSH to a peer failed: unreachable, refused, timed out, or its host key is wrong."""
+
+    exit_code = 7
+
+
+class ConfigError(MigrdError):
+    """The configuration file is malformed; the message names the key and line."""
+
+    exit_code = 8
+
+
+class CommandError(MigrdError):
+    """A helper program (ip, sshd, nsenter, ...) exited non-zero."""
+
+    exit_code = 9

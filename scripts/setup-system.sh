@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Debian packages migrd needs on a host (and on the embedded test bed). Idempotent.
+set -euo pipefail
+say() { printf 'setup-system: %s\n' "$*" >&2; }
+[ "$(id -u)" = 0 ] || { say "ERROR: must run as root"; exit 1; }
+
+# iproute2/util-linux: namespaces for the bed; openssh: the transport's peer and scp baseline;
+# iputils-arping: announce a moved service address; zstd: image compression.
+pkgs=(iproute2 util-linux procps openssh-server openssh-client iputils-arping zstd
+      python3 python3-venv ca-certificates make)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then say "all Debian packages present"; exit 0; fi
+
+say "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+# Keep apt from starting a system sshd on port 22 as a side effect: migrd runs its own sshd
+# instances where it needs them.
+policy=/usr/sbin/policy-rc.d
+added_policy=0
+if [ ! -e $policy ]; then printf '#!/bin/sh\nexit 101\n' > $policy; chmod 755 $policy; added_policy=1; fi
+trap '[ $added_policy = 1 ] && rm -f $policy' EXIT
+apt-get update -q >&2 || { say "ERROR: apt-get update failed"; exit 1; }
+apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
+    || { say "ERROR: apt-get install ${missing[*]} failed"; exit 1; }
+say "done"
