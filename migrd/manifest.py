@@ -1,0 +1,178 @@
+"""manifest.json: what a checkpoint directory holds and how it was made.
+
+Every image file is listed with size and sha256, so a restore (and the receiver of a transfer)
+can refuse a directory that is incomplete, padded or altered before CRIU ever reads it. The
+process description lets a target check in advance whether a restore can work (open files,
+ports) and lets an operator see what an image is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ImageError
+
+NAME = "manifest.json"
+FORMAT = 1
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class OpenFile:
+    path: str
+    fd: int
+    mode: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Listener:
+    family: str  # "inet" or "inet6"
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    cmdline: tuple[str, ...]
+    exe: str
+    cwd: str
+    uid: int
+    rss: int
+    start_time: float
+    open_files: tuple[OpenFile, ...] = ()
+    listening: tuple[Listener, ...] = ()
+    #: True when the process is its own session leader; otherwise CRIU needs --shell-job.
+    session_leader: bool = False
+    #: True when the process is the init of its own PID namespace (no PID clash on restore).
+    own_pid_namespace: bool = False
+    environ: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: int
+    created: float
+    criu_version: str
+    host: str
+    process: ProcessInfo
+    #: CRIU options the dump used that restore must repeat (tcp_established, shell_job, ...).
+    options: dict[str, Any]
+    files: dict[str, FileEntry]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan(directory: Path) -> dict[str, FileEntry]:
+    """Hash every regular file directly in directory except the manifest itself.
+
+    CRIU image directories are flat; anything else (subdirectory, link, device) is refused
+    because the receiver would refuse it anyway.
+    """
+    entries: dict[str, FileEntry] = {}
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name == NAME:
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            raise ImageError(f"{directory}: {entry.name} is not a regular file; images must be flat")
+        p = Path(entry.path)
+        entries[entry.name] = FileEntry(p.stat().st_size, sha256_file(p))
+    return entries
+
+
+def write(directory: Path, manifest: Manifest) -> Path:
+    path = directory / NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)
+    return path
+
+
+def from_json(text: str | bytes, origin: str = NAME) -> Manifest:
+    try:
+        raw = json.loads(text)
+        if raw.get("format") != FORMAT:
+            raise ImageError(f"{origin}: unsupported manifest format {raw.get('format')!r} (expected {FORMAT})")
+        proc = dict(raw["process"])
+        proc["cmdline"] = tuple(proc["cmdline"])
+        proc["open_files"] = tuple(OpenFile(**o) for o in proc.get("open_files", ()))
+        proc["listening"] = tuple(Listener(**s) for s in proc.get("listening", ()))
+        return Manifest(
+            format=raw["format"],
+            created=float(raw["created"]),
+            criu_version=str(raw["criu_version"]),
+            host=str(raw["host"]),
+            process=ProcessInfo(**proc),
+            options=dict(raw.get("options", {})),
+            files={n: FileEntry(int(e["size"]), str(e["sha256"])) for n, e in raw["files"].items()},
+        )
+    except ImageError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ImageError(f"{origin} is not a valid migrd manifest ({type(e).__name__}: {e})") from None
+
+
+def read(directory: Path) -> Manifest:
+    path = directory / NAME
+    if not directory.is_dir():
+        raise ImageError(f"{directory} is not a directory")
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{directory} is not a migrd checkpoint (no {NAME})") from None
+    return from_json(text, str(path))
+
+
+def check_name(name: str) -> None:
+    """Names in a manifest must be plain file names: no path separators, no dot names."""
+    if not name or "/" in name or "\0" in name or name in (".", "..") or name == NAME:
+        raise ImageError(f"manifest lists an illegal file name {name!r}")
+
+
+def compare(expected: dict[str, FileEntry], actual: dict[str, FileEntry], where: str) -> None:
+    """Raise ImageError naming the first missing, extra or altered file (pure)."""
+    for name in sorted(expected):
+        check_name(name)
+        if name not in actual:
+            raise ImageError(f"{where}: image file {name} is missing")
+    for name in sorted(actual):
+        if name not in expected:
+            raise ImageError(f"{where}: unexpected file {name} is not in the manifest")
+    for name in sorted(expected):
+        e, a = expected[name], actual[name]
+        if e.size != a.size:
+            raise ImageError(f"{where}: image file {name} has size {a.size}, manifest says {e.size}")
+        if e.sha256 != a.sha256:
+            raise ImageError(f"{where}: image file {name} was altered (sha256 mismatch)")
+
+
+def verify(directory: Path) -> Manifest:
+    """Read the manifest and check the directory against it; return it when all matches."""
+    m = read(directory)
+    compare(m.files, scan(directory), str(directory))
+    return m
