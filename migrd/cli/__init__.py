@@ -45,3 +45,10 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+from .checkpoint import check, checkpoint, restore  # noqa: E402
+
+main.add_command(check)
+main.add_command(checkpoint)
+main.add_command(restore)
