@@ -1,0 +1,127 @@
+"""Pure logic: manifest, CRIU log parsing, config parsing, PID parsing. No root needed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from migrd import config, criu, manifest as mf, process
+from migrd.errors import ConfigError, ImageError, InputError
+
+LOG = """\
+(00.000000) Version: 4.2.1 (gitid 0)
+(00.001000) Error (criu/rlimit.c:12): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted
+(00.002000) Warn  (criu/kerndat.c:1290): Can't keep kdat cache on non-tempfs
+(00.120000) Error (criu/sk-unix.c:874): unix: External socket is used. Consider using --ext-unix-sk option.
+(00.130000) Error (criu/cr-dump.c:2099): Dumping FAILED.
+"""
+
+
+def test_error_lines_skip_harmless_noise_and_keep_order():
+    assert criu.error_lines(LOG) == [
+        "unix: External socket is used. Consider using --ext-unix-sk option. [criu/sk-unix.c:874]",
+        "Dumping FAILED. [criu/cr-dump.c:2099]",
+    ]
+
+
+def test_error_lines_of_a_clean_log_is_empty():
+    assert criu.error_lines("(00.1) Info: ok\n(00.2) Warn (x.c:1): meh\n") == []
+
+
+def test_version_parsing():
+    assert criu.parse_version("Version: 4.2.1\nGitID: v4.2\n") == "4.2.1"
+    assert criu.version_tuple("4.2.1") > criu.version_tuple("4.1.10") >= (4, 1)
+
+
+def sample_manifest(files: dict[str, mf.FileEntry]) -> mf.Manifest:
+    info = mf.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/", uid=0,
+                          rss=1, start_time=1.0,
+                          open_files=(mf.OpenFile("/srv/x", 3, "r", 10),),
+                          listening=(mf.Listener("inet", "127.0.0.1", 80),), tree_ids=(42, 43))
+    return mf.Manifest(mf.FORMAT, 2.0, "4.2.1", "h1", info, {"shell_job": False}, files)
+
+
+def test_manifest_round_trip(tmp_path: Path):
+    (tmp_path / "pages-1.img").write_bytes(b"\0" * 4096)
+    (tmp_path / "core-42.img").write_bytes(b"core")
+    m = sample_manifest(mf.scan(tmp_path))
+    mf.write(tmp_path, m)
+    assert mf.verify(tmp_path) == m
+    assert m.image_bytes == 4100
+    assert set(m.files) == {"pages-1.img", "core-42.img"}
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: (d / "core-42.img").unlink(), "core-42.img is missing"),
+        (lambda d: (d / "stray.img").write_bytes(b""), "stray.img is not in the manifest"),
+        (lambda d: (d / "core-42.img").write_bytes(b"corE"), "core-42.img was altered"),
+        (lambda d: (d / "core-42.img").write_bytes(b"core!"), "core-42.img has size 5"),
+        (lambda d: (d / "sub").mkdir(), "sub is not a regular file"),
+    ],
+)
+def test_manifest_verification_names_the_bad_file(tmp_path: Path, mutate, message):
+    (tmp_path / "core-42.img").write_bytes(b"core")
+    mf.write(tmp_path, sample_manifest(mf.scan(tmp_path)))
+    mutate(tmp_path)
+    with pytest.raises(ImageError, match=message):
+        mf.verify(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "a/b", "", "..", "manifest.json"])
+def test_manifest_refuses_illegal_names(bad):
+    files = {bad: mf.FileEntry(1, "0" * 64)}
+    with pytest.raises(ImageError, match="illegal file name"):
+        mf.compare(files, files, "x")
+
+
+def test_manifest_from_bad_json():
+    with pytest.raises(ImageError, match="not a valid migrd manifest"):
+        mf.from_json('{"format": 1}')
+    with pytest.raises(ImageError, match="unsupported manifest format"):
+        mf.from_json('{"format": 99}')
+
+
+def test_parse_pid():
+    assert process.parse_pid(" 17 ") == 17
+    for bad in ["x", "1.5", "-3", "0", ""]:
+        with pytest.raises(InputError):
+            process.parse_pid(bad)
+
+
+def test_ns_pid_chain():
+    assert process.ns_pid_chain("Name:\tsh\nNSpid:\t5231\t1\n") == [5231, 1]
+    assert process.ns_pid_chain("Name:\tsh\n") == []
+
+
+def test_config_defaults_and_round_trip():
+    c = config.parse("host: h1\nhosts:\n  - {name: h1, address: 198.18.0.1}\n")
+    assert c.peer("h1").port == 22
+    again = config.parse(config.dump(c))
+    assert dataclasses.replace(again, source=None) == c
+    with pytest.raises(InputError, match="unknown host 'h9'.*h1"):
+        c.peer("h9")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ssh:\n  conect_timeout: 3\n", r"key 'ssh.conect_timeout' \(line 2\): unknown key"),
+        ("hosts:\n  - address: 1.2.3.4\n", r"'hosts\[0\]' \(line 2\): missing required key 'name'"),
+        ("ssh:\n  connect_timeout: soon\n", r"'ssh.connect_timeout' \(line 2\): expected a number"),
+        ("hosts: 3\n", r"'hosts' \(line 1\): expected a list"),
+        ("host: [\n", r"line \d+: not valid YAML"),
+    ],
+)
+def test_config_errors_name_key_and_line(text, message):
+    with pytest.raises(ConfigError, match=message):
+        config.parse(text, "migrd.yaml")
+
+
+def test_missing_explicit_config_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIGRD_CONFIG", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load()
