@@ -138,7 +138,7 @@ def test_criu_failure_carries_criu_error_and_process_survives(procs, tmp_path, m
     addr = f"\0migrd-test-{os.getpid()}"
     listener.bind(addr)
     listener.listen(1)
-    script = ("import socket, sys, time  # migrd-test-workload\n"
+    script = ("import socket, sys, time  # migrd-workload\n"
               "c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.connect('\\0' + sys.argv[1])\n"
               "time.sleep(600)\n")
     try:

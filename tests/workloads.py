@@ -12,23 +12,8 @@ from pathlib import Path
 
 import psutil
 
-MARK = "migrd-test-workload"
-
-# Counts in memory and appends each value to a file it reopens every time (so CRIU never sees a
-# growing open file). A restored copy continues from the dumped value, never from 1.
-COUNTER = f"""
-import os, sys, time  # {MARK}
-path = sys.argv[1]
-if sys.argv[2:] == ["child"] and os.fork() == 0:
-    path += ".child"  # the child counts into its own file
-n = 0
-deadline = time.time() + 600  # never outlive a test run
-while time.time() < deadline:
-    n += 1
-    with open(path, "a") as f:
-        f.write(f"{{n}}\\n")
-    time.sleep(0.05)
-"""
+from migrd.workloads import COUNTER, MARK
+from migrd.workloads import read_counts as values
 
 # Answers each connection with how many it has answered so far: state a restore must keep.
 SERVER = f"""
@@ -47,13 +32,6 @@ while time.time() < deadline:
     served += 1
     c.sendall(f"{{served}}\\n".encode()); c.close()
 """
-
-
-def values(path: Path) -> list[int]:
-    try:
-        return [int(x) for x in path.read_text().split()]
-    except FileNotFoundError:
-        return []
 
 
 def wait_for(pred, timeout: float = 20.0, what: str = "condition"):

@@ -52,3 +52,6 @@ from .checkpoint import check, checkpoint, restore  # noqa: E402
 main.add_command(check)
 main.add_command(checkpoint)
 main.add_command(restore)
+from .demo import demo  # noqa: E402
+
+main.add_command(demo)

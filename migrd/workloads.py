@@ -1,0 +1,34 @@
+"""Small self-contained programs that migrd's demo and benchmarks run as workloads.
+
+Each is Python source run with `python -c`; the marker in its first line lets a cleanup check
+that a PID still runs one of ours before ending it.
+"""
+
+from __future__ import annotations
+
+MARK = "migrd-workload"
+
+#: Counts in memory and appends each value to the file named by argv[1], reopening it for every
+#: write so CRIU never sees a growing open file. A restored copy goes on from the dumped value.
+#: With argv[2] == "child" it forks once and the child counts into "<file>.child".
+COUNTER = f"""
+import os, sys, time  # {MARK}
+path = sys.argv[1]
+if sys.argv[2:] == ["child"] and os.fork() == 0:
+    path += ".child"
+n = 0
+deadline = time.time() + 3600  # never outlive its purpose by much
+while time.time() < deadline:
+    n += 1
+    with open(path, "a") as f:
+        f.write(f"{{n}}\\n")
+    time.sleep(0.05)
+"""
+
+
+def read_counts(path) -> list[int]:
+    try:
+        with open(path) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
