@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .policy import PolicyConfig
 
 DEFAULT_PATH = Path("/etc/migrd/migrd.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/migrd")
@@ -64,6 +65,7 @@ class Config:
     hosts: tuple[HostEntry, ...] = ()
     ssh: SshSettings = field(default_factory=SshSettings)
     criu: CriuSettings = field(default_factory=CriuSettings)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     #: Where this config came from (not a YAML key).
     source: Path | None = field(default=None, metadata={"yaml": False})
 
