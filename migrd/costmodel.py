@@ -151,7 +151,8 @@ def work(c: Candidate, here: Site, cfg: PolicyConfig) -> Work:
     )
 
 
-def _effective_speed(s: Site, added: float) -> float:
+def effective_speed(s: Site, added: float) -> float:
+    """Reference-CPU-seconds per second one computing task gets on `s` after `added` arrive."""
     return s.speed * share(s.capacity, s.demand + added)
 
 
@@ -190,8 +191,8 @@ def estimate(c: Candidate, w: Work, st: Stay, action: Action, here: Site, there:
              link: Link, cfg: PolicyConfig) -> Estimate:
     """Price `action` taking `c` from `here` to `there` over `link`."""
     nbytes = transfer_bytes(c, action, here.host)
-    k_here = _effective_speed(here, 0.0)
-    k_there = _effective_speed(there, w.wants)
+    k_here = effective_speed(here, 0.0)
+    k_there = effective_speed(there, w.wants)
     pace = _pace(w, k_here, k_there)
     transfer_s = link.send_s(nbytes)
     if action is Action.RESTART_ELSEWHERE:
@@ -221,11 +222,27 @@ def estimate(c: Candidate, w: Work, st: Stay, action: Action, here: Site, there:
     )
 
 
+def upper_gain(w: Work, st: Stay, k_here: float, k_there: float, transfer_s: float,
+               price_per_work: float, cfg: PolicyConfig) -> float:
+    """No move gains more than this if the target's effective speed is at most `k_there`,
+    the transfer takes at least `transfer_s` and a unit of work costs at least
+    `price_per_work` there. Used to skip options without pricing them in full."""
+    best_time = transfer_s + w.remaining_s * _pace(w, k_here, k_there)
+    return st.score - (cfg.time_value * best_time + w.cpu_s * price_per_work)
+
+
+def min_transfer_s(c: Candidate, link: Link, cfg: PolicyConfig) -> float:
+    """The quickest any action could send `c` over `link` (restart skips the checkpoint)."""
+    if c.restartable:
+        return link.send_s(min(c.proc.rss_bytes, c.code_size))
+    return link.send_s(c.proc.rss_bytes) + cfg.migration_overhead_s
+
+
 @dataclass(frozen=True)
 class Bound:
-    """Per-decision precomputation for an upper bound on any process's gain: no target is
-    faster than the fastest idle-most one, none is cheaper per unit of work than the cheapest,
-    and no transfer is free-er than free."""
+    """Per-decision precomputation for bounding any process's gain: no target is faster than
+    the fastest one before anything arrives, none is cheaper per unit of work than the
+    cheapest, and no transfer is cheaper than free."""
 
     best_speed: float
     cheapest_per_work: float
@@ -233,17 +250,17 @@ class Bound:
     @classmethod
     def of(cls, sites: Sequence[Site]) -> Bound:
         return cls(
-            best_speed=max(_effective_speed(s, 0.0) for s in sites),
+            best_speed=max(effective_speed(s, 0.0) for s in sites),
             cheapest_per_work=min(s.cpu_price / s.speed for s in sites),
         )
 
     def max_gain(self, c: Candidate, here: Site, links: Mapping[str, Link], source: str,
                  cfg: PolicyConfig) -> float:
+        """No move of `c` anywhere gains more than this."""
         w = work(c, here, cfg)
         st = stay(c, w, here, links, source, cfg)
-        best_time = w.remaining_s * _pace(w, _effective_speed(here, 0.0), self.best_speed)
-        best_money = w.cpu_s * self.cheapest_per_work
-        return st.score - (cfg.time_value * best_time + best_money)
+        return upper_gain(w, st, effective_speed(here, 0.0), self.best_speed, 0.0,
+                          self.cheapest_per_work, cfg)
 
 
 # --------------------------------------------------------------------------- text

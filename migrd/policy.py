@@ -287,6 +287,8 @@ class _Target:
     link: Link
     cpu_compatible: bool
     mem_available: int
+    #: Its effective speed before anything arrives (an upper bound for any arrival).
+    speed0: float
 
 
 @dataclass
@@ -331,8 +333,9 @@ def _targets(sit: Situation, source: HostLoad, cfg: PolicyConfig) -> list[_Targe
             level is Level.HIGH or costmodel.demand(h) / h.cpu_capacity < src_norm
         ):
             continue  # packing goes onto hosts at least as busy as this one
-        out.append(_Target(costmodel.site(h, cfg.cpu_price(h.host)), p.link, p.cpu_compatible,
-                           h.mem_available))
+        s = costmodel.site(h, cfg.cpu_price(h.host))
+        out.append(_Target(s, p.link, p.cpu_compatible, h.mem_available,
+                           costmodel.effective_speed(s, 0.0)))
     return out
 
 
@@ -378,10 +381,17 @@ def _required_gain(est: Estimate, mode: Mode, cfg: PolicyConfig) -> float:
     return max(cfg.min_gain, cfg.min_gain_ratio * est.stay_score)
 
 
+_ACTION_ORDER = {a: i for i, a in enumerate(Action)}
+
+
 def _rank(est: Estimate, mode: Mode, after: float, pid: int, target: str, action: Action) -> tuple:
     """Larger is better; ties fall to the lower PID, then the target name, then action order."""
-    first = after if mode is Mode.CONSOLIDATE else est.gain
-    return (first, est.gain, -pid, _neg(target), -list(Action).index(action))
+    return (_primary(est, mode, after), est.gain, -pid, _neg(target), -_ACTION_ORDER[action])
+
+
+def _primary(est: Estimate, mode: Mode, after: float) -> float:
+    """What a mode maximizes: gain, or for consolidate how full the target gets."""
+    return after if mode is Mode.CONSOLIDATE else est.gain
 
 
 def _neg(s: str) -> tuple[int, ...]:
@@ -390,11 +400,24 @@ def _neg(s: str) -> tuple[int, ...]:
 
 def _search_candidate(
     c: Candidate, targets: Sequence[_Target], src: Site, links: dict[str, Link],
-    mode: Mode, cfg: PolicyConfig, source: str, s: _Search,
+    mode: Mode, cfg: PolicyConfig, source: str, s: _Search, bound: costmodel.Bound | None,
 ) -> None:
+    """Price every way of moving `c` to each target. With a bound, `targets` must come fastest
+    first: the search stops at the first target too slow to beat the best move so far."""
     work = costmodel.work(c, src, cfg)
     stay = costmodel.stay(c, work, src, links, source, cfg)
+    k_here = costmodel.effective_speed(src, 0.0)
     for t in targets:
+        if bound is not None:
+            floor = cfg.min_gain if s.best is None else max(cfg.min_gain, s.best[4].gain)
+            if costmodel.upper_gain(work, stay, k_here, t.speed0, 0.0, bound.cheapest_per_work,
+                                    cfg) < floor:
+                break  # this and every later (slower) target
+            k_there = costmodel.effective_speed(t.site, work.wants)
+            if costmodel.upper_gain(work, stay, k_here, k_there,
+                                    costmodel.min_transfer_s(c, t.link, cfg),
+                                    t.site.cpu_price / t.site.speed, cfg) < floor:
+                continue  # cannot beat the best so far
         for action in _actions(c, source, t.site.host):
             problem = _placement_problem(c, t, action, work, src, mode, cfg, source)
             if problem:
@@ -402,14 +425,16 @@ def _search_candidate(
                 continue
             est = costmodel.estimate(c, work, stay, action, src, t.site, t.link, cfg)
             after = costmodel.norm_after(t.site, work.wants)
-            entry = (_rank(est, mode, after, c.proc.pid, t.site.host, action), c, t, action, est)
             if est.gain >= _required_gain(est, mode, cfg):
-                if s.best is None or entry[0] > s.best[0]:
-                    s.best = entry
+                # The full rank (with its tie-breaks) only for moves that can compete.
+                if s.best is None or _primary(est, mode, after) >= s.best[0][0]:
+                    rank = _rank(est, mode, after, c.proc.pid, t.site.host, action)
+                    if s.best is None or rank > s.best[0]:
+                        s.best = (rank, c, t, action, est)
             else:
                 s.rejected["gain too small"] += 1
                 if s.best_rejected is None or est.gain > s.best_rejected[4].gain:
-                    s.best_rejected = entry
+                    s.best_rejected = ((), c, t, action, est)
 
 
 def _trigger(sit: Situation, level: Level, cfg: PolicyConfig) -> str | None:
@@ -463,6 +488,7 @@ def decide(sit: Situation, cfg: PolicyConfig, *, prune: bool = True) -> Decision
     s = _Search()
     if prune and sit.mode is not Mode.CONSOLIDATE:
         bound = costmodel.Bound.of([t.site for t in targets])
+        targets.sort(key=lambda t: (-t.speed0, t.site.host))
         ranked = sorted(((bound.max_gain(c, src, links, local.host, cfg), c) for c in candidates),
                         key=lambda bc: (-bc[0], bc[1].proc.pid))
         if ranked[0][0] < cfg.min_gain:
@@ -471,10 +497,10 @@ def decide(sit: Situation, cfg: PolicyConfig, *, prune: bool = True) -> Decision
         for ub, c in ranked:
             if ub < cfg.min_gain or (s.best is not None and ub < s.best[4].gain):
                 break
-            _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s)
+            _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s, bound)
     else:
         for c in candidates:
-            _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s)
+            _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s, None)
 
     rejected = [f"{n} options rejected: {why}" for why, n in sorted(s.rejected.items())]
     if s.best is None:
