@@ -63,9 +63,9 @@ class Config:
     host: str | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     hosts: tuple[HostEntry, ...] = ()
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     ssh: SshSettings = field(default_factory=SshSettings)
     criu: CriuSettings = field(default_factory=CriuSettings)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
     #: Where this config came from (not a YAML key).
     source: Path | None = field(default=None, metadata={"yaml": False})
 

@@ -27,6 +27,7 @@ from enum import Enum
 
 from . import costmodel
 from .costmodel import Action, Estimate, Link, Site, Work
+from .errors import InputError
 from .load import HostLoad, ProcessLoad
 
 __all__ = [
@@ -247,6 +248,8 @@ def classify(
     is back at or below its low watermark; once LOW it stays LOW until a signal reaches high.
     Between the watermarks a NORMAL host stays NORMAL.
     """
+    if not history:
+        raise InputError("the policy needs at least one load sample of this host")
     latest = history[-1]
     now = _describe_measures(latest, cfg)
     high_for = _held_for(history, lambda h: _is_high(h, cfg))
@@ -464,8 +467,8 @@ def decide(sit: Situation, cfg: PolicyConfig, *, prune: bool = True) -> Decision
     against); with pruning, candidates are visited best-bound first and the search stops when
     no remaining candidate's upper bound on gain can beat the best move found.
     """
-    local = sit.history[-1]
     level, reasons_t = classify(sit.history, cfg, sit.previous_level)
+    local = sit.history[-1]
     reasons = list(reasons_t)
 
     def stay(*why: str, est: Estimate | None = None) -> Decision:

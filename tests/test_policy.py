@@ -332,3 +332,9 @@ def test_properties(case: tuple[Situation, PolicyConfig]) -> None:
         assert (costmodel.norm_after(costmodel.site(tgt, 0.0), w.wants)
                 <= costmodel.norm_after(src, -w.wants) + 1e-9)
         assert d.estimate is not None and d.estimate.gain >= cfg.min_gain
+
+
+def test_empty_history_is_refused_readably() -> None:
+    from migrd.errors import InputError
+    with pytest.raises(InputError, match="load sample"):
+        decide(Situation(now=NOW, history=()), CFG)
