@@ -18,7 +18,6 @@ Pure computation, no root. Run: .venv/bin/python bench/policy.py [--reps 7]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

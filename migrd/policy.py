@@ -294,13 +294,28 @@ class _Target:
     speed0: float
 
 
+@dataclass(frozen=True)
+class _Option:
+    """One priced way of moving one process to one target."""
+
+    rank: tuple
+    cand: Candidate
+    target: str
+    action: Action
+    est: Estimate
+
+
 @dataclass
 class _Search:
     """Running best of one decision's search, plus counts of why options were rejected."""
 
-    best: tuple | None = None
-    best_rejected: tuple | None = None
+    best: _Option | None = None
+    best_rejected: _Option | None = None
     rejected: Counter = field(default_factory=Counter)
+
+    def floor(self, cfg: PolicyConfig) -> float:
+        """The gain an option must reach to matter (offload and fill)."""
+        return cfg.min_gain if self.best is None else max(cfg.min_gain, self.best.est.gain)
 
 
 def _eligible(sit: Situation, cfg: PolicyConfig) -> tuple[list[Candidate], list[str]]:
@@ -412,7 +427,7 @@ def _search_candidate(
     k_here = costmodel.effective_speed(src, 0.0)
     for t in targets:
         if bound is not None:
-            floor = cfg.min_gain if s.best is None else max(cfg.min_gain, s.best[4].gain)
+            floor = s.floor(cfg)
             if costmodel.upper_gain(work, stay, k_here, t.speed0, 0.0, bound.cheapest_per_work,
                                     cfg) < floor:
                 break  # this and every later (slower) target
@@ -430,14 +445,14 @@ def _search_candidate(
             after = costmodel.norm_after(t.site, work.wants)
             if est.gain >= _required_gain(est, mode, cfg):
                 # The full rank (with its tie-breaks) only for moves that can compete.
-                if s.best is None or _primary(est, mode, after) >= s.best[0][0]:
+                if s.best is None or _primary(est, mode, after) >= s.best.rank[0]:
                     rank = _rank(est, mode, after, c.proc.pid, t.site.host, action)
-                    if s.best is None or rank > s.best[0]:
-                        s.best = (rank, c, t, action, est)
+                    if s.best is None or rank > s.best.rank:
+                        s.best = _Option(rank, c, t.site.host, action, est)
             else:
                 s.rejected["gain too small"] += 1
-                if s.best_rejected is None or est.gain > s.best_rejected[4].gain:
-                    s.best_rejected = ((), c, t, action, est)
+                if s.best_rejected is None or est.gain > s.best_rejected.est.gain:
+                    s.best_rejected = _Option((), c, t.site.host, action, est)
 
 
 def _trigger(sit: Situation, level: Level, cfg: PolicyConfig) -> str | None:
@@ -486,41 +501,44 @@ def decide(sit: Situation, cfg: PolicyConfig, *, prune: bool = True) -> Decision
     if not targets:
         return stay(f"no peer can take work in {sit.mode.value} mode")
 
+    s = _search(sit, local, candidates, targets, cfg, prune, reasons)
+    rejected = [f"{n} options rejected: {why}" for why, n in sorted(s.rejected.items())]
+    if s.best is None:
+        if (r := s.best_rejected) is not None:
+            rejected.append(
+                f"best rejected: {r.action.value} PID {r.cand.proc.pid} to {r.target} gains "
+                f"{r.est.gain:.1f} (needs >= {_required_gain(r.est, sit.mode, cfg):.1f})")
+            return stay(*rejected, "no move pays off: stay", est=r.est)
+        return stay(*rejected, "no feasible move: stay")
+    b = s.best
+    reasons += rejected
+    reasons += costmodel.describe(b.est, b.action, b.target, _required_gain(b.est, sit.mode, cfg))
+    return Decision(b.action, sit.mode, level, local.host, pid=b.cand.proc.pid,
+                    name=b.cand.proc.name, target=b.target, estimate=b.est, reasons=tuple(reasons))
+
+
+def _search(sit: Situation, local: HostLoad, candidates: list[Candidate], targets: list[_Target],
+            cfg: PolicyConfig, prune: bool, reasons: list[str]) -> _Search:
+    """Price the options; with `prune`, skip those that provably cannot win (see Bound)."""
     src = costmodel.site(local, cfg.cpu_price(local.host))
     links = {p.load.host: p.link for p in sit.peers}
     s = _Search()
-    if prune and sit.mode is not Mode.CONSOLIDATE:
-        bound = costmodel.Bound.of([t.site for t in targets])
-        targets.sort(key=lambda t: (-t.speed0, t.site.host))
-        ranked = sorted(((bound.max_gain(c, src, links, local.host, cfg), c) for c in candidates),
-                        key=lambda bc: (-bc[0], bc[1].proc.pid))
-        if ranked[0][0] < cfg.min_gain:
-            reasons.append(f"no move can gain {cfg.min_gain:g}: at most {ranked[0][0]:.1f} "
-                           f"(PID {ranked[0][1].proc.pid}, ignoring transfers)")
-        for ub, c in ranked:
-            if ub < cfg.min_gain or (s.best is not None and ub < s.best[4].gain):
-                break
-            _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s, bound)
-    else:
+    if not prune or sit.mode is Mode.CONSOLIDATE:  # consolidate ranks by fullness, not gain
         for c in candidates:
             _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s, None)
-
-    rejected = [f"{n} options rejected: {why}" for why, n in sorted(s.rejected.items())]
-    if s.best is None:
-        if s.best_rejected is not None:
-            _, c, t, action, est = s.best_rejected
-            rejected.append(
-                f"best rejected: {action.value} PID {c.proc.pid} to {t.site.host} gains "
-                f"{est.gain:.1f} (needs >= {_required_gain(est, sit.mode, cfg):.1f})"
-            )
-            return stay(*rejected, "no move pays off: stay",
-                        est=est)
-        return stay(*rejected, "no feasible move: stay")
-    _, c, t, action, est = s.best
-    reasons += rejected
-    reasons += costmodel.describe(est, action, t.site.host, _required_gain(est, sit.mode, cfg))
-    return Decision(action, sit.mode, level, local.host, pid=c.proc.pid, name=c.proc.name,
-                    target=t.site.host, estimate=est, reasons=tuple(reasons))
+        return s
+    bound = costmodel.Bound.of([t.site for t in targets])
+    targets = sorted(targets, key=lambda t: (-t.speed0, t.site.host))
+    ranked = sorted(((bound.max_gain(c, src, links, local.host, cfg), c) for c in candidates),
+                    key=lambda bc: (-bc[0], bc[1].proc.pid))
+    if ranked[0][0] < cfg.min_gain:
+        reasons.append(f"no move can gain {cfg.min_gain:g}: at most {ranked[0][0]:.1f} "
+                       f"(PID {ranked[0][1].proc.pid}, ignoring transfers)")
+    for ub, c in ranked:
+        if ub < s.floor(cfg):
+            break  # this and every later candidate
+        _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s, bound)
+    return s
 
 
 # --------------------------------------------------------------------------- explain
