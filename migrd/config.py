@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .policy import PolicyConfig
 
 DEFAULT_PATH = Path("/etc/migrd/migrd.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/migrd")
@@ -62,6 +63,7 @@ class Config:
     host: str | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     hosts: tuple[HostEntry, ...] = ()
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     ssh: SshSettings = field(default_factory=SshSettings)
     criu: CriuSettings = field(default_factory=CriuSettings)
     #: Where this config came from (not a YAML key).
