@@ -52,3 +52,7 @@ from .checkpoint import check, checkpoint, restore  # noqa: E402
 main.add_command(check)
 main.add_command(checkpoint)
 main.add_command(restore)
+
+from .bed import bed  # noqa: E402
+
+main.add_command(bed)
