@@ -595,9 +595,25 @@ def exec_in(state: BedState, host: str, argv: Sequence[str], *, check: bool = Tr
 
 
 def spawn_in(state: BedState, host: str, argv: Sequence[str], **kwargs) -> subprocess.Popen[bytes]:
-    """Start argv inside host; kwargs as for migrd.proc.spawn. The Popen's PID is argv's own."""
+    """Start argv inside host; kwargs as for migrd.proc.spawn. Returns once the PID runs argv
+    itself (past the cgroup wrapper and nsenter), so a caller may checkpoint it at once."""
     _check_usable(state, host)
-    return proc.spawn([*enter_argv(state, host), *argv], **kwargs)
+    argv = [os.fspath(a) for a in argv]
+    prefix = enter_argv(state, host)
+    p = proc.spawn([*prefix, *argv], **kwargs)
+    stages = ([*prefix, *argv], [*prefix[prefix.index("nsenter"):], *argv])
+    deadline = time.monotonic() + 20
+    while p.poll() is None:
+        try:
+            cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if [c.decode(errors="replace") for c in cmdline] not in stages:
+            break
+        if time.monotonic() >= deadline:
+            raise CommandError(f"{argv[0]} did not start in {host} within 20 s")
+        time.sleep(0.005)
+    return p
 
 
 @dataclass(frozen=True)
