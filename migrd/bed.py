@@ -205,25 +205,25 @@ def _netns_argv(h: HostState) -> list[str]:
     return ["nsenter", f"--net={h.netns_path}"]
 
 
-def _join_argv(h: HostState, python: str) -> list[str]:
-    # Joins the host cgroup, then execs the rest: see migrd.cgroup's module docstring.
-    return [python, "-m", "migrd.cgroup", *map(str, h.cgroup.dirs), "--"]
+def _shim_argv(h: HostState, python: str) -> list[str]:
+    # Joins the host cgroup and execs the rest: see migrd.hostexec.
+    return [python, "-m", "migrd.hostexec", *map(str, h.cgroup.dirs), "--"]
 
 
 def enter_argv(state: BedState, host: str, python: str = sys.executable) -> list[str]:
-    """Prefix that runs a command inside host's cgroup, network and mount namespaces, keeping
-    the PID it was started with. nsenter, not `ip netns exec`: the latter makes a new mount
-    namespace for every command, which both hides the host's mounts and trips CRIU."""
+    """Prefix that runs a command inside host's network and mount namespaces and cgroup,
+    keeping the PID it was started with. nsenter, not `ip netns exec`: the latter makes a new
+    mount namespace for every command, which both hides the host's mounts and trips CRIU."""
     h = state.host(host)
     if h.mount_ns is None:
         raise MigrdError(f"bed {state.name!r} host {host} has no mount namespace yet (bed not fully up?)")
-    return [*_join_argv(h, python), *_netns_argv(h), f"--mount={h.mount_ns}", "--"]
+    return [*_netns_argv(h), f"--mount={h.mount_ns}", "--", *_shim_argv(h, python)]
 
 
 def holder_argv(h: HostState, python: str = sys.executable) -> list[str]:
     """The mount-namespace holder: in the host's cgroup and network namespace, it unshares a
     private mount namespace and sleeps until `bed down` kills it."""
-    return [*_join_argv(h, python), *_netns_argv(h), "--",
+    return [*_netns_argv(h), "--", *_shim_argv(h, python),
             "unshare", "--mount", "--propagation", "private", "--", "sleep", "infinity"]
 
 
@@ -601,7 +601,8 @@ def spawn_in(state: BedState, host: str, argv: Sequence[str], **kwargs) -> subpr
     argv = [os.fspath(a) for a in argv]
     prefix = enter_argv(state, host)
     p = proc.spawn([*prefix, *argv], **kwargs)
-    stages = ([*prefix, *argv], [*prefix[prefix.index("nsenter"):], *argv])
+    shim = prefix[prefix.index("--") + 1:]
+    stages = ([*prefix, *argv], [*shim, *argv])
     deadline = time.monotonic() + 20
     while p.poll() is None:
         try:

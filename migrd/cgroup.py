@@ -6,9 +6,7 @@ root: that is the delegation rule both cgroup versions expect, and it keeps what
 accounting the caller already runs under (a supervisor, a session manager) in force for the
 processes we start.
 
-Run as `python -m migrd.cgroup DIR... -- ARGV...` it is the joining wrapper: it moves itself
-into every DIR, then execs ARGV, so ARGV runs inside the group from its first instruction (and
-keeps the wrapper's PID). nsenter cannot join a cgroup, so this goes first in the bed's prefix.
+Starting a process inside a group from its first instruction is migrd.hostexec's job.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -286,21 +283,3 @@ def remove(group: Group, timeout: float = 15.0) -> None:
                 _reap_children()
                 time.sleep(0.1)
 
-
-def _main(argv: list[str]) -> None:
-    if "--" not in argv or argv.index("--") == len(argv) - 1:
-        sys.exit("usage: python -m migrd.cgroup CGROUP_DIR... -- PROGRAM [ARG...]")
-    cut = argv.index("--")
-    for d in argv[:cut]:
-        try:
-            (Path(d) / "cgroup.procs").write_text(str(os.getpid()))
-        except OSError as e:
-            sys.exit(f"migrd.cgroup: cannot join cgroup {d}: {e.strerror}")
-    try:
-        os.execvp(argv[cut + 1], argv[cut + 1:])
-    except OSError as e:
-        sys.exit(f"migrd.cgroup: cannot run {argv[cut + 1]}: {e.strerror}")
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,19 +129,20 @@ def test_state_file_round_trip():
     assert again.host("host1").mount_ns is None
 
 
-def test_enter_argv_joins_cgroup_then_enters_namespaces():
+def test_enter_argv_enters_namespaces_then_joins_cgroup():
     st = bed_mod.plan("ea", 2, Path("/r"), V1)
     with pytest.raises(Exception, match="no mount namespace"):
         bed_mod.enter_argv(st, "host1")
     st = bed_mod.with_host(st, "host1", holder=bed_mod.ProcRef(42, 7))
     dirs = [str(d) for d in st.host("host1").cgroup.dirs]
     assert bed_mod.enter_argv(st, "host1", python="/py") == [
-        "/py", "-m", "migrd.cgroup", *dirs, "--",
         "nsenter", "--net=/run/netns/migrd-ea-host1", "--mount=/proc/42/ns/mnt", "--",
+        "/py", "-m", "migrd.hostexec", *dirs, "--",
     ]
-    assert bed_mod.holder_argv(st.host("host2"), python="/py")[-9:] == [
-        "nsenter", "--net=/run/netns/migrd-ea-host2", "--",
-        "unshare", "--mount", "--propagation", "private", "--", "sleep", "infinity"][-9:]
+    h2 = [str(d) for d in st.host("host2").cgroup.dirs]
+    assert bed_mod.holder_argv(st.host("host2"), python="/py") == [
+        "nsenter", "--net=/run/netns/migrd-ea-host2", "--", "/py", "-m", "migrd.hostexec", *h2, "--",
+        "unshare", "--mount", "--propagation", "private", "--", "sleep", "infinity"]
 
 
 def test_host_config_is_an_ordinary_config():
@@ -260,6 +262,27 @@ def test_cli_exec_passes_status_and_detaches_into_the_cgroup(bed):
     assert pid in cgroup.pids(bed.host("host3").cgroup)  # `bed down` will kill it
     status = json.loads(migrctl("bed", "status", "--name", bed.name, "--json", root=bed.root).stdout)
     assert [h["address"] for h in status["hosts"]] == ["198.18.0.1", "198.18.0.2", "198.18.0.3"]
+
+
+@pytest.mark.root
+def test_criu_moves_a_process_from_host1_to_host3(bed, run_in):
+    """What migration will do, minus SSH: CRIU runs inside each host, so neither namespace
+    ends up in the image, and the restored process lands in the target's namespaces and
+    cgroup. Its /dev/null stdio was opened inside host1 (migrd.hostexec), or dump would fail."""
+    from migrd.criu import find_criu
+
+    criu = find_criu(config.Config()).path
+    p = bed_mod.spawn_in(bed, "host1", ["sleep", "300"])
+    src, dst = bed.host("host1"), bed.host("host3")
+    (src.dir / "srv" / "img").mkdir()
+    run_in("host1", criu, "dump", "-t", str(p.pid), "-D", "/srv/migrd/img", "-o", "dump.log", "--shell-job")
+    assert p.wait(timeout=10) == -signal.SIGKILL  # CRIU ends the dumped original; PID free again
+    shutil.copytree(src.dir / "srv" / "img", dst.dir / "srv" / "img")
+    run_in("host3", criu, "restore", "-D", "/srv/migrd/img", "-o", "restore.log", "--shell-job", "-d")
+    assert p.pid in cgroup.pids(dst.cgroup)
+    assert os.readlink(f"/proc/{p.pid}/ns/mnt") == os.readlink(f"{dst.mount_ns}")
+    assert os.readlink(f"/proc/{p.pid}/ns/net") != os.readlink(f"{src.mount_ns}".replace("mnt", "net"))
+    assert os.readlink(f"/proc/{p.pid}/ns/net") == os.readlink(f"{dst.mount_ns}".replace("mnt", "net"))
 
 
 # ---- whole life cycles (each test makes its own bed) ----------------------------------------
