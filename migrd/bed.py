@@ -57,11 +57,13 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,23}")
 
 @dataclass(frozen=True)
 class ProcRef:
-    """A process we started. start is /proc/PID/stat's starttime (clock ticks after boot): a
-    recycled PID has a different one, so we never signal a stranger."""
+    """A process we started. start is /proc/PID/stat's starttime (clock ticks after boot) and
+    boot the kernel's boot_id: a recycled PID, or one after a reboot, does not match, so we
+    never signal a stranger."""
 
     pid: int
     start: int
+    boot: str
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,9 @@ def _shim_argv(h: HostState, python: str) -> list[str]:
 def enter_argv(state: BedState, host: str, python: str = sys.executable) -> list[str]:
     """Prefix that runs a command inside host's network and mount namespaces and cgroup,
     keeping the PID it was started with. nsenter, not `ip netns exec`: the latter makes a new
-    mount namespace for every command, which both hides the host's mounts and trips CRIU."""
+    mount namespace for every command, which both hides the host's mounts and trips CRIU.
+    python (with migrd importable) runs inside the host, so it must not live below the
+    host-private /etc/migrd, /var/lib/migrd or /srv/migrd."""
     h = state.host(host)
     if h.mount_ns is None:
         raise MigrdError(f"bed {state.name!r} host {host} has no mount namespace yet (bed not fully up?)")
@@ -251,7 +255,7 @@ def state_to_json(state: BedState) -> dict:
 
 def state_from_json(data: dict) -> BedState:
     def ref(r: dict | None) -> ProcRef | None:
-        return ProcRef(int(r["pid"]), int(r["start"])) if r else None
+        return ProcRef(int(r["pid"]), int(r["start"]), r["boot"]) if r else None
 
     return BedState(
         name=data["name"],
@@ -302,16 +306,20 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])
 
 
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
 def proc_ref(pid: int) -> ProcRef:
     st = _stat(pid)
     if st is None:
         raise MigrdError(f"process {pid} exited right after it was started")
-    return ProcRef(pid, st[1])
+    return ProcRef(pid, st[1], _boot_id())
 
 
 def alive(ref: ProcRef | None) -> bool:
     """ref still names the process we started, and it has not exited."""
-    if ref is None:
+    if ref is None or ref.boot != _boot_id():
         return False
     st = _stat(ref.pid)
     return st is not None and st[1] == ref.start and st[0] not in ("Z", "X")
@@ -483,6 +491,12 @@ def _build(state: BedState) -> BedState:
 
 
 def _start_holder(h: HostState) -> ProcRef:
+    """The handle on the host's mount namespace is a process living in it, used as
+    nsenter --mount=/proc/HOLDER/ns/mnt. The alternative, bind-mounting the namespace file,
+    needs a private-propagation mount in the root namespace: a change outside the bed that a
+    crash would leave behind. A holder leaves nothing outside; it sits in the host cgroup, so
+    `bed down` kills it even if its PID never reached the state file, and its recorded start
+    time is checked before use. If it dies the host is unusable (exec refuses): `bed down`."""
     log = open(h.run_dir / "holder.log", "ab")
     try:
         p = proc.spawn(holder_argv(h), stdout=log, stderr=log)

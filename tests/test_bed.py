@@ -121,7 +121,7 @@ def test_plan_names_everything_after_the_bed():
 
 def test_state_file_round_trip():
     st = bed_mod.plan("rt", 2, Path("/r"), V1, {"host1": 0.5}, config_out=Path("/tmp/c.yaml"))
-    st = bed_mod.with_host(st, "host2", holder=bed_mod.ProcRef(10, 1234), sshd=bed_mod.ProcRef(11, 1240))
+    st = bed_mod.with_host(st, "host2", holder=bed_mod.ProcRef(10, 1234, "b1"), sshd=bed_mod.ProcRef(11, 1240, "b1"))
     st = dataclasses.replace(st, ready=True)
     again = bed_mod.state_from_json(json.loads(json.dumps(bed_mod.state_to_json(st))))
     assert again == st
@@ -133,7 +133,7 @@ def test_enter_argv_enters_namespaces_then_joins_cgroup():
     st = bed_mod.plan("ea", 2, Path("/r"), V1)
     with pytest.raises(Exception, match="no mount namespace"):
         bed_mod.enter_argv(st, "host1")
-    st = bed_mod.with_host(st, "host1", holder=bed_mod.ProcRef(42, 7))
+    st = bed_mod.with_host(st, "host1", holder=bed_mod.ProcRef(42, 7, "b"))
     dirs = [str(d) for d in st.host("host1").cgroup.dirs]
     assert bed_mod.enter_argv(st, "host1", python="/py") == [
         "nsenter", "--net=/run/netns/migrd-ea-host1", "--mount=/proc/42/ns/mnt", "--",
@@ -175,9 +175,11 @@ def test_stop_spares_a_recycled_pid():
     p = subprocess.Popen(["sleep", "60"])
     try:
         ref = bed_mod.proc_ref(p.pid)
-        stranger = bed_mod.ProcRef(p.pid, ref.start + 1)  # same PID, another start time
-        assert bed_mod.alive(ref) and not bed_mod.alive(stranger)
+        stranger = bed_mod.ProcRef(p.pid, ref.start + 1, ref.boot)  # same PID, other start time
+        before_reboot = dataclasses.replace(ref, boot="another-boot")
+        assert bed_mod.alive(ref) and not bed_mod.alive(stranger) and not bed_mod.alive(before_reboot)
         bed_mod.stop(stranger)
+        bed_mod.stop(before_reboot)
         assert p.poll() is None
         bed_mod.stop(ref)
         assert not bed_mod.alive(ref)
