@@ -377,14 +377,33 @@ def _already(state: BedState) -> NotPermitted:
 
 
 def _claim(state: BedState) -> None:
-    """Create the state file exclusively: two `bed up` of one name cannot both proceed."""
+    """Take the name: the state file (with the whole plan) is created exclusively, so two
+    `bed up` of one name cannot both proceed; then the run dir, which is machine-wide like the
+    namespace names, so a bed of the same name under another root cannot either."""
     state.dir.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(state.state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise _already(state) from None
-    os.close(fd)
-    save_state(state)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state_to_json(state), indent=2))
+    try:
+        state.run_dir.mkdir(parents=True)
+    except FileExistsError:
+        _release(state, run_dir=False)
+        raise NotPermitted(f"bed name {state.name!r} is in use on this machine ({state.run_dir} exists: "
+                           "a bed under another MIGRD_BED_ROOT?); pick another --name") from None
+
+
+def _release(state: BedState, run_dir: bool = True) -> None:
+    """Give the name back when nothing else was created yet."""
+    if run_dir:
+        state.run_dir.rmdir()
+    state.state_file.unlink()
+    try:
+        state.dir.rmdir()
+    except OSError:
+        pass
 
 
 # ---- up --------------------------------------------------------------------------------------
@@ -413,8 +432,12 @@ def up(name: str = "bed", hosts: int = 3, root: Path | None = None,
     state = plan(name, hosts, root, cgroup.detect(), cpu_quotas, config_out)
     if state.state_file.exists():
         raise _already(state)
-    _refuse_foreign(state)
     _claim(state)
+    try:
+        _refuse_foreign(state)
+    except NotPermitted:
+        _release(state)
+        raise
     try:
         return _build(state)
     except BaseException:

@@ -245,9 +245,12 @@ def test_host_directories_are_private(bed, run_in):
 
 
 @pytest.mark.root
-def test_second_up_is_refused_and_harmless(bed):
+def test_second_up_is_refused_and_harmless(bed, tmp_path):
     with pytest.raises(NotPermitted, match="migrctl bed down"):
         bed_mod.up(bed.name, hosts=2, root=bed.root)
+    with pytest.raises(NotPermitted, match="in use on this machine"):
+        bed_mod.up(bed.name, hosts=2, root=tmp_path)  # same name, another root
+    assert not (tmp_path / bed.name).exists()
     cp = migrctl("bed", "up", "--name", bed.name, root=bed.root, check=False)
     assert cp.returncode == NotPermitted.exit_code and "migrctl bed down" in cp.stderr
     assert all(h.sshd_alive for h in bed_mod.status(bed_mod.load_state(bed.name, bed.root)))
