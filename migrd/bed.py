@@ -634,10 +634,12 @@ def exec_in(state: BedState, host: str, argv: Sequence[str], *, check: bool = Tr
 def spawn_in(state: BedState, host: str, argv: Sequence[str], **kwargs) -> subprocess.Popen[bytes]:
     """Start argv inside host; kwargs as for migrd.proc.spawn. Returns once the PID runs argv
     itself (past the cgroup wrapper and nsenter), so a caller may checkpoint it at once."""
-    _check_usable(state, host)
+    h = _check_usable(state, host)
     argv = [os.fspath(a) for a in argv]
     prefix = enter_argv(state, host)
     p = proc.spawn([*prefix, *argv], **kwargs)
+    # Before its first exec the child still shows our own cmdline, so "not a prefix stage"
+    # alone proves nothing; being in the host cgroup as well does.
     shim = prefix[prefix.index("--") + 1:]
     stages = ([*prefix, *argv], [*shim, *argv])
     deadline = time.monotonic() + 20
@@ -646,7 +648,7 @@ def spawn_in(state: BedState, host: str, argv: Sequence[str], **kwargs) -> subpr
             cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes().split(b"\0")[:-1]
         except (FileNotFoundError, ProcessLookupError):
             break
-        if [c.decode(errors="replace") for c in cmdline] not in stages:
+        if [c.decode(errors="replace") for c in cmdline] not in stages and p.pid in cgroup.pids(h.cgroup):
             break
         if time.monotonic() >= deadline:
             raise CommandError(f"{argv[0]} did not start in {host} within 20 s")
