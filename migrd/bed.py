@@ -9,7 +9,7 @@ Nothing is added to the root network namespace: veth pairs are created directly 
 bridge and host namespaces, and no namespace has a route beyond 198.18.0.0/24.
 
 Crash safety: `up` writes the whole plan (every name it will create) to the state file before
-creating anything, then adds each PID (with its start time) as soon as it exists; every
+creating anything, then adds each PID (with its start time and boot id) as soon as it exists; every
 process it starts is inside a host cgroup from its first instruction. So `down` can always
 finish the job from the state file: it kills recorded PIDs whose start time still matches, then
 everything left in the host cgroups, then deletes namespaces, cgroups and files.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import secrets
@@ -27,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -520,11 +520,11 @@ def _start_holder(h: HostState) -> ProcRef:
     crash would leave behind. A holder leaves nothing outside; it sits in the host cgroup, so
     `bed down` kills it even if its PID never reached the state file, and its recorded start
     time is checked before use. If it dies the host is unusable (exec refuses): `bed down`."""
-    log = open(h.run_dir / "holder.log", "ab")
+    out = open(h.run_dir / "holder.log", "ab")
     try:
-        p = proc.spawn(holder_argv(h), stdout=log, stderr=log)
+        p = proc.spawn(holder_argv(h), stdout=out, stderr=out)
     finally:
-        log.close()
+        out.close()
     ref = proc_ref(p.pid)
     # Bind mounts must wait until the holder really is in its own namespace, or they would
     # land in ours: it is once it runs `sleep` (unshare execs it after unsharing).
