@@ -55,3 +55,7 @@ main.add_command(restore)
 from .demo import demo  # noqa: E402
 
 main.add_command(demo)
+
+from .bed import bed  # noqa: E402
+
+main.add_command(bed)
