@@ -45,6 +45,8 @@ class SshSettings:
     op_timeout: float = 120.0
     #: Wire compression of image streams: "none" or "zstd".
     compression: str = "none"
+    #: How to start migrctl on a peer (argv prefix); the bed uses (python, "-m", "migrd.cli").
+    remote_migrctl: tuple[str, ...] = ("migrctl",)
 
 
 @dataclass(frozen=True)
