@@ -45,3 +45,9 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+from .receive import receive  # noqa: E402
+main.add_command(receive)
+from .hosts import hosts  # noqa: E402
+main.add_command(hosts)
