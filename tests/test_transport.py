@@ -443,3 +443,20 @@ def test_probe_and_hosts_command(peer, tmp_path: Path) -> None:
     rows = {r["name"]: r for r in json.loads(out.output)}
     assert rows["peer"]["reachable"] and rows["peer"]["rtt_ms"] > 0 and rows["peer"]["bandwidth_mb_s"] > 0
     assert not rows["dead"]["reachable"] and "connection refused" in rows["dead"]["error"]
+
+
+@pytest.mark.root
+def test_send_command(peer, image: Path, tmp_path: Path) -> None:
+    cfg, _ = peer
+    path = tmp_path / "migrd.yaml"
+    path.write_text(config.dump(cfg))
+    target = tmp_path / "remote" / "img"
+    out = CliRunner().invoke(main, ["send", str(image), "peer", str(target), "--compression", "zstd", "--json"],
+                             env={"MIGRD_CONFIG": str(path)})
+    assert out.exit_code == 0, out.output
+    figures = json.loads(out.output)
+    assert figures["bytes"] == sum(p.stat().st_size for p in image.iterdir()) and figures["wire_bytes"] > 0
+    assert manifest.verify(target) == manifest.read(image)
+    again = CliRunner().invoke(main, ["send", str(image), "peer", str(target)], env={"MIGRD_CONFIG": str(path)})
+    assert again.exit_code == ImageError.exit_code
+    assert "already exists; refusing to overwrite" in again.output

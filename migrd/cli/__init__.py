@@ -47,7 +47,8 @@ def main(verbose: int) -> None:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
-from .receive import receive  # noqa: E402
+from .transfer import receive, send  # noqa: E402
 main.add_command(receive)
+main.add_command(send)
 from .hosts import hosts  # noqa: E402
 main.add_command(hosts)

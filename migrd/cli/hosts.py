@@ -7,11 +7,15 @@ from typing import Any
 
 import click
 
-from .. import config, transport
+from .. import config
 from ..errors import TransportError
 
 
 def _check(cfg: config.Config, host: config.HostEntry) -> dict[str, Any]:
+    # Imported here: paramiko costs ~0.1 s of start-up, and `migrctl receive` (started by
+    # every transfer) shares this package but never needs it.
+    from .. import transport
+
     row: dict[str, Any] = {"name": host.name, "address": f"{host.address}:{host.port}",
                            "reachable": False, "error": None, "rtt_ms": None, "bandwidth_mb_s": None}
     try:
