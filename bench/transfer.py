@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import socket
 import statistics
@@ -127,16 +128,31 @@ class Peer:
             return t.local_cipher if "gcm" in t.local_cipher else f"{t.local_cipher} + {t.local_mac}"
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    t0 = time.perf_counter()
+def _cpu() -> float:
+    """CPU seconds of this process (migrd's sender) plus waited-for children (scp, ssh)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+CPU: dict[str, list[float]] = {}
+
+
+def timed(fn: Callable[[], object], name: str) -> tuple[float, object]:
+    """Wall seconds of fn(); the sending side's CPU seconds are kept in CPU[name]."""
+    c0, t0 = _cpu(), time.perf_counter()
     out = fn()
-    return time.perf_counter() - t0, out
+    seconds = time.perf_counter() - t0
+    CPU.setdefault(name, []).append(_cpu() - c0)
+    return seconds, out
 
 
 def summarize(name: str, size: int, seconds: list[float], extra: dict | None = None) -> dict:
     rates = [size / s / 1e6 for s in seconds]
+    cpu = CPU.get(name, [])
     return {"name": name, "seconds": [round(s, 3) for s in seconds], "mb_s": [round(r, 1) for r in rates],
-            "median_mb_s": round(statistics.median(rates), 1), **(extra or {})}
+            "median_mb_s": round(statistics.median(rates), 1),
+            "sender_cpu_s_per_gb": round(statistics.median(cpu) / size * 1e9, 2) if cpu else None,
+            **(extra or {})}
 
 
 PARAMIKO_DEFAULTS = transport.Tuning(
@@ -154,7 +170,7 @@ def compression_row(peer: Peer, src: Path, dest: Path, total: int, tuning: trans
     wire = 0
     for rep in range(reps):
         dst = dest / f"{compression}-{rep}"
-        seconds, stats = timed(lambda: peer.migrd(src, dst, tuning, compression))
+        seconds, stats = timed(lambda: peer.migrd(src, dst, tuning, compression), name)
         secs.append(seconds)
         wire = stats.wire_bytes
         shutil.rmtree(dst)
@@ -172,8 +188,8 @@ def knob_variants() -> list[tuple[str, transport.Tuning]]:
         ("paramiko defaults (aes128-ctr+hmac-sha2-256, 2 MiB window, 32 KiB writes, no pipeline)", d),
         ("+ aes128-gcm", gcm),
         ("+ aes128-gcm + 1 MiB reads/writes", chunk),
-        ("+ aes128-gcm + 1 MiB + pipeline thread", dataclasses.replace(chunk, pipeline=True)),
-        ("+ aes128-gcm + 1 MiB + pipeline + 16 MiB window (= migrd default)", best),
+        ("+ aes128-gcm + 1 MiB + pipeline thread (= migrd default)", best),
+        ("migrd default but 16 MiB window", dataclasses.replace(best, window_size=16 << 20)),
         ("migrd default but aes256-gcm", dataclasses.replace(best, ciphers=("aes256-gcm@openssh.com",))),
         ("migrd default but aes128-ctr", dataclasses.replace(best, ciphers=("aes128-ctr",))),
         ("migrd default but 4 MiB chunks", dataclasses.replace(best, chunk=4 << 20)),
@@ -215,7 +231,7 @@ def main() -> int:
         for rep in range(args.reps):
             for name, fn in modes:
                 dst = dest / f"dst-{rep}"
-                seconds, out = timed(lambda: fn(dst))
+                seconds, out = timed(lambda: fn(dst), name)
                 times[name].append(seconds)
                 if isinstance(out, transport.TransferStats):
                     wire[name] = out.wire_bytes
@@ -238,12 +254,12 @@ def main() -> int:
             for rep in range(args.reps):
                 for name, tuning in variants:
                     dst = dest / f"knob-{rep}"
-                    seconds, _ = timed(lambda: peer.migrd(src, dst, tuning, "none"))
+                    seconds, _ = timed(lambda: peer.migrd(src, dst, tuning, "none"), name)
                     ktimes[name].append(seconds)
                     shutil.rmtree(dst)
                     print(f"  knob rep {rep + 1}: {name}: {ktotal / seconds / 1e6:.1f} MB/s", file=sys.stderr)
                 dst = dest / f"knob-scp-{rep}"
-                seconds, _ = timed(lambda: peer.scp(src, dst))
+                seconds, _ = timed(lambda: peer.scp(src, dst), "scp -r (baseline for this sweep)")
                 kscp.append(seconds)
                 shutil.rmtree(dst)
             scp_row = summarize("scp -r (baseline for this sweep)", ktotal, kscp)
@@ -274,7 +290,9 @@ def main() -> int:
             "image": {"bytes": total, "files": len(PAGE_FILES) + len(SMALL_FILES) + 1,
                       "content": "runs of 1-256 random pages alternating with runs of 1-256 zero pages"},
             "reps": args.reps,
-            "timing": "wall clock per transfer including SSH connect, auth and remote start-up; MB = 1e6 bytes",
+            "timing": "wall clock per transfer including SSH connect, auth and remote start-up; MB = 1e6 bytes;"
+                      " sender_cpu_s_per_gb: CPU of the sending side only (this process for migrd, scp+ssh"
+                      " for scp), median, per 1e9 image bytes",
             "main": main_rows,
             "knob_sweep": {"image_bytes": knob_size, "rows": knob_rows} if knob_rows else None,
         }
@@ -283,7 +301,8 @@ def main() -> int:
         print(f"\nimage {total / 2**20:.0f} MiB, {args.reps} reps, loopback sshd, medians:")
         for row in main_rows + knob_rows:
             ratio = f"x{row['ratio_vs_scp']:.2f} scp" if "ratio_vs_scp" in row else "         "
-            print(f"  {row['median_mb_s']:7.1f} MB/s  {ratio}  {row['name']}")
+            print(f"  {row['median_mb_s']:7.1f} MB/s  {ratio}  sender CPU {row['sender_cpu_s_per_gb']:5.2f} s/GB"
+                  f"  {row['name']}")
         print(f"written {args.out}")
         return 0
     finally:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -392,7 +393,7 @@ def test_changed_host_key_refused(peer, tmp_path: Path) -> None:
     changed = with_host(cfg, host_keys=(sshd.known_hosts_line("127.0.0.1", port, f"{kind} {blob}"),))
     real = files.host_public_key().split()[1]
     real_fp = "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(real)).digest()).decode().rstrip("=")
-    with pytest.raises(TransportError, match=rf"HOST KEY CHANGED: it offered ssh-ed25519 {real_fp}"
+    with pytest.raises(TransportError, match=rf"HOST KEY CHANGED: it offered ssh-ed25519 {re.escape(real_fp)}"
                                              r", the config expects ssh-ed25519 SHA256:"):
         transport.connect(changed, "peer")
 
