@@ -58,6 +58,8 @@ class ProcessInfo:
     session_leader: bool = False
     #: True when the process is the init of its own PID namespace (no PID clash on restore).
     own_pid_namespace: bool = False
+    #: Every PID and thread ID in the dumped tree: a plain restore needs all of them free.
+    tree_ids: tuple[int, ...] = ()
     environ: dict[str, str] = field(default_factory=dict)
 
 
@@ -122,6 +124,7 @@ def from_json(text: str | bytes, origin: str = NAME) -> Manifest:
         proc["cmdline"] = tuple(proc["cmdline"])
         proc["open_files"] = tuple(OpenFile(**o) for o in proc.get("open_files", ()))
         proc["listening"] = tuple(Listener(**s) for s in proc.get("listening", ()))
+        proc["tree_ids"] = tuple(proc.get("tree_ids", ()))
         return Manifest(
             format=raw["format"],
             created=float(raw["created"]),

@@ -61,14 +61,16 @@ def spawn(
     env: Mapping[str, str] | None = None,
     new_session: bool = True,
     pass_fds: Sequence[int] = (),
+    stdin: int | None = subprocess.DEVNULL,
 ) -> subprocess.Popen[bytes]:
-    """Start argv in the background (own session by default) and return the Popen."""
+    """Start argv in the background (own session by default) and return the Popen.
+    stdin=None inherits ours (a foreground command run on the operator's behalf)."""
     argv = [os.fspath(a) for a in argv]
     log.debug("spawn: %s", _describe(argv))
     try:
         return subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=stdout,
             stderr=stderr,
             env=dict(env) if env is not None else None,

@@ -47,6 +47,16 @@ def main(verbose: int) -> None:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
+from .checkpoint import check, checkpoint, restore  # noqa: E402
+
+main.add_command(check)
+main.add_command(checkpoint)
+main.add_command(restore)
+
+from .bed import bed  # noqa: E402
+
+main.add_command(bed)
+
 from .transfer import receive, send  # noqa: E402
 main.add_command(receive)
 main.add_command(send)

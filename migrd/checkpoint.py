@@ -1,0 +1,91 @@
+"""Checkpoint a process into a directory and restore it from one: CRIU plus the manifest.
+
+This is the single-host building block; the migration orchestrator composes it with the
+transport."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import manifest as mf
+from . import process
+from .config import Config
+from .criu import Criu, find_criu
+from .errors import InputError, NotPermitted
+
+#: How long restore waits for the dumped PID to become free (a zombie reaped lazily by PID 1
+#: takes a few seconds on these machines).
+PID_WAIT_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    manifest: mf.Manifest
+    images: Path
+    dump_seconds: float
+    log: Path
+
+
+def log_path(cfg: Config, action: str, pid: int | str) -> Path:
+    logs = cfg.state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / f"{action}-{pid}-{time.strftime('%Y%m%dT%H%M%S')}-{time.monotonic_ns() % 10**6}.log"
+
+
+def _prepare_dir(images: Path) -> bool:
+    """Create images (returns True) or accept an existing empty directory (False)."""
+    if images.exists():
+        if not images.is_dir():
+            raise InputError(f"{images} exists and is not a directory")
+        if any(images.iterdir()):
+            raise InputError(f"{images} exists and is not empty; choose a new directory")
+        return False
+    images.mkdir(parents=True)
+    return True
+
+
+def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = False,
+               tcp_established: bool = False, criu: Criu | None = None) -> Checkpoint:
+    criu = criu or find_criu(cfg)
+    info = process.inspect(pid)
+    created = _prepare_dir(images)
+    log = log_path(cfg, "dump", pid)
+    options = {"tcp_established": tcp_established, "shell_job": not info.session_leader}
+    try:
+        result = criu.dump(pid, images, log, leave_running=leave_running, **options)
+        m = mf.Manifest(
+            format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
+            host=cfg.host or socket.gethostname(), process=info, options=options,
+            files=mf.scan(images),
+        )
+        mf.write(images, m)
+    except BaseException:
+        # CRIU resumes the task when a dump fails; leave no half-written checkpoint behind.
+        if created:
+            shutil.rmtree(images, ignore_errors=True)
+        else:
+            for child in images.iterdir():
+                child.unlink()
+        raise
+    return Checkpoint(m, images, result.seconds, log)
+
+
+def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
+            pid_wait: float = PID_WAIT_SECONDS):
+    """Verify the manifest, make sure the PID is free, and restore detached."""
+    m = mf.verify(images)
+    criu = criu or find_criu(cfg)
+    if not m.process.own_pid_namespace:
+        taken = process.wait_pids_free(m.process.tree_ids or (m.process.pid,), pid_wait)
+        if taken is not None:
+            pid, who = taken
+            raise NotPermitted(
+                f"PID {pid} is needed for the restore but is still taken by {who} "
+                f"after {pid_wait:g} s; end that process (or wait for it to be reaped)")
+    log = log_path(cfg, "restore", m.process.pid)
+    return criu.restore(images, log, tcp_established=bool(m.options.get("tcp_established")),
+                        shell_job=bool(m.options.get("shell_job")))

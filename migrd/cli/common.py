@@ -1,0 +1,52 @@
+"""Helpers shared by the CLI modules: config loading, root check, JSON-or-human output."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import config as config_mod
+from ..errors import NotPermitted
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+
+
+def load_config() -> config_mod.Config:
+    return config_mod.load()
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise NotPermitted(f"{what} needs root (CRIU and namespaces need CAP_SYS_ADMIN); run it with sudo")
+
+
+def _default(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)  # type: ignore[arg-type]
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, default=_default, indent=2, sort_keys=True)
+
+
+def emit(obj: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    click.echo(to_json(obj) if as_json else human(obj))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from workloads import Procs
+
+requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for CRIU and namespaces")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("root"):
+            item.add_marker(requires_root)
+
+
+@pytest.fixture
+def procs(tmp_path: Path):
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.cleanup()
+
+
+@pytest.fixture
+def migrd_config(tmp_path: Path, monkeypatch) -> Path:
+    """A config whose state (CRIU logs) lives in the test's temp dir."""
+    cfg = tmp_path / "migrd.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    monkeypatch.setenv("MIGRD_CONFIG", str(cfg))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def bed(request, tmp_path_factory):
+    """A live bed for the test module: real namespaces, cgroups and sshds, torn down at the
+    end even on failure. 3 hosts unless the module sets BED_HOSTS; BED_CPU_QUOTAS
+    ({"host2": 0.5}) sets quotas. Its root is a temp dir, its name random (parallel runs)."""
+    from migrd import bed as bed_mod
+
+    root = tmp_path_factory.mktemp("bed")
+    name = bed_mod.new_name()
+    try:
+        yield bed_mod.up(name, hosts=getattr(request.module, "BED_HOSTS", 3), root=root,
+                         cpu_quotas=getattr(request.module, "BED_CPU_QUOTAS", None))
+    finally:
+        bed_mod.down(name, root)
+
+
+@pytest.fixture(scope="module")
+def run_in(bed):
+    """run_in("host1", "ip", "addr") runs a command inside a bed host; returns the
+    CompletedProcess (stdout/stderr as bytes). check=False to look at a failure."""
+    from migrd import bed as bed_mod
+
+    def run(host: str, *argv: str, check: bool = True, timeout: float = 60, input: bytes | None = None):
+        return bed_mod.exec_in(bed, host, list(argv), check=check, timeout=timeout, input=input)
+
+    return run

@@ -1,0 +1,132 @@
+"""Real workloads for the CRIU tests, and a registry that ends exactly the processes a test
+started (by PID, after checking the PID still runs one of our scripts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+MARK = "migrd-test-workload"
+
+# Counts in memory and appends each value to a file it reopens every time (so CRIU never sees a
+# growing open file). A restored copy continues from the dumped value, never from 1.
+COUNTER = f"""
+import os, sys, time  # {MARK}
+path = sys.argv[1]
+if sys.argv[2:] == ["child"] and os.fork() == 0:
+    path += ".child"  # the child counts into its own file
+n = 0
+deadline = time.time() + 600  # never outlive a test run
+while time.time() < deadline:
+    n += 1
+    with open(path, "a") as f:
+        f.write(f"{{n}}\\n")
+    time.sleep(0.05)
+"""
+
+# Answers each connection with how many it has answered so far: state a restore must keep.
+SERVER = f"""
+import socket, sys, time  # {MARK}
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0)); s.listen(8); s.settimeout(1)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(s.getsockname()[1]))
+import os; os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+served, deadline = 0, time.time() + 600
+while time.time() < deadline:
+    try:
+        c, _ = s.accept()
+    except socket.timeout:
+        continue
+    served += 1
+    c.sendall(f"{{served}}\\n".encode()); c.close()
+"""
+
+
+def values(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(pred, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = pred()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def ask(port: int) -> int:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        return int(c.recv(64).decode())
+
+
+class Procs:
+    """Starts workloads and remembers every PID to end, including restored ones."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.pids: set[int] = set()
+        self.popens: list[subprocess.Popen] = []
+
+    def start(self, script: str, *args: str, new_session: bool = True) -> subprocess.Popen:
+        log = open(self.tmp / "workload.out", "ab")
+        p = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.DEVNULL,
+                             stdout=log, stderr=log, start_new_session=new_session)
+        log.close()
+        self.popens.append(p)
+        self.adopt(p.pid)
+        return p
+
+    def adopt(self, pid: int) -> None:
+        self.pids.add(pid)
+        try:
+            self.pids.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+
+    def reap(self, p: subprocess.Popen) -> None:
+        """Collect the zombie CRIU leaves when it ends a dumped child of ours."""
+        p.wait(timeout=10)
+
+    def cleanup(self) -> None:
+        for pid in list(self.pids):
+            try:
+                proc = psutil.Process(pid)
+                if any(MARK in part for part in proc.cmdline()):
+                    proc.kill()
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                pass
+        for p in self.popens:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        # Restored processes are not our children: give PID 1 no reason to keep their zombies.
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+
+
+def is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+__all__ = ["COUNTER", "SERVER", "Procs", "values", "wait_for", "ask", "is_running", "signal"]
