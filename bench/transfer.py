@@ -224,12 +224,11 @@ def compression_row(peer: Peer, src: Path, dest: str, total: int, tuning: transp
 def knob_variants() -> list[tuple[str, transport.Tuning]]:
     d, best = PARAMIKO_DEFAULTS, transport.DEFAULT_TUNING
     gcm = dataclasses.replace(d, ciphers=best.ciphers)
-    chunk = dataclasses.replace(gcm, chunk=best.chunk)
     return [
         ("paramiko defaults (aes128-ctr+hmac-sha2-256, 2 MiB window, 32 KiB writes, no pipeline)", d),
         ("+ aes128-gcm", gcm),
-        ("+ aes128-gcm + 1 MiB reads/writes", chunk),
-        ("+ aes128-gcm + 1 MiB + pipeline thread (= migrd default)", best),
+        ("+ aes128-gcm + 1 MiB reads/writes (= migrd default)", best),
+        ("migrd default + reader thread (pipeline)", dataclasses.replace(best, pipeline=True)),
         ("migrd default but 16 MiB window", dataclasses.replace(best, window_size=16 << 20)),
         ("migrd default but aes256-gcm", dataclasses.replace(best, ciphers=("aes256-gcm@openssh.com",))),
         ("migrd default but aes128-ctr", dataclasses.replace(best, ciphers=("aes128-ctr",))),

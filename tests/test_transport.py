@@ -231,6 +231,41 @@ def test_cli_receive_exit_code(image: Path, tmp_path: Path) -> None:
     assert_nothing_left(tmp_path / "img2")
 
 
+def test_reader_thread_passes_items_and_errors_and_stops_early() -> None:
+    def items():
+        yield 1, b"a"
+        yield 2, b"bb"
+        raise ImageError("disk gone")
+
+    got = []
+    with pytest.raises(ImageError, match="disk gone"):
+        for item in transport._prefetch(items(), depth=1):
+            got.append(item)
+    assert got == [(1, b"a"), (2, b"bb")]
+    closed = []
+
+    def endless():
+        try:
+            while True:
+                yield 1, b"x"
+        finally:
+            closed.append(True)
+
+    stream = transport._prefetch(endless(), depth=2)
+    assert next(stream) == (1, b"x")
+    stream.close()  # the consumer gave up: the reader thread stops and closes its source
+    assert closed == [True]
+
+
+def test_wire_pieces_zstd_round_trip(image: Path) -> None:
+    import zstandard
+
+    plain, _ = stream_of(image)
+    pieces = list(transport._wire_pieces([plain[:5000], plain[5000:]], "zstd", 1))
+    assert sum(n for n, _ in pieces) == len(plain)
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(b"".join(d for _, d in pieces)) == plain
+
+
 def test_progress_render_and_quiet() -> None:
     line = render("img", 50 << 20, 100 << 20, 1.0)
     assert "50%" in line and "50.0 MiB/100.0 MiB" in line and "52.4 MB/s" in line and "ETA 1 s" in line
