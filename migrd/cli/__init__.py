@@ -59,3 +59,9 @@ main.add_command(demo)
 from .bed import bed  # noqa: E402
 
 main.add_command(bed)
+
+from .transfer import receive, send  # noqa: E402
+main.add_command(receive)
+main.add_command(send)
+from .hosts import hosts  # noqa: E402
+main.add_command(hosts)
