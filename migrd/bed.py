@@ -196,11 +196,14 @@ def host_config(state: BedState, host_keys: Mapping[str, str], host: str | None)
                   (sshd.known_hosts_line(h.address, SSH_PORT, host_keys[h.name]),))
         for h in state.hosts
     )
+    # Bed hosts run migrd from this very installation (they share its filesystem).
+    remote = (sys.executable, "-m", "migrd.cli")
     if host is None:
-        return Config(host=None, hosts=entries, ssh=SshSettings(client_key=state.client_key))
+        return Config(host=None, hosts=entries,
+                      ssh=SshSettings(client_key=state.client_key, remote_migrctl=remote))
     state.host(host)
     return Config(host=host, state_dir=Path("/var/lib/migrd"), hosts=entries,
-                  ssh=SshSettings(client_key=HOST_CLIENT_KEY))
+                  ssh=SshSettings(client_key=HOST_CLIENT_KEY, remote_migrctl=remote))
 
 
 def _netns_argv(h: HostState) -> list[str]:

@@ -17,11 +17,6 @@ from .config import Config
 from .criu import Criu, find_criu
 from .errors import InputError, NotPermitted
 
-#: How long restore waits for the dumped PID to become free (a zombie reaped lazily by PID 1
-#: takes a few seconds on these machines).
-PID_WAIT_SECONDS = 15.0
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     manifest: mf.Manifest
@@ -49,14 +44,15 @@ def _prepare_dir(images: Path) -> bool:
 
 
 def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = False,
-               tcp_established: bool = False, criu: Criu | None = None) -> Checkpoint:
+               tcp_established: bool = False, criu: Criu | None = None,
+               pass_fds: tuple[int, ...] = ()) -> Checkpoint:
     criu = criu or find_criu(cfg)
     info = process.inspect(pid)
     created = _prepare_dir(images)
     log = log_path(cfg, "dump", pid)
     options = {"tcp_established": tcp_established, "shell_job": not info.session_leader}
     try:
-        result = criu.dump(pid, images, log, leave_running=leave_running, **options)
+        result = criu.dump(pid, images, log, leave_running=leave_running, pass_fds=pass_fds, **options)
         m = mf.Manifest(
             format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
             host=cfg.host or socket.gethostname(), process=info, options=options,
@@ -75,10 +71,11 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
 
 
 def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
-            pid_wait: float = PID_WAIT_SECONDS):
+            pid_wait: float | None = None, leave_stopped: bool = False):
     """Verify the manifest, make sure the PID is free, and restore detached."""
     m = mf.verify(images)
     criu = criu or find_criu(cfg)
+    pid_wait = cfg.migrate.pid_wait if pid_wait is None else pid_wait
     if not m.process.own_pid_namespace:
         taken = process.wait_pids_free(m.process.tree_ids or (m.process.pid,), pid_wait)
         if taken is not None:
@@ -88,4 +85,4 @@ def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
                 f"after {pid_wait:g} s; end that process (or wait for it to be reaped)")
     log = log_path(cfg, "restore", m.process.pid)
     return criu.restore(images, log, tcp_established=bool(m.options.get("tcp_established")),
-                        shell_job=bool(m.options.get("shell_job")))
+                        shell_job=bool(m.options.get("shell_job")), leave_stopped=leave_stopped)

@@ -61,6 +61,24 @@ class CriuSettings:
 
 
 @dataclass(frozen=True)
+class MigrateSettings:
+    """Which processes may be migrated (opt-in: everything else is refused) and safety margins.
+
+    Workloads started with `migrctl run` are always allowed."""
+
+    #: User names whose processes may migrate.
+    allow_users: tuple[str, ...] = ()
+    #: Regular expressions; a process whose command line (joined by spaces) matches one may.
+    allow_commands: tuple[str, ...] = ()
+    #: Cgroup path prefixes (as in /proc/PID/cgroup, e.g. /system.slice/batch.service).
+    allow_cgroups: tuple[str, ...] = ()
+    #: Seconds a restore waits for the dumped PIDs to be free (zombies are reaped lazily).
+    pid_wait: float = 15.0
+    #: The target must have this multiple of the process's RSS free in memory and on disk.
+    headroom: float = 1.2
+
+
+@dataclass(frozen=True)
 class Config:
     #: Name of this host in `hosts` (None: not part of a cluster, e.g. a single-host demo).
     host: str | None = None
@@ -69,6 +87,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     ssh: SshSettings = field(default_factory=SshSettings)
     criu: CriuSettings = field(default_factory=CriuSettings)
+    migrate: MigrateSettings = field(default_factory=MigrateSettings)
     #: Where this config came from (not a YAML key).
     source: Path | None = field(default=None, metadata={"yaml": False})
 

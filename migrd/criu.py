@@ -82,8 +82,8 @@ class Criu:
         self.path = str(path)
         self.network_lock = network_lock
 
-    def _run(self, args: list[str], timeout: float | None = 600):
-        return proc.run([self.path, *args], check=False, timeout=timeout)
+    def _run(self, args: list[str], timeout: float | None = 600, pass_fds: tuple[int, ...] = ()):
+        return proc.run([self.path, *args], check=False, timeout=timeout, pass_fds=pass_fds)
 
     def version(self) -> str:
         return parse_version(self._run(["--version"], 30).stdout.decode(errors="replace"))
@@ -112,20 +112,25 @@ class Criu:
 
     def dump(self, pid: int, images: Path, log: Path, *, leave_running: bool = False,
              tcp_established: bool = False, shell_job: bool = False,
-             extra: list[str] | None = None) -> DumpResult:
+             extra: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> DumpResult:
+        """pass_fds: descriptors CRIU inherits, e.g. a lock that must stay held while CRIU
+        runs even if its caller dies."""
         args = ["dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4",
                 "--network-lock", self.network_lock]
         args += ["--leave-running"] if leave_running else []
         args += ["--tcp-established"] if tcp_established else []
         args += ["--shell-job"] if shell_job else []
         t0 = time.monotonic()
-        cp = self._run(args + (extra or []))
+        cp = self._run(args + (extra or []), pass_fds=pass_fds)
         if cp.returncode != 0:
             raise self._fail("dump", log, cp.stderr)
         return DumpResult(time.monotonic() - t0, log)
 
     def restore(self, images: Path, log: Path, *, tcp_established: bool = False,
-                shell_job: bool = False, extra: list[str] | None = None) -> RestoreResult:
+                shell_job: bool = False, leave_stopped: bool = False,
+                extra: list[str] | None = None) -> RestoreResult:
+        """leave_stopped: every restored task waits in SIGSTOP until someone sends SIGCONT,
+        so a migration can verify a copy before it runs a single instruction."""
         pidfile = log.with_suffix(".pid")
         # --manage-cgroups ignore: the restored task joins the cgroup of whoever runs criu (on a
         # bed host, that host's cgroup), instead of the source host's cgroup paths.
@@ -134,6 +139,7 @@ class Criu:
                 "--manage-cgroups=ignore"]
         args += ["--tcp-established"] if tcp_established else []
         args += ["--shell-job"] if shell_job else []
+        args += ["--leave-stopped"] if leave_stopped else []
         t0 = time.monotonic()
         cp = self._run(args + (extra or []))
         if cp.returncode != 0:

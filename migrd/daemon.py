@@ -1,14 +1,24 @@
-"""`migrd`: the per-host agent. For now it only reports its version."""
+"""`migrd`: the per-host agent."""
 
 from __future__ import annotations
 
 import click
 
 from . import __version__
+from .cli import MigrdGroup
+from .cli.migrate import recover
 
 
-@click.command()
+@click.group(cls=MigrdGroup, invoke_without_command=True)
 @click.version_option(__version__, prog_name="migrd")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """The migrd agent (the automatic loop arrives with the policy work)."""
-    click.echo(f"migrd {__version__}")
+    if ctx.invoked_subcommand is None:
+        click.echo(f"migrd {__version__}")
+
+
+main.add_command(recover)
+
+if __name__ == "__main__":
+    main(prog_name="migrd")

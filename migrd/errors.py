@@ -60,3 +60,16 @@ class CommandError(MigrdError):
     """A helper program (ip, sshd, nsenter, ...) exited non-zero."""
 
     exit_code = 9
+
+
+class PrecheckFailed(MigrdError):
+    """A migration would not work; nothing was changed. Every reason is listed."""
+
+    exit_code = 10
+
+
+class InDoubt(MigrdError):
+    """The target may or may not run the workload and cannot be asked; `migrd recover` settles
+    it once the target answers. Nothing is restarted meanwhile: that could make two copies."""
+
+    exit_code = 11

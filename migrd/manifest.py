@@ -115,22 +115,26 @@ def write(directory: Path, manifest: Manifest) -> Path:
     return path
 
 
+def process_from_dict(raw: dict[str, Any]) -> ProcessInfo:
+    proc = dict(raw)
+    proc["cmdline"] = tuple(proc["cmdline"])
+    proc["open_files"] = tuple(OpenFile(**o) for o in proc.get("open_files", ()))
+    proc["listening"] = tuple(Listener(**s) for s in proc.get("listening", ()))
+    proc["tree_ids"] = tuple(proc.get("tree_ids", ()))
+    return ProcessInfo(**proc)
+
+
 def from_json(text: str | bytes, origin: str = NAME) -> Manifest:
     try:
         raw = json.loads(text)
         if raw.get("format") != FORMAT:
             raise ImageError(f"{origin}: unsupported manifest format {raw.get('format')!r} (expected {FORMAT})")
-        proc = dict(raw["process"])
-        proc["cmdline"] = tuple(proc["cmdline"])
-        proc["open_files"] = tuple(OpenFile(**o) for o in proc.get("open_files", ()))
-        proc["listening"] = tuple(Listener(**s) for s in proc.get("listening", ()))
-        proc["tree_ids"] = tuple(proc.get("tree_ids", ()))
         return Manifest(
             format=raw["format"],
             created=float(raw["created"]),
             criu_version=str(raw["criu_version"]),
             host=str(raw["host"]),
-            process=ProcessInfo(**proc),
+            process=process_from_dict(raw["process"]),
             options=dict(raw.get("options", {})),
             files={n: FileEntry(int(e["size"]), str(e["sha256"])) for n, e in raw["files"].items()},
         )

@@ -26,6 +26,7 @@ def run(
     input: bytes | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[bytes]:
     """Run argv to completion, capturing stdout/stderr as bytes.
 
@@ -43,6 +44,7 @@ def run(
             timeout=timeout,
             env=dict(env) if env is not None else None,
             cwd=cwd,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as e:
         raise CommandError(f"{argv[0]}: program not found (is it installed?)") from e
@@ -62,6 +64,7 @@ def spawn(
     new_session: bool = True,
     pass_fds: Sequence[int] = (),
     stdin: int | None = subprocess.DEVNULL,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start argv in the background (own session by default) and return the Popen.
     stdin=None inherits ours (a foreground command run on the operator's behalf)."""
@@ -76,6 +79,7 @@ def spawn(
             env=dict(env) if env is not None else None,
             start_new_session=new_session,
             pass_fds=tuple(pass_fds),
+            cwd=cwd,
         )
     except FileNotFoundError as e:
         raise CommandError(f"{argv[0]}: program not found (is it installed?)") from e

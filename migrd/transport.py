@@ -331,6 +331,30 @@ class Connection:
             raise cls(f"{self.where}: receiving into {remote_dir} failed: {msg}")
         return TransferStats(bytes=len(raw) + m.image_bytes, seconds=seconds, wire_bytes=wire)
 
+    # --- data files ------------------------------------------------------------------------
+
+    def put_file(self, local: Path, remote: str) -> int:
+        """Copy one regular file to the same or another path on the peer (parents created,
+        mode kept) over SFTP and check its sha256 there; return its size."""
+        from .manifest import sha256_file
+
+        size = local.stat().st_size
+        parent = os.path.dirname(remote) or "/"
+        r = self.run(["mkdir", "-p", "--", parent])
+        if r.status != 0:
+            raise TransportError(f"{self.where}: cannot create {parent}: {_remote_error(r)}")
+        try:
+            with self._client.open_sftp() as sftp:  # type: ignore[union-attr]
+                sftp.get_channel().settimeout(self.cfg.ssh.op_timeout)
+                sftp.put(str(local), remote, confirm=True)
+                sftp.chmod(remote, local.stat().st_mode & 0o7777)
+        except (OSError, paramiko.SSHException) as e:
+            raise TransportError(f"{self.where}: copying {local} to {remote} failed: {e}") from None
+        r = self.run(["sha256sum", "--", remote])
+        if r.status != 0 or r.stdout.split()[:1] != [sha256_file(local).encode()]:
+            raise TransportError(f"{self.where}: {remote} does not match {local} after the copy")
+        return size
+
     # --- link measurement -----------------------------------------------------------------
 
     def probe(self, rounds: int = 7, bulk_bytes: int = 8 << 20, bulk_seconds: float = 2.0) -> LinkEstimate:

@@ -5,8 +5,9 @@ say() { printf 'setup-system: %s\n' "$*" >&2; }
 [ "$(id -u)" = 0 ] || { say "ERROR: must run as root"; exit 1; }
 
 # iproute2/util-linux: namespaces for the bed; openssh: the transport's peer and scp baseline;
-# iputils-arping: announce a moved service address; zstd: image compression.
-pkgs=(iproute2 util-linux procps openssh-server openssh-client iputils-arping zstd
+# iputils-arping: announce a moved service address; nftables: remove the network-lock table
+# CRIU leaves on the source after a move; zstd: image compression.
+pkgs=(iproute2 util-linux procps openssh-server openssh-client iputils-arping zstd nftables
       python3 python3-venv ca-certificates make)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -23,6 +23,8 @@ Exit codes:
   7  SSH transport failed (unreachable, timeout, host key mismatch)
   8  configuration file invalid (key and line are printed)
   9  a helper program failed
+  10 migration precheck failed (every reason is listed; nothing changed)
+  11 migration in doubt: target unreachable after restore began; run `migrd recover`
 """
 
 
@@ -65,3 +67,7 @@ main.add_command(receive)
 main.add_command(send)
 from .hosts import hosts  # noqa: E402
 main.add_command(hosts)
+from .migrate import history, migrate, peer, ps, recover, run  # noqa: E402
+
+for _cmd in (migrate, run, ps, history, recover, peer):
+    main.add_command(_cmd)

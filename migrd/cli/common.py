@@ -13,6 +13,7 @@ import click
 
 from .. import config as config_mod
 from ..errors import NotPermitted
+from ..progress import human_bytes  # noqa: F401  (re-exported for the CLI modules)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 
@@ -42,11 +43,3 @@ def to_json(obj: Any) -> str:
 
 def emit(obj: Any, as_json: bool, human: Callable[[Any], str]) -> None:
     click.echo(to_json(obj) if as_json else human(obj))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

@@ -1,0 +1,210 @@
+"""`migrctl migrate`, `run`, `ps`, `history`, and the `peer` commands a source runs on a target."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from datetime import datetime
+
+import click
+
+from .. import journal as journal_mod
+from .. import migrate as mig
+from .. import peer as peer_mod
+from .. import workload
+from ..process import parse_pid
+from ..progress import Progress
+from .common import emit, human_bytes, json_option, load_config, require_root
+
+
+@click.command()
+@click.argument("pid")
+@click.option("--to", "target", required=True, metavar="HOST", help="Target host (a name from the config's hosts).")
+@click.option("--strategy", type=click.Choice(mig.STRATEGIES), default="stop-copy", show_default=True,
+              help="How memory moves: stop-copy freezes, dumps, sends, restores.")
+@click.option("--mode", type=click.Choice(["move", "clone", "restart"]), default="move", show_default=True,
+              help="move: the process continues there (strong mobility); clone: a copy starts there "
+                   "and this one keeps running; restart: the same command starts fresh there (weak mobility).")
+@click.option("--with-files", is_flag=True, help="Copy the regular files it has open to the same paths on the target.")
+@click.option("--move-address", metavar="CIDR", help="Move this service address (e.g. 198.18.0.100/24) with the process.")
+@click.option("--tcp-established", is_flag=True, help="Keep established TCP connections (use with --move-address).")
+@click.option("--dry-run", is_flag=True, help="Run every precheck on both hosts, change nothing.")
+@json_option
+def migrate(pid: str, target: str, strategy: str, mode: str, with_files: bool,
+            move_address: str | None, tcp_established: bool, dry_run: bool, as_json: bool) -> None:
+    """Move process PID from this host to HOST.
+
+    \b
+    Steps (each journaled before it starts, so `migrd recover` can finish or undo it):
+      precheck   CRIU and CPU on the target, memory, disk, PIDs, ports, open files, opt-in
+      checkpoint CRIU dump here
+      transfer   images (and --with-files data) over SSH, verified by sha256 on arrival
+      restore    CRIU restore there
+      verify     alive, same command line, listening sockets back
+      commit     only now are this host's copy and images gone
+    Any failure before commit rolls back: the process runs here again, the target is cleaned.
+
+    \b
+    Example:
+      migrctl run --name job -- python3 job.py      # a workload that can move anywhere
+      migrctl migrate 4242 --to host2
+    """
+    require_root("migrctl migrate")
+    cfg = load_config()
+    opts = mig.Options(target=target, mode=mode, strategy=strategy, with_files=with_files,
+                       move_address=move_address, tcp_established=tcp_established, dry_run=dry_run)
+    progress = Progress(f"sending to {target}", enabled=False if as_json else None)
+    try:
+        out = mig.migrate(cfg, parse_pid(pid), opts, progress=progress)
+    finally:
+        progress.close()
+
+    def human(o: mig.Outcome) -> str:
+        if o.dry_run:
+            return f"dry run {o.id}: PID {o.pid} can migrate from {o.source} to {o.target}"
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in o.phases.items())
+        down = f", downtime {o.downtime:.2f} s" if o.downtime is not None else ""
+        return (f"migrated PID {o.pid} from {o.source} to {o.target} (now PID {o.target_pid}), "
+                f"mode {o.mode}, {human_bytes(o.bytes)} moved{down}\n  {phases}\n  id {o.id}")
+
+    emit(out, as_json, human)
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option("--name", help="Workload name (default: from the command).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@json_option
+def run(name: str | None, command: tuple[str, ...], as_json: bool) -> None:
+    """Start COMMAND as a migratable workload on this host and print its PID.
+
+    The workload runs detached as the init of its own PID namespace (so it can be restored on
+    any host without needing its old PID), with stdout and stderr appended to a log under the
+    state directory. It is opted in to migration by construction.
+
+    \b
+    Example:  migrctl run --name counter -- python3 -u counter.py
+    """
+    require_root("migrctl run")
+    cfg = load_config()
+    w = workload.start(cfg.state_dir, tuple(command), name=name, host=cfg.host)
+    emit({"pid": w.pid, "name": w.name, "host": w.host, "log": w.stdout}, as_json,
+         lambda d: f"started {d['name']} as PID {d['pid']} (log: {d['log']})")
+
+
+@click.command()
+@json_option
+def ps(as_json: bool) -> None:
+    """List the migratable workloads on this host."""
+    cfg = load_config()
+    rows = [{"name": w.name, "pid": w.pid, "alive": w.alive(), "command": " ".join(w.cmdline),
+             "log": w.stdout} for w in workload.Registry(cfg.state_dir).all()]
+
+    def human(rs) -> str:
+        if not rs:
+            return "no workloads (start one with `migrctl run -- CMD`)"
+        lines = [f"{'NAME':20} {'PID':>8} {'STATE':7} COMMAND"]
+        lines += [f"{r['name']:20} {r['pid']:>8} {'running' if r['alive'] else 'gone':7} {r['command'][:60]}" for r in rs]
+        return "\n".join(lines)
+
+    emit(rows, as_json, human)
+
+
+@click.command()
+@click.option("--limit", type=int, default=50, show_default=True, help="Show the newest N migrations.")
+@json_option
+def history(limit: int, as_json: bool) -> None:
+    """Every migration started on this host: outcome, phase times, bytes, downtime."""
+    cfg = load_config()
+    rows = [journal_mod.summarize(j) for j in journal_mod.all_journals(cfg.state_dir)][-limit:]
+
+    def human(rs) -> str:
+        if not rs:
+            return "no migrations yet"
+        lines = [f"{'ID':24} {'WHEN':8} {'PID':>7} {'TO':8} {'MODE':7} {'BYTES':>10} {'DOWN':>7}  OUTCOME"]
+        for r in rs:
+            when = datetime.fromtimestamp(r.started).strftime("%H:%M:%S")
+            down = f"{r.downtime:.2f}s" if r.downtime is not None else "-"
+            outcome = r.outcome + (f": {r.reason}" if r.reason and r.outcome != "ok" else "")
+            lines.append(f"{r.id:24} {when:8} {r.pid or '-':>7} {r.target or '-':8} {r.mode or '-':7} "
+                         f"{human_bytes(r.bytes):>10} {down:>7}  {outcome[:80]}")
+        return "\n".join(lines)
+
+    emit(rows, as_json, human)
+
+
+# --- the target side: run by a source over SSH, not by people ---------------------------------
+
+@click.group(hidden=True)
+def peer() -> None:
+    """Target-side steps of a migration (run by the source over SSH)."""
+
+
+def _stdin_json() -> dict:
+    return json.loads(sys.stdin.read() or "{}")
+
+
+@peer.command("precheck")
+@json_option
+def peer_precheck(as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.run_precheck(load_config(), _stdin_json())))
+
+
+@peer.command("restore")
+@click.argument("mid")
+@click.option("--name")
+@click.option("--stdout")
+@click.option("--address")
+@json_option
+def peer_restore(mid: str, name: str | None, stdout: str | None, address: str | None, as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.restore(load_config(), mid, name, stdout, address)))
+
+
+@peer.command("start")
+@click.argument("mid")
+@json_option
+def peer_start(mid: str, as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.start(load_config(), mid, _stdin_json())))
+
+
+@peer.command("status")
+@click.argument("mid")
+@json_option
+def peer_status(mid: str, as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.status(load_config(), mid)))
+
+
+@peer.command("abort")
+@click.argument("mid")
+@click.option("--address")
+@click.option("--file", "files", multiple=True)
+@json_option
+def peer_abort(mid: str, address: str | None, files: tuple[str, ...], as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.abort(load_config(), mid, address, list(files))))
+
+
+@peer.command("finish")
+@click.argument("mid")
+@click.option("--address")
+@json_option
+def peer_finish(mid: str, address: str | None, as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.finish(load_config(), mid, address)))
+
+
+
+
+
+@click.command()
+@json_option
+def recover(as_json: bool) -> None:
+    """Finish or undo migrations a crash left unfinished (also run by `migrd` at start).
+
+    For each unfinished journal: before the checkpoint, nothing changed; once the target copy
+    is confirmed running, the migration is committed; otherwise the target is cleaned and the
+    process is restored here from its own images. A target that cannot be asked leaves the
+    migration in doubt (nothing is restarted), and a later run settles it.
+    """
+    require_root("migrctl recover")
+    report = mig.recover(load_config())
+    emit(report, as_json, lambda rs: "\n".join(f"{r['id']}: {r['action']}" for r in rs)
+         or "nothing to recover")

@@ -1,0 +1,443 @@
+"""The migration orchestrator: precheck, checkpoint, transfer, restore, verify, commit, with a
+journal that makes every step recoverable and a rollback that leaves exactly one live copy.
+
+Invariant: at every instant there is exactly one live copy of the workload (two only in clone
+mode, by request). The source copy is ended by the dump itself (CRIU kills the dumped tree) and
+is brought back from its own images on any failure before the target copy is confirmed
+running; the target copy is ended on any failure before commit. When the target cannot be
+reached after a restore was started there, migrd does not guess: the migration stays "in
+doubt" and `migrd recover` settles it once the target answers, because guessing could make two
+copies.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import checkpoint as cp
+from . import failpoints, netaddr, precheck, process, transport, workload
+from .config import Config
+from .criu import find_criu
+from .errors import InDoubt, InputError, MigrdError, NotPermitted, PrecheckFailed, TransportError
+from .journal import FINAL, Journal, all_journals, new_id
+from .manifest import ProcessInfo, process_from_dict
+
+
+STRATEGIES = ("stop-copy",)
+
+
+@dataclass(frozen=True)
+class Options:
+    target: str
+    mode: str = "move"
+    strategy: str = "stop-copy"
+    with_files: bool = False
+    move_address: str | None = None
+    tcp_established: bool = False
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    id: str
+    mode: str
+    source: str
+    target: str
+    pid: int
+    target_pid: int | None
+    bytes: int
+    phases: dict[str, float]
+    downtime: float | None
+    dry_run: bool
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _source_name(cfg: Config) -> str:
+    return cfg.host or socket.gethostname()
+
+
+def _cgroups(pid: int) -> list[str]:
+    try:
+        return [line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+    except OSError:
+        return []
+
+
+def _migrctl_json(conn: transport.Connection, args: list[str], payload: Any = None,
+                  timeout: float | None = None) -> dict[str, Any]:
+    """Run `migrctl ARGS --json` on the peer; its error line becomes ours."""
+    data = json.dumps(payload).encode() if payload is not None else None
+    r = conn.migrctl([*args, "--json"], input=data, timeout=timeout)
+    if r.status != 0:
+        msg = r.stderr.decode(errors="replace").strip().splitlines()
+        text = (msg[-1] if msg else f"exit {r.status}").removeprefix("migrctl: error: ")
+        raise MigrdError(f"{conn.host.name}: migrctl {args[0]} {args[1] if len(args) > 1 else ''}: {text}")
+    return json.loads(r.stdout)
+
+
+class Migration:
+    """One migration's imperative shell. Its state lives in the journal, so a new instance
+    built from the journal (recovery) can finish or undo what a crashed one started."""
+
+    def __init__(self, cfg: Config, journal: Journal, lock_fd: int) -> None:
+        self.cfg = cfg
+        self.j = journal
+        self.lock_fd = lock_fd
+        self.images = journal.dir / "images"
+
+    # --- journal-derived state -------------------------------------------------------------
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.j.merged()
+
+    @property
+    def opts(self) -> Options:
+        return Options(**self.data["options"])
+
+    @property
+    def info(self) -> ProcessInfo:
+        return process_from_dict(self.data["process"])
+
+    def source_alive(self) -> bool:
+        d = self.data
+        return workload.same_process(d["request"]["pid"], d["request"]["start_time"])
+
+    # --- the forward path ------------------------------------------------------------------
+
+    def start(self, info: ProcessInfo, opts: Options, name: str | None, stdout: str | None,
+              progress: ProgressFn | None) -> Outcome:
+        carry = sorted({f.path for f in info.open_files} if opts.with_files
+                       else ({stdout} & {f.path for f in info.open_files} if stdout else set()))
+        self.j.record("precheck", source=_source_name(self.cfg), options=asdict(opts), workload=name,
+                      stdout=stdout, carry=carry, process=asdict(info),
+                      request={"pid": info.pid, "start_time": info.start_time,
+                               "target": opts.target, "mode": opts.mode})
+        try:
+            conn = transport.connect(self.cfg, opts.target)
+        except MigrdError as e:
+            self.j.record("refused", reason=str(e))
+            raise
+        with conn:
+            remote_images = self.precheck(conn, info, opts, carry)
+            if opts.dry_run:
+                self.j.record("done", outcome="dry run")
+                return self.outcome()
+            try:
+                self.forward(conn, info, opts, remote_images, progress)
+            except BaseException as e:
+                reason = str(e) or type(e).__name__
+                self.rollback(conn, reason)
+                raise
+        return self.outcome()
+
+    def precheck(self, conn: transport.Connection, info: ProcessInfo, opts: Options,
+                 carry: list[str]) -> str:
+        failpoints.step("precheck")
+        cpuinfo = None
+        if opts.mode != "restart":
+            with tempfile.TemporaryDirectory(prefix="migrd-cpuinfo-") as tmp:
+                find_criu(self.cfg).cpuinfo_dump(Path(tmp), Path(tmp) / "dump.log")
+                cpuinfo = base64.b64encode(Path(tmp, "cpuinfo.img").read_bytes()).decode()
+        local: list[str] = []
+        if opts.move_address:
+            netaddr.parse_cidr(opts.move_address)
+            if netaddr.holder_of(opts.move_address) is None:
+                local.append(f"address {opts.move_address} is not on this host")
+        if opts.mode == "clone" and opts.move_address:
+            local.append("--move-address makes no sense with --mode clone (both copies run)")
+        req = precheck.Request(
+            id=self.j.id, mode=opts.mode, pid=info.pid, start_time=info.start_time, rss=info.rss,
+            tree_ids=info.tree_ids, own_pid_namespace=info.own_pid_namespace,
+            ports=tuple(sorted({s.port for s in info.listening})),
+            files=tuple((f.path, f.size) for f in info.open_files), carry=tuple(carry),
+            with_files=opts.with_files, move_address=opts.move_address,
+            headroom=self.cfg.migrate.headroom, cpuinfo=cpuinfo)
+        resp = _migrctl_json(conn, ["peer", "precheck"], asdict(req))
+        problems = local + resp["problems"]
+        if problems:
+            self.j.record("refused", reason="; ".join(problems))
+            raise PrecheckFailed(f"cannot migrate PID {info.pid} to {opts.target}: " + "; ".join(problems))
+        self.j.record("prechecked", remote_images=resp["incoming"],
+                      target_files={p: s for p, s in resp["facts"]["files"].items()})
+        return resp["incoming"]
+
+    def forward(self, conn: transport.Connection, info: ProcessInfo, opts: Options,
+                remote_images: str, progress: ProgressFn | None) -> None:
+        if opts.mode == "restart":
+            return self.forward_restart(conn, info, opts)
+        self.j.record("checkpoint")
+        failpoints.step("checkpoint")
+        tables_before = netaddr.nft_tables()
+        freeze = time.time()
+        ck = cp.checkpoint(self.cfg, info.pid, self.images, leave_running=opts.mode == "clone",
+                           tcp_established=opts.tcp_established, pass_fds=(self.lock_fd,))
+        self.j.record("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+                      image_bytes=ck.manifest.image_bytes,
+                      nft_tables=sorted(netaddr.nft_tables() - tables_before))
+        failpoints.step("transfer")
+        if opts.move_address:
+            iface = netaddr.holder_of(opts.move_address)
+            netaddr.delete(opts.move_address)
+            self.j.record("address_released", address_interface=iface)
+        moved = 0
+        for path in self.data["carry"]:
+            moved += conn.put_file(Path(path), path)
+        stats = conn.send_images(self.images, remote_images, progress=progress)
+        self.j.record("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
+        failpoints.step("restore")
+        args = ["peer", "restore", self.j.id]
+        args += ["--name", self.data["workload"]] if self.data.get("workload") else []
+        args += ["--stdout", self.data["stdout"]] if self.data.get("stdout") else []
+        args += ["--address", opts.move_address] if opts.move_address else []
+        r = _migrctl_json(conn, args, timeout=self.cfg.ssh.op_timeout)
+        self.j.record("verify", target_pid=r["pid"], restore_seconds=r["seconds"])
+        failpoints.step("verify")
+        self.verify(conn, info)
+        self.j.record("commit")
+        failpoints.step("commit")
+        self.commit(conn)
+
+    def forward_restart(self, conn: transport.Connection, info: ProcessInfo, opts: Options) -> None:
+        """Weak mobility: end the process here, start the same command line, directory and
+        environment fresh there. Ending first keeps "never two copies"; a failure after it
+        starts the command fresh here again (restart mode gives up execution state anyway)."""
+        self.j.record("checkpoint")
+        failpoints.step("checkpoint")
+        _end(info.pid, info.start_time)
+        self.j.record("transfer")
+        failpoints.step("transfer")
+        moved = sum(conn.put_file(Path(p), p) for p in self.data["carry"])
+        self.j.record("restore", bytes=moved)
+        failpoints.step("restore")
+        spec = {"cmdline": list(info.cmdline), "cwd": info.cwd, "env": info.environ,
+                "name": self.data.get("workload")}
+        r = _migrctl_json(conn, ["peer", "start", self.j.id], spec)
+        self.j.record("verify", target_pid=r["pid"])
+        failpoints.step("verify")
+        self.verify(conn, info, ports=False)
+        self.j.record("commit")
+        failpoints.step("commit")
+        self.commit(conn)
+
+    def verify(self, conn: transport.Connection, info: ProcessInfo, ports: bool = True) -> None:
+        st = _migrctl_json(conn, ["peer", "status", self.j.id])["restored"]
+        if not st or not st["alive"]:
+            raise MigrdError(f"the restored process is not running on {conn.host.name}")
+        if tuple(st["cmdline"]) != info.cmdline:
+            raise MigrdError(f"the process on {conn.host.name} runs {st['cmdline']!r}, "
+                             f"expected {list(info.cmdline)!r}")
+        missing = {s.port for s in info.listening} - set(st["ports"])
+        if ports and missing:
+            raise MigrdError(f"the restored process does not listen on port(s) "
+                             f"{', '.join(map(str, sorted(missing)))} on {conn.host.name}")
+
+    def commit(self, conn: transport.Connection | None) -> None:
+        """Past the point of no return: the target copy runs. Idempotent."""
+        d = self.data
+        opts = self.opts
+        if conn is not None:
+            args = ["peer", "finish", self.j.id] + (["--address", opts.move_address] if opts.move_address else [])
+            _migrctl_json(conn, args)
+            if opts.mode == "move" and "freeze" in d and "downtime" not in d:
+                # From the freeze here to the copy there running again.
+                self.j.record("resumed", downtime=round(time.time() - d["freeze"], 4))
+        if opts.mode in ("move", "restart"):
+            for table in d.get("nft_tables", []):
+                netaddr.nft_delete(table)
+            if d.get("workload"):
+                workload.Registry(self.cfg.state_dir).remove(d["workload"])
+        shutil.rmtree(self.images, ignore_errors=True)
+        self.j.record("done", outcome="ok")
+
+    # --- the way back ----------------------------------------------------------------------
+
+    def rollback(self, conn: transport.Connection | None, reason: str) -> None:
+        """Undo everything before commit. Idempotent; safe after a crash at any point."""
+        states = [r.state for r in self.j.records()]
+        if "rollback" not in states:
+            self.j.record("rollback", reason=reason)
+        d = self.data
+        opts = self.opts
+        restore_started = "restore" in states
+        target_files = d.get("target_files", {})
+        created_there = [p for p in d.get("carry", []) if target_files.get(p) is None]
+        try:
+            if conn is None:
+                conn = transport.connect(self.cfg, opts.target)
+            args = ["peer", "abort", self.j.id] + (["--address", opts.move_address] if opts.move_address else [])
+            for path in created_there:
+                args += ["--file", path]
+            _migrctl_json(conn, args)
+        except MigrdError as e:
+            if restore_started:
+                self.j.record("in_doubt", reason=f"target unreachable during rollback: {e}")
+                raise InDoubt(f"migration {self.j.id}: {opts.target} cannot be asked whether the "
+                              f"restored copy runs ({e}); nothing was restarted here. Run "
+                              f"`migrd recover` once {opts.target} answers.") from None
+            # Nothing can be running there: no restore was started. Leftover images on the
+            # target are cleaned by its own recovery.
+        if opts.mode == "move" and d.get("address_interface"):
+            if netaddr.holder_of(opts.move_address) is None:
+                netaddr.add(opts.move_address, d["address_interface"])
+        local_pid = None
+        if opts.mode in ("move", "restart") and "checkpoint" in states and not self.source_alive():
+            local_pid = self.restore_locally() if opts.mode == "move" else self.start_locally()
+        shutil.rmtree(self.images, ignore_errors=True)
+        for table in d.get("nft_tables", []):
+            netaddr.nft_delete(table)  # a local restore unlocks its own; a dump-only leaves it
+        self.j.record("rolled_back", reason=d.get("reason", reason), local_pid=local_pid)
+
+    def restore_locally(self) -> int:
+        """Bring the dumped source back from its own images."""
+        d = self.data
+        try:
+            if (self.images / "manifest.json").exists():
+                r = cp.restore(self.cfg, self.images)
+            else:
+                # The orchestrator died between CRIU's dump and writing the manifest; these
+                # images never left this host, so CRIU may read them unverified.
+                info = self.info
+                log = cp.log_path(self.cfg, "restore", info.pid)
+                r = find_criu(self.cfg).restore(self.images, log, tcp_established=self.opts.tcp_established,
+                                                shell_job=not info.session_leader)
+        except MigrdError as e:
+            keep = self.j.dir / "images.kept"
+            if self.images.exists():
+                os.replace(self.images, keep)
+            self.j.record("in_doubt", reason=f"local restore failed: {e}")
+            raise InDoubt(f"migration {self.j.id}: could not restore the process here ({e}); "
+                          f"its images are kept in {keep}") from None
+        if d.get("workload"):
+            info = self.info
+            reg = workload.Registry(self.cfg.state_dir)
+            reg.add(workload.Workload(d["workload"], r.pid, psutil.Process(r.pid).create_time(),
+                                      info.cmdline, info.cwd, d.get("stdout") or "", self.cfg.host))
+        return r.pid
+
+    def start_locally(self) -> int:
+        """Restart mode's way back: the command starts fresh here."""
+        info = self.info
+        reg = workload.Registry(self.cfg.state_dir)
+        if self.data.get("workload"):
+            reg.remove(self.data["workload"])
+        w = workload.start(self.cfg.state_dir, info.cmdline, name=self.data.get("workload"),
+                           cwd=info.cwd, env=info.environ, host=self.cfg.host)
+        return w.pid
+
+    def outcome(self) -> Outcome:
+        from .journal import summarize
+
+        s = summarize(self.j)
+        d = self.data
+        return Outcome(id=self.j.id, mode=self.opts.mode, source=d["source"], target=self.opts.target,
+                       pid=d["request"]["pid"], target_pid=d.get("target_pid"), bytes=s.bytes,
+                       phases=s.phases, downtime=s.downtime, dry_run=self.opts.dry_run)
+
+
+def _end(pid: int, start_time: float, grace: float = 2.0) -> None:
+    """End the source copy in restart mode: SIGTERM, then SIGKILL (a PID namespace's init
+    ignores SIGTERM unless it handles it)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not workload.same_process(pid, start_time):
+            return
+        os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while workload.same_process(pid, start_time) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = None) -> Outcome:
+    if opts.mode not in precheck.MODES:
+        raise InputError(f"unknown mode {opts.mode!r} (known: {', '.join(precheck.MODES)})")
+    if opts.strategy not in STRATEGIES:
+        raise InputError(f"unknown strategy {opts.strategy!r} (available here: {', '.join(STRATEGIES)})")
+    if opts.target == cfg.host:
+        raise InputError(f"{opts.target} is this host; choose another target")
+    cfg.peer(opts.target)  # unknown host -> InputError before anything else
+    info = process.inspect(pid)
+    reg = workload.Registry(cfg.state_dir)
+    w = reg.by_pid(pid)
+    try:
+        user = psutil.Process(pid).username()
+    except (psutil.Error, KeyError):
+        user = str(info.uid)
+    if precheck.opt_in(cfg.migrate, info, user, _cgroups(pid), w is not None) is None:
+        raise NotPermitted(f"PID {pid} ({' '.join(info.cmdline)[:60]}) is not opted in to migration: "
+                           f"start it with `migrctl run`, or allow it in migrate.allow_users, "
+                           f"allow_commands or allow_cgroups")
+    j = Journal(cfg.state_dir / "migrations" / new_id())
+    fd = j.lock()
+    assert fd is not None
+    try:
+        return Migration(cfg, j, fd).start(info, opts, w.name if w else None,
+                                            w.stdout if w else None, progress)
+    finally:
+        os.close(fd)
+
+
+def recover(cfg: Config) -> list[dict[str, Any]]:
+    """Finish or undo every migration a crash left unfinished. Returns what was done."""
+    report = []
+    for j in all_journals(cfg.state_dir):
+        last = j.last_state()
+        if last in FINAL:
+            continue
+        fd = j.lock(blocking=False)
+        if fd is None:
+            report.append({"id": j.id, "action": "skipped: still in progress"})
+            continue
+        try:
+            report.append({"id": j.id, "from": last, "action": _recover_one(Migration(cfg, j, fd), last)})
+        except MigrdError as e:
+            report.append({"id": j.id, "from": last, "action": f"failed: {e}"})
+        finally:
+            os.close(fd)
+    return report
+
+
+def _recover_one(m: Migration, last: str | None) -> str:
+    if last in (None, "precheck", "prechecked"):
+        m.j.record("rolled_back", reason="interrupted before the checkpoint; nothing had changed")
+        return "nothing had changed"
+    states = [r.state for r in m.j.records()]
+    try:
+        conn: transport.Connection | None = transport.connect(m.cfg, m.opts.target)
+    except TransportError:
+        conn = None
+    try:
+        if "commit" in states:
+            m.commit(conn)
+            return "committed"
+        if "rollback" not in states and "restore" in states and conn is not None:
+            st = _migrctl_json(conn, ["peer", "status", m.j.id])["restored"]
+            if st and st["alive"]:
+                try:
+                    m.verify(conn, m.info, ports=m.opts.mode != "restart")
+                except MigrdError as e:
+                    m.rollback(conn, f"recovered after a crash at {last}; the target copy failed "
+                                     f"verification: {e}")
+                    return "rolled back"
+                m.j.record("commit", recovered=True)
+                m.commit(conn)
+                return "rolled forward: the target copy was restored and verified"
+        m.rollback(conn, m.data.get("reason") or f"recovered after a crash at {last}")
+        return "rolled back"
+    finally:
+        if conn is not None:
+            conn.close()

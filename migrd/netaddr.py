@@ -1,0 +1,73 @@
+"""Addresses and CRIU's network-lock leftovers, through iproute2, arping and nft (adapter)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+from . import proc
+from .errors import InputError
+
+
+def parse_cidr(cidr: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    try:
+        iface = ipaddress.ip_interface(cidr)
+    except ValueError:
+        raise InputError(f"{cidr!r} is not an address with prefix length (e.g. 198.18.0.100/24)") from None
+    if "/" not in cidr:
+        raise InputError(f"{cidr!r} needs a prefix length (e.g. {cidr}/24)")
+    return iface
+
+
+def _addrs() -> list[tuple[str, ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
+    out = json.loads(proc.run(["ip", "-j", "addr", "show"]).stdout or b"[]")
+    return [(link["ifname"], ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}"))
+            for link in out for a in link.get("addr_info", [])]
+
+
+def holder_of(cidr: str) -> str | None:
+    """The interface that carries exactly this address, if any."""
+    want = parse_cidr(cidr).ip
+    return next((ifname for ifname, a in _addrs() if a.ip == want), None)
+
+
+def interface_for(cidr: str) -> str | None:
+    """An interface with another address in the same network: where the address can live."""
+    net = parse_cidr(cidr).network
+    return next((ifname for ifname, a in _addrs() if a.ip in net and a.ip != parse_cidr(cidr).ip), None)
+
+
+def add(cidr: str, ifname: str) -> None:
+    proc.run(["ip", "addr", "add", cidr, "dev", ifname])
+
+
+def delete(cidr: str) -> None:
+    ifname = holder_of(cidr)
+    if ifname:
+        proc.run(["ip", "addr", "del", cidr, "dev", ifname])
+
+
+def announce(cidr: str, ifname: str) -> None:
+    """Tell the neighbours the address moved, so clients switch at once instead of after TCP
+    back-off (measured on the bed: ~54 s stall without, ~3 s with)."""
+    ip = parse_cidr(cidr).ip
+    if ip.version == 4:
+        proc.run(["arping", "-U", "-c", "2", "-w", "2", "-I", ifname, str(ip)], check=False, timeout=10)
+    else:
+        # The kernel sends an unsolicited neighbour advertisement for a new IPv6 address
+        # itself (ndisc_notify); asking for it keeps this explicit.
+        proc.run(["sysctl", "-qw", f"net.ipv6.conf.{ifname}.ndisc_notify=1"], check=False)
+
+
+def nft_tables() -> set[str]:
+    """'family name' of every nftables table in this network namespace."""
+    cp = proc.run(["nft", "-j", "list", "tables"], check=False)
+    if cp.returncode != 0:
+        return set()
+    items = json.loads(cp.stdout or b"{}").get("nftables", [])
+    return {f"{t['table']['family']} {t['table']['name']}" for t in items if "table" in t}
+
+
+def nft_delete(table: str) -> None:
+    family, name = table.split(" ", 1)
+    proc.run(["nft", "delete", "table", family, name], check=False)

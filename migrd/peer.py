@@ -1,0 +1,219 @@
+"""The target side of a migration: what `migrctl peer ...` does when the source asks.
+
+Each incoming migration has a directory state_dir/incoming/ID holding the received images and
+a small record of what was done here (restored.json), so the source can ask after a crash
+whether the copy here is running, and abort or finish it.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import checkpoint as cp
+from . import netaddr, precheck, process, workload
+from .config import Config
+from .criu import find_criu
+from .errors import InputError, MigrdError
+from .manifest import read as read_manifest
+
+
+def incoming(cfg: Config, mid: str) -> Path:
+    if not mid or "/" in mid or mid.startswith("."):
+        raise InputError(f"bad migration id {mid!r}")
+    return cfg.state_dir / "incoming" / mid
+
+
+def _listening_ports() -> set[int]:
+    return {c.laddr.port for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr}
+
+
+def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
+    """Facts about this host for req (adapter: CRIU, psutil, filesystem, ip)."""
+    criu_ok, criu_msg, cpu_ok, cpu_msg = True, "", True, ""
+    if req.mode in ("move", "clone"):
+        try:
+            criu = find_criu(cfg)
+            criu_ok, criu_msg = criu.check()
+            if criu_ok and req.cpuinfo:
+                with tempfile.TemporaryDirectory(prefix="migrd-cpuinfo-") as tmp:
+                    Path(tmp, "cpuinfo.img").write_bytes(base64.b64decode(req.cpuinfo))
+                    try:
+                        criu.cpuinfo_check(Path(tmp), Path(tmp) / "check.log")
+                    except MigrdError as e:
+                        cpu_ok, cpu_msg = False, str(e)
+        except MigrdError as e:
+            criu_ok, criu_msg = False, str(e)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    taken = {}
+    for pid in req.tree_ids:
+        try:
+            p = psutil.Process(pid)
+            # On hosts sharing one PID space (the bed) the source process itself is visible
+            # here; in move mode its PIDs are free once the dump ends it.
+            if req.mode == "move" and abs(psutil.Process(req.pid).create_time() - req.start_time) < 0.05:
+                continue
+            taken[pid] = f"{p.name()} ({p.status()})"
+        except psutil.NoSuchProcess:
+            pass
+    files = {}
+    for path, _ in req.files:
+        try:
+            files[path] = os.stat(path).st_size
+        except OSError:
+            files[path] = None
+    return precheck.TargetFacts(
+        criu_ok=criu_ok, criu_message=criu_msg, cpu_ok=cpu_ok, cpu_message=cpu_msg,
+        mem_available=psutil.virtual_memory().available,
+        disk_free=shutil.disk_usage(cfg.state_dir).free,
+        pids_taken=taken,
+        ports_taken=tuple(sorted(_listening_ports() & set(req.ports))),
+        files=files,
+        address_present=bool(req.move_address and netaddr.holder_of(req.move_address)),
+        address_interface=netaddr.interface_for(req.move_address) if req.move_address else None,
+        incoming_exists=incoming(cfg, req.id).exists(),
+    )
+
+
+def run_precheck(cfg: Config, raw: dict[str, Any]) -> dict[str, Any]:
+    raw = dict(raw)
+    for key in ("tree_ids", "ports", "carry"):
+        raw[key] = tuple(raw[key])
+    raw["files"] = tuple(tuple(f) for f in raw["files"])
+    req = precheck.Request(**raw)
+    facts = gather(cfg, req)
+    return {"problems": precheck.evaluate(req, facts), "incoming": str(incoming(cfg, req.id) / "images"),
+            "facts": dataclasses.asdict(facts)}
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
+            address: str | None) -> dict[str, Any]:
+    d = incoming(cfg, mid)
+    images = d / "images"
+    if address:
+        ifname = netaddr.interface_for(address)
+        if ifname is None:
+            raise InputError(f"no interface for {address} on this host")
+        if not netaddr.holder_of(address):
+            netaddr.add(address, ifname)
+    # Stopped until the source commits: a copy that never ran can be discarded without losing
+    # any progress, whatever fails before the commit.
+    r = cp.restore(cfg, images, pid_wait=cfg.migrate.pid_wait, leave_stopped=True)
+    start_time = psutil.Process(r.pid).create_time()
+    _write(d / "restored.json", {"pid": r.pid, "start_time": start_time, "name": name})
+    if name:
+        m = read_manifest(images)
+        workload.Registry(cfg.state_dir).add(workload.Workload(
+            name, r.pid, start_time, m.process.cmdline, m.process.cwd, stdout or "", cfg.host))
+    return {"pid": r.pid, "seconds": round(r.seconds, 4), "start_time": start_time}
+
+
+def start(cfg: Config, mid: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Restart mode: run the command line fresh here as a migratable workload."""
+    d = incoming(cfg, mid)
+    d.mkdir(parents=True, exist_ok=True)
+    w = workload.start(cfg.state_dir, tuple(spec["cmdline"]), name=spec.get("name"),
+                       cwd=spec.get("cwd"), env=spec.get("env"), host=cfg.host)
+    _write(d / "restored.json", {"pid": w.pid, "start_time": w.start_time, "name": w.name})
+    return {"pid": w.pid, "start_time": w.start_time, "name": w.name}
+
+
+def _restored(d: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((d / "restored.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def status(cfg: Config, mid: str) -> dict[str, Any]:
+    d = incoming(cfg, mid)
+    rec = _restored(d)
+    out: dict[str, Any] = {"received": (d / "images").is_dir(), "restored": None}
+    if rec:
+        alive = workload.same_process(rec["pid"], rec["start_time"])
+        info: dict[str, Any] = {"pid": rec["pid"], "alive": alive}
+        if alive:
+            p = psutil.Process(rec["pid"])
+            info["stopped"] = p.status() == psutil.STATUS_STOPPED
+            info["cmdline"] = p.cmdline()
+            info["ports"] = sorted({c.laddr.port for c in p.net_connections("inet")
+                                    if c.status == psutil.CONN_LISTEN})
+        out["restored"] = info
+    return out
+
+
+def _end(pid: int, start_time: float) -> None:
+    """SIGKILL our restored copy and wait until it is gone (or a zombie nobody can run)."""
+    if not workload.same_process(pid, start_time):
+        return
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while workload.same_process(pid, start_time) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def abort(cfg: Config, mid: str, address: str | None, files: list[str]) -> dict[str, Any]:
+    """Undo whatever this host did for migration mid: end the copy, drop images, address and
+    carried files. Idempotent."""
+    d = incoming(cfg, mid)
+    rec = _restored(d)
+    if rec:
+        _end(rec["pid"], rec["start_time"])
+        if rec.get("name"):
+            w = workload.Registry(cfg.state_dir).get(rec["name"])
+            if w and w.pid == rec["pid"]:
+                workload.Registry(cfg.state_dir).remove(rec["name"])
+    if address:
+        netaddr.delete(address)
+    for path in files:
+        Path(path).unlink(missing_ok=True)
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(Path(str(d / "images") + ".partial"), ignore_errors=True)
+    return {"aborted": mid, "ended_pid": rec["pid"] if rec else None}
+
+
+def finish(cfg: Config, mid: str, address: str | None) -> dict[str, Any]:
+    """Commit on the target: let the restored copy run, announce a moved address, drop the
+    images. Idempotent (recovery may repeat it)."""
+    d = incoming(cfg, mid)
+    rec = _restored(d)
+    if rec and workload.same_process(rec["pid"], rec["start_time"]):
+        tree = psutil.Process(rec["pid"])
+        for p in [tree, *tree.children(recursive=True)]:
+            try:
+                p.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+    if address and (ifname := netaddr.holder_of(address)):
+        netaddr.announce(address, ifname)
+    shutil.rmtree(d, ignore_errors=True)
+    return {"finished": mid, "resumed": rec["pid"] if rec else None}
+
+
+def checksums(paths: list[str]) -> dict[str, str | None]:
+    from .manifest import sha256_file
+
+    out: dict[str, str | None] = {}
+    for p in paths:
+        try:
+            out[p] = sha256_file(Path(p))
+        except OSError:
+            out[p] = None
+    return out

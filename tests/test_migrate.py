@@ -1,0 +1,308 @@
+"""Migrations between bed hosts: real namespaces, real sshd, real CRIU.
+
+The bed's hosts share one PID space, so "exactly one live copy" is counted directly: every
+process on the machine whose command line names the test's unique output file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from migrd.journal import STEPS
+from migrd.workloads import COUNTER, read_counts
+from workloads import wait_for
+
+pytestmark = pytest.mark.root
+BED_HOSTS = 3
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def mig(run_in):
+    def call(host: str, *args: str, check: bool = True, env: dict[str, str] | None = None,
+             timeout: float = 120):
+        prefix = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
+        r = run_in(host, *prefix, PY, "-m", "migrd.cli", *map(str, args), check=False, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"migrctl {' '.join(map(str, args))} on {host} exited "
+                                 f"{r.returncode}: {r.stderr.decode()}")
+        return r
+
+    return call
+
+
+def jrun(mig, host: str, command: str, *args: str, **kw) -> dict | list:
+    return json.loads(mig(host, command, "--json", *args, **kw).stdout)
+
+
+def copies(marker: str) -> list[int]:
+    """Live processes anywhere on the machine running the workload named by marker (not the
+    `unshare` that `migrctl run` leaves waiting for its PID namespace's init)."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status", "name"]):
+        try:
+            if (p.info["status"] != psutil.STATUS_ZOMBIE and p.info["name"] != "unshare"
+                    and any(marker in a for a in p.info["cmdline"] or ())):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.fixture
+def counter(mig, tmp_path):
+    """Start a counter workload with `migrctl run` on host1; end every copy afterwards."""
+    started: list[Path] = []
+
+    def start(host: str = "host1", name: str | None = None) -> tuple[int, Path]:
+        out = tmp_path / f"count-{len(started)}"
+        started.append(out)
+        name = name or f"c{int(time.time() * 1000) % 10**8}"
+        info = jrun(mig, host, "run", "--name", name, "--", PY, "-c", COUNTER, str(out))
+        wait_for(lambda: len(read_counts(out)) >= 5, what="counter to start")
+        return info["pid"], out
+
+    yield start
+    for out in started:
+        for pid in copies(str(out)):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+
+
+def continues(out: Path, n_new: int = 5) -> list[int]:
+    before = len(read_counts(out))
+    wait_for(lambda: len(read_counts(out)) >= before + n_new, what=f"{out.name} to keep counting")
+    got = read_counts(out)
+    assert got == list(range(1, len(got) + 1)), f"count went backwards or restarted: {got[-30:]}"
+    return got
+
+
+def test_move_counter_continues(mig, counter):
+    pid, out = counter()
+    res = jrun(mig, "host1", "migrate", pid, "--to", "host2")
+    assert res["target"] == "host2" and res["downtime"] > 0 and res["bytes"] > 0
+    continues(out)
+    assert copies(str(out)) == [res["target_pid"]]
+    on2 = jrun(mig, "host2", "ps")
+    assert [w["pid"] for w in on2 if w["alive"]] == [res["target_pid"]]
+    assert not [w for w in jrun(mig, "host1", "ps") if w["alive"]]
+    hist = jrun(mig, "host1", "history")
+    assert hist[-1]["outcome"] == "ok" and set(hist[-1]["phases"]) >= {"checkpoint", "transfer", "restore"}
+
+
+def test_twenty_ping_pong_moves(mig, counter):
+    pid, out = counter()
+    here, there = "host1", "host2"
+    for _ in range(20):
+        res = jrun(mig, here, "migrate", pid, "--to", there)
+        pid = res["target_pid"]
+        assert copies(str(out)) == [pid]
+        here, there = there, here
+    continues(out)
+
+
+def test_not_opted_in_and_bad_input_change_nothing(mig, run_in, tmp_path, counter):
+    out = tmp_path / "plain"
+    r = run_in("host1", "sh", "-c", 'setsid "$0" -c "$1" "$2" </dev/null >/dev/null 2>&1 & echo $!',
+               PY, COUNTER, str(out))
+    plain = int(r.stdout)
+    try:
+        wait_for(lambda: read_counts(out), what="plain process")
+        refused = mig("host1", "migrate", plain, "--to", "host2", check=False)
+        assert refused.returncode == 4 and b"not opted in" in refused.stderr
+        pid, wout = counter()
+        unknown = mig("host1", "migrate", pid, "--to", "host9", check=False)
+        assert unknown.returncode == 3 and b"unknown host 'host9'" in unknown.stderr
+        dead = mig("host1", "migrate", 4_000_000, "--to", "host2", check=False)
+        assert dead.returncode == 3 and b"no process with PID" in dead.stderr
+        for o in (out, wout):
+            continues(o, 3)
+            assert len(copies(str(o))) == 1
+    finally:
+        psutil.Process(plain).kill()
+
+
+def test_clone_leaves_two_copies(mig, counter):
+    pid, out = counter()
+    res = jrun(mig, "host1", "migrate", pid, "--to", "host2", "--mode", "clone")
+    wait_for(lambda: len(copies(str(out))) == 2, what="two copies")
+    assert res["target_pid"] in copies(str(out)) and pid in copies(str(out))
+
+
+def test_restart_starts_fresh_on_target(mig, counter, tmp_path):
+    pid, out = counter()
+    res = jrun(mig, "host1", "migrate", pid, "--to", "host2", "--mode", "restart")
+    assert copies(str(out)) == [res["target_pid"]]
+    wait_for(lambda: read_counts(out).count(1) == 2 and read_counts(out)[-1] >= 3, what="restarted counter")
+    # The source ended before the fresh start, which counts from 1 again (weak mobility:
+    # code and data move, execution state does not).
+    vals = read_counts(out)
+    k = vals.index(1, 1)
+    assert vals == list(range(1, k + 1)) + list(range(1, len(vals) - k + 1))
+
+
+DATA_READER = """
+import sys, time  # migrd-workload
+f = open(sys.argv[1])            # held open: CRIU needs it on the target
+data = f.read()
+n = 0
+while n < 36000:
+    n += 1
+    with open(sys.argv[2], "a") as o:
+        o.write(f"{n}\\n")
+    time.sleep(0.05)
+"""
+
+
+def test_with_files_carries_open_data_file(mig, run_in, tmp_path):
+    out = tmp_path / "reader"
+    data = "/srv/migrd/data-" + tmp_path.name
+    run_in("host1", "sh", "-c", 'echo precious > "$0"', data)
+    assert run_in("host2", "test", "-e", data, check=False).returncode != 0  # private per host
+    w = jrun(mig, "host1", "run", "--name", "reader-" + tmp_path.name[-6:], "--", PY, "-c", DATA_READER, data, str(out))
+    try:
+        wait_for(lambda: read_counts(out), what="reader")
+        r = mig("host1", "migrate", w["pid"], "--to", "host2", check=False)
+        assert r.returncode == 10 and data.encode() in r.stderr and b"--with-files" in r.stderr
+        res = jrun(mig, "host1", "migrate", w["pid"], "--to", "host2", "--with-files")
+        assert run_in("host2", "cat", data).stdout == b"precious\n"
+        continues(out, 3)
+        assert copies(str(out)) == [res["target_pid"]]
+    finally:
+        for pid in copies(str(out)):
+            psutil.Process(pid).kill()
+
+
+# --- crash safety ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["error", "die"])
+@pytest.mark.parametrize("step", STEPS)
+def test_failpoints_leave_exactly_one_copy(mig, counter, step, kind):
+    pid, out = counter()
+    r = mig("host1", "migrate", pid, "--to", "host2", check=False,
+            env={"MIGRD_FAILPOINTS": f"{step}:{kind}"})
+    assert r.returncode != 0
+    if kind == "die":
+        assert r.returncode == -9 or r.returncode == 137, r.stderr
+        rec = run_inside_recover(mig)
+        assert rec, "recover found nothing to do after a crash"
+    else:
+        assert f"failpoint {step}:error".encode() in r.stderr
+    wait_for(lambda: len(copies(str(out))) == 1, timeout=30, what="exactly one copy")
+    continues(out, 3)
+    assert len(copies(str(out))) == 1
+
+
+def run_inside_recover(mig) -> list:
+    r = mig("host1", "recover", "--json")
+    return json.loads(r.stdout)
+
+
+# --- moving a service address -----------------------------------------------------------------
+
+SERVICE = """
+import socket, sys, time  # migrd-workload
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 8080)); s.listen(8)
+served, deadline, conns = 0, time.time() + 1800, []
+import select
+while time.time() < deadline:
+    r, _, _ = select.select([s, *conns], [], [], 1)
+    for x in r:
+        if x is s:
+            c, _ = s.accept(); conns.append(c)
+            continue
+        line = x.recv(64)
+        if not line:
+            conns.remove(x); x.close(); continue
+        served += 1
+        x.sendall(f"{served}\\n".encode())
+"""
+
+SERVICE_MARK = "s.bind((sys.argv[1], 8080))"
+
+CLIENT = """
+import socket, sys, os, time
+c = socket.create_connection((sys.argv[1], 8080), timeout=60)
+out = []
+def ask():
+    c.sendall(b"x\\n"); out.append(int(c.recv(64)))
+for _ in range(int(sys.argv[2])):
+    ask()
+if len(sys.argv) > 3:                     # hold the connection until the test says go on
+    print(out, flush=True)
+    deadline = time.time() + 120
+    while not os.path.exists(sys.argv[3]) and time.time() < deadline:
+        time.sleep(0.05)
+    for _ in range(3):
+        ask()
+print(out, flush=True)
+"""
+
+
+def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
+    from migrd import bed as bed_mod
+
+    vip = "198.18.0.100"
+    name = "svc-" + tmp_path.name[-8:]
+    run_in("host1", "ip", "addr", "add", f"{vip}/24", "dev", "eth0")
+    w = jrun(mig, "host1", "run", "--name", name, "--", PY, "-c", SERVICE, vip)
+    go = tmp_path / "go"
+    client = None
+    try:
+        wait_for(lambda: run_in("host3", PY, "-c", CLIENT, vip, "1", check=False).returncode == 0,
+                 what="service up")
+        client = bed_mod.spawn_in(bed, "host3", [PY, "-c", CLIENT, vip, "3", str(go)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = eval(client.stdout.readline())
+        res = jrun(mig, "host1", "migrate", w["pid"], "--to", "host2", "--move-address", f"{vip}/24",
+                   "--tcp-established")
+        assert vip.encode() not in run_in("host1", "ip", "-o", "addr", "show").stdout
+        assert vip.encode() in run_in("host2", "ip", "-o", "addr", "show").stdout
+        # A new connection reaches the same server, with its state.
+        fresh = eval(run_in("host3", PY, "-c", CLIENT, vip, "2").stdout)
+        assert fresh[0] > first[-1] and fresh[1] == fresh[0] + 1
+        # The connection opened before the move still works.
+        go.touch()
+        out, err = client.communicate(timeout=90)
+        held = eval(out.decode().strip().splitlines()[-1])
+        assert client.returncode == 0, err
+        assert held[:3] == first and len(held) == 6 and held == sorted(held)
+        assert copies(SERVICE_MARK) == [res["target_pid"]]
+    finally:
+        if client and client.poll() is None:
+            client.kill()
+        for host in ("host1", "host2"):
+            run_in(host, "ip", "addr", "del", f"{vip}/24", "dev", "eth0", check=False)
+        for pid in copies(SERVICE_MARK):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+
+
+# --- keep last: it stops host3's sshd --------------------------------------------------------
+
+def test_target_down_is_refused_within_timeout(mig, run_in, bed, counter):
+    """A host whose sshd is gone: precheck cannot reach it, nothing changes. Last in this
+    module: host3's sshd stays down afterwards."""
+    from migrd import bed as bed_mod
+
+    pid, out = counter()
+    bed_mod.stop(bed.host("host3").sshd)
+    t0 = time.monotonic()
+    r = mig("host1", "migrate", pid, "--to", "host3", check=False)
+    assert r.returncode == 7, r.stderr
+    assert b"host3" in r.stderr and b"unreachable" in r.stderr
+    assert time.monotonic() - t0 < 30
+    continues(out, 3)
+    assert len(copies(str(out))) == 1
