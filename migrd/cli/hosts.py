@@ -32,7 +32,7 @@ def _check(cfg: config.Config, host: config.HostEntry) -> dict[str, Any]:
 @click.command("hosts")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def hosts(as_json: bool) -> None:
-    """Probe every configured peer: reachable, round-trip time, bandwidth (a few MiB sent)."""
+    """Probe every configured peer: reachable, round-trip time, bandwidth (up to 32 MiB or 1 s sent)."""
     cfg = config.load()
     rows = [_check(cfg, h) for h in cfg.hosts if h.name != cfg.host]
     if as_json:
