@@ -71,9 +71,10 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
 
 
 def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
-            pid_wait: float | None = None, leave_stopped: bool = False):
-    """Verify the manifest, make sure the PID is free, and restore detached."""
-    m = mf.verify(images)
+            pid_wait: float | None = None, leave_stopped: bool = False, hashed: bool = False):
+    """Verify the manifest, make sure the PID is free, and restore detached. hashed=True: the
+    files' sha256 were checked as they arrived, so only names and sizes are checked again."""
+    m = mf.verify(images, hashes=not hashed)
     criu = criu or find_criu(cfg)
     pid_wait = cfg.migrate.pid_wait if pid_wait is None else pid_wait
     if not m.process.own_pid_namespace:

@@ -62,6 +62,9 @@ class Outcome:
     phases: dict[str, float]
     downtime: float | None
     dry_run: bool
+    dump_seconds: float | None = None
+    transfer_seconds: float | None = None
+    restore_seconds: float | None = None
 
 
 ProgressFn = Callable[[int, int], None]
@@ -208,7 +211,7 @@ class Migration:
         r = _migrctl_json(conn, args, timeout=self.cfg.ssh.op_timeout)
         self.j.record("verify", target_pid=r["pid"], restore_seconds=r["seconds"])
         failpoints.step("verify")
-        self.verify(conn, info)
+        self.verify(conn, info, seen=r["restored"])
         self.j.record("commit")
         failpoints.step("commit")
         self.commit(conn)
@@ -235,8 +238,10 @@ class Migration:
         failpoints.step("commit")
         self.commit(conn)
 
-    def verify(self, conn: transport.Connection, info: ProcessInfo, ports: bool = True) -> None:
-        st = _migrctl_json(conn, ["peer", "status", self.j.id])["restored"]
+    def verify(self, conn: transport.Connection, info: ProcessInfo, ports: bool = True,
+               seen: dict[str, Any] | None = None) -> None:
+        """seen: the target's status as reported with the restore (saves a round trip)."""
+        st = seen if seen is not None else _migrctl_json(conn, ["peer", "status", self.j.id])["restored"]
         if not st or not st["alive"]:
             raise MigrdError(f"the restored process is not running on {conn.host.name}")
         if tuple(st["cmdline"]) != info.cmdline:
@@ -347,7 +352,9 @@ class Migration:
         d = self.data
         return Outcome(id=self.j.id, mode=self.opts.mode, source=d["source"], target=self.opts.target,
                        pid=d["request"]["pid"], target_pid=d.get("target_pid"), bytes=s.bytes,
-                       phases=s.phases, downtime=s.downtime, dry_run=self.opts.dry_run)
+                       phases=s.phases, downtime=s.downtime, dry_run=self.opts.dry_run,
+                       dump_seconds=d.get("dump_seconds"), transfer_seconds=d.get("transfer_seconds"),
+                       restore_seconds=d.get("restore_seconds"))
 
 
 def _end(pid: int, start_time: float, grace: float = 2.0) -> None:

@@ -115,14 +115,17 @@ def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
             netaddr.add(address, ifname)
     # Stopped until the source commits: a copy that never ran can be discarded without losing
     # any progress, whatever fails before the commit.
-    r = cp.restore(cfg, images, pid_wait=cfg.migrate.pid_wait, leave_stopped=True)
+    # `migrctl receive` hashed every file as it wrote it moments ago; hashing again here would
+    # add ~0.6 s per GiB of downtime for nothing.
+    r = cp.restore(cfg, images, pid_wait=cfg.migrate.pid_wait, leave_stopped=True, hashed=True)
     start_time = psutil.Process(r.pid).create_time()
     _write(d / "restored.json", {"pid": r.pid, "start_time": start_time, "name": name})
     if name:
         m = read_manifest(images)
         workload.Registry(cfg.state_dir).add(workload.Workload(
             name, r.pid, start_time, m.process.cmdline, m.process.cwd, stdout or "", cfg.host))
-    return {"pid": r.pid, "seconds": round(r.seconds, 4), "start_time": start_time}
+    return {"pid": r.pid, "seconds": round(r.seconds, 4), "start_time": start_time,
+            "restored": status(cfg, mid)["restored"]}
 
 
 def start(cfg: Config, mid: str, spec: dict[str, Any]) -> dict[str, Any]:

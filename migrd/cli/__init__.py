@@ -3,6 +3,7 @@ here. MigrdError becomes one line on stderr and the error class's exit code."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -28,8 +29,42 @@ Exit codes:
 """
 
 
+#: Subcommands, imported only when used: a remote `migrctl peer ...` step should not pay for
+#: paramiko and the policy code (each import adds to every step of a migration).
+COMMANDS = {
+    "check": "checkpoint:check",
+    "checkpoint": "checkpoint:checkpoint",
+    "restore": "checkpoint:restore",
+    "migrate": "migrate:migrate",
+    "run": "migrate:run",
+    "ps": "migrate:ps",
+    "history": "migrate:history",
+    "recover": "migrate:recover",
+    "hosts": "hosts:hosts",
+    "send": "transfer:send",
+    "receive": "transfer:receive",
+    "bed": "bed:bed",
+    "demo": "demo:demo",
+    "peer": "peer:peer",
+}
+
+
 class MigrdGroup(click.Group):
-    """Turns MigrdError into a readable line and its exit code, never a traceback."""
+    """Lazily loaded subcommands; MigrdError becomes a readable line and its exit code, never
+    a traceback."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, attr = self.lazy[name].split(":")
+            self.add_command(getattr(importlib.import_module(f"{__name__}.{module}"), attr), name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -39,7 +74,7 @@ class MigrdGroup(click.Group):
             sys.exit(e.exit_code)
 
 
-@click.group(cls=MigrdGroup, epilog=EXIT_CODES_HELP)
+@click.group(cls=MigrdGroup, lazy=COMMANDS, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="migrctl")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv: every command run).")
 def main(verbose: int) -> None:
@@ -48,26 +83,3 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
-
-from .checkpoint import check, checkpoint, restore  # noqa: E402
-
-main.add_command(check)
-main.add_command(checkpoint)
-main.add_command(restore)
-from .demo import demo  # noqa: E402
-
-main.add_command(demo)
-
-from .bed import bed  # noqa: E402
-
-main.add_command(bed)
-
-from .transfer import receive, send  # noqa: E402
-main.add_command(receive)
-main.add_command(send)
-from .hosts import hosts  # noqa: E402
-main.add_command(hosts)
-from .migrate import history, migrate, peer, ps, recover, run  # noqa: E402
-
-for _cmd in (migrate, run, ps, history, recover, peer):
-    main.add_command(_cmd)

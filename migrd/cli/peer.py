@@ -1,0 +1,71 @@
+"""`migrctl peer ...`: the target-side steps of a migration, run by the source over SSH.
+
+Kept apart from the rest of the CLI so that each remote step imports only what it needs (no
+paramiko): every call is one SSH session plus one Python start on the target.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .. import peer as peer_mod
+from .common import json_option, load_config
+
+
+@click.group(hidden=True)
+def peer() -> None:
+    """Target-side steps of a migration (run by the source over SSH)."""
+
+
+def _stdin_json() -> dict:
+    return json.loads(sys.stdin.read() or "{}")
+
+
+@peer.command("precheck")
+@json_option
+def peer_precheck(as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.run_precheck(load_config(), _stdin_json())))
+
+
+@peer.command("restore")
+@click.argument("mid")
+@click.option("--name")
+@click.option("--stdout")
+@click.option("--address")
+@json_option
+def peer_restore(mid: str, name: str | None, stdout: str | None, address: str | None, as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.restore(load_config(), mid, name, stdout, address)))
+
+
+@peer.command("start")
+@click.argument("mid")
+@json_option
+def peer_start(mid: str, as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.start(load_config(), mid, _stdin_json())))
+
+
+@peer.command("status")
+@click.argument("mid")
+@json_option
+def peer_status(mid: str, as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.status(load_config(), mid)))
+
+
+@peer.command("abort")
+@click.argument("mid")
+@click.option("--address")
+@click.option("--file", "files", multiple=True)
+@json_option
+def peer_abort(mid: str, address: str | None, files: tuple[str, ...], as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.abort(load_config(), mid, address, list(files))))
+
+
+@peer.command("finish")
+@click.argument("mid")
+@click.option("--address")
+@json_option
+def peer_finish(mid: str, address: str | None, as_json: bool) -> None:
+    click.echo(json.dumps(peer_mod.finish(load_config(), mid, address)))
