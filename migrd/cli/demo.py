@@ -1,8 +1,8 @@
-"""`migrctl demo`: watch a real process being checkpointed and restored with its state."""
+"""`migrctl demo`: a process moves across a 3-host bed and carries on counting."""
 
 from __future__ import annotations
 
-import subprocess
+import json
 import sys
 import tempfile
 import time
@@ -11,12 +11,15 @@ from pathlib import Path
 import click
 import psutil
 
-from .. import checkpoint as cp
-from ..workloads import COUNTER, MARK, read_counts
-from .common import human_bytes, load_config, require_root
+from .. import bed as bed_mod
+from ..journal import STEPS
+from ..workloads import COUNTER, read_counts
+from .common import human_bytes, require_root
+
+ROUTE = ("host1", "host2", "host3", "host1")
 
 
-def _wait_counts(path: Path, at_least: int, timeout: float = 20) -> list[int]:
+def _wait_counts(path: Path, at_least: int, timeout: float = 30) -> list[int]:
     deadline = time.monotonic() + timeout
     while len(counts := read_counts(path)) < at_least:
         if time.monotonic() > deadline:
@@ -25,68 +28,75 @@ def _wait_counts(path: Path, at_least: int, timeout: float = 20) -> list[int]:
     return counts
 
 
-def _end(pid: int) -> None:
-    """End the demo's own counter (checked by its marker, never a stranger's PID)."""
-    try:
-        p = psutil.Process(pid)
-        if any(MARK in part for part in p.cmdline()):
-            p.kill()
-    except psutil.NoSuchProcess:
-        pass
-
-
 @click.command()
-def demo() -> None:
-    """Checkpoint a counting process with CRIU, restore it, and show it counting on.
+@click.option("--keep", is_flag=True, help="Leave the bed up afterwards (remove it with `migrctl bed down --name NAME`).")
+def demo(keep: bool) -> None:
+    """Move a running process around a 3-host bed and watch it keep its state.
 
-    Starts a small counter (it appends 1, 2, 3, ... to a file, 20 per second), checkpoints it
-    (the process is gone afterwards), shows the image and its manifest, restores it from the
-    image, and shows the count continuing from the checkpointed value instead of from 1.
+    Builds an embedded bed (three network-namespace hosts, each with its own sshd, config,
+    state and data directories), starts a counter on host1 with `migrctl run` (it appends
+    1, 2, 3, ... to a file, 20 per second), then migrates it host1 -> host2 -> host3 -> host1
+    with `migrctl migrate` run inside the source host, exactly as on real machines. After each
+    move it shows the phases, downtime and bytes moved, and that the count went on from where
+    it was frozen instead of starting again. The bed is removed at the end.
     """
     require_root("migrctl demo")
-    cfg = load_config()
     step = lambda text: click.secho(f"\n==> {text}", bold=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="migrd-demo-") as tmp:
-        work = Path(tmp)
-        out = work / "count.txt"
-        step("starting a counter process")
-        p = subprocess.Popen([sys.executable, "-c", COUNTER, str(out)], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        restored: int | None = None
+        root = bed_mod.default_root() if keep else Path(tmp) / "bed"
+        name = bed_mod.new_name("demo")
+        step(f"building bed {name!r}: 3 hosts on 198.18.0.1-3, each with its own sshd")
+        t0 = time.monotonic()
+        state = bed_mod.up(name, hosts=3, root=root)
+        click.echo(f"up in {time.monotonic() - t0:.1f} s")
+        out = Path(tmp) / "count.txt"
         try:
+            def migrctl(host: str, *args: str) -> dict:
+                r = bed_mod.exec_in(state, host, [sys.executable, "-m", "migrd.cli", *args],
+                                    check=False, timeout=300)
+                if r.returncode != 0:
+                    raise click.ClickException(f"migrctl {args[0]} on {host}: "
+                                               f"{r.stderr.decode(errors='replace').strip()}")
+                return json.loads(r.stdout)
+
+            step("host1: migrctl run -- python3 -c COUNTER (its own PID namespace)")
+            w = migrctl("host1", "run", "--json", "--name", "counter", "--",
+                        sys.executable, "-c", COUNTER, str(out))
+            pid = w["pid"]
             counts = _wait_counts(out, 20)
-            click.echo(f"PID {p.pid} is counting: ... {', '.join(map(str, counts[-5:]))}")
+            click.echo(f"PID {pid} on host1 is counting: ... {', '.join(map(str, counts[-5:]))}")
 
-            step(f"checkpointing PID {p.pid} with CRIU")
-            result = cp.checkpoint(cfg, p.pid, work / "images")
-            p.wait(timeout=10)  # CRIU ended it; collect the zombie so its PID is free again
-            frozen = read_counts(out)[-1]
-            m = result.manifest
-            click.echo(f"dump took {result.dump_seconds:.2f} s; the process is gone "
-                       f"(last value written: {frozen})")
-            click.echo(f"image: {len(m.files)} files, {human_bytes(m.image_bytes)} in {result.images}")
-            click.echo(f"manifest: CRIU {m.criu_version} on {m.host}; process {m.process.pid} "
-                       f"{' '.join(m.process.cmdline[:2])[:40]}..., RSS {human_bytes(m.process.rss)}")
-            for name, entry in sorted(m.files.items(), key=lambda kv: -kv[1].size)[:3]:
-                click.echo(f"  {name:24} {human_bytes(entry.size):>10}  sha256 {entry.sha256[:16]}...")
-            time.sleep(1)
-            if read_counts(out)[-1] != frozen:
-                raise click.ClickException("the checkpointed process kept running")
-            click.echo(f"one second later the file still ends at {frozen}: nothing is running")
+            for src, dst in zip(ROUTE, ROUTE[1:]):
+                step(f"{src}: migrctl migrate {pid} --to {dst}")
+                res = migrctl(src, "migrate", "--json", str(pid), "--to", dst)
+                frozen = len(read_counts(out))
+                for phase in STEPS:
+                    if phase in res["phases"]:
+                        click.echo(f"  {phase:10} {res['phases'][phase]:6.2f} s")
+                click.echo(f"  moved {human_bytes(res['bytes'])}; downtime {res['downtime']:.2f} s; "
+                           f"now PID {res['target_pid']} on {dst}")
+                pid = res["target_pid"]
+                counts = _wait_counts(out, frozen + 10)
+                if counts != list(range(1, len(counts) + 1)):
+                    raise click.ClickException("the count did not continue where it was frozen")
+                click.echo(f"  the counter carries on: ... {', '.join(map(str, counts[frozen - 2:frozen + 4]))} ...")
+                alive = [p.pid for p in psutil.process_iter(["cmdline", "name"])
+                         if p.info["name"] != "unshare" and str(out) in (p.info["cmdline"] or [])]
+                click.echo(f"  live copies: {len(alive)} (PID {', '.join(map(str, alive))})")
 
-            step("restoring from the image")
-            r = cp.restore(cfg, result.images)
-            restored = r.pid
-            click.echo(f"restored as PID {r.pid} in {r.seconds:.2f} s")
-            counts = _wait_counts(out, len(read_counts(out)) + 20)
-            after = counts[counts.index(frozen) + 1:][:5] if frozen in counts else counts[-5:]
-            click.echo(f"the counter carries on: {frozen} -> {', '.join(map(str, after))} ...")
-            if counts != list(range(1, len(counts) + 1)):
-                raise click.ClickException("the count did not continue from the checkpoint")
-            click.secho(f"\nOK: the restored process continued from {frozen}, not from 1.", fg="green")
+            step("migrctl history on each host (a migration is recorded where it started)")
+            for host in ROUTE[:-1]:
+                for h in migrctl(host, "history", "--json"):
+                    click.echo(f"  {host}: {h['id']}  PID {h['pid']} -> {h['target']}: {h['outcome']}, "
+                               f"downtime {h['downtime']:.2f} s")
+            click.secho(f"\nOK: one process, three hosts, {len(read_counts(out))} counts without a gap.",
+                        fg="green")
         finally:
-            _end(p.pid)
-            if restored:
-                _end(restored)
-            p.poll()
+            for p in psutil.process_iter(["cmdline"]):
+                if str(out) in (p.info["cmdline"] or []):
+                    p.kill()
+            if keep:
+                click.echo(f"\nbed {name!r} left up: `migrctl bed status --name {name}`, "
+                           f"`migrctl bed down --name {name}`")
+            else:
+                bed_mod.down(name, root)
