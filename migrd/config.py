@@ -40,8 +40,6 @@ class HostEntry:
 @dataclass(frozen=True)
 class SshSettings:
     client_key: Path = Path("/etc/migrd/id_ed25519")
-    #: Written from the hosts' host_keys when empty; an explicit file wins.
-    known_hosts: Path | None = None
     connect_timeout: float = 5.0
     op_timeout: float = 120.0
     #: Wire compression of image streams: "none" or "zstd". zstd level 1 measured 1.2-1.6x the

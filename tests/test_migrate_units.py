@@ -1,0 +1,122 @@
+"""Pure pieces of the orchestrator: prechecks, opt-in rules, failpoints, journal summaries."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from migrd import failpoints, precheck
+from migrd.config import MigrateSettings
+from migrd.errors import MigrdError
+from migrd.journal import Journal, summarize
+from migrd.manifest import ProcessInfo
+
+
+def req(**kw) -> precheck.Request:
+    base = dict(id="m1", mode="move", pid=10, start_time=1.0, rss=100 << 20, tree_ids=(10,),
+                own_pid_namespace=False, ports=(8080,), files=(("/srv/d", 5),), carry=(),
+                with_files=False, move_address=None, headroom=1.2)
+    base.update(kw)
+    return precheck.Request(**base)
+
+
+GOOD = precheck.TargetFacts(criu_ok=True, criu_message="", cpu_ok=True, cpu_message="",
+                            mem_available=8 << 30, disk_free=8 << 30, files={"/srv/d": 5})
+
+
+def test_all_good_means_go():
+    assert precheck.evaluate(req(), GOOD) == []
+
+
+def test_every_problem_is_named_at_once():
+    facts = dataclasses.replace(GOOD, criu_ok=False, criu_message="criu check failed", cpu_ok=False,
+                                cpu_message="no avx512", mem_available=1 << 20, disk_free=1 << 20,
+                                pids_taken={10: "sleep (sleeping)"}, ports_taken=(8080,),
+                                files={"/srv/d": None}, incoming_exists=True)
+    problems = precheck.evaluate(req(), facts)
+    for needle in ["CRIU does not work", "CPU not compatible", "memory available", "free disk",
+                   "PID 10 is taken", "8080", "/srv/d does not exist", "already has an incoming"]:
+        assert any(needle in p for p in problems), (needle, problems)
+
+
+def test_own_pid_namespace_ignores_taken_pids_and_carried_files_are_not_required():
+    facts = dataclasses.replace(GOOD, pids_taken={10: "x"}, files={"/srv/d": None})
+    assert precheck.evaluate(req(own_pid_namespace=True, carry=("/srv/d",)), facts) == []
+
+
+def test_open_file_with_other_size_needs_with_files():
+    facts = dataclasses.replace(GOOD, files={"/srv/d": 6})
+    assert "has size 6 on the target, 5 here" in precheck.evaluate(req(), facts)[0]
+
+
+def test_restart_mode_needs_no_criu():
+    facts = dataclasses.replace(GOOD, criu_ok=False, cpu_ok=False, disk_free=0)
+    assert precheck.evaluate(req(mode="restart"), facts) == []
+
+
+def test_move_address_must_be_free_and_routable_on_target():
+    facts = dataclasses.replace(GOOD, address_present=True, address_interface=None)
+    problems = precheck.evaluate(req(move_address="198.18.0.100/24"), facts)
+    assert len(problems) == 2
+
+
+INFO = ProcessInfo(pid=10, cmdline=("python3", "batch.py"), exe="/usr/bin/python3", cwd="/",
+                   uid=1000, rss=1, start_time=1.0)
+
+
+@pytest.mark.parametrize("settings, user, cgroups, registered, allowed", [
+    (MigrateSettings(), "alice", [], False, False),
+    (MigrateSettings(), "alice", [], True, True),
+    (MigrateSettings(allow_users=("alice",)), "alice", [], False, True),
+    (MigrateSettings(allow_commands=(r"batch\.py$",)), "bob", [], False, True),
+    (MigrateSettings(allow_commands=(r"^nginx",)), "bob", [], False, False),
+    (MigrateSettings(allow_cgroups=("/batch.slice",)), "bob", ["/batch.slice/job1"], False, True),
+    (MigrateSettings(allow_cgroups=("/batch.slice",)), "bob", ["/batch.slicer"], False, False),
+])
+def test_opt_in_rules(settings, user, cgroups, registered, allowed):
+    assert (precheck.opt_in(settings, INFO, user, cgroups, registered) is not None) == allowed
+
+
+def test_failpoint_parsing_and_error(monkeypatch):
+    assert failpoints.parse("transfer:error, commit:die") == {"transfer": "error", "commit": "die"}
+    with pytest.raises(MigrdError, match="kind must be one of"):
+        failpoints.parse("transfer:boom")
+    monkeypatch.setenv(failpoints.ENV, "restore:error")
+    failpoints.step("transfer")
+    with pytest.raises(MigrdError, match="failpoint restore:error"):
+        failpoints.step("restore")
+
+
+def test_journal_summary_and_torn_last_line(tmp_path):
+    j = Journal(tmp_path / "20260101-000000-abc")
+    j.record("precheck", request={"pid": 7, "target": "h2", "mode": "move"}, source="h1")
+    j.record("checkpoint")
+    j.record("transfer", dump_seconds=0.1)
+    j.record("restore", bytes=1234)
+    j.record("verify", target_pid=9)
+    j.record("commit")
+    j.record("resumed", downtime=0.5)
+    j.record("done", outcome="ok")
+    with open(j.path, "a") as f:
+        f.write('{"state": "tor')  # a crash mid-write must not hide what came before
+    s = summarize(j)
+    assert (s.pid, s.source, s.target, s.outcome, s.bytes, s.downtime, s.target_pid) == \
+        (7, "h1", "h2", "ok", 1234, 0.5, 9)
+    assert set(s.phases) == {"precheck", "checkpoint", "transfer", "restore", "verify", "commit"}
+    assert j.last_state() == "done"
+    json.dumps(dataclasses.asdict(s))
+
+
+def test_journal_lock_is_exclusive(tmp_path):
+    import os
+
+    j = Journal(tmp_path / "m")
+    fd = j.lock()
+    assert fd is not None
+    assert j.lock(blocking=False) is None
+    os.close(fd)
+    fd2 = j.lock(blocking=False)
+    assert fd2 is not None
+    os.close(fd2)
