@@ -7,7 +7,8 @@ say() { printf 'setup-system: %s\n' "$*" >&2; }
 # iproute2/util-linux: namespaces for the bed; openssh: the transport's peer and scp baseline;
 # iputils-arping: announce a moved service address; nftables: remove the network-lock table
 # CRIU leaves on the source after a move; zstd: image compression.
-pkgs=(iproute2 util-linux procps openssh-server openssh-client iputils-arping zstd nftables
+# vagrant: `vagrant validate` of the multi-VM bed in the test suite.
+pkgs=(iproute2 util-linux procps openssh-server openssh-client iputils-arping zstd nftables vagrant
       python3 python3-venv ca-certificates make)
 missing=()
 for p in "${pkgs[@]}"; do
