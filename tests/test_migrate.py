@@ -99,6 +99,15 @@ def test_move_counter_continues(mig, counter):
     assert hist[-1]["outcome"] == "ok" and set(hist[-1]["phases"]) >= {"checkpoint", "transfer", "restore"}
 
 
+def test_dry_run_checks_everything_and_changes_nothing(mig, counter):
+    pid, out = counter()
+    res = jrun(mig, "host1", "migrate", pid, "--to", "host2", "--dry-run")
+    assert res["dry_run"] and res["target_pid"] is None
+    assert copies(str(out)) == [pid]
+    continues(out, 3)
+    assert jrun(mig, "host1", "history")[-1]["outcome"] == "dry run"
+
+
 def test_twenty_ping_pong_moves(mig, counter):
     pid, out = counter()
     here, there = "host1", "host2"

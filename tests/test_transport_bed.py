@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from migrd import config, manifest
+from migrd import manifest
 from test_transport import make_image
 
 BED_HOSTS = 2
@@ -20,12 +19,8 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def host1_config(bed) -> str:
-    """host1's own config, but starting migrctl on peers the way this worktree can."""
-    etc = bed.host("host1").dir / "etc"
-    cfg = config.parse((etc / "migrd.yaml").read_text())
-    cfg = dataclasses.replace(cfg, ssh=dataclasses.replace(cfg.ssh, remote_migrctl=(sys.executable, "-m", "migrd.cli")))
-    (etc / "transport-test.yaml").write_text(config.dump(cfg))
-    return "/etc/migrd/transport-test.yaml"  # the same file as host1 sees it
+    """host1's own config, as the bed wrote it (it starts migrctl on peers from this install)."""
+    return "/etc/migrd/migrd.yaml"
 
 
 def migrctl_in(run_in, host: str, cfg: str, *args: str, check: bool = True):
