@@ -44,7 +44,8 @@ class Journal:
         return self.dir.name
 
     def record(self, state: str, **data: Any) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Root only: the journal holds the process's command line and environment.
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         line = json.dumps({"state": state, "time": time.time(), "data": data}, sort_keys=True)
         with open(self.path, "a") as f:
             f.write(line + "\n")

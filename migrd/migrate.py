@@ -137,7 +137,12 @@ class Migration:
             self.j.record("refused", reason=str(e))
             raise
         with conn:
-            remote_images = self.precheck(conn, info, opts, carry)
+            try:
+                remote_images = self.precheck(conn, info, opts, carry)
+            except MigrdError as e:
+                if self.j.last_state() != "refused":
+                    self.j.record("refused", reason=str(e))
+                raise
             if opts.dry_run:
                 self.j.record("done", outcome="dry run")
                 return self.outcome()

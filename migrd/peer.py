@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from . import checkpoint as cp
-from . import netaddr, precheck, process, workload
+from . import netaddr, precheck, workload
 from .config import Config
 from .criu import find_criu
 from .errors import InputError, MigrdError
