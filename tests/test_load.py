@@ -230,7 +230,9 @@ def test_real_v1_cgroup_source() -> None:
         h = src.sample()
         assert h.cpu_capacity == 0.5
         assert 0.5 <= h.cpu_util <= 1.0, h
-        assert h.mem_available < h.mem_total
+        # v1 charges pages to the cgroup they were allocated in: a process that joined a
+        # moment ago may have nothing charged here yet.
+        assert 0 < h.mem_available <= h.mem_total
         assert h.cpu_pressure is None, "v1 has no per-cgroup pressure"
     finally:
         if child is not None:
