@@ -25,6 +25,7 @@ Exit codes:
   9  a helper program failed
   10 migration precheck failed (every reason is listed; nothing changed)
   11 migration in doubt: target unreachable after restore began; run `migrd recover`
+  12 no migrd agent is running on this host (status, explain, pause, resume)
 """
 
 
@@ -71,3 +72,8 @@ from .migrate import history, migrate, peer, ps, recover, run  # noqa: E402
 
 for _cmd in (migrate, run, ps, history, recover, peer):
     main.add_command(_cmd)
+from .agent import explain, offer, pause, resume, status  # noqa: E402
+
+for _cmd in (status, explain, pause, resume):
+    main.add_command(_cmd)
+peer.add_command(offer)
