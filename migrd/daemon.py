@@ -22,8 +22,9 @@ def _run(once: bool, verbose: int) -> None:
 
     logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s migrd %(name)s %(levelname)s: %(message)s")
+    cfg = load_config()  # a malformed config is reported (exit 8) before anything starts
     require_root("migrd")
-    Agent(load_config()).run(once=once)
+    Agent(cfg).run(once=once)
 
 
 @click.group(cls=MigrdGroup, invoke_without_command=True)
