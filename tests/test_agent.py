@@ -122,7 +122,7 @@ def make_agent(tmp_path, monkeypatch):
 
     monkeypatch.setattr(agent_mod.migrate, "migrate", fake_migrate)
 
-    def make(local: float = 2.0, peer_load: float = 0.1, mode: str = "offload"):
+    def make(local: float = 2.0, peer_load: float = 0.1, mode: str = "offload", share: float = 0.5):
         cfg = Config(host="a", state_dir=tmp_path / "state",
                      hosts=(HostEntry("a", "198.18.0.1"), HostEntry("b", "198.18.0.2")),
                      policy=PolicyConfig(hold_s=0.0),
@@ -130,7 +130,7 @@ def make_agent(tmp_path, monkeypatch):
         a = agent_mod.Agent(cfg, env={})
         a.source = FakeSource(local)
         a.readers = {"b": FakeReader(view("b", peer_load))}
-        a._candidates = lambda: (cand(101, age=600, share=0.5), cand(102, age=1.0))  # type: ignore[method-assign]
+        a._candidates = lambda: (cand(101, age=600, share=share), cand(102, age=1.0))  # type: ignore[method-assign]
         a.calls = calls
         return a
 
@@ -173,6 +173,13 @@ def test_fill_mode_waits_for_an_offer(make_agent):
     d = a.round()
     assert d.mode is Mode.FILL and d.action is Action.MIGRATE and d.target == "b"
     assert a.handle({"op": "status"})["offers"] == []
+
+
+def test_consolidate_packs_onto_a_busier_peer(make_agent):
+    a = make_agent(local=0.1, peer_load=0.4, mode="consolidate", share=0.2)
+    d = a.round()
+    assert d.mode is Mode.CONSOLIDATE and d.level is Level.LOW
+    assert d.action is Action.MIGRATE and a.calls == [(101, migrate.Options(target="b"))]
 
 
 def test_admin_ops_after_a_round(make_agent):
@@ -303,3 +310,13 @@ def test_daemon_refuses_a_malformed_config(tmp_path):
     assert r.returncode == 8
     assert "daemon.intervall" in r.stderr and "line 4" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.root
+def test_cli_without_an_agent_exits_12(tmp_path):
+    cfg = tmp_path / "migrd.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\ndaemon:\n  socket: {tmp_path / 'none.sock'}\n")
+    for cmd in (["status"], ["explain", "1"], ["pause", "--json"]):
+        r = subprocess.run([sys.executable, "-m", "migrd.cli", *cmd], capture_output=True, text=True,
+                           env={**os.environ, "MIGRD_CONFIG": str(cfg)}, timeout=60)
+        assert r.returncode == 12 and "no migrd agent answers" in r.stderr, r.stderr
