@@ -134,6 +134,13 @@ def test_agents_balance_load(bed, run_in, agents, tmp_path: Path):
         assert all(n <= 2 for n in per_name.values()), f"flapping: {per_name}"
         assert set(per_name) <= {f"busy{i}" for i in range(WORKLOADS)}
 
+        # The agents answer their admin CLI inside each host.
+        for h in bed.hosts:
+            st = json.loads(run_in(h.name, PY, "-m", "migrd.cli", "status", "--json").stdout)
+            assert st["host"] == h.name and st["rounds"] > 0 and not st["paused"]
+            ex = json.loads(run_in(h.name, PY, "-m", "migrd.cli", "explain", "--json").stdout)
+            assert ex["decision"]["source"] == h.name and ex["text"]
+
         # Every move is explained in its source's decisions log.
         for h in bed.hosts:
             ids = {m["id"] for m in history(run_in, h.name) if m["outcome"] == "ok"}
