@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system criu venv demo test unit bench clean
+.PHONY: setup system criu venv demo test unit bench clean install
 
 setup: system criu venv
 
@@ -31,6 +31,20 @@ test: setup
 
 unit: venv
 	$(PY) -m pytest -v -m 'not root'
+
+# Installs the systemd unit (pointing at this checkout's venv) and, only if absent, the example
+# config. Starts nothing: `systemctl daemon-reload && systemctl enable --now migrd` is yours.
+UNIT_DIR ?= /etc/systemd/system
+CONF_DIR ?= /etc/migrd
+install: venv
+	install -d -m 0755 $(UNIT_DIR)
+	sed 's|^ExecStart=/usr/local/bin/migrd |ExecStart=$(abspath $(VENV))/bin/migrd |' systemd/migrd.service > $(UNIT_DIR)/migrd.service
+	chmod 0644 $(UNIT_DIR)/migrd.service
+	@echo "install: wrote $(UNIT_DIR)/migrd.service (ExecStart=$(abspath $(VENV))/bin/migrd run)"
+	install -d -m 0700 $(CONF_DIR)
+	@if [ -e $(CONF_DIR)/migrd.yaml ]; then echo "install: kept existing $(CONF_DIR)/migrd.yaml"; \
+	else install -m 0600 configs/migrd.yaml $(CONF_DIR)/migrd.yaml && echo "install: wrote $(CONF_DIR)/migrd.yaml"; fi
+	@echo "install: nothing started; run: systemctl daemon-reload && systemctl enable --now migrd"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

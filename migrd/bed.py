@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cgroup, proc, sshd
-from .config import Config, HostEntry, SshSettings, dump
+from .config import Config, DaemonSettings, HostEntry, SshSettings, dump
 from .errors import CommandError, InputError, MigrdError, NotPermitted
 
 DEFAULT_ROOT = Path("/var/lib/migrd/bed")
@@ -51,6 +51,7 @@ SSH_PORT = 22
 HOST_MOUNTS = (("etc", Path("/etc/migrd")), ("srv", Path("/srv/migrd")), ("state", Path("/var/lib/migrd")))
 HOST_CLIENT_KEY = Path("/etc/migrd/id_ed25519")
 HOST_CONFIG = Path("/etc/migrd/migrd.yaml")
+HOST_AGENT_SOCKET = Path("/var/lib/migrd/migrd.sock")
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,23}")
 
@@ -201,9 +202,11 @@ def host_config(state: BedState, host_keys: Mapping[str, str], host: str | None)
     if host is None:
         return Config(host=None, hosts=entries,
                       ssh=SshSettings(client_key=state.client_key, remote_migrctl=remote))
-    state.host(host)
+    h = state.host(host)
+    # The agent measures its host's cgroup; its socket must be host-private (/run is shared).
+    daemon = DaemonSettings(load_source="cgroup", cgroup_dirs=h.cgroup.dirs, socket=HOST_AGENT_SOCKET)
     return Config(host=host, state_dir=Path("/var/lib/migrd"), hosts=entries,
-                  ssh=SshSettings(client_key=HOST_CLIENT_KEY, remote_migrctl=remote))
+                  ssh=SshSettings(client_key=HOST_CLIENT_KEY, remote_migrctl=remote), daemon=daemon)
 
 
 def _netns_argv(h: HostState) -> list[str]:
@@ -594,6 +597,8 @@ def _teardown(state: BedState) -> None:
             errors.append(str(e))
 
     for h in state.hosts:
+        attempt(stop_agent, h)
+    for h in state.hosts:
         attempt(stop, h.sshd)
         attempt(stop, h.holder)
     for h in state.hosts:
@@ -657,6 +662,57 @@ def spawn_in(state: BedState, host: str, argv: Sequence[str], **kwargs) -> subpr
             raise CommandError(f"{argv[0]} did not start in {host} within 20 s")
         time.sleep(0.005)
     return p
+
+
+# ---- agents ----------------------------------------------------------------------------------
+
+def _agent_file(h: HostState) -> Path:
+    return h.run_dir / "agent.json"
+
+
+def agent_socket(h: HostState) -> Path:
+    """The host's admin socket as seen from the root mount namespace."""
+    return h.dir / "state" / HOST_AGENT_SOCKET.name
+
+
+def start_agents(state: BedState, timeout: float = 30.0) -> dict[str, int]:
+    """Start `migrd` in every host (detached, log in the host's /var/lib/migrd/agent.log) with
+    the host's own config; return once each answers on its admin socket."""
+    from . import admin
+
+    pids = {}
+    for h in state.hosts:
+        if alive(_read_ref(_agent_file(h))):
+            raise NotPermitted(f"bed {state.name!r} host {h.name} already runs an agent")
+        with open(h.dir / "state" / "agent.log", "ab") as out:
+            p = spawn_in(state, h.name, [sys.executable, "-m", "migrd.daemon"], stdout=out, stderr=out)
+        _agent_file(h).write_text(json.dumps(dataclasses.asdict(proc_ref(p.pid))))
+        pids[h.name] = p.pid
+    deadline = time.monotonic() + timeout
+    for h in state.hosts:
+        while True:
+            try:
+                admin.request(agent_socket(h), "status", timeout=5)
+                break
+            except MigrdError:
+                if time.monotonic() >= deadline or not alive(_read_ref(_agent_file(h))):
+                    raise CommandError(f"the agent of {h.name} did not come up; see "
+                                       f"{h.dir / 'state' / 'agent.log'}") from None
+                time.sleep(0.1)
+    return pids
+
+
+def _read_ref(path: Path) -> ProcRef | None:
+    try:
+        return ProcRef(**json.loads(path.read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def stop_agent(h: HostState, timeout: float = 60.0) -> None:
+    """SIGTERM the host's agent: it finishes (or rolls back) a migration in flight, then exits."""
+    stop(_read_ref(_agent_file(h)), timeout)
+    _agent_file(h).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,33 @@ class MigrateSettings:
 
 
 @dataclass(frozen=True)
+class DaemonSettings:
+    """The agent loop (`migrd`): how often it looks, how it measures, how it talks."""
+
+    #: Seconds between two rounds (sample, exchange, decide, maybe act).
+    interval: float = 5.0
+    #: "system" (/proc of a whole machine) or "cgroup" (the cgroup dirs below; the bed's hosts).
+    load_source: str = "system"
+    #: Cgroup directories of this host (load_source cgroup), one per hierarchy.
+    cgroup_dirs: tuple[Path, ...] = ()
+    #: Relative speed of one CPU of this host (1.0 = reference), reported to peers.
+    cpu_speed: float = 1.0
+    #: The admin API's unix socket (root only).
+    socket: Path = Path("/run/migrd/migrd.sock")
+    #: offload (push work away when overloaded), fill (also ask a busy peer for work when
+    #: idle) or consolidate (pack work onto busier peers when lightly loaded).
+    mode: str = "offload"
+    #: A peer's snapshot older than this (seconds) is ignored.
+    peer_stale_after: float = 20.0
+    #: Seconds between two link probes (RTT + a small bulk write) of each peer.
+    probe_every: float = 300.0
+    #: Bytes of the bulk write of a link probe.
+    probe_bytes: int = 4 << 20
+    #: The decisions log (state_dir/decisions.jsonl) keeps at most this many records.
+    max_decisions_log: int = 2000
+
+
+@dataclass(frozen=True)
 class Config:
     #: Name of this host in `hosts` (None: not part of a cluster, e.g. a single-host demo).
     host: str | None = None
@@ -86,6 +113,7 @@ class Config:
     ssh: SshSettings = field(default_factory=SshSettings)
     criu: CriuSettings = field(default_factory=CriuSettings)
     migrate: MigrateSettings = field(default_factory=MigrateSettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
     #: Where this config came from (not a YAML key).
     source: Path | None = field(default=None, metadata={"yaml": False})
 

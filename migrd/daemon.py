@@ -1,21 +1,51 @@
-"""`migrd`: the per-host agent."""
+"""`migrd`: the per-host agent (see migrd.agent). `migrd` or `migrd run` starts the loop,
+`migrd --once` runs one round and exits, `migrd recover` only recovers."""
 
 from __future__ import annotations
+
+import logging
+import sys
 
 import click
 
 from . import __version__
 from .cli import MigrdGroup
+from .cli.common import load_config, require_root
 from .cli.migrate import recover
+
+once_option = click.option("--once", is_flag=True, help="Run one round (sample, decide, maybe act) and exit.")
+verbose_option = click.option("-v", "--verbose", count=True, help="More log output on stderr.")
+
+
+def _run(once: bool, verbose: int) -> None:
+    from .agent import Agent
+
+    logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), stream=sys.stderr,
+                        format="%(asctime)s migrd %(name)s %(levelname)s: %(message)s")
+    cfg = load_config()  # a malformed config is reported (exit 8) before anything starts
+    require_root("migrd")
+    Agent(cfg).run(once=once)
 
 
 @click.group(cls=MigrdGroup, invoke_without_command=True)
 @click.version_option(__version__, prog_name="migrd")
+@once_option
+@verbose_option
 @click.pass_context
-def main(ctx: click.Context) -> None:
-    """The migrd agent (the automatic loop arrives with the policy work)."""
+def main(ctx: click.Context, once: bool, verbose: int) -> None:
+    """The migrd agent: watches this host's and its peers' load and migrates opted-in
+    processes when the policy says a move pays off. Config: /etc/migrd/migrd.yaml
+    ($MIGRD_CONFIG); admin: `migrctl status|explain|pause|resume`."""
     if ctx.invoked_subcommand is None:
-        click.echo(f"migrd {__version__}")
+        _run(once, verbose)
+
+
+@main.command("run")
+@once_option
+@verbose_option
+def run(once: bool, verbose: int) -> None:
+    """Start the agent loop (the same as plain `migrd`)."""
+    _run(once, verbose)
 
 
 main.add_command(recover)

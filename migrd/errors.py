@@ -73,3 +73,9 @@ class InDoubt(MigrdError):
     it once the target answers. Nothing is restarted meanwhile: that could make two copies."""
 
     exit_code = 11
+
+
+class AgentNotRunning(MigrdError):
+    """No migrd agent answers on this host's admin socket."""
+
+    exit_code = 12

@@ -123,7 +123,8 @@ def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
     if name:
         m = read_manifest(images)
         workload.Registry(cfg.state_dir).add(workload.Workload(
-            name, r.pid, start_time, m.process.cmdline, m.process.cwd, stdout or "", cfg.host))
+            name, r.pid, start_time, m.process.cmdline, m.process.cwd, stdout or "", cfg.host,
+            arrived=time.time()))
     return {"pid": r.pid, "seconds": round(r.seconds, 4), "start_time": start_time,
             "restored": status(cfg, mid)["restored"]}
 

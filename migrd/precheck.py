@@ -60,11 +60,17 @@ class TargetFacts:
 def opt_in(settings: MigrateSettings, info: ProcessInfo, user: str, cgroups: list[str],
            registered: bool) -> str | None:
     """Why the process may migrate (a reason string), or None when no rule allows it."""
+    return allowed(settings, info.cmdline, user, cgroups, registered)
+
+
+def allowed(settings: MigrateSettings, cmdline: tuple[str, ...], user: str, cgroups: list[str],
+            registered: bool) -> str | None:
+    """`opt_in` from the cheap facts alone (the agent asks this of every process each round)."""
     if registered:
         return "started with `migrctl run`"
     if user in settings.allow_users:
         return f"user {user} is in migrate.allow_users"
-    line = " ".join(info.cmdline)
+    line = " ".join(cmdline)
     for pattern in settings.allow_commands:
         if re.search(pattern, line):
             return f"command matches migrate.allow_commands {pattern!r}"

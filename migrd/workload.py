@@ -33,6 +33,8 @@ class Workload:
     cwd: str
     stdout: str
     host: str | None = None
+    #: When it arrived here by a migration (epoch seconds); None if started here.
+    arrived: float | None = None
 
     def alive(self) -> bool:
         return same_process(self.pid, self.start_time)

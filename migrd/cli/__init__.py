@@ -26,6 +26,7 @@ Exit codes:
   9  a helper program failed
   10 migration precheck failed (every reason is listed; nothing changed)
   11 migration in doubt: target unreachable after restore began; run `migrd recover`
+  12 no migrd agent is running on this host (status, explain, pause, resume)
 """
 
 
@@ -45,6 +46,10 @@ COMMANDS = {
     "receive": "transfer:receive",
     "bed": "bed:bed",
     "demo": "demo:demo",
+    "status": "agent:status",
+    "explain": "agent:explain",
+    "pause": "agent:pause",
+    "resume": "agent:resume",
     "peer": "peer:peer",
 }
 

@@ -31,7 +31,9 @@ def bed() -> None:
               help="Limit a host's cgroup to FRACTION of one CPU (repeatable), e.g. host2=0.5.")
 @click.option("--config", "config_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the cluster config (host: null) to FILE (left in place by `bed down`).")
-def up(name: str, count: int, quotas: tuple[str, ...], config_out: Path | None) -> None:
+@click.option("--agents", is_flag=True, help="Also start a migrd agent in every host (log: the host's "
+              "/var/lib/migrd/agent.log; stopped by `bed down`).")
+def up(name: str, count: int, quotas: tuple[str, ...], config_out: Path | None, agents: bool) -> None:
     """Create and start the bed NAME.
 
     Each host gets /etc/migrd/migrd.yaml (its config), /var/lib/migrd and /srv/migrd as its own
@@ -47,6 +49,11 @@ def up(name: str, count: int, quotas: tuple[str, ...], config_out: Path | None) 
     click.echo(f"bed {state.name} is up: {len(state.hosts)} hosts "
                f"({state.hosts[0].address}..{state.hosts[-1].address}); cluster config: {state.config_file}")
     click.echo(f"run commands in a host with: migrctl bed exec --name {state.name} host1 -- CMD")
+    if agents:
+        pids = bed_mod.start_agents(state)
+        click.echo("agents: " + ", ".join(f"{h} PID {pid}" for h, pid in pids.items())
+                   + f"; ask one with: migrctl bed exec --name {state.name} host1 -- "
+                   f"{sys.executable} -m migrd.cli status")
 
 
 @bed.command()

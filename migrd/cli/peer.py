@@ -69,3 +69,9 @@ def peer_abort(mid: str, address: str | None, files: tuple[str, ...], as_json: b
 @json_option
 def peer_finish(mid: str, address: str | None, as_json: bool) -> None:
     click.echo(json.dumps(peer_mod.finish(load_config(), mid, address)))
+
+
+# The agent's side of fill mode: an idle peer asks this host for work.
+from .agent import offer  # noqa: E402
+
+peer.add_command(offer)

@@ -1,0 +1,457 @@
+"""The migrd agent: every `daemon.interval` seconds one round of
+
+  sample this host's load and its opted-in processes -> publish the snapshot -> read the
+  peers' snapshots -> policy.decide -> maybe migrate.migrate (one at a time) -> log the decision
+
+plus the admin API (migrd.admin) and systemd's notify protocol (migrd.sdnotify).
+
+Functional core: `keep_history`, `usable_peers`, `own_mode`, `options_for`, `fill_source`,
+`decision_dict`, `trimmed` are pure and unit-tested; `Agent` is the imperative shell (load
+sources, SSH, the filesystem, threads, signals).
+
+Modes (daemon.mode): offload pushes work away when this host is HIGH; fill never pushes on its
+own, but a LOW host asks the busiest HIGH peer for work (`migrctl peer offer` over SSH, which
+queues an offer with that peer's agent; its next round decides in fill mode with the asker as
+the only target); consolidate packs work onto busier peers when this host is LOW. Offers are
+honoured in every mode.
+
+Automatic moves never copy open files (with_files off): data must already be where the process
+goes (shared storage) or the target's precheck refuses; a `migrctl run` workload's own output
+log travels with it anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import admin, exchange, journal, load, migrate, policy, precheck, sdnotify, workload
+from .config import Config
+from .costmodel import Action, Link
+from .errors import ConfigError, InputError, MigrdError
+from .load import HostLoad
+from .policy import Candidate, Decision, Level, Mode, Peer, Situation
+
+log = logging.getLogger(__name__)
+LOAD_SOURCES = ("system", "cgroup")
+#: An offer from an idle peer is acted on only this long (seconds) after it came.
+OFFER_TTL = 30.0
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+def check_settings(cfg: Config) -> None:
+    """Values the schema cannot check by type alone; the daemon refuses to start on these."""
+    d = cfg.daemon
+    where = f"{cfg.source or '<config>'}: key"
+    if d.mode not in {m.value for m in Mode}:
+        raise ConfigError(f"{where} 'daemon.mode': {d.mode!r} is not one of offload, fill, consolidate")
+    if d.load_source not in LOAD_SOURCES:
+        raise ConfigError(f"{where} 'daemon.load_source': {d.load_source!r} is not system or cgroup")
+    if d.load_source == "cgroup" and not d.cgroup_dirs:
+        raise ConfigError(f"{where} 'daemon.cgroup_dirs': load_source cgroup needs this host's cgroup dirs")
+    if d.interval <= 0:
+        raise ConfigError(f"{where} 'daemon.interval': must be > 0, not {d.interval}")
+
+
+def keep_history(history: Sequence[HostLoad], sample: HostLoad, keep_s: float) -> tuple[HostLoad, ...]:
+    """Append sample; drop samples older than keep_s (the policy's hold time needs no more)."""
+    return tuple(h for h in (*history, sample) if sample.time - h.time <= keep_s)
+
+
+def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: float) -> tuple[Peer, ...]:
+    """Peers with a fresh snapshot and a measured link; stale ones (dead agent) do not count."""
+    return tuple(
+        Peer(v.snapshot.load, v.link) for v in sorted(views, key=lambda v: v.name)
+        if v.snapshot is not None and v.link is not None and now - v.snapshot.load.time <= stale_after
+    )
+
+
+def own_mode(configured: str) -> Mode | None:
+    """The mode this host decides in on its own (fill: none, it waits to be asked)."""
+    return None if configured == Mode.FILL.value else Mode(configured)
+
+
+def options_for(d: Decision) -> migrate.Options | None:
+    """The orchestrator's options for a decision (None: nothing to do)."""
+    if d.action is Action.STAY or d.target is None:
+        return None
+    return migrate.Options(target=d.target, mode="restart" if d.action is Action.RESTART_ELSEWHERE else "move")
+
+
+def fill_source(configured: str, local: HostLoad, peers: Sequence[Peer], cfg: policy.PolicyConfig,
+                level: Level) -> str | None:
+    """Fill mode: which busy peer a lightly loaded host asks for work (None: nobody)."""
+    if configured != Mode.FILL.value or level is not Level.LOW:
+        return None
+    return policy.pick_fill_source(local, peers, cfg)
+
+
+def waiting_decision(level: Level, reasons: Sequence[str], host: str) -> Decision:
+    return Decision(Action.STAY, Mode.FILL, level, host,
+                    reasons=(*reasons, "fill mode: this host moves work only when an idle peer asks"))
+
+
+def decision_dict(d: Decision, now: float) -> dict[str, Any]:
+    out = dataclasses.asdict(d)
+    out["time"] = round(now, 3)
+    return json.loads(json.dumps(out))  # enums -> their values
+
+
+def trimmed(lines: list[str], limit: int) -> list[str]:
+    """Bound the log: past `limit` records keep the newest half (rewrites stay rare)."""
+    return lines if len(lines) <= limit else lines[-max(limit // 2, 1):]
+
+
+# --------------------------------------------------------------------------- shell
+
+
+class DecisionLog:
+    """state_dir/decisions.jsonl: one JSON record per decision (and per move's outcome)."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path, self.limit = path, limit
+        try:
+            self.count = len(path.read_text().splitlines())
+        except FileNotFoundError:
+            self.count = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        self.count += 1
+        if self.count > self.limit:
+            kept = trimmed(self.path.read_text().splitlines(), self.limit)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
+            self.count = len(kept)
+
+    def records(self) -> list[dict[str, Any]]:
+        try:
+            return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        except FileNotFoundError:
+            return []
+
+
+class Agent:
+    def __init__(self, cfg: Config, env: dict[str, str] | None = None) -> None:
+        check_settings(cfg)
+        self.cfg = cfg
+        self.env = dict(os.environ if env is None else env)
+        self.host = cfg.host or socket.gethostname()
+        d = cfg.daemon
+        self.source = load.make_source(d.load_source, self.host, cgroup_dirs=d.cgroup_dirs,
+                                       cpu_speed=d.cpu_speed)
+        self.monitor = load.ProcessMonitor()
+        self.readers = {h.name: exchange.PeerReader(cfg, h.name) for h in cfg.hosts if h.name != self.host}
+        self.decisions = DecisionLog(cfg.state_dir / "decisions.jsonl", d.max_decisions_log)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.history: tuple[HostLoad, ...] = ()
+        self.level = Level.NORMAL
+        self.last_move_at: float | None = None
+        self.asked_at: float | None = None
+        self.offers: dict[str, float] = {}
+        self.paused = False
+        self.situation: Situation | None = None
+        self.decision: Decision | None = None
+        self.in_flight: dict[str, Any] | None = None
+        self.rounds = 0
+        self.started = time.time()
+        self.server: admin.Server | None = None
+        self.watchdog = sdnotify.watchdog_seconds(self.env)
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover unfinished migrations, open the admin socket, tell systemd we are ready."""
+        for r in migrate.recover(self.cfg):
+            log.warning("recover %s: %s", r["id"], r["action"])
+        self.server = admin.Server(self.cfg.daemon.socket, self.handle)
+        self.server.start()
+        sdnotify.notify(self.env, READY=1, STATUS=f"migrd agent on {self.host}: {self.cfg.daemon.mode}")
+
+    def close(self) -> None:
+        sdnotify.notify(self.env, STOPPING=1)
+        if self.server is not None:
+            self.server.close()
+        for r in self.readers.values():
+            r.close()
+
+    def run(self, once: bool = False) -> None:
+        """Rounds until SIGTERM/SIGINT (or one round with once). A signal during a migration
+        lets it finish (or roll back): the orchestrator is never interrupted half-way."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        self.start()
+        try:
+            while not self.stop.is_set():
+                began = time.monotonic()
+                try:
+                    self.round()
+                except MigrdError as e:
+                    log.error("round failed: %s", e)
+                self._ping()
+                if once:
+                    break
+                self._sleep_until(began + self.cfg.daemon.interval)
+        finally:
+            self.close()
+
+    def _ping(self) -> None:
+        if self.watchdog:
+            sdnotify.notify(self.env, WATCHDOG=1)
+
+    def _sleep_until(self, deadline: float) -> None:
+        # Wake at least three times per watchdog period to ping it.
+        tick = self.watchdog / 3 if self.watchdog else None
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.stop.wait(min(left, tick) if tick else left)
+            self._ping()
+
+    @contextlib.contextmanager
+    def _pinging(self) -> Iterator[None]:
+        """Keep the watchdog fed while a migration blocks the loop, but not forever: a migration
+        hung past a few op timeouts gets the agent restarted (and recovered)."""
+        if not self.watchdog:
+            yield
+            return
+        done = threading.Event()
+        limit = time.monotonic() + 4 * self.cfg.ssh.op_timeout
+
+        def feed() -> None:
+            while not done.wait(self.watchdog / 3) and time.monotonic() < limit:  # type: ignore[operator]
+                self._ping()
+
+        t = threading.Thread(target=feed, daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
+
+    # --- one round ----------------------------------------------------------------------
+
+    def round(self) -> Decision:
+        pc = self.cfg.policy
+        sample = self.source.sample()
+        now = sample.time
+        self.history = keep_history(self.history, sample, pc.hold_s + 3 * self.cfg.daemon.interval)
+        for r in self.readers.values():
+            r.poll(now)
+        peers = usable_peers((r.view for r in self.readers.values()), now, self.cfg.daemon.peer_stale_after)
+        candidates = self._candidates()
+        requester = self._take_offer(now)
+        mode = Mode.FILL if requester else own_mode(self.cfg.daemon.mode)
+        sit = Situation(now=now, history=self.history, peers=peers, candidates=candidates,
+                        mode=mode or Mode.FILL, previous_level=self.level,
+                        last_move_at=self.last_move_at, requester=requester)
+        if mode is None:
+            level, why = policy.classify(self.history, pc, self.level)
+            d = waiting_decision(level, why, self.host)
+        else:
+            d = policy.decide(sit, pc)
+        with self.lock:
+            self.situation, self.decision, self.level = sit, d, d.level
+            self.rounds += 1
+        exchange.publish(self.cfg.state_dir, exchange.Snapshot(sample, d.level.value, os.getpid()))
+        record = decision_dict(d, now)
+        opts = options_for(d)
+        if opts is not None and self.paused:
+            record["skipped"] = "paused"
+            opts = None
+        if opts is None:
+            self.decisions.append(record)
+            self._maybe_ask(sample, peers, d.level, now)
+            return d
+        self._act(d, opts, record)
+        return d
+
+    def _act(self, d: Decision, opts: migrate.Options, record: dict[str, Any]) -> None:
+        assert d.pid is not None
+        with self.lock:
+            self.in_flight = {"pid": d.pid, "name": d.name, "target": d.target, "since": time.time()}
+        self.last_move_at = record["time"]
+        try:
+            with self._pinging():
+                out = migrate.migrate(self.cfg, d.pid, opts)
+            record["migration"] = {"id": out.id, "outcome": "ok", "target_pid": out.target_pid,
+                                   "downtime": out.downtime}
+            log.warning("moved PID %d (%s) to %s as PID %s", d.pid, d.name, d.target, out.target_pid)
+        except MigrdError as e:
+            record["migration"] = {"outcome": "failed", "error": str(e)}
+            log.error("moving PID %d to %s failed: %s", d.pid, d.target, e)
+        finally:
+            with self.lock:
+                self.in_flight = None
+            self.decisions.append(record)
+
+    def _candidates(self) -> tuple[Candidate, ...]:
+        reg = {w.pid: w for w in workload.Registry(self.cfg.state_dir).all() if w.alive()}
+        pids = list(reg)
+        m = self.cfg.migrate
+        if m.allow_users or m.allow_commands or m.allow_cgroups:
+            pids += [p for p in self._host_pids() if p not in reg and self._allowed(p)]
+        return tuple(Candidate(p, opted_in=True, last_migrated=reg[p.pid].arrived if p.pid in reg else None)
+                     for p in self.monitor.sample(pids))
+
+    def _host_pids(self) -> list[int]:
+        if self.cfg.daemon.load_source == "cgroup":
+            pids = sorted(load._cgroup_pids(self.cfg.daemon.cgroup_dirs))
+        else:
+            pids = psutil.pids()
+        return [p for p in pids if p not in (1, os.getpid())]
+
+    def _allowed(self, pid: int) -> bool:
+        try:
+            p = psutil.Process(pid)
+            cmdline = tuple(p.cmdline())
+            if not cmdline:
+                return False  # kernel thread
+            user = p.username()
+            cgroups = [ln.split(":", 2)[2] for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+        except (psutil.Error, OSError, KeyError):
+            return False
+        return precheck.allowed(self.cfg.migrate, cmdline, user, cgroups, False) is not None
+
+    def _take_offer(self, now: float) -> str | None:
+        with self.lock:
+            live = {h: t for h, t in self.offers.items() if now - t <= OFFER_TTL}
+            requester = min(live, key=live.__getitem__) if live else None
+            self.offers = {h: t for h, t in live.items() if h != requester}
+        return requester
+
+    def _maybe_ask(self, local: HostLoad, peers: Sequence[Peer], level: Level, now: float) -> None:
+        """Fill mode: a lightly loaded host asks the busiest overloaded peer for work, at most
+        once per host cooldown."""
+        if self.asked_at is not None and now - self.asked_at < self.cfg.policy.host_cooldown_s:
+            return
+        src = fill_source(self.cfg.daemon.mode, local, peers, self.cfg.policy, level)
+        if src is None or self.paused:
+            return
+        self.asked_at = now
+        reader = self.readers[src]
+        try:
+            conn = reader._conn
+            if conn is None:
+                raise MigrdError(f"{src}: not connected")
+            r = conn.migrctl(["peer", "offer", self.host, "--json"], timeout=self.cfg.ssh.op_timeout)
+            ok, why = r.status == 0, r.stderr.decode(errors="replace").strip()
+        except MigrdError as e:
+            ok, why = False, str(e)
+        self.decisions.append({"time": round(now, 3), "asked": src, "ok": ok, **({"error": why} if not ok else {})})
+
+    # --- admin API ----------------------------------------------------------------------
+
+    def handle(self, req: dict[str, Any]) -> Any:
+        op = req["op"]
+        fn = getattr(self, f"op_{op}", None)
+        if fn is None:
+            raise InputError(f"unknown operation {op!r} (known: status, hosts, ps, explain, history, "
+                             f"pause, resume, offer)")
+        return fn(req)
+
+    def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            d = self.decision
+            return {"host": self.host, "pid": os.getpid(), "mode": self.cfg.daemon.mode,
+                    "level": self.level.value, "paused": self.paused, "rounds": self.rounds,
+                    "uptime_s": round(time.time() - self.started, 1),
+                    "last_decision": decision_dict(d, self.situation.now) if d and self.situation else None,
+                    "explain": policy.explain(d) if d else None, "in_flight": self.in_flight,
+                    "offers": sorted(self.offers)}
+
+    def op_hosts(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        now = time.time()
+        with self.lock:
+            own = self.history[-1] if self.history else None
+            rows = [{"name": self.host, "self": True, "level": self.level.value,
+                     "age_s": round(now - own.time, 3) if own else None,
+                     "load": own.to_dict() if own else None, "link": None, "error": None}]
+        return rows + [{"self": False, **r.view.to_dict(now)} for r in self.readers.values()]
+
+    def _last(self) -> Situation:
+        with self.lock:
+            sit = self.situation
+        if sit is None:
+            raise MigrdError("the agent has not finished its first round yet")
+        return sit
+
+    def _alone(self, sit: Situation, c: Candidate) -> Decision:
+        """The decision as if c were the only candidate: its own score and reasons."""
+        mode = sit.mode if sit.requester or own_mode(self.cfg.daemon.mode) else Mode.OFFLOAD
+        return policy.decide(dataclasses.replace(sit, candidates=(c,), mode=mode), self.cfg.policy)
+
+    def op_ps(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        sit = self._last()
+        rows = []
+        for c in sit.candidates:
+            d = self._alone(sit, c)
+            rows.append({"pid": c.proc.pid, "name": c.proc.name, "cmdline": list(c.proc.cmdline),
+                         "cpu_share": round(c.proc.cpu_share, 3), "rss": c.proc.rss_bytes,
+                         "age_s": round(c.proc.age_s, 1), "last_migrated": c.last_migrated,
+                         "action": d.action.value, "target": d.target,
+                         "gain": round(d.estimate.gain, 2) if d.estimate else None,
+                         "reason": d.reasons[-1] if d.reasons else None})
+        return rows
+
+    def op_explain(self, req: dict[str, Any]) -> dict[str, Any]:
+        pid = req.get("pid")
+        if pid is None:
+            with self.lock:
+                d, sit = self.decision, self.situation
+            if d is None or sit is None:
+                raise MigrdError("the agent has not finished its first round yet")
+        else:
+            sit = self._last()
+            c = next((c for c in sit.candidates if c.proc.pid == int(pid)), None)
+            if c is None:
+                raise InputError(f"PID {pid} is not a migration candidate on {self.host} (not opted "
+                                 f"in, not running here, or gone)")
+            d = self._alone(sit, c)
+        return {"decision": decision_dict(d, sit.now), "text": policy.explain(d)}
+
+    def op_history(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        why = {r["migration"]["id"]: r["reasons"] for r in self.decisions.records()
+               if r.get("migration", {}).get("id")}
+        rows = []
+        for j in journal.all_journals(self.cfg.state_dir)[-int(req.get("limit", 50)):]:
+            s = dataclasses.asdict(journal.summarize(j))
+            s["decision_reasons"] = why.get(s["id"])
+            rows.append(s)
+        return rows
+
+    def op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            self.paused = True
+        return {"paused": True}
+
+    def op_resume(self, req: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            self.paused = False
+        return {"paused": False}
+
+    def op_offer(self, req: dict[str, Any]) -> dict[str, Any]:
+        requester = str(req.get("requester"))
+        self.cfg.peer(requester)  # unknown host -> InputError
+        if requester == self.host:
+            raise InputError("an agent cannot offer itself work")
+        with self.lock:
+            self.offers[requester] = time.time()
+        return {"queued": requester}

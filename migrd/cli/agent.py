@@ -1,0 +1,68 @@
+"""`migrctl status|explain|pause|resume`: ask this host's migrd agent over its admin socket
+(exit 12 when no agent runs), and `migrctl peer offer`, by which an idle peer asks for work."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from .. import admin
+from ..process import parse_pid
+from .common import emit, json_option, load_config, require_root
+
+
+def ask(op: str, **args: Any) -> Any:
+    require_root(f"migrctl {op}")
+    return admin.request(load_config().daemon.socket, op, **args)
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    lines = [f"migrd agent on {s['host']} (PID {s['pid']}), mode {s['mode']}, level {s['level']}"
+             f"{', PAUSED' if s['paused'] else ''}, {s['rounds']} rounds in {s['uptime_s']:.0f} s"]
+    if s["in_flight"]:
+        f = s["in_flight"]
+        lines.append(f"migrating PID {f['pid']} ({f['name']}) to {f['target']}")
+    if s["explain"]:
+        lines.append("last decision: " + s["explain"])
+    return "\n".join(lines)
+
+
+@click.command()
+@json_option
+def status(as_json: bool) -> None:
+    """The agent's state: level, paused or not, last decision, migration in flight."""
+    emit(ask("status"), as_json, _status_text)
+
+
+@click.command()
+@click.argument("pid", required=False)
+@json_option
+def explain(pid: str | None, as_json: bool) -> None:
+    """Why the agent decided what it did last round; with PID, what it would decide about that
+    process alone (its cost estimate and every reason)."""
+    r = ask("explain", **({"pid": parse_pid(pid)} if pid else {}))
+    emit(r, as_json, lambda r: r["text"])
+
+
+@click.command()
+@json_option
+def pause(as_json: bool) -> None:
+    """Stop automatic migrations (the agent keeps sampling and explaining)."""
+    emit(ask("pause"), as_json, lambda r: "agent paused: it samples and explains but does not migrate")
+
+
+@click.command()
+@json_option
+def resume(as_json: bool) -> None:
+    """Allow automatic migrations again."""
+    emit(ask("resume"), as_json, lambda r: "agent resumed")
+
+
+@click.command("offer")
+@click.argument("requester")
+@json_option
+def offer(requester: str, as_json: bool) -> None:
+    """(Run by a peer's agent over SSH.) REQUESTER is idle and asks this host for work."""
+    click.echo(json.dumps(ask("offer", requester=requester)))

@@ -1,0 +1,322 @@
+"""The agent without root: its pure round logic, one round with fake inputs (load source,
+peers, candidates, orchestrator), the admin protocol over a real unix socket, sd_notify over a
+real datagram socket, and the daemon config section."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from migrd import admin, agent as agent_mod, config as config_mod, exchange, migrate, sdnotify
+from migrd.config import Config, DaemonSettings, HostEntry
+from migrd.costmodel import Link
+from migrd.errors import AgentNotRunning, ConfigError, InputError, MigrdError
+from migrd.policy import Action, Decision, Level, Mode, PolicyConfig
+from test_policy import NOW, cand, host, peer
+
+FAST = Link(0.001, 100e6)
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+def view(name: str, per_cpu: float, *, age: float = 0.0, link: Link | None = FAST) -> exchange.PeerView:
+    snap = exchange.Snapshot(host(name, per_cpu, t=NOW - age), "normal", 1)
+    return exchange.PeerView(name, snapshot=snap, link=link)
+
+
+def test_keep_history_drops_old_samples():
+    hist = tuple(host("a", 1.0, t=NOW - 40 + i * 10) for i in range(4))
+    kept = agent_mod.keep_history(hist, host("a", 1.0, t=NOW), 25.0)
+    assert [h.time for h in kept] == [NOW - 20, NOW - 10, NOW]
+
+
+def test_usable_peers_ignores_stale_and_unprobed():
+    peers = agent_mod.usable_peers([view("c", 0.1, age=30), view("b", 0.2), view("d", 0.1, link=None),
+                                    exchange.PeerView("e")], NOW, 20.0)
+    assert [p.load.host for p in peers] == ["b"]
+
+
+def test_options_and_modes():
+    stay = Decision(Action.STAY, Mode.OFFLOAD, Level.HIGH, "a")
+    assert agent_mod.options_for(stay) is None
+    move = replace(stay, action=Action.MIGRATE_WITH_DATA, pid=5, target="b")
+    assert agent_mod.options_for(move) == migrate.Options(target="b", mode="move")
+    assert agent_mod.options_for(replace(move, action=Action.RESTART_ELSEWHERE)).mode == "restart"
+    assert agent_mod.own_mode("fill") is None and agent_mod.own_mode("consolidate") is Mode.CONSOLIDATE
+
+
+def test_fill_source_only_when_idle_in_fill_mode():
+    pc = PolicyConfig()
+    idle, peers = host("a", 0.1), [peer("b", 2.0), peer("c", 3.0), peer("d", 0.2)]
+    assert agent_mod.fill_source("fill", idle, peers, pc, Level.LOW) == "c"
+    assert agent_mod.fill_source("offload", idle, peers, pc, Level.LOW) is None
+    assert agent_mod.fill_source("fill", idle, peers, pc, Level.NORMAL) is None
+
+
+def test_decision_log_is_bounded(tmp_path):
+    log = agent_mod.DecisionLog(tmp_path / "d.jsonl", 10)
+    for i in range(25):
+        log.append({"i": i})
+    recs = log.records()
+    assert len(recs) <= 10 and recs[-1] == {"i": 24}
+    assert [r["i"] for r in recs] == list(range(recs[0]["i"], 25))
+    assert agent_mod.DecisionLog(tmp_path / "d.jsonl", 10).count == len(recs)
+
+
+def test_check_settings_names_the_key():
+    for daemon, key in [(DaemonSettings(mode="push"), "daemon.mode"),
+                        (DaemonSettings(load_source="cgroup"), "daemon.cgroup_dirs"),
+                        (DaemonSettings(load_source="magic"), "daemon.load_source"),
+                        (DaemonSettings(interval=0), "daemon.interval")]:
+        with pytest.raises(ConfigError, match=key):
+            agent_mod.check_settings(Config(daemon=daemon))
+
+
+def test_snapshot_round_trip(tmp_path):
+    snap = exchange.Snapshot(host("a", 1.5), "high", 42)
+    exchange.publish(tmp_path, snap)
+    assert exchange.Snapshot.from_json((tmp_path / exchange.SNAPSHOT).read_bytes()) == snap
+    assert exchange.backoff(1) == 1.0 and exchange.backoff(3) == 4.0 and exchange.backoff(30) == 60.0
+
+
+# --------------------------------------------------------------------------- one round, fake inputs
+
+
+class FakeSource:
+    def __init__(self, per_cpu: float) -> None:
+        self.per_cpu, self.t = per_cpu, NOW
+
+    def sample(self):
+        self.t += 1.0
+        return host("a", self.per_cpu, t=self.t)
+
+
+class FakeReader:
+    def __init__(self, v: exchange.PeerView) -> None:
+        self.view, self._conn = v, None
+
+    def poll(self, now: float) -> None:
+        self.view.snapshot = replace(self.view.snapshot, load=replace(self.view.snapshot.load, time=now))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def make_agent(tmp_path, monkeypatch):
+    calls: list[tuple[int, migrate.Options]] = []
+
+    def fake_migrate(cfg, pid, opts, progress=None):
+        calls.append((pid, opts))
+        return migrate.Outcome(id=f"m{len(calls)}", mode="move", source="a", target=opts.target, pid=pid,
+                               target_pid=900 + len(calls), bytes=1, phases={}, downtime=0.1, dry_run=False)
+
+    monkeypatch.setattr(agent_mod.migrate, "migrate", fake_migrate)
+
+    def make(local: float = 2.0, peer_load: float = 0.1, mode: str = "offload", share: float = 0.5):
+        cfg = Config(host="a", state_dir=tmp_path / "state",
+                     hosts=(HostEntry("a", "198.18.0.1"), HostEntry("b", "198.18.0.2")),
+                     policy=PolicyConfig(hold_s=0.0),
+                     daemon=DaemonSettings(mode=mode, socket=tmp_path / "run" / "s.sock"))
+        a = agent_mod.Agent(cfg, env={})
+        a.source = FakeSource(local)
+        a.readers = {"b": FakeReader(view("b", peer_load))}
+        a._candidates = lambda: (cand(101, age=600, share=share), cand(102, age=1.0))  # type: ignore[method-assign]
+        a.calls = calls
+        return a
+
+    return make
+
+
+def test_round_offloads_then_cools_down(make_agent):
+    a = make_agent()
+    d = a.round()
+    assert d.action is Action.MIGRATE and d.pid == 101 and d.target == "b"
+    assert a.calls == [(101, migrate.Options(target="b"))]
+    d2 = a.round()
+    assert d2.action is Action.STAY and any("host cooldown" in r for r in d2.reasons)
+    recs = a.decisions.records()
+    assert recs[0]["migration"] == {"id": "m1", "outcome": "ok", "target_pid": 901, "downtime": 0.1}
+    assert recs[0]["reasons"] and recs[1]["action"] == "stay"
+    published = exchange.Snapshot.from_json((a.cfg.state_dir / exchange.SNAPSHOT).read_bytes())
+    assert published.level == "high" and published.load.host == "a"
+
+
+def test_paused_agent_decides_but_does_not_move(make_agent):
+    a = make_agent()
+    a.handle({"op": "pause"})
+    d = a.round()
+    assert d.action is Action.MIGRATE and a.calls == []
+    assert a.decisions.records()[-1]["skipped"] == "paused"
+    assert a.handle({"op": "status"})["paused"] is True
+    a.handle({"op": "resume"})
+    a.round()
+    assert len(a.calls) == 1
+
+
+def test_fill_mode_waits_for_an_offer(make_agent):
+    a = make_agent(local=2.0, peer_load=0.1, mode="fill")
+    d = a.round()
+    assert d.action is Action.STAY and "an idle peer asks" in d.reasons[-1] and not a.calls
+    with pytest.raises(InputError):
+        a.handle({"op": "offer", "requester": "zz"})
+    assert a.handle({"op": "offer", "requester": "b"}) == {"queued": "b"}
+    d = a.round()
+    assert d.mode is Mode.FILL and d.action is Action.MIGRATE and d.target == "b"
+    assert a.handle({"op": "status"})["offers"] == []
+
+
+def test_consolidate_packs_onto_a_busier_peer(make_agent):
+    a = make_agent(local=0.1, peer_load=0.4, mode="consolidate", share=0.2)
+    d = a.round()
+    assert d.mode is Mode.CONSOLIDATE and d.level is Level.LOW
+    assert d.action is Action.MIGRATE and a.calls == [(101, migrate.Options(target="b"))]
+
+
+def test_admin_ops_after_a_round(make_agent):
+    a = make_agent(local=0.6)  # between the watermarks: stays
+    a.round()
+    st = a.handle({"op": "status"})
+    assert st["host"] == "a" and st["level"] == "normal" and st["last_decision"]["action"] == "stay"
+    ps = {r["pid"]: r for r in a.handle({"op": "ps"})}
+    assert set(ps) == {101, 102} and ps[101]["reason"]
+    ex = a.handle({"op": "explain", "pid": 101})
+    assert ex["text"].startswith("a (normal, offload)")
+    with pytest.raises(InputError, match="PID 7 is not a migration candidate"):
+        a.handle({"op": "explain", "pid": 7})
+    hosts = a.handle({"op": "hosts"})
+    assert [h["name"] for h in hosts] == ["a", "b"] and hosts[1]["link"]["rtt_s"] == FAST.rtt_s
+    assert a.handle({"op": "history"}) == []
+    with pytest.raises(InputError, match="unknown operation"):
+        a.handle({"op": "nope"})
+
+
+# --------------------------------------------------------------------------- admin protocol
+
+
+def test_admin_encode_decode():
+    assert admin.decode_request(admin.encode({"op": "status"})) == {"op": "status"}
+    for bad in (b"{", b"[1]", b'{"op": 3}'):
+        with pytest.raises(InputError):
+            admin.decode_request(bad)
+
+    def handler(req):
+        if req["op"] == "boom":
+            raise InputError("no such thing")
+        return {"echo": req}
+
+    ok = admin.answer(handler, b'{"op": "x", "a": 1}\n')
+    assert ok == {"ok": True, "result": {"echo": {"op": "x", "a": 1}}}
+    assert admin.decode_response(admin.encode(ok)) == {"echo": {"op": "x", "a": 1}}
+    err = admin.answer(handler, b'{"op": "boom"}')
+    assert err == {"ok": False, "error": "no such thing", "code": 3}
+    with pytest.raises(MigrdError) as e:
+        admin.decode_response(admin.encode(err))
+    assert e.value.exit_code == 3 and "no such thing" in str(e.value)
+
+
+def test_admin_socket_round_trip(tmp_path):
+    path = tmp_path / "run" / "migrd.sock"
+    with pytest.raises(AgentNotRunning):
+        admin.request(path, "status")
+    srv = admin.Server(path, lambda req: {"op": req["op"], "n": req.get("n")})
+    srv.start()
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert admin.request(path, "status", n=3) == {"op": "status", "n": 3}
+        with socket.socket(socket.AF_UNIX) as s:  # several requests on one connection
+            s.connect(str(path))
+            s.sendall(b'{"op": "a"}\n{"op": "b"}\nnot json\n')
+            s.shutdown(socket.SHUT_WR)
+            lines = s.makefile("rb").read().splitlines()
+        assert [json.loads(ln)["ok"] for ln in lines] == [True, True, False]
+        with pytest.raises(MigrdError, match="already running"):
+            admin.Server(path, lambda req: None)
+    finally:
+        srv.close()
+    assert not path.exists()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # a socket file nobody listens on: replaced
+    srv = admin.Server(path, lambda req: "fresh")
+    srv.start()
+    try:
+        assert admin.request(path, "x") == "fresh"
+    finally:
+        srv.close()
+
+
+# --------------------------------------------------------------------------- sd_notify
+
+
+def test_sdnotify_formatting():
+    assert sdnotify.message(READY=1, STATUS="up and running") == "READY=1\nSTATUS=up and running"
+    with pytest.raises(ValueError):
+        sdnotify.message(STATUS="two\nlines")
+    assert sdnotify.address({"NOTIFY_SOCKET": "@migrd/notify"}) == "\0migrd/notify"
+    assert sdnotify.address({"NOTIFY_SOCKET": "/run/systemd/notify"}) == "/run/systemd/notify"
+    assert sdnotify.address({}) is None
+    assert sdnotify.watchdog_seconds({"WATCHDOG_USEC": "3000000"}) == 3.0
+    assert sdnotify.watchdog_seconds({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}, pid=2) is None
+    assert sdnotify.watchdog_seconds({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "2"}, pid=2) == 3.0
+    assert sdnotify.watchdog_seconds({}) is None
+    assert sdnotify.notify({}, READY=1) is False
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_sdnotify_sends_a_datagram(tmp_path, abstract):
+    name = f"@migrd-test-{os.getpid()}-{os.urandom(4).hex()}" if abstract else str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name[1:] if abstract else name)
+        s.settimeout(5)
+        assert sdnotify.notify({"NOTIFY_SOCKET": name}, READY=1, STATUS="ok")
+        assert s.recv(4096) == b"READY=1\nSTATUS=ok"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_daemon_section_parses():
+    cfg = config_mod.parse("daemon:\n  interval: 2\n  load_source: cgroup\n  cgroup_dirs: [/sys/fs/cgroup/cpu/x]\n"
+                           "  socket: /var/lib/migrd/migrd.sock\n  mode: fill\n")
+    assert cfg.daemon.interval == 2.0 and cfg.daemon.cgroup_dirs == (Path("/sys/fs/cgroup/cpu/x"),)
+    assert cfg.daemon.mode == "fill" and cfg.daemon.socket == Path("/var/lib/migrd/migrd.sock")
+    assert config_mod.parse(config_mod.dump(cfg)).daemon == cfg.daemon
+    with pytest.raises(ConfigError, match=r"key 'daemon.interval' \(line 3\): expected a number"):
+        config_mod.parse("host: a\ndaemon:\n  interval: often\n")
+
+
+def test_example_config_is_complete():
+    """configs/migrd.yaml documents every daemon key with its default."""
+    cfg = config_mod.parse((Path(__file__).parent.parent / "configs" / "migrd.yaml").read_text())
+    assert cfg.daemon == DaemonSettings()
+
+
+def test_daemon_refuses_a_malformed_config(tmp_path):
+    bad = tmp_path / "migrd.yaml"
+    bad.write_text("state_dir: /tmp/x\ndaemon:\n  mode: offload\n  intervall: 3\n")
+    r = subprocess.run([sys.executable, "-m", "migrd.daemon", "--once"], capture_output=True, text=True,
+                       env={**os.environ, "MIGRD_CONFIG": str(bad)}, timeout=60)
+    assert r.returncode == 8
+    assert "daemon.intervall" in r.stderr and "line 4" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.root
+def test_cli_without_an_agent_exits_12(tmp_path):
+    cfg = tmp_path / "migrd.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\ndaemon:\n  socket: {tmp_path / 'none.sock'}\n")
+    for cmd in (["status"], ["explain", "1"], ["pause", "--json"]):
+        r = subprocess.run([sys.executable, "-m", "migrd.cli", *cmd], capture_output=True, text=True,
+                           env={**os.environ, "MIGRD_CONFIG": str(cfg)}, timeout=60)
+        assert r.returncode == 12 and "no migrd agent answers" in r.stderr, r.stderr
