@@ -39,7 +39,7 @@ import psutil
 
 from . import admin, exchange, journal, load, migrate, policy, precheck, sdnotify, workload
 from .config import Config
-from .costmodel import Action, Link
+from .costmodel import Action
 from .errors import ConfigError, InputError, MigrdError
 from .load import HostLoad
 from .policy import Candidate, Decision, Level, Mode, Peer, Situation
