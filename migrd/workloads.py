@@ -26,6 +26,21 @@ while time.time() < deadline:
 """
 
 
+#: CPU-bound: spins, appending a counter every 0.1 s (reopening the file), and ends by itself
+#: at the absolute time argv[2].
+BUSY = f"""
+import sys, time  # {MARK}
+path, deadline = sys.argv[1], float(sys.argv[2])
+n, t = 0, 0.0
+while time.time() < deadline:
+    if time.time() - t >= 0.1:
+        n += 1
+        with open(path, "a") as f:
+            f.write(f"{{n}}\\n")
+        t = time.time()
+"""
+
+
 def read_counts(path) -> list[int]:
     try:
         with open(path) as f:

@@ -23,44 +23,18 @@ from migrd import bed as bed_mod
 from migrd import cgroup
 from migrd import config as config_mod
 from migrd.policy import PolicyConfig, Watermarks
-from migrd.workloads import MARK, read_counts
-from workloads import wait_for
+from migrd.workloads import BUSY, read_counts
+from workloads import copies, wait_for
 
 pytestmark = pytest.mark.root
 BED_HOSTS = 3
 PY = sys.executable
 WORKLOADS = 4
 
-#: Busy loop that appends a counter every 0.1 s (reopening the file, so CRIU never sees it
-#: grow while open) and ends by itself at the absolute deadline argv[2].
-BUSY = f"""
-import sys, time  # {MARK}
-path, deadline = sys.argv[1], float(sys.argv[2])
-n, t = 0, 0.0
-while time.time() < deadline:
-    if time.time() - t >= 0.1:
-        n += 1
-        with open(path, "a") as f:
-            f.write(f"{{n}}\\n")
-        t = time.time()
-"""
-
 POLICY = PolicyConfig(
     load=Watermarks(high=2.0, low=0.5), util=Watermarks(high=0.9, low=0.3),
     run_queue=Watermarks(high=1.5, low=0.5), hold_s=2.0, host_cooldown_s=4.0,
     process_cooldown_s=120.0, min_age_s=2.0, min_gain=0.5, min_gain_ratio=0.05)
-
-
-def copies(marker: str) -> list[int]:
-    out = []
-    for p in psutil.process_iter(["cmdline", "status", "name"]):
-        try:
-            if (p.info["status"] != psutil.STATUS_ZOMBIE and p.info["name"] != "unshare"
-                    and any(marker in a for a in p.info["cmdline"] or ())):
-                out.append(p.pid)
-        except psutil.Error:
-            pass
-    return out
 
 
 @pytest.fixture(scope="module")

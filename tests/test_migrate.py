@@ -17,7 +17,7 @@ import pytest
 
 from migrd.journal import STEPS
 from migrd.workloads import COUNTER, read_counts
-from workloads import wait_for
+from workloads import copies, wait_for
 
 pytestmark = pytest.mark.root
 BED_HOSTS = 3
@@ -40,20 +40,6 @@ def mig(run_in):
 
 def jrun(mig, host: str, command: str, *args: str, **kw) -> dict | list:
     return json.loads(mig(host, command, "--json", *args, **kw).stdout)
-
-
-def copies(marker: str) -> list[int]:
-    """Live processes anywhere on the machine running the workload named by marker (not the
-    `unshare` that `migrctl run` leaves waiting for its PID namespace's init)."""
-    out = []
-    for p in psutil.process_iter(["cmdline", "status", "name"]):
-        try:
-            if (p.info["status"] != psutil.STATUS_ZOMBIE and p.info["name"] != "unshare"
-                    and any(marker in a for a in p.info["cmdline"] or ())):
-                out.append(p.pid)
-        except psutil.Error:
-            pass
-    return out
 
 
 @pytest.fixture

@@ -100,6 +100,21 @@ class Procs:
             pass
 
 
+def copies(marker: str) -> list[int]:
+    """Live processes anywhere on the machine running the workload named by marker (not the
+    `unshare` that `migrctl run` leaves waiting for its PID namespace's init). Bed hosts share
+    one PID space, so this counts copies on every host at once."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status", "name"]):
+        try:
+            if (p.info["status"] != psutil.STATUS_ZOMBIE and p.info["name"] != "unshare"
+                    and any(marker in a for a in p.info["cmdline"] or ())):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
 def is_running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -107,4 +122,4 @@ def is_running(pid: int) -> bool:
         return False
 
 
-__all__ = ["COUNTER", "SERVER", "Procs", "values", "wait_for", "ask", "is_running", "signal"]
+__all__ = ["COUNTER", "SERVER", "Procs", "values", "wait_for", "ask", "is_running", "copies", "signal"]

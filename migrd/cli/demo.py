@@ -11,12 +11,24 @@ from pathlib import Path
 import click
 import psutil
 
+import dataclasses
+
 from .. import bed as bed_mod
+from .. import cgroup
+from .. import config as config_mod
 from ..journal import STEPS
-from ..workloads import COUNTER, read_counts
+from ..policy import PolicyConfig, Watermarks
+from ..workloads import BUSY, COUNTER, read_counts
 from .common import human_bytes, require_root
 
 ROUTE = ("host1", "host2", "host3", "host1")
+
+#: Thresholds for a demo that should take seconds, not minutes (the defaults hold 30 s).
+DEMO_POLICY = PolicyConfig(
+    load=Watermarks(high=2.0, low=0.5), util=Watermarks(high=0.9, low=0.3),
+    run_queue=Watermarks(high=1.5, low=0.5), hold_s=2.0, host_cooldown_s=4.0,
+    process_cooldown_s=120.0, min_age_s=2.0, min_gain=0.5, min_gain_ratio=0.05)
+BUSY_WORKLOADS = 4
 
 
 def _wait_counts(path: Path, at_least: int, timeout: float = 30) -> list[int]:
@@ -28,9 +40,87 @@ def _wait_counts(path: Path, at_least: int, timeout: float = 30) -> list[int]:
     return counts
 
 
+def _live(marker: str) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline", "name"])
+            if p.info["name"] != "unshare" and marker in (p.info["cmdline"] or [])]
+
+
+def _automatic(state: bed_mod.BedState, migrctl, work: Path, step) -> None:
+    """Act two: agents on every host, load on host1 only, and the agents spread it."""
+    step("starting a migrd agent in every host (1 s rounds, demo thresholds)")
+    for h in state.hosts:
+        path = h.dir / "etc" / "migrd.yaml"
+        cfg = config_mod.parse(path.read_text())
+        path.write_text(config_mod.dump(dataclasses.replace(
+            cfg, policy=DEMO_POLICY, daemon=dataclasses.replace(cfg.daemon, interval=1.0))))
+    agents = bed_mod.start_agents(state)
+    click.echo("agents: " + ", ".join(f"{h} PID {p}" for h, p in agents.items()))
+    outs = [work / f"busy-{i}.txt" for i in range(BUSY_WORKLOADS)]
+    try:
+        step(f"host1: {BUSY_WORKLOADS} CPU-bound workloads (migrctl run), nothing on host2 and host3")
+        deadline = time.time() + 150
+        for i, out in enumerate(outs):
+            migrctl("host1", "run", "--json", "--name", f"busy{i}", "--", sys.executable, "-c", BUSY,
+                    str(out), str(deadline))
+
+        def placement() -> dict[str, int]:
+            where = {h.name: 0 for h in state.hosts}
+            for out in outs:
+                for pid in _live(str(out)):
+                    for h in state.hosts:
+                        if pid in cgroup.pids(h.cgroup):
+                            where[h.name] += 1
+            return where
+
+        t0 = time.monotonic()
+        last = None
+        while time.monotonic() - t0 < 90:
+            now = placement()
+            if now != last:
+                click.echo(f"  t={time.monotonic() - t0:5.1f} s  " +
+                           "  ".join(f"{h}: {'#' * n:4} {n}" for h, n in now.items()))
+                last = now
+            if now["host1"] <= 2 and now["host2"] and now["host3"]:
+                break
+            time.sleep(0.5)
+        else:
+            raise click.ClickException("the agents did not spread the load within 90 s")
+        click.echo(f"balanced after {time.monotonic() - t0:.1f} s")
+
+        step("why: host1's decision record for its last move (from state_dir/decisions.jsonl)")
+        moves = [m for h in state.hosts for m in migrctl(h.name, "history", "--json")
+                 if m["name"] and m["name"].startswith("busy") and m["outcome"] == "ok"]
+        log = (state.host("host1").dir / "state" / "decisions.jsonl").read_text().splitlines()
+        moved = [r for r in map(json.loads, log) if r.get("migration")]
+        if moved:
+            r = moved[-1]
+            gain = (r.get("estimate") or {}).get("gain")
+            click.echo(f"  {r['action']} PID {r['pid']} ({r['name']}) -> {r['target']}"
+                       + (f", expected gain {gain:.1f}" if gain is not None else ""))
+            click.echo("\n".join(f"    - {reason}" for reason in r["reasons"]))
+        step("host1 now: migrctl explain")
+        click.echo("\n".join("  " + line for line in migrctl("host1", "explain", "--json")["text"].splitlines()))
+        step("automatic moves (migrctl history on each host)")
+        for m in moves:
+            click.echo(f"  {m['name']}: PID {m['pid']} -> {m['target']}, downtime {m['downtime']:.2f} s")
+        for out in outs:
+            counts = read_counts(out)
+            if counts != list(range(1, len(counts) + 1)) or len(_live(str(out))) != 1:
+                raise click.ClickException(f"{out.name}: state lost or not exactly one copy")
+        click.secho(f"OK: {len(moves)} automatic moves, every workload kept its count, one copy each.",
+                    fg="green")
+    finally:
+        for h in state.hosts:
+            bed_mod.stop_agent(h)
+        for out in outs:
+            for pid in _live(str(out)):
+                psutil.Process(pid).kill()
+
+
 @click.command()
 @click.option("--keep", is_flag=True, help="Leave the bed up afterwards (remove it with `migrctl bed down --name NAME`).")
-def demo(keep: bool) -> None:
+@click.option("--manual-only", is_flag=True, help="Skip act two (the agents balancing load by themselves).")
+def demo(keep: bool, manual_only: bool) -> None:
     """Move a running process around a 3-host bed and watch it keep its state.
 
     Builds an embedded bed (three network-namespace hosts, each with its own sshd, config,
@@ -38,7 +128,11 @@ def demo(keep: bool) -> None:
     1, 2, 3, ... to a file, 20 per second), then migrates it host1 -> host2 -> host3 -> host1
     with `migrctl migrate` run inside the source host, exactly as on real machines. After each
     move it shows the phases, downtime and bytes moved, and that the count went on from where
-    it was frozen instead of starting again. The bed is removed at the end.
+    it was frozen instead of starting again.
+
+    Act two starts a migrd agent in every host and four CPU-bound workloads on host1 only; the
+    agents notice the overload, move workloads to host2 and host3, and `migrctl explain` shows
+    the numbers behind a decision. The bed is removed at the end.
     """
     require_root("migrctl demo")
     step = lambda text: click.secho(f"\n==> {text}", bold=True)  # noqa: E731
@@ -80,8 +174,7 @@ def demo(keep: bool) -> None:
                 if counts != list(range(1, len(counts) + 1)):
                     raise click.ClickException("the count did not continue where it was frozen")
                 click.echo(f"  the counter carries on: ... {', '.join(map(str, counts[frozen - 2:frozen + 4]))} ...")
-                alive = [p.pid for p in psutil.process_iter(["cmdline", "name"])
-                         if p.info["name"] != "unshare" and str(out) in (p.info["cmdline"] or [])]
+                alive = _live(str(out))
                 click.echo(f"  live copies: {len(alive)} (PID {', '.join(map(str, alive))})")
 
             step("migrctl history on each host (a migration is recorded where it started)")
@@ -91,10 +184,13 @@ def demo(keep: bool) -> None:
                                f"downtime {h['downtime']:.2f} s")
             click.secho(f"\nOK: one process, three hosts, {len(read_counts(out))} counts without a gap.",
                         fg="green")
+            for p in _live(str(out)):
+                psutil.Process(p).kill()
+            if not manual_only:
+                _automatic(state, migrctl, Path(tmp), step)
         finally:
-            for p in psutil.process_iter(["cmdline"]):
-                if str(out) in (p.info["cmdline"] or []):
-                    p.kill()
+            for p in _live(str(out)):
+                psutil.Process(p).kill()
             if keep:
                 click.echo(f"\nbed {name!r} left up: `migrctl bed status --name {name}`, "
                            f"`migrctl bed down --name {name}`")
