@@ -2,18 +2,21 @@
 
 `STEP:error` makes that step raise before it does anything; `STATE:die` makes the process
 SIGKILL itself right after the journal recorded STATE (so nothing after it ran, and nothing
-got to clean up). Unset, they cost one dict lookup.
+got to clean up); `STEP:delay` waits DELAY_SECONDS before the step (a window for tests that
+signal a migration in flight). Unset, they cost one dict lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from .errors import MigrdError
 
 ENV = "MIGRD_FAILPOINTS"
-KINDS = ("error", "die")
+KINDS = ("error", "die", "delay")
+DELAY_SECONDS = 5.0
 
 
 def parse(spec: str) -> dict[str, str]:
@@ -32,8 +35,11 @@ def _active() -> dict[str, str]:
 
 def step(name: str) -> None:
     """Call at the start of a step."""
-    if _active().get(name) == "error":
+    kind = _active().get(name)
+    if kind == "error":
         raise MigrdError(f"failpoint {name}:error triggered")
+    if kind == "delay":
+        time.sleep(DELAY_SECONDS)
 
 
 def after_state(name: str) -> None:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,6 +38,10 @@ from .manifest import ProcessInfo, process_from_dict
 
 
 STRATEGIES = ("stop-copy",)
+
+#: Set by a SIGTERM/SIGINT handler (`migrctl migrate` installs one): the migration stops at the
+#: next step boundary and rolls back; once at commit it finishes instead.
+STOP = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,15 @@ class Migration:
 
     # --- the forward path ------------------------------------------------------------------
 
+    def _begin(self, step: str, **data: Any) -> None:
+        """Journal the step, then honour a failpoint or a stop request before it starts.
+        Steps are never interrupted half-way: a CRIU killed mid-dump could leave its frozen
+        task with parasite code in it."""
+        self.j.record(step, **data)
+        failpoints.step(step)
+        if STOP.is_set() and step != "commit":
+            raise MigrdError(f"interrupted (SIGTERM/SIGINT) before {step}; rolled back")
+
     def start(self, info: ProcessInfo, opts: Options, name: str | None, stdout: str | None,
               progress: ProgressFn | None) -> Outcome:
         carry = sorted({f.path for f in info.open_files} if opts.with_files
@@ -189,16 +203,14 @@ class Migration:
                 remote_images: str, progress: ProgressFn | None) -> None:
         if opts.mode == "restart":
             return self.forward_restart(conn, info, opts)
-        self.j.record("checkpoint")
-        failpoints.step("checkpoint")
+        self._begin("checkpoint")
         tables_before = netaddr.nft_tables()
         freeze = time.time()
         ck = cp.checkpoint(self.cfg, info.pid, self.images, leave_running=opts.mode == "clone",
                            tcp_established=opts.tcp_established, pass_fds=(self.lock_fd,))
-        self.j.record("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+        self._begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
                       image_bytes=ck.manifest.image_bytes,
                       nft_tables=sorted(netaddr.nft_tables() - tables_before))
-        failpoints.step("transfer")
         if opts.move_address:
             iface = netaddr.holder_of(opts.move_address)
             netaddr.delete(opts.move_address)
@@ -207,40 +219,32 @@ class Migration:
         for path in self.data["carry"]:
             moved += conn.put_file(Path(path), path)
         stats = conn.send_images(self.images, remote_images, progress=progress)
-        self.j.record("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
-        failpoints.step("restore")
+        self._begin("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
         args = ["peer", "restore", self.j.id]
         args += ["--name", self.data["workload"]] if self.data.get("workload") else []
         args += ["--stdout", self.data["stdout"]] if self.data.get("stdout") else []
         args += ["--address", opts.move_address] if opts.move_address else []
         r = _migrctl_json(conn, args, timeout=self.cfg.ssh.op_timeout)
-        self.j.record("verify", target_pid=r["pid"], restore_seconds=r["seconds"])
-        failpoints.step("verify")
+        self._begin("verify", target_pid=r["pid"], restore_seconds=r["seconds"])
         self.verify(conn, info, seen=r["restored"])
-        self.j.record("commit")
-        failpoints.step("commit")
+        self._begin("commit")
         self.commit(conn)
 
     def forward_restart(self, conn: transport.Connection, info: ProcessInfo, opts: Options) -> None:
         """Weak mobility: end the process here, start the same command line, directory and
         environment fresh there. Ending first keeps "never two copies"; a failure after it
         starts the command fresh here again (restart mode gives up execution state anyway)."""
-        self.j.record("checkpoint")
-        failpoints.step("checkpoint")
+        self._begin("checkpoint")
         _end(info.pid, info.start_time)
-        self.j.record("transfer")
-        failpoints.step("transfer")
+        self._begin("transfer")
         moved = sum(conn.put_file(Path(p), p) for p in self.data["carry"])
-        self.j.record("restore", bytes=moved)
-        failpoints.step("restore")
+        self._begin("restore", bytes=moved)
         spec = {"cmdline": list(info.cmdline), "cwd": info.cwd, "env": info.environ,
                 "name": self.data.get("workload")}
         r = _migrctl_json(conn, ["peer", "start", self.j.id], spec)
-        self.j.record("verify", target_pid=r["pid"])
-        failpoints.step("verify")
+        self._begin("verify", target_pid=r["pid"])
         self.verify(conn, info, ports=False)
-        self.j.record("commit")
-        failpoints.step("commit")
+        self._begin("commit")
         self.commit(conn)
 
     def verify(self, conn: transport.Connection, info: ProcessInfo, ports: bool = True,

@@ -301,3 +301,25 @@ def test_target_down_is_refused_within_timeout(mig, run_in, bed, counter):
     assert time.monotonic() - t0 < 30
     continues(out, 3)
     assert len(copies(str(out))) == 1
+
+
+def test_sigterm_mid_migration_rolls_back_at_the_next_step(mig, bed, counter):
+    """SIGTERM never interrupts a step (a CRIU killed mid-dump could leave its frozen task
+    broken): the migration stops at the next step boundary and rolls back."""
+    import signal as sig
+
+    from migrd import bed as bed_mod
+
+    pid, out = counter()
+    p = bed_mod.spawn_in(bed, "host1", ["env", "MIGRD_FAILPOINTS=transfer:delay", PY, "-m", "migrd.cli",
+                                        "migrate", str(pid), "--to", "host2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journals = bed.host("host1").dir / "state" / "migrations"
+    wait_for(lambda: any('"state": "transfer"' in j.read_text() for j in journals.glob("*/journal.jsonl")
+                         if str(pid) in j.read_text()), what="the migration to reach transfer")
+    p.send_signal(sig.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and b"interrupted (SIGTERM/SIGINT) before transfer" in err, err
+    wait_for(lambda: len(copies(str(out))) == 1, what="exactly one copy")
+    continues(out, 3)
+    assert jrun(mig, "host1", "history")[-1]["outcome"] == "rolled back"

@@ -80,7 +80,8 @@ def test_opt_in_rules(settings, user, cgroups, registered, allowed):
 
 
 def test_failpoint_parsing_and_error(monkeypatch):
-    assert failpoints.parse("transfer:error, commit:die") == {"transfer": "error", "commit": "die"}
+    assert failpoints.parse("transfer:error, commit:die, verify:delay") == \
+        {"transfer": "error", "commit": "die", "verify": "delay"}
     with pytest.raises(MigrdError, match="kind must be one of"):
         failpoints.parse("transfer:boom")
     monkeypatch.setenv(failpoints.ENV, "restore:error")

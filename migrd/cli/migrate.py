@@ -1,8 +1,8 @@
-"""`migrctl migrate`, `run`, `ps`, `history`, and the `peer` commands a source runs on a target."""
+"""`migrctl migrate`, `run`, `ps`, `history` and `recover`."""
 
 from __future__ import annotations
 
-
+import signal
 from datetime import datetime
 
 import click
@@ -51,6 +51,9 @@ def migrate(pid: str, target: str, strategy: str, mode: str, with_files: bool,
     cfg = load_config()
     opts = mig.Options(target=target, mode=mode, strategy=strategy, with_files=with_files,
                        move_address=move_address, tcp_established=tcp_established, dry_run=dry_run)
+    # Stop at the next step boundary and roll back, never in the middle of a CRIU call.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: mig.STOP.set())
     progress = Progress(f"sending to {target}", enabled=False if as_json else None)
     try:
         out = mig.migrate(cfg, parse_pid(pid), opts, progress=progress)
