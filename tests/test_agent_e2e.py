@@ -114,6 +114,17 @@ def test_agents_balance_load(bed, run_in, agents, tmp_path: Path):
             assert st["host"] == h.name and st["rounds"] > 0 and not st["paused"]
             ex = json.loads(run_in(h.name, PY, "-m", "migrd.cli", "explain", "--json").stdout)
             assert ex["decision"]["source"] == h.name and ex["text"]
+            # ps, hosts and history show the agent's view when it runs.
+            ps = json.loads(run_in(h.name, PY, "-m", "migrd.cli", "ps", "--json").stdout)
+            if any(r["alive"] for r in ps):
+                assert any("action" in r for r in ps), ps
+            view = json.loads(run_in(h.name, PY, "-m", "migrd.cli", "hosts", "--json").stdout)
+            assert {r["name"] for r in view} == {"host1", "host2", "host3"}
+            assert [r["name"] for r in view if r["self"]] == [h.name]
+            assert all(r["level"] for r in view), view
+            for m in history(run_in, h.name):
+                if m["outcome"] == "ok":
+                    assert m["decision_reasons"], m
 
         # Every move is explained in its source's decisions log.
         for h in bed.hosts:

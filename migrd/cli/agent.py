@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .. import admin
+from ..errors import AgentNotRunning
 from ..process import parse_pid
 from .common import emit, json_option, load_config, require_root
 
@@ -16,6 +17,15 @@ from .common import emit, json_option, load_config, require_root
 def ask(op: str, **args: Any) -> Any:
     require_root(f"migrctl {op}")
     return admin.request(load_config().daemon.socket, op, **args)
+
+
+def ask_if_running(cfg: Any, op: str, **args: Any) -> Any | None:
+    """The agent's answer, or None when no agent runs here (read commands then fall back to
+    what they can see locally)."""
+    try:
+        return admin.request(cfg.daemon.socket, op, **args)
+    except AgentNotRunning:
+        return None
 
 
 def _status_text(s: dict[str, Any]) -> str:

@@ -29,11 +29,47 @@ def _check(cfg: config.Config, host: config.HostEntry) -> dict[str, Any]:
     return row
 
 
+def _agent_rows(view: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for v in view:
+        load, link = v.get("load") or {}, v.get("link") or {}
+        cap = load.get("cpu_capacity") or load.get("cpus") or 1
+        rows.append({"name": v["name"], "self": v["self"], "level": v.get("level"),
+                     "age_s": v.get("age_s"),
+                     "load_per_cpu": round(load["loadavg"][0] / cap, 2) if load else None,
+                     "cpu_util": load.get("cpu_util"),
+                     "rtt_ms": round(link["rtt_s"] * 1000, 2) if link else None,
+                     "bandwidth_mb_s": round(link["bandwidth"] / 1e6, 1) if link else None,
+                     "error": v.get("error")})
+    return rows
+
+
 @click.command("hosts")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def hosts(as_json: bool) -> None:
-    """Probe every configured peer: reachable, round-trip time, bandwidth (up to 32 MiB or 1 s sent)."""
+@click.option("--probe", is_flag=True, help="Measure now over SSH even when an agent runs here.")
+def hosts(as_json: bool, probe: bool) -> None:
+    """This host's peers: with an agent running, its view (each peer's level, load and the
+    age of its last snapshot, and the measured link); otherwise, or with --probe, a live probe
+    over SSH (reachable, round-trip time, bandwidth; up to 32 MiB or 1 s sent per peer)."""
+    from .agent import ask_if_running
+
     cfg = config.load()
+    view = None if probe else ask_if_running(cfg, "hosts")
+    if view is not None:
+        rows = _agent_rows(view)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        click.echo(f"{'HOST':<12} {'LEVEL':<7} {'AGE s':>6} {'LOAD/CPU':>9} {'UTIL':>5} {'RTT ms':>8} {'MB/s':>8}")
+        for r in rows:
+            cell = lambda v, f: f.format(v) if v is not None else "-"  # noqa: E731
+            name = r["name"] + (" *" if r["self"] else "")
+            click.echo(f"{name:<12} {r['level'] or '-':<7} {cell(r['age_s'], '{:.1f}'):>6} "
+                       f"{cell(r['load_per_cpu'], '{:.2f}'):>9} {cell(r['cpu_util'], '{:.2f}'):>5} "
+                       f"{cell(r['rtt_ms'], '{:.2f}'):>8} {cell(r['bandwidth_mb_s'], '{:.1f}'):>8}")
+            if r["error"]:
+                click.echo(f"  {r['error']}")
+        return
     rows = [_check(cfg, h) for h in cfg.hosts if h.name != cfg.host]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from datetime import datetime
 
@@ -12,6 +13,7 @@ from .. import migrate as mig
 from .. import workload
 from ..process import parse_pid
 from ..progress import Progress
+from .agent import ask_if_running
 from .common import emit, human_bytes, json_option, load_config, require_root
 
 
@@ -95,16 +97,38 @@ def run(name: str | None, command: tuple[str, ...], as_json: bool) -> None:
 @click.command()
 @json_option
 def ps(as_json: bool) -> None:
-    """List the migratable workloads on this host."""
+    """List the migratable workloads on this host, with the agent's view when it runs.
+
+    Without an agent: the workloads started here with `migrctl run`. With one: also every
+    other candidate its opt-in rules allow, and for each what the policy would do with it
+    alone (action, target, expected gain, the deciding reason).
+    """
     cfg = load_config()
     rows = [{"name": w.name, "pid": w.pid, "alive": w.alive(), "command": " ".join(w.cmdline),
              "log": w.stdout} for w in workload.Registry(cfg.state_dir).all()]
+    scored = ask_if_running(cfg, "ps")
+    if scored is not None:
+        by_pid = {r["pid"]: r for r in rows}
+        for c in scored:
+            row = by_pid.get(c["pid"])
+            if row is None:
+                row = {"name": c["name"], "pid": c["pid"], "alive": True,
+                       "command": " ".join(c["cmdline"]), "log": None}
+                rows.append(row)
+            row.update({k: c[k] for k in ("action", "target", "gain", "reason", "cpu_share", "age_s")})
 
     def human(rs) -> str:
         if not rs:
             return "no workloads (start one with `migrctl run -- CMD`)"
-        lines = [f"{'NAME':20} {'PID':>8} {'STATE':7} COMMAND"]
-        lines += [f"{r['name']:20} {r['pid']:>8} {'running' if r['alive'] else 'gone':7} {r['command'][:60]}" for r in rs]
+        lines = [f"{'NAME':20} {'PID':>8} {'STATE':7} {'POLICY':28} COMMAND"]
+        for r in rs:
+            policy_view = (f"{r['action']}" + (f" -> {r['target']}" if r.get("target") else "")
+                           + (f" (gain {r['gain']:.1f})" if r.get("gain") is not None else "")
+                           if "action" in r else "-")
+            lines.append(f"{r['name']:20} {r['pid']:>8} {'running' if r['alive'] else 'gone':7} "
+                         f"{policy_view:28} {r['command'][:50]}")
+        if scored is None:
+            lines.append("(no agent running here: policy view unavailable)")
         return "\n".join(lines)
 
     emit(rows, as_json, human)
@@ -114,20 +138,25 @@ def ps(as_json: bool) -> None:
 @click.option("--limit", type=int, default=50, show_default=True, help="Show the newest N migrations.")
 @json_option
 def history(limit: int, as_json: bool) -> None:
-    """Every migration started on this host: outcome, phase times, bytes, downtime."""
+    """Every migration started on this host: outcome, phase times, bytes, downtime, and, for
+    moves the agent decided, the policy's reasons."""
     cfg = load_config()
-    rows = [journal_mod.summarize(j) for j in journal_mod.all_journals(cfg.state_dir)][-limit:]
+    rows = ask_if_running(cfg, "history", limit=limit)
+    if rows is None:
+        rows = [dataclasses.asdict(journal_mod.summarize(j))
+                for j in journal_mod.all_journals(cfg.state_dir)][-limit:]
 
     def human(rs) -> str:
         if not rs:
             return "no migrations yet"
         lines = [f"{'ID':24} {'WHEN':8} {'PID':>7} {'TO':8} {'MODE':7} {'BYTES':>10} {'DOWN':>7}  OUTCOME"]
         for r in rs:
-            when = datetime.fromtimestamp(r.started).strftime("%H:%M:%S")
-            down = f"{r.downtime:.2f}s" if r.downtime is not None else "-"
-            outcome = r.outcome + (f": {r.reason}" if r.reason and r.outcome != "ok" else "")
-            lines.append(f"{r.id:24} {when:8} {r.pid or '-':>7} {r.target or '-':8} {r.mode or '-':7} "
-                         f"{human_bytes(r.bytes):>10} {down:>7}  {outcome[:80]}")
+            when = datetime.fromtimestamp(r["started"]).strftime("%H:%M:%S")
+            down = f"{r['downtime']:.2f}s" if r["downtime"] is not None else "-"
+            outcome = r["outcome"] + (f": {r['reason']}" if r["reason"] and r["outcome"] != "ok" else "")
+            lines.append(f"{r['id']:24} {when:8} {r['pid'] or '-':>7} {r['target'] or '-':8} "
+                         f"{r['mode'] or '-':7} {human_bytes(r['bytes']):>10} {down:>7}  {outcome[:80]}")
+            lines += [f"{'':26}why: {reason}" for reason in r.get("decision_reasons") or ()]
         return "\n".join(lines)
 
     emit(rows, as_json, human)
