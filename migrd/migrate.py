@@ -224,11 +224,17 @@ class Migration:
         args += ["--name", self.data["workload"]] if self.data.get("workload") else []
         args += ["--stdout", self.data["stdout"]] if self.data.get("stdout") else []
         args += ["--address", opts.move_address] if opts.move_address else []
-        r = _migrctl_json(conn, args, timeout=self.cfg.ssh.op_timeout)
-        self._begin("verify", target_pid=r["pid"], restore_seconds=r["seconds"])
-        self.verify(conn, info, seen=r["restored"])
-        self._begin("commit")
-        self.commit(conn)
+        # One session for restore and commit: the target restores, answers, and waits for our
+        # word, which saves a whole SSH session + Python start while the process is frozen.
+        talk = conn.converse([*self.cfg.ssh.remote_migrctl, *args, "--await-commit", "--json"])
+        try:
+            r = json.loads(talk.readline())
+            self._begin("verify", target_pid=r["pid"], restore_seconds=r["seconds"])
+            self.verify(conn, info, seen=r["restored"])
+            self._begin("commit")
+            self.commit(conn, talk)
+        finally:
+            talk.close()  # before any rollback: the target then leaves its copy to `peer abort`
 
     def forward_restart(self, conn: transport.Connection, info: ProcessInfo, opts: Options) -> None:
         """Weak mobility: end the process here, start the same command line, directory and
@@ -261,13 +267,23 @@ class Migration:
             raise MigrdError(f"the restored process does not listen on port(s) "
                              f"{', '.join(map(str, sorted(missing)))} on {conn.host.name}")
 
-    def commit(self, conn: transport.Connection | None) -> None:
-        """Past the point of no return: the target copy runs. Idempotent."""
+    def commit(self, conn: transport.Connection | None,
+               talk: transport.Conversation | None = None) -> None:
+        """Past the point of no return: the target copy runs. Idempotent. talk: the restore's
+        session, still waiting for our word; without it (or if it broke) a `peer finish`."""
         d = self.data
         opts = self.opts
         if conn is not None:
-            args = ["peer", "finish", self.j.id] + (["--address", opts.move_address] if opts.move_address else [])
-            _migrctl_json(conn, args)
+            finished = False
+            if talk is not None:
+                try:
+                    talk.send_line("commit")
+                    finished = "finished" in json.loads(talk.readline())
+                except (TransportError, ValueError):
+                    pass  # `peer finish` below is idempotent
+            if not finished:
+                args = ["peer", "finish", self.j.id] + (["--address", opts.move_address] if opts.move_address else [])
+                _migrctl_json(conn, args)
             if opts.mode == "move" and "freeze" in d and "downtime" not in d:
                 # From the freeze here to the copy there running again.
                 self.j.record("resumed", downtime=round(time.time() - d["freeze"], 4))

@@ -256,6 +256,12 @@ class Connection:
         """Run migrctl ARGS on the peer (ssh.remote_migrctl says how it is started there)."""
         return self.run([*self.cfg.ssh.remote_migrctl, *args], input=input, timeout=timeout)
 
+    def converse(self, argv: Sequence[str], timeout: float | None = None) -> Conversation:
+        """Start argv on the peer and talk to it line by line (its stdout answers, our lines go
+        to its stdin), so one SSH session can carry several steps."""
+        timeout = self.cfg.ssh.op_timeout if timeout is None else timeout
+        return Conversation(self, self._exec(argv, timeout), argv[-1] if argv else "?", timeout)
+
     def _finish(self, chan: paramiko.Channel, what: str, timeout: float) -> RunResult:
         """Collect stdout/stderr until the remote command exits."""
         out, err = bytearray(), bytearray()
@@ -410,6 +416,52 @@ class Connection:
         finally:
             chan.close()
         return LinkEstimate(rtt_s=statistics.median(samples[1:]), bandwidth_bytes_per_s=sent / seconds)
+
+
+class Conversation:
+    """A remote command in progress, read and written a line at a time. close() ends our side
+    (the command sees EOF on stdin) and collects its exit status."""
+
+    def __init__(self, conn: Connection, chan: paramiko.Channel, what: str, timeout: float) -> None:
+        self.conn = conn
+        self.chan = chan
+        self.what = what
+        self.timeout = timeout
+        self._buf = bytearray()
+        self.result: RunResult | None = None
+
+    def readline(self) -> bytes:
+        """The next line of the command's stdout; if it ends without one, its own error line."""
+        while b"\n" not in self._buf:
+            try:
+                data = self.chan.recv(1 << 16)
+            except socket.timeout:
+                raise TransportError(f"{self.conn.where}: no answer from {self.what} within "
+                                     f"{self.timeout:g} s") from None
+            if not data:
+                result = self.close()
+                raise TransportError(f"{self.conn.where}: {self.what} ended: {_remote_error(result)}")
+            self._buf += data
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        return line
+
+    def send_line(self, text: str) -> None:
+        try:
+            self.conn._send_all(self.chan, memoryview(text.encode() + b"\n"), f"talking to {self.what}")
+        except _PeerClosed:
+            raise TransportError(f"{self.conn.where}: {self.what} stopped listening") from None
+
+    def close(self, timeout: float = 15.0) -> RunResult:
+        if self.result is None:
+            try:
+                self.chan.shutdown_write()
+                self.result = self.conn._finish(self.chan, self.what, timeout)
+            except (OSError, EOFError, paramiko.SSHException, TransportError) as e:
+                self.result = RunResult(-1, b"", f"connection lost: {e}".encode())
+            finally:
+                self.chan.close()
+        return self.result
 
 
 def connect(cfg: Config, name: str, tuning: Tuning = DEFAULT_TUNING) -> Connection:

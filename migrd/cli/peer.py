@@ -7,6 +7,7 @@ paramiko): every call is one SSH session plus one Python start on the target.
 from __future__ import annotations
 
 import json
+import select
 import sys
 
 import click
@@ -35,9 +36,25 @@ def peer_precheck(as_json: bool) -> None:
 @click.option("--name")
 @click.option("--stdout")
 @click.option("--address")
+@click.option("--await-commit", is_flag=True,
+              help="After the restore, wait for 'commit' or 'abort' on stdin (saves the source a "
+                   "second SSH session while the process is frozen).")
 @json_option
-def peer_restore(mid: str, name: str | None, stdout: str | None, address: str | None, as_json: bool) -> None:
-    click.echo(json.dumps(peer_mod.restore(load_config(), mid, name, stdout, address)))
+def peer_restore(mid: str, name: str | None, stdout: str | None, address: str | None,
+                 await_commit: bool, as_json: bool) -> None:
+    cfg = load_config()
+    click.echo(json.dumps(peer_mod.restore(cfg, mid, name, stdout, address)))
+    if not await_commit:
+        return
+    sys.stdout.flush()
+    # EOF or silence: the source died or gave up. The copy stays stopped; the source's
+    # rollback or `migrd recover` decides its fate with `peer abort` or `peer finish`.
+    ready, _, _ = select.select([sys.stdin], [], [], cfg.ssh.op_timeout)
+    word = sys.stdin.readline().strip() if ready else ""
+    if word == "commit":
+        click.echo(json.dumps(peer_mod.finish(cfg, mid, address)))
+    elif word == "abort":
+        click.echo(json.dumps(peer_mod.abort(cfg, mid, address, [])))
 
 
 @peer.command("start")
