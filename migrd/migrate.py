@@ -241,7 +241,8 @@ class Migration:
         environment fresh there. Ending first keeps "never two copies"; a failure after it
         starts the command fresh here again (restart mode gives up execution state anyway)."""
         self._begin("checkpoint")
-        _end(info.pid, info.start_time)
+        # SIGTERM first, then SIGKILL: a PID namespace's init ignores SIGTERM unless it handles it.
+        workload.end(info.pid, info.start_time, (signal.SIGTERM, signal.SIGKILL), grace=2.0)
         self._begin("transfer")
         moved = sum(conn.put_file(Path(p), p) for p in self.data["carry"])
         self._begin("restore", bytes=moved)
@@ -380,18 +381,6 @@ class Migration:
                        phases=s.phases, downtime=s.downtime, dry_run=self.opts.dry_run,
                        dump_seconds=d.get("dump_seconds"), transfer_seconds=d.get("transfer_seconds"),
                        restore_seconds=d.get("restore_seconds"))
-
-
-def _end(pid: int, start_time: float, grace: float = 2.0) -> None:
-    """End the source copy in restart mode: SIGTERM, then SIGKILL (a PID namespace's init
-    ignores SIGTERM unless it handles it)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not workload.same_process(pid, start_time):
-            return
-        os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while workload.same_process(pid, start_time) and time.monotonic() < deadline:
-            time.sleep(0.05)
 
 
 def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = None) -> Outcome:

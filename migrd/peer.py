@@ -163,23 +163,13 @@ def status(cfg: Config, mid: str) -> dict[str, Any]:
     return out
 
 
-def _end(pid: int, start_time: float) -> None:
-    """SIGKILL our restored copy and wait until it is gone (or a zombie nobody can run)."""
-    if not workload.same_process(pid, start_time):
-        return
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while workload.same_process(pid, start_time) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def abort(cfg: Config, mid: str, address: str | None, files: list[str]) -> dict[str, Any]:
     """Undo whatever this host did for migration mid: end the copy, drop images, address and
     carried files. Idempotent."""
     d = incoming(cfg, mid)
     rec = _restored(d)
     if rec:
-        _end(rec["pid"], rec["start_time"])
+        workload.end(rec["pid"], rec["start_time"])  # SIGKILL: the copy is stopped, never ran
         if rec.get("name"):
             w = workload.Registry(cfg.state_dir).get(rec["name"])
             if w and w.pid == rec["pid"]:

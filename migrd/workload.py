@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,19 @@ def same_process(pid: int, start_time: float) -> bool:
         return abs(p.create_time() - start_time) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def end(pid: int, start_time: float, signals: tuple[int, ...] = (signal.SIGKILL,),
+        grace: float = 10.0) -> None:
+    """Send each signal in turn to the process that started at start_time (never to a recycled
+    PID), waiting up to grace seconds after each for it to be gone."""
+    for sig in signals:
+        if not same_process(pid, start_time):
+            return
+        os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while same_process(pid, start_time) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 class Registry:
