@@ -27,12 +27,16 @@ version_ok() { # $1 = criu binary/wrapper
 
 # Dump and restore a Python process that listens on 127.0.0.1, then check it still answers.
 # Runs in a throwaway network namespace (see prove) so CRIU's network-lock table cannot linger.
+# The process leads its own session: a runner that starts us without setsid (CI does) leaves
+# us in the kernel's session 0, whose leader CRIU cannot find ("session leader ... is outside
+# of its pid namespace"), even with --shell-job.
 prove_here() { # $1 = criu binary/wrapper
     ip link set lo up
     local criu=$1 work pid port rc=1
     work=$(mktemp -d /tmp/migrd-criu-proof.XXXXXX)
-    python3 - "$work" <<'PY' &
+    cat > "$work/server.py" <<'PY'
 import socket, sys, os, time
+os.closerange(3, 65536)  # descriptors a runner leaked to us would have to be dumped too
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(4)
 open(os.path.join(sys.argv[1], "port"), "w").write(str(s.getsockname()[1]))
 deadline = time.time() + 60   # never outlive the proof by much
@@ -44,24 +48,25 @@ while time.time() < deadline:
         continue
     c.sendall(b"alive\n"); c.close()
 PY
+    setsid python3 "$work/server.py" "$work" </dev/null >/dev/null 2>&1 &
     pid=$!
     disown "$pid" 2>/dev/null || true
     for _ in $(seq 50); do [ -s "$work/port" ] && break; sleep 0.1; done
     port=$(cat "$work/port" 2>/dev/null || true)
     mkdir "$work/img"
     if [ -n "$port" ] \
-        && "$criu" dump -t "$pid" -D "$work/img" --shell-job --tcp-established \
+        && "$criu" dump -t "$pid" -D "$work/img" --tcp-established \
                --network-lock nftables -o dump.log 2>/dev/null; then
         # The dumped task is gone once its zombie is reaped; we are its parent, so wait here.
         wait "$pid" 2>/dev/null || true
-        if "$criu" restore -D "$work/img" -d --shell-job --tcp-established \
+        if "$criu" restore -D "$work/img" -d --tcp-established \
                --network-lock nftables -o restore.log 2>/dev/null; then
             if python3 -c "import socket,sys; c=socket.create_connection(('127.0.0.1',int(sys.argv[1])),5); sys.exit(0 if c.recv(16)==b'alive\n' else 1)" "$port"; then
                 rc=0
             fi
         fi
     fi
-    [ $rc -eq 0 ] || { say "proof failed with $criu; logs:"; tail -n 5 "$work"/img/*.log >&2 2>/dev/null || true; }
+    [ $rc -eq 0 ] || { say "proof failed with $criu; logs:"; tail -n 12 "$work"/img/*.log >&2 2>/dev/null || true; }
     kill -9 "$pid" 2>/dev/null || true
     rm -rf "$work"
     return $rc
