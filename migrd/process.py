@@ -25,12 +25,20 @@ def parse_pid(text: str | int) -> int:
     return pid
 
 
-def ns_pid_chain(status_text: str) -> list[int]:
-    """The NSpid line of /proc/PID/status: the PID as seen from each nested namespace."""
+def ns_chain(status_text: str, field: str = "NSpid") -> list[int]:
+    """An NSpid/NSpgid/NSsid line of /proc/PID/status: the ID as seen from each nested PID
+    namespace, outermost first; 0 where the namespace cannot see that process."""
     for line in status_text.splitlines():
-        if line.startswith("NSpid:"):
+        if line.startswith(field + ":"):
             return [int(x) for x in line.split()[1:]]
     return []
+
+
+def session_outside(status_text: str) -> bool:
+    """True when the process's session leader is invisible from the process's own PID
+    namespace, e.g. the kernel's session 0 that PID 1 and everything it starts without setsid
+    belong to. CRIU cannot dump such a process, not even with --shell-job."""
+    return ns_chain(status_text, "NSsid")[-1:] == [0]
 
 
 def _listening(p: psutil.Process) -> tuple[Listener, ...]:
@@ -88,6 +96,11 @@ def inspect(pid: int) -> ProcessInfo:
     try:
         with p.oneshot():
             status = Path(f"/proc/{pid}/status").read_text()
+            if session_outside(status):
+                raise NotPermitted(
+                    f"PID {pid} belongs to a session whose leader is outside its PID namespace "
+                    "(session 0: started without setsid by init or by a runner that makes no "
+                    "sessions); CRIU cannot checkpoint it. Start it with `setsid` or `migrctl run`")
             return ProcessInfo(
                 pid=pid,
                 cmdline=tuple(p.cmdline()),
@@ -99,7 +112,7 @@ def inspect(pid: int) -> ProcessInfo:
                 open_files=_open_files(p),
                 listening=_listening(p),
                 session_leader=os.getsid(pid) == pid,
-                own_pid_namespace=ns_pid_chain(status)[-1:] == [1],
+                own_pid_namespace=ns_chain(status)[-1:] == [1],
                 tree_ids=_tree_ids(p),
                 environ=p.environ(),
             )

@@ -43,13 +43,18 @@ def assert_resumes(out: Path, before: list[int], min_new: int = 5) -> None:
 @pytest.mark.parametrize("session_leader", [True, False], ids=["setsid", "shell-job"])
 def test_counter_continues_from_dumped_value(procs, migrd_config, tmp_path, session_leader):
     out = tmp_path / "count"
-    p = procs.start(COUNTER, str(out), new_session=session_leader)
+    if session_leader:
+        p = procs.start(COUNTER, str(out))
+        pid = p.pid
+    else:
+        pid = procs.start_job(COUNTER, str(out))
     wait_for(lambda: len(values(out)) >= 10, what="counter to start")
-    info = checkpoint(p.pid, tmp_path / "img")
-    procs.reap(p)
+    info = checkpoint(pid, tmp_path / "img")
+    if session_leader:
+        procs.reap(p)
     before = values(out)
     assert info["files"] > 0 and info["image_bytes"] > 0
-    assert restore(tmp_path / "img") == p.pid
+    assert restore(tmp_path / "img") == pid  # the shell job's zombie is its shell's to reap
     assert_resumes(out, before)
 
 

@@ -129,6 +129,24 @@ def test_nonempty_images_dir_is_refused_and_process_keeps_running(procs, tmp_pat
     assert p.poll() is None
 
 
+def test_session_outside_pid_namespace_is_refused_and_process_keeps_running(procs, tmp_path, migrd_config):
+    """The init of a PID namespace made without setsid stays in a session it cannot see (as
+    everything does that a CI runner starts in PID 1's session 0): CRIU cannot dump it, and
+    migrctl says why before CRIU is ever run."""
+    out = tmp_path / "count"
+    ns = subprocess.Popen(["unshare", "--pid", "--fork", "--", sys.executable, "-c", COUNTER, str(out)],
+                          stdin=subprocess.DEVNULL, start_new_session=True)
+    procs.popens.append(ns)
+    wait_for(lambda: len(values(out)) >= 3, what="counter in its PID namespace")
+    procs.adopt(ns.pid)
+    pid = psutil.Process(ns.pid).children()[0].pid
+    assert_refused(migrctl("checkpoint", pid, "--images", tmp_path / "i"), 4,
+                   "outside its PID namespace", "setsid")
+    assert not (tmp_path / "i").exists()
+    n = len(values(out))
+    wait_for(lambda: len(values(out)) > n, what="counter to keep counting")
+
+
 def test_criu_failure_carries_criu_error_and_process_survives(procs, tmp_path, migrd_config):
     """A process connected to a UNIX socket outside its tree cannot be dumped (the peer would
     be lost): the dump fails, the error is CRIU's own, the process runs on, no directory stays."""

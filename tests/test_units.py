@@ -92,9 +92,17 @@ def test_parse_pid():
             process.parse_pid(bad)
 
 
-def test_ns_pid_chain():
-    assert process.ns_pid_chain("Name:\tsh\nNSpid:\t5231\t1\n") == [5231, 1]
-    assert process.ns_pid_chain("Name:\tsh\n") == []
+def test_ns_chain():
+    assert process.ns_chain("Name:\tsh\nNSpid:\t5231\t1\n") == [5231, 1]
+    assert process.ns_chain("Name:\tsh\nNSsid:\t0\n", "NSsid") == [0]
+    assert process.ns_chain("Name:\tsh\n") == []
+
+
+def test_session_outside_pid_namespace():
+    assert process.session_outside("NSsid:\t0\n")  # PID 1's session, as CI starts us
+    assert process.session_outside("NSsid:\t812\t0\n")  # leader in the parent namespace
+    assert not process.session_outside("NSsid:\t812\t1\n")
+    assert not process.session_outside("Name:\tsh\n")  # kernels without NSsid: let CRIU judge
 
 
 def test_config_defaults_and_round_trip():

@@ -59,14 +59,31 @@ class Procs:
         self.pids: set[int] = set()
         self.popens: list[subprocess.Popen] = []
 
-    def start(self, script: str, *args: str, new_session: bool = True) -> subprocess.Popen:
+    def start(self, script: str, *args: str) -> subprocess.Popen:
+        """Start script as its own session leader (what CRIU dumps without --shell-job)."""
         log = open(self.tmp / "workload.out", "ab")
         p = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.DEVNULL,
-                             stdout=log, stderr=log, start_new_session=new_session)
+                             stdout=log, stderr=log, start_new_session=True)
         log.close()
         self.popens.append(p)
         self.adopt(p.pid)
         return p
+
+    def start_job(self, script: str, *args: str) -> int:
+        """Start script as a shell job: in a session and process group led by a shell that is
+        not dumped (CRIU needs --shell-job). The shell leads its own session because a runner
+        may have left us in session 0, whose processes CRIU cannot dump at all. Returns the
+        job's PID; the shell reaps it once it ends."""
+        log = self.tmp / "workload.out"
+        sh = subprocess.Popen(["sh", "-c", '"$0" -c "$1" "$2" </dev/null >>"$3" 2>&1 & echo $!; wait',
+                               sys.executable, script, *args, str(log)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+        self.popens.append(sh)
+        pid = int(sh.stdout.readline())
+        sh.stdout.close()
+        self.adopt(pid)
+        return pid
 
     def adopt(self, pid: int) -> None:
         self.pids.add(pid)
