@@ -44,15 +44,19 @@ def _prepare_dir(images: Path) -> bool:
 
 
 def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = False,
-               tcp_established: bool = False, criu: Criu | None = None,
-               pass_fds: tuple[int, ...] = ()) -> Checkpoint:
+               leave_stopped: bool = False, tcp_established: bool = False,
+               criu: Criu | None = None, pass_fds: tuple[int, ...] = (),
+               page_server_fd: int | None = None) -> Checkpoint:
+    """page_server_fd: send the pages to a page server over this socket (they are then not
+    in images, nor in the manifest)."""
     criu = criu or find_criu(cfg)
     info = process.inspect(pid)
     created = _prepare_dir(images)
     log = log_path(cfg, "dump", pid)
     options = {"tcp_established": tcp_established, "shell_job": not info.session_leader}
     try:
-        result = criu.dump(pid, images, log, leave_running=leave_running, pass_fds=pass_fds, **options)
+        result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
+                           pass_fds=pass_fds, page_server_fd=page_server_fd, **options)
         m = mf.Manifest(
             format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
             host=cfg.host or socket.gethostname(), process=info, options=options,
@@ -71,10 +75,12 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
 
 
 def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
-            pid_wait: float | None = None, leave_stopped: bool = False, hashed: bool = False):
+            pid_wait: float | None = None, leave_stopped: bool = False, hashed: bool = False,
+            streamed: dict[str, int] | None = None):
     """Verify the manifest, make sure the PID is free, and restore detached. hashed=True: the
-    files' sha256 were checked as they arrived, so only names and sizes are checked again."""
-    m = mf.verify(images, hashes=not hashed)
+    files' sha256 were checked as they arrived, so only names and sizes are checked again.
+    streamed: page images a page server wrote (see manifest.verify)."""
+    m = mf.verify(images, hashes=not hashed, streamed=streamed)
     criu = criu or find_criu(cfg)
     pid_wait = cfg.migrate.pid_wait if pid_wait is None else pid_wait
     if not m.process.own_pid_namespace:

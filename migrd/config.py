@@ -74,6 +74,10 @@ class MigrateSettings:
     pid_wait: float = 15.0
     #: The target must have this multiple of the process's RSS free in memory and on disk.
     headroom: float = 1.2
+    #: auto: a move of a workload in its own PID namespace streams its pages to the target
+    #: during the dump (CRIU page server over SSH) and leaves the source stopped, not ended,
+    #: until the commit; never: always dump to disk here first, then send.
+    stream: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,13 +112,19 @@ class Criu:
         return CriuError(action, lines, log)
 
     def dump(self, pid: int, images: Path, log: Path, *, leave_running: bool = False,
-             tcp_established: bool = False, shell_job: bool = False,
+             leave_stopped: bool = False, tcp_established: bool = False, shell_job: bool = False,
+             page_server_fd: int | None = None,
              extra: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> DumpResult:
         """pass_fds: descriptors CRIU inherits, e.g. a lock that must stay held while CRIU
-        runs even if its caller dies."""
+        runs even if its caller dies. page_server_fd: a connected socket to a page server;
+        the memory pages go there instead of into images."""
         args = ["dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4",
                 "--network-lock", self.network_lock]
         args += ["--leave-running"] if leave_running else []
+        args += ["--leave-stopped"] if leave_stopped else []
+        if page_server_fd is not None:
+            args += ["--page-server", "--ps-socket", str(page_server_fd)]
+            pass_fds = (*pass_fds, page_server_fd)
         args += ["--tcp-established"] if tcp_established else []
         args += ["--shell-job"] if shell_job else []
         t0 = time.monotonic()
@@ -150,6 +157,23 @@ class Criu:
         finally:
             pidfile.unlink(missing_ok=True)
         return RestoreResult(pid, seconds, log)
+
+    def page_server(self, images: Path, log: Path, sock_fd: int) -> subprocess.Popen[bytes]:
+        """Start a page server that writes one dump's pages into images, speaking over the
+        connected socket sock_fd; it ends when the dump closes its side. Check it with
+        page_server_done."""
+        return proc.spawn([self.path, "page-server", "--ps-socket", str(sock_fd), "-D", str(images),
+                           "-o", str(log), "-v4"], pass_fds=(sock_fd,), stderr=subprocess.PIPE)
+
+    def page_server_done(self, server: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+        try:
+            _, err = server.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+            raise CriuError("page-server", [f"still running {timeout:g} s after the dump ended"], log) from None
+        if server.returncode != 0:
+            raise self._fail("page-server", log, err)
 
     def cpuinfo_dump(self, images: Path, log: Path) -> None:
         cp = self._run(["cpuinfo", "dump", "-D", str(images), "-o", str(log)], 60)

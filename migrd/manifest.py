@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,16 +179,27 @@ def compare(expected: dict[str, FileEntry], actual: dict[str, FileEntry], where:
             raise ImageError(f"{where}: image file {name} was altered (sha256 mismatch)")
 
 
-def verify(directory: Path, hashes: bool = True) -> Manifest:
+def verify(directory: Path, hashes: bool = True, streamed: Mapping[str, int] | None = None) -> Manifest:
     """Read the manifest and check the directory against it; return it when all matches.
 
     hashes=False checks names and sizes only, for a directory whose every byte was hashed
-    moments ago as it was written (the transfer receiver does that)."""
+    moments ago as it was written (the transfer receiver does that). streamed: page images a
+    page server wrote here during the dump (name -> size); the source never had them as files,
+    so the manifest cannot list them: they are checked by name and size."""
     m = read(directory)
+    expected = dict(m.files)
+    for name, size in (streamed or {}).items():
+        check_name(name)
+        if name in expected:
+            raise ImageError(f"{directory}: streamed page image {name} is also in the manifest")
+        expected[name] = FileEntry(size, "")
     if hashes:
         actual = scan(directory)
     else:
-        actual = {e.name: FileEntry(e.stat().st_size, m.files[e.name].sha256 if e.name in m.files else "")
+        actual = {e.name: FileEntry(e.stat().st_size, expected[e.name].sha256 if e.name in expected else "")
                   for e in os.scandir(directory) if e.name != NAME}
-    compare(m.files, actual, str(directory))
+    for name in streamed or {}:
+        if name in actual:
+            actual[name] = FileEntry(actual[name].size, "")
+    compare(expected, actual, str(directory))
     return m

@@ -2,9 +2,11 @@
 journal that makes every step recoverable and a rollback that leaves exactly one live copy.
 
 Invariant: at every instant there is exactly one live copy of the workload (two only in clone
-mode, by request). The source copy is ended by the dump itself (CRIU kills the dumped tree) and
-is brought back from its own images on any failure before the target copy is confirmed
-running; the target copy is ended on any failure before commit. When the target cannot be
+mode, by request). The source copy is either ended by the dump itself (CRIU kills the dumped
+tree) and brought back from its own images on any failure before the target copy is confirmed
+running, or, when its pages are streamed to the target during the dump, left stopped: then
+the commit ends it and a rollback resumes it. The target copy stays stopped until the commit
+and is ended on any failure before it. When the target cannot be
 reached after a restore was started there, migrd does not guess: the migration stays "in
 doubt" and `migrd recover` settles it once the target answers, because guessing could make two
 copies.
@@ -29,10 +31,10 @@ from typing import Any
 import psutil
 
 from . import checkpoint as cp
-from . import failpoints, netaddr, precheck, process, transport, workload
+from . import failpoints, netaddr, pagestream, precheck, process, transport, workload
 from .config import Config
 from .criu import find_criu
-from .errors import InDoubt, InputError, MigrdError, NotPermitted, PrecheckFailed, TransportError
+from .errors import ConfigError, InDoubt, InputError, MigrdError, NotPermitted, PrecheckFailed, TransportError
 from .journal import FINAL, Journal, all_journals, new_id
 from .manifest import ProcessInfo, process_from_dict
 
@@ -70,6 +72,8 @@ class Outcome:
     dump_seconds: float | None = None
     transfer_seconds: float | None = None
     restore_seconds: float | None = None
+    #: The pages went to the target during the dump (see migrd.pagestream).
+    streamed: bool = False
 
 
 ProgressFn = Callable[[int, int], None]
@@ -203,13 +207,18 @@ class Migration:
                 remote_images: str, progress: ProgressFn | None) -> None:
         if opts.mode == "restart":
             return self.forward_restart(conn, info, opts)
-        self._begin("checkpoint")
+        stream = self.streams(info, opts)
+        self._begin("checkpoint", streamed=stream)
         tables_before = netaddr.nft_tables()
         freeze = time.time()
-        ck = cp.checkpoint(self.cfg, info.pid, self.images, leave_running=opts.mode == "clone",
-                           tcp_established=opts.tcp_established, pass_fds=(self.lock_fd,))
+        if stream:
+            ck, page_bytes = self.dump_streaming(conn, info, opts, progress)
+        else:
+            ck = cp.checkpoint(self.cfg, info.pid, self.images, leave_running=opts.mode == "clone",
+                               tcp_established=opts.tcp_established, pass_fds=(self.lock_fd,))
+            page_bytes = 0
         self._begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
-                      image_bytes=ck.manifest.image_bytes,
+                      image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
                       nft_tables=sorted(netaddr.nft_tables() - tables_before))
         if opts.move_address:
             iface = netaddr.holder_of(opts.move_address)
@@ -219,8 +228,9 @@ class Migration:
         for path in self.data["carry"]:
             moved += conn.put_file(Path(path), path)
         stats = conn.send_images(self.images, remote_images, progress=progress)
-        self._begin("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
+        self._begin("restore", bytes=stats.bytes + moved + page_bytes, transfer_seconds=round(stats.seconds, 4))
         args = ["peer", "restore", self.j.id]
+        args += ["--page-bytes", str(page_bytes)] if stream else []
         args += ["--name", self.data["workload"]] if self.data.get("workload") else []
         args += ["--stdout", self.data["stdout"]] if self.data.get("stdout") else []
         args += ["--address", opts.move_address] if opts.move_address else []
@@ -235,6 +245,32 @@ class Migration:
             self.commit(conn, talk)
         finally:
             talk.close()  # before any rollback: the target then leaves its copy to `peer abort`
+
+    def streams(self, info: ProcessInfo, opts: Options) -> bool:
+        """Stream the pages during the dump? Only a move leaves the source stopped instead of
+        ended, and a stopped source keeps its PIDs: fine when the workload has its own PID
+        namespace, a clash on hosts sharing one PID space otherwise. With --tcp-established
+        the stopped source's sockets would stay in repair mode behind CRIU's network lock, so
+        such moves keep the staged path, whose rollback is a full local restore."""
+        mode = self.cfg.migrate.stream
+        if mode not in ("auto", "never"):
+            raise ConfigError(f"migrate.stream: unknown value {mode!r} (known: auto, never)")
+        return (mode == "auto" and opts.mode == "move" and info.own_pid_namespace
+                and not opts.tcp_established)
+
+    def dump_streaming(self, conn: transport.Connection, info: ProcessInfo, opts: Options,
+                       progress: ProgressFn | None) -> tuple[cp.Checkpoint, int]:
+        """Dump with the pages going straight to the target's page server; the source is left
+        stopped (commit ends it, rollback resumes it). Returns the checkpoint of the other
+        images and the page bytes sent."""
+        compression = self.cfg.ssh.compression
+        talk = conn.converse([*self.cfg.ssh.remote_migrctl, "peer", "pages", self.j.id,
+                              "--compression", compression])
+        with pagestream.Sender(talk, compression, level=conn.tuning.zstd_level,
+                               progress=progress, total=info.rss) as pages:
+            ck = cp.checkpoint(self.cfg, info.pid, self.images, leave_stopped=True,
+                               pass_fds=(self.lock_fd,), page_server_fd=pages.criu_fd)
+            return ck, pages.finish(self.cfg.ssh.op_timeout)
 
     def forward_restart(self, conn: transport.Connection, info: ProcessInfo, opts: Options) -> None:
         """Weak mobility: end the process here, start the same command line, directory and
@@ -274,6 +310,13 @@ class Migration:
         session, still waiting for our word; without it (or if it broke) a `peer finish`."""
         d = self.data
         opts = self.opts
+        source = (d["request"]["pid"], d["request"]["start_time"])
+        streamed_move = bool(d.get("streamed")) and opts.mode == "move"
+        if streamed_move:
+            # The streamed dump left the source stopped: it goes before the target runs. A
+            # stopped task with SIGKILL pending never runs again, so freeing its memory need
+            # not delay the target (grace 0); we wait for it after.
+            workload.end(*source, grace=0)
         if conn is not None:
             finished = False
             if talk is not None:
@@ -288,6 +331,8 @@ class Migration:
             if opts.mode == "move" and "freeze" in d and "downtime" not in d:
                 # From the freeze here to the copy there running again.
                 self.j.record("resumed", downtime=round(time.time() - d["freeze"], 4))
+        if streamed_move:
+            workload.end(*source)
         if opts.mode in ("move", "restart"):
             for table in d.get("nft_tables", []):
                 netaddr.nft_delete(table)
@@ -329,6 +374,9 @@ class Migration:
         local_pid = None
         if opts.mode in ("move", "restart") and "checkpoint" in states and not self.source_alive():
             local_pid = self.restore_locally() if opts.mode == "move" else self.start_locally()
+        elif d.get("streamed") and self.source_alive():
+            # A streamed dump leaves the source stopped, not ended: it simply runs on.
+            workload.resume(d["request"]["pid"], d["request"]["start_time"])
         shutil.rmtree(self.images, ignore_errors=True)
         for table in d.get("nft_tables", []):
             netaddr.nft_delete(table)  # a local restore unlocks its own; a dump-only leaves it
@@ -380,7 +428,7 @@ class Migration:
                        pid=d["request"]["pid"], target_pid=d.get("target_pid"), bytes=s.bytes,
                        phases=s.phases, downtime=s.downtime, dry_run=self.opts.dry_run,
                        dump_seconds=d.get("dump_seconds"), transfer_seconds=d.get("transfer_seconds"),
-                       restore_seconds=d.get("restore_seconds"))
+                       restore_seconds=d.get("restore_seconds"), streamed=bool(d.get("streamed")))
 
 
 def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = None) -> Outcome:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +20,10 @@ from typing import Any
 import psutil
 
 from . import checkpoint as cp
-from . import netaddr, precheck, workload
+from . import netaddr, pagestream, precheck, workload
 from .config import Config
 from .criu import find_criu
-from .errors import InputError, MigrdError
+from .errors import ImageError, InputError, MigrdError
 from .manifest import read as read_manifest
 
 
@@ -103,10 +102,37 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def pages(cfg: Config, mid: str, compression: str) -> None:
+    """Receive a dump's pages on stdin (answering on stdout) into incoming/ID/pages, and
+    record what arrived in pages.json for the restore to check against the source's count."""
+    d = incoming(cfg, mid)
+    target = d / "pages"
+    shutil.rmtree(target, ignore_errors=True)  # a retried stream starts clean
+    target.mkdir(parents=True)
+    received = pagestream.serve(find_criu(cfg), target, cp.log_path(cfg, "page-server", mid),
+                                compression, cfg.ssh.op_timeout)
+    files = {e.name: e.stat().st_size for e in os.scandir(target)}
+    _write(d / "pages.json", {"bytes": received, "files": files})
+
+
+def _take_pages(d: Path, images: Path, page_bytes: int) -> dict[str, int]:
+    """Move the streamed page images in beside the received ones; return name -> size."""
+    try:
+        rec = json.loads((d / "pages.json").read_text())
+    except FileNotFoundError:
+        raise ImageError("the streamed pages never arrived here (no complete page stream)") from None
+    if rec["bytes"] != page_bytes:
+        raise ImageError(f"the page stream brought {rec['bytes']} bytes here, the source sent {page_bytes}")
+    for name in rec["files"]:
+        os.replace(d / "pages" / name, images / name)
+    return {name: int(size) for name, size in rec["files"].items()}
+
+
 def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
-            address: str | None) -> dict[str, Any]:
+            address: str | None, page_bytes: int | None = None) -> dict[str, Any]:
     d = incoming(cfg, mid)
     images = d / "images"
+    streamed = _take_pages(d, images, page_bytes) if page_bytes is not None else None
     if address:
         ifname = netaddr.interface_for(address)
         if ifname is None:
@@ -117,7 +143,8 @@ def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
     # any progress, whatever fails before the commit.
     # `migrctl receive` hashed every file as it wrote it moments ago; hashing again here would
     # add ~0.6 s per GiB of downtime for nothing.
-    r = cp.restore(cfg, images, pid_wait=cfg.migrate.pid_wait, leave_stopped=True, hashed=True)
+    r = cp.restore(cfg, images, pid_wait=cfg.migrate.pid_wait, leave_stopped=True, hashed=True,
+                   streamed=streamed)
     start_time = psutil.Process(r.pid).create_time()
     _write(d / "restored.json", {"pid": r.pid, "start_time": start_time, "name": name})
     if name:
@@ -188,13 +215,8 @@ def finish(cfg: Config, mid: str, address: str | None) -> dict[str, Any]:
     images. Idempotent (recovery may repeat it)."""
     d = incoming(cfg, mid)
     rec = _restored(d)
-    if rec and workload.same_process(rec["pid"], rec["start_time"]):
-        tree = psutil.Process(rec["pid"])
-        for p in [tree, *tree.children(recursive=True)]:
-            try:
-                p.send_signal(signal.SIGCONT)
-            except psutil.NoSuchProcess:
-                pass
+    if rec:
+        workload.resume(rec["pid"], rec["start_time"])
     if address and (ifname := netaddr.holder_of(address)):
         netaddr.announce(address, ifname)
     shutil.rmtree(d, ignore_errors=True)

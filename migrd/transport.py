@@ -452,6 +452,25 @@ class Conversation:
         except _PeerClosed:
             raise TransportError(f"{self.conn.where}: {self.what} stopped listening") from None
 
+    def send(self, data: bytes | memoryview) -> None:
+        """Raw bytes to the command's stdin."""
+        try:
+            self.conn._send_all(self.chan, memoryview(data), f"streaming to {self.what}")
+        except _PeerClosed:
+            raise TransportError(f"{self.conn.where}: {self.what} stopped reading") from None
+
+    def recv(self, n: int = 1 << 16) -> bytes | None:
+        """Raw bytes of the command's stdout: b"" once it closed it, None after a quiet
+        timeout (silence may be normal for the caller's protocol)."""
+        try:
+            return self.chan.recv(n)
+        except socket.timeout:
+            return None
+
+    def end_input(self) -> None:
+        """EOF on the command's stdin; its output can still be read."""
+        self.chan.shutdown_write()
+
     def close(self, timeout: float = 15.0) -> RunResult:
         if self.result is None:
             try:

@@ -63,6 +63,23 @@ def end(pid: int, start_time: float, signals: tuple[int, ...] = (signal.SIGKILL,
             time.sleep(0.05)
 
 
+def resume(pid: int, start_time: float) -> None:
+    """SIGCONT the process that started at start_time and all its descendants (CRIU leaves a
+    whole tree stopped)."""
+    if not same_process(pid, start_time):
+        return
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGCONT)
+        except psutil.NoSuchProcess:
+            pass
+
+
 class Registry:
     """One JSON file per workload under state_dir/workloads/."""
 

@@ -197,6 +197,23 @@ def test_failpoints_leave_exactly_one_copy(mig, counter, step, kind):
     assert len(copies(str(out))) == 1
 
 
+def test_streamed_move_resumes_the_source_itself_on_rollback(mig, counter):
+    """A workload in its own PID namespace has its pages streamed during the dump and stays
+    stopped, not ended: a failure after the dump resumes that very process (same PID and
+    start time), where the staged path would restore a new one from images."""
+    pid, out = counter()
+    born = psutil.Process(pid).create_time()
+    r = mig("host1", "migrate", pid, "--to", "host2", check=False,
+            env={"MIGRD_FAILPOINTS": "restore:error"})
+    assert r.returncode != 0 and b"failpoint restore:error" in r.stderr
+    assert copies(str(out)) == [pid] and psutil.Process(pid).create_time() == born
+    continues(out, 3)
+    res = jrun(mig, "host1", "migrate", pid, "--to", "host2")
+    assert res["streamed"] and res["bytes"] > psutil.Process(res["target_pid"]).memory_info().rss // 2
+    continues(out)
+    assert copies(str(out)) == [res["target_pid"]]
+
+
 def run_inside_recover(mig) -> list:
     r = mig("host1", "recover", "--json")
     return json.loads(r.stdout)
@@ -261,6 +278,7 @@ def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
         first = eval(client.stdout.readline())
         res = jrun(mig, "host1", "migrate", w["pid"], "--to", "host2", "--move-address", f"{vip}/24",
                    "--tcp-established")
+        assert not res["streamed"]  # sockets in repair mode: the staged path, ended source
         assert vip.encode() not in run_in("host1", "ip", "-o", "addr", "show").stdout
         assert vip.encode() in run_in("host2", "ip", "-o", "addr", "show").stdout
         # A new connection reaches the same server, with its state.

@@ -53,6 +53,25 @@ def test_manifest_round_trip(tmp_path: Path):
     assert set(m.files) == {"pages-1.img", "core-42.img"}
 
 
+@pytest.mark.parametrize("hashes", [True, False])
+def test_streamed_page_images_are_checked_by_name_and_size(tmp_path: Path, hashes: bool):
+    """A page server wrote pages-*.img on the target: the source's manifest cannot list them."""
+    (tmp_path / "core-42.img").write_bytes(b"core")
+    mf.write(tmp_path, sample_manifest(mf.scan(tmp_path)))
+    (tmp_path / "pages-1.img").write_bytes(b"\0" * 4096)
+    (tmp_path / "pagemap-42.img").write_bytes(b"map")
+    streamed = {"pages-1.img": 4096, "pagemap-42.img": 3}
+    assert set(mf.verify(tmp_path, hashes=hashes, streamed=streamed).files) == {"core-42.img"}
+    with pytest.raises(ImageError, match="pages-1.img has size 4096, manifest says 8192"):
+        mf.verify(tmp_path, hashes=hashes, streamed={**streamed, "pages-1.img": 8192})
+    with pytest.raises(ImageError, match="pagemap-42.img is not in the manifest"):
+        mf.verify(tmp_path, hashes=hashes, streamed={"pages-1.img": 4096})
+    with pytest.raises(ImageError, match="also in the manifest"):
+        mf.verify(tmp_path, hashes=hashes, streamed={**streamed, "core-42.img": 4})
+    with pytest.raises(ImageError, match="illegal file name"):
+        mf.verify(tmp_path, hashes=hashes, streamed={**streamed, "../x": 1})
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

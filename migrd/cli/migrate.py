@@ -68,7 +68,8 @@ def migrate(pid: str, target: str, strategy: str, mode: str, with_files: bool,
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in o.phases.items())
         down = f", downtime {o.downtime:.2f} s" if o.downtime is not None else ""
         return (f"migrated PID {o.pid} from {o.source} to {o.target} (now PID {o.target_pid}), "
-                f"mode {o.mode}, {human_bytes(o.bytes)} moved{down}\n  {phases}\n  id {o.id}")
+                f"mode {o.mode}, {human_bytes(o.bytes)} moved{down}"
+                f"{' (pages streamed during the dump)' if o.streamed else ''}\n  {phases}\n  id {o.id}")
 
     emit(out, as_json, human)
 

@@ -39,11 +39,13 @@ def peer_precheck(as_json: bool) -> None:
 @click.option("--await-commit", is_flag=True,
               help="After the restore, wait for 'commit' or 'abort' on stdin (saves the source a "
                    "second SSH session while the process is frozen).")
+@click.option("--page-bytes", type=int,
+              help="The pages were streamed (`peer pages`); the source sent this many bytes.")
 @json_option
 def peer_restore(mid: str, name: str | None, stdout: str | None, address: str | None,
-                 await_commit: bool, as_json: bool) -> None:
+                 await_commit: bool, page_bytes: int | None, as_json: bool) -> None:
     cfg = load_config()
-    click.echo(json.dumps(peer_mod.restore(cfg, mid, name, stdout, address)))
+    click.echo(json.dumps(peer_mod.restore(cfg, mid, name, stdout, address, page_bytes)))
     if not await_commit:
         return
     sys.stdout.flush()
@@ -55,6 +57,14 @@ def peer_restore(mid: str, name: str | None, stdout: str | None, address: str | 
         click.echo(json.dumps(peer_mod.finish(cfg, mid, address)))
     elif word == "abort":
         click.echo(json.dumps(peer_mod.abort(cfg, mid, address, [])))
+
+
+@peer.command("pages")
+@click.argument("mid")
+@click.option("--compression", default="none", show_default=True)
+def peer_pages(mid: str, compression: str) -> None:
+    """Serve a dump's pages: the page stream on stdin, the page server's answers on stdout."""
+    peer_mod.pages(load_config(), mid, compression)
 
 
 @peer.command("start")
