@@ -110,21 +110,24 @@ class Sender:
         with suppress(OSError):
             self._ours.shutdown(socket.SHUT_WR)
 
+    def _target_failure(self, timeout: float) -> str | None:
+        """Wait for `peer pages` to end; its own error line if it failed."""
+        result = self.talk.close(timeout)
+        if result.status == 0:
+            return None
+        text = result.stderr.decode(errors="replace").strip().splitlines()
+        return (text[-1] if text else f"exit status {result.status}").removeprefix("migrctl: error: ")
+
     def finish(self, timeout: float) -> int:
         """End the stream after a successful dump; raise with the target's own message if its
         page server did not take everything."""
         self._criu.close()  # with CRIU's copy gone too, the up pump sees EOF
         self._up.join(timeout)
         self._down.join(timeout)
-        result = self.talk.close(timeout)
+        failure = self._target_failure(timeout) or self.error
         self._ours.close()
-        where = self.talk.conn.where
-        if result.status != 0:
-            text = result.stderr.decode(errors="replace").strip().splitlines()
-            msg = (text[-1] if text else f"exit status {result.status}").removeprefix("migrctl: error: ")
-            raise TransportError(f"{where}: streaming pages failed: {msg}")
-        if self.error:
-            raise TransportError(f"{where}: streaming pages failed: {self.error}")
+        if failure:
+            raise TransportError(f"{self.talk.conn.where}: receiving the pages failed: {failure}")
         return self.sent
 
     def __enter__(self) -> Sender:
@@ -137,7 +140,11 @@ class Sender:
         for s in (self._criu, self._ours):
             with suppress(OSError):
                 s.close()
-        self.talk.close(5.0)
+        # A dump that failed because the target's page server gave up only says "the page
+        # server doesn't answer"; the target's own message (a full disk, say) is the cause.
+        failure = self._target_failure(5.0)
+        if failure and exc is not None and not isinstance(exc, TransportError):
+            raise TransportError(f"{self.talk.conn.where}: receiving the pages failed: {failure}") from exc
 
 
 def serve(criu: Criu, pages: Path, log: Path, compression: str, timeout: float,

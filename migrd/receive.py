@@ -27,7 +27,7 @@ from pathlib import Path
 import zstandard
 
 from . import manifest
-from .errors import ImageError
+from .errors import ImageError, MigrdError
 
 CHUNK = 1 << 20
 COMPRESSIONS = ("none", "zstd")
@@ -265,6 +265,8 @@ def receive(read: Callable[[int], bytes], directory: Path, manifest_sha256: str,
             m = _receive_into(_Reader(read), partial, manifest_sha256)
         except zstandard.ZstdError as e:
             raise ImageError(f"the image stream is not valid zstd ({e})") from None
+        except OSError as e:  # a full or read-only disk here, typically
+            raise MigrdError(f"cannot write the images into {directory.parent}: {e.strerror}") from None
         # No fsync: the image is restored right away and the source keeps the process until
         # that restore succeeded, so a crash here loses nothing that is not still at the source.
         if os.path.lexists(directory):

@@ -214,6 +214,60 @@ def test_streamed_move_resumes_the_source_itself_on_rollback(mig, counter):
     assert copies(str(out)) == [res["target_pid"]]
 
 
+# --- full disks ------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(run_in):
+    """Mount a tiny tmpfs over a directory inside one bed host (its private mount namespace:
+    nothing changes outside it); unmounted afterwards, even on failure."""
+    mounted: list[tuple[str, str]] = []
+
+    def mount(host: str, path: str, size: str) -> None:
+        run_in(host, "mkdir", "-p", path)
+        run_in(host, "mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path)
+        mounted.append((host, path))
+
+    yield mount
+    for host, path in mounted:
+        run_in(host, "umount", "--lazy", path, check=False)
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "staged"])
+def test_full_disk_on_target_rolls_back(mig, run_in, counter, small_fs, streamed):
+    """The target's disk fills up during the move (after a precheck that saw room): one
+    readable line, a non-zero exit, and the workload runs on here exactly once."""
+    pid, out = counter()
+    small_fs("host2", "/var/lib/migrd/incoming", "1m")
+    extra = () if streamed else ("--tcp-established",)  # sockets in repair mode: staged path
+    r = mig("host1", "migrate", pid, "--to", "host2", *extra, check=False)
+    err = r.stderr.decode()
+    assert r.returncode not in (0, -9, 137) and "Traceback" not in err
+    assert "No space left on device" in err and "Errno" not in err, err
+    if streamed:
+        assert copies(str(out)) == [pid]  # resumed, not restored
+    else:
+        assert len(copies(str(out))) == 1
+    continues(out, 3)
+    assert run_in("host2", "ls", "-A", "/var/lib/migrd/incoming").stdout == b""
+
+
+def test_full_disk_on_source_stops_only_the_staged_path(mig, counter, small_fs):
+    """With 512 KiB free where the source keeps its images, a staged dump of the counter
+    (~5 MiB of pages) fails cleanly and the counter runs on; a streamed one needs room only
+    for the small images and goes through."""
+    pid, out = counter()
+    small_fs("host1", "/var/lib/migrd/migrations", "512k")
+    r = mig("host1", "migrate", pid, "--to", "host2", "--tcp-established", check=False)
+    err = r.stderr.decode()
+    assert r.returncode == 5 and "Traceback" not in err and "No space left on device" in err, err
+    assert len(copies(str(out))) == 1
+    continues(out, 3)
+    res = jrun(mig, "host1", "migrate", copies(str(out))[0], "--to", "host2")
+    assert res["streamed"]
+    continues(out)
+    assert copies(str(out)) == [res["target_pid"]]
+
+
 def run_inside_recover(mig) -> list:
     r = mig("host1", "recover", "--json")
     return json.loads(r.stdout)
