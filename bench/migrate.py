@@ -8,6 +8,8 @@ On a fresh 2-host embedded bed, a workload with MEMORY of touched memory (starte
           CRIU dump, image stream over paramiko with the configured compression, CRIU restore
           on host2, verification, commit). Downtime is migrd's own figure: from the freeze to
           the copy on host2 running again.
+  staged  the same with `migrate.stream: never`: the whole image is dumped to disk here,
+          then sent (what migrd did before it streamed pages during the dump).
   manual  what an operator would type without migrd, timed the same way, run inside host1:
           `criu dump -t PID -D DIR`, `scp -r DIR host2:DIR`,
           `ssh host2 criu restore -D DIR -d`. The process is frozen for all of it.
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 from migrd import bed as bed_mod
 from migrd import config
@@ -67,9 +70,18 @@ class Bench:
     def sh(self, host: str, *argv: str, timeout: float = 600):
         return bed_mod.exec_in(self.bed, host, list(argv), timeout=timeout)
 
-    def migrctl(self, host: str, *args: str, timeout: float = 600) -> dict:
-        r = self.sh(host, PY, "-m", "migrd.cli", *args, timeout=timeout)
+    def migrctl(self, host: str, *args: str, timeout: float = 600, config: str | None = None) -> dict:
+        env = ["env", f"MIGRD_CONFIG={config}"] if config else []
+        r = self.sh(host, *env, PY, "-m", "migrd.cli", *args, timeout=timeout)
         return json.loads(r.stdout)
+
+    def staged_config(self) -> str:
+        """host1's config with streaming off, beside it in /etc/migrd."""
+        etc = self.bed.host("host1").dir / "etc"
+        data = yaml.safe_load((etc / "migrd.yaml").read_text())
+        data.setdefault("migrate", {})["stream"] = "never"
+        (etc / "migrd-staged.yaml").write_text(yaml.safe_dump(data))
+        return "/etc/migrd/migrd-staged.yaml"
 
     def start_hog(self, name: str, with_migrctl: bool) -> int:
         """The same process either way: init of its own PID namespace on host1. migrd's is
@@ -99,11 +111,13 @@ class Bench:
         except psutil.NoSuchProcess:
             pass
 
-    def run_migrd(self, name: str) -> dict:
+    def run_migrd(self, name: str, staged: bool = False) -> dict:
         pid = self.start_hog(name, with_migrctl=True)
         rss = psutil.Process(pid).memory_info().rss
         t0 = time.monotonic()
-        out = self.migrctl("host1", "migrate", "--json", str(pid), "--to", "host2")
+        out = self.migrctl("host1", "migrate", "--json", str(pid), "--to", "host2",
+                           config=self.staged_config() if staged else None)
+        assert out["streamed"] != staged, out
         total = time.monotonic() - t0
         self.end(out["target_pid"])
         return {"total_s": total, "downtime_s": out["downtime"], "rss": rss,
@@ -160,12 +174,13 @@ def main() -> int:
         state = bed_mod.up(name, hosts=2, root=Path(tmp) / "bed")
         try:
             b = Bench(state, args.memory, args.fill, Path(tmp))
-            results: dict[str, list[dict]] = {"migrd": [], "manual": []}
+            kinds = ("migrd", "staged", "manual")
+            results: dict[str, list[dict]] = {k: [] for k in kinds}
+            runs = {"migrd": b.run_migrd, "staged": lambda n: b.run_migrd(n, staged=True),
+                    "manual": b.run_manual}
             for i in range(args.reps):
-                order = ("migrd", "manual") if i % 2 == 0 else ("manual", "migrd")
-                for kind in order:
-                    run = b.run_migrd if kind == "migrd" else b.run_manual
-                    r = run(f"{kind}{i}")
+                for kind in kinds[i % 3:] + kinds[:i % 3]:  # each kind first once per 3 reps
+                    r = runs[kind](f"{kind}{i}")
                     results[kind].append(r)
                     print(f"rep {i + 1} {kind:6}: total {r['total_s']:.2f} s, downtime {r['downtime_s']:.2f} s, "
                           f"RSS {r['rss'] >> 20} MiB", flush=True)
@@ -178,12 +193,14 @@ def main() -> int:
     }
     ratio_total = summary["migrd"]["total_s_median"] / summary["manual"]["total_s_median"]
     ratio_down = summary["migrd"]["downtime_s_median"] / summary["manual"]["downtime_s_median"]
+    ratio_staged = summary["staged"]["total_s_median"] / summary["manual"]["total_s_median"]
     doc = {
         "benchmark": "migrate", "memory_mib": args.memory, "fill": args.fill, "reps": args.reps,
         "machine": {"cpus": psutil.cpu_count(), "kernel": platform.release()},
         "topology": "2-host embedded bed, host1 -> host2, both on this machine's cores",
         "runs": results, "summary": summary,
         "ratio_total_migrd_over_manual": ratio_total, "ratio_downtime_migrd_over_manual": ratio_down,
+        "ratio_total_staged_over_manual": ratio_staged,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))
@@ -191,6 +208,7 @@ def main() -> int:
     for kind, s in summary.items():
         print(f"  {kind:6} total {s['total_s_median']:.2f} s   downtime {s['downtime_s_median']:.2f} s")
     print(f"  migrd / manual: total {ratio_total:.2f}x, downtime {ratio_down:.2f}x   (aim: total <= 0.8x)")
+    print(f"  staged / manual: total {ratio_staged:.2f}x")
     print(f"  written to {args.out}")
     return 0
 
