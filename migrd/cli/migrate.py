@@ -37,8 +37,9 @@ def migrate(pid: str, target: str, strategy: str, mode: str, with_files: bool,
     \b
     Steps (each journaled before it starts, so `migrd recover` can finish or undo it):
       precheck   CRIU and CPU on the target, memory, disk, PIDs, ports, open files, opt-in
-      checkpoint CRIU dump here
-      transfer   images (and --with-files data) over SSH, verified by sha256 on arrival
+      checkpoint CRIU dump here; a `migrctl run` workload's pages stream to the target
+                 during the dump (migrate.stream: auto) and it stays stopped here
+      transfer   images (and --with-files data) over SSH, verified on arrival
       restore    CRIU restore there
       verify     alive, same command line, listening sockets back
       commit     only now are this host's copy and images gone
