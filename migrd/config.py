@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -44,7 +44,7 @@ class SshSettings:
     op_timeout: float = 120.0
     #: Wire compression of image streams: "none" or "zstd". zstd level 1 measured 1.2-1.6x the
     #: rate of none on half-zero page images with less CPU; on all-random ones about equal.
-    compression: str = "zstd"
+    compression: Literal["none", "zstd"] = "zstd"
     #: How to start migrctl on a peer (argv prefix); the bed uses (python, "-m", "migrd.cli").
     remote_migrctl: tuple[str, ...] = ("migrctl",)
 
@@ -55,7 +55,7 @@ class CriuSettings:
     path: Path | None = None
     #: Network lock method: nftables needs no binary (CRIU links libnftables); iptables needs
     #: iptables-restore on the host.
-    network_lock: str = "nftables"
+    network_lock: Literal["nftables", "iptables"] = "nftables"
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class MigrateSettings:
     #: auto: a move of a workload in its own PID namespace streams its pages to the target
     #: during the dump (CRIU page server over SSH) and leaves the source stopped, not ended,
     #: until the commit; never: always dump to disk here first, then send.
-    stream: str = "auto"
+    stream: Literal["auto", "never"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,9 @@ class DaemonSettings:
     cpu_speed: float = 1.0
     #: The admin API's unix socket (root only).
     socket: Path = Path("/run/migrd/migrd.sock")
-    #: offload (push work away when overloaded), fill (also ask a busy peer for work when
-    #: idle) or consolidate (pack work onto busier peers when lightly loaded).
+    #: offload (push work away when overloaded), fill (never push on its own: an idle host
+    #: asks the busiest overloaded peer, which then pushes to it) or consolidate (pack work
+    #: onto busier peers when lightly loaded).
     mode: str = "offload"
     #: A peer's snapshot older than this (seconds) is ignored.
     peer_stale_after: float = 20.0
@@ -233,6 +234,12 @@ def _convert(tp: Any, node: yaml.Node, name: str, path: str) -> Any:
     if not isinstance(node, yaml.ScalarNode):
         raise ConfigError(f"{_where(name, path, node)}: expected a single value")
     value = yaml.safe_load(yaml.serialize(node))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{_where(name, path, node)}: expected one of "
+                              f"{', '.join(map(str, choices))}, got {value!r}")
+        return value
     want = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             Path: "a path"}[tp]
     ok = (

@@ -34,7 +34,7 @@ from . import checkpoint as cp
 from . import failpoints, netaddr, pagestream, precheck, process, transport, workload
 from .config import Config
 from .criu import find_criu
-from .errors import ConfigError, InDoubt, InputError, MigrdError, NotPermitted, PrecheckFailed, TransportError
+from .errors import InDoubt, InputError, MigrdError, NotPermitted, PrecheckFailed, TransportError
 from .journal import FINAL, Journal, all_journals, new_id
 from .manifest import ProcessInfo, process_from_dict
 
@@ -252,11 +252,8 @@ class Migration:
         namespace, a clash on hosts sharing one PID space otherwise. With --tcp-established
         the stopped source's sockets would stay in repair mode behind CRIU's network lock, so
         such moves keep the staged path, whose rollback is a full local restore."""
-        mode = self.cfg.migrate.stream
-        if mode not in ("auto", "never"):
-            raise ConfigError(f"migrate.stream: unknown value {mode!r} (known: auto, never)")
-        return (mode == "auto" and opts.mode == "move" and info.own_pid_namespace
-                and not opts.tcp_established)
+        return (self.cfg.migrate.stream == "auto" and opts.mode == "move"
+                and info.own_pid_namespace and not opts.tcp_established)
 
     def dump_streaming(self, conn: transport.Connection, info: ProcessInfo, opts: Options,
                        progress: ProgressFn | None) -> tuple[cp.Checkpoint, int]:

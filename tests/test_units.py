@@ -141,6 +141,9 @@ def test_config_defaults_and_round_trip():
         ("ssh:\n  connect_timeout: soon\n", r"'ssh.connect_timeout' \(line 2\): expected a number"),
         ("hosts: 3\n", r"'hosts' \(line 1\): expected a list"),
         ("host: [\n", r"line \d+: not valid YAML"),
+        ("migrate:\n  stream: always\n",
+         r"'migrate.stream' \(line 2\): expected one of auto, never, got 'always'"),
+        ("ssh:\n  compression: gzip\n", r"'ssh.compression' \(line 2\): expected one of none, zstd"),
     ],
 )
 def test_config_errors_name_key_and_line(text, message):
