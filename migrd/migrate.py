@@ -15,6 +15,7 @@ copies.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -210,13 +211,14 @@ class Migration:
         stream = self.streams(info, opts)
         self._begin("checkpoint", streamed=stream)
         tables_before = netaddr.nft_tables()
-        freeze = time.time()
-        if stream:
-            ck, page_bytes = self.dump_streaming(conn, info, opts, progress)
-        else:
+        # A streamed dump leaves the source stopped (commit ends it, rollback resumes it) and
+        # sends the pages to the target's page server, which is up before the freeze.
+        with self.page_stream(conn, info, progress) if stream else contextlib.nullcontext() as pages:
+            freeze = time.time()
             ck = cp.checkpoint(self.cfg, info.pid, self.images, leave_running=opts.mode == "clone",
-                               tcp_established=opts.tcp_established, pass_fds=(self.lock_fd,))
-            page_bytes = 0
+                               leave_stopped=stream, tcp_established=opts.tcp_established,
+                               pass_fds=(self.lock_fd,), page_server_fd=pages.criu_fd if pages else None)
+            page_bytes = pages.finish(self.cfg.ssh.op_timeout) if pages else 0
         self._begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
                       image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
                       nft_tables=sorted(netaddr.nft_tables() - tables_before))
@@ -255,19 +257,14 @@ class Migration:
         return (self.cfg.migrate.stream == "auto" and opts.mode == "move"
                 and info.own_pid_namespace and not opts.tcp_established)
 
-    def dump_streaming(self, conn: transport.Connection, info: ProcessInfo, opts: Options,
-                       progress: ProgressFn | None) -> tuple[cp.Checkpoint, int]:
-        """Dump with the pages going straight to the target's page server; the source is left
-        stopped (commit ends it, rollback resumes it). Returns the checkpoint of the other
-        images and the page bytes sent."""
+    def page_stream(self, conn: transport.Connection, info: ProcessInfo,
+                    progress: ProgressFn | None) -> pagestream.Sender:
+        """The target's page server for this migration, running and connected."""
         compression = self.cfg.ssh.compression
         talk = conn.converse([*self.cfg.ssh.remote_migrctl, "peer", "pages", self.j.id,
                               "--compression", compression])
-        with pagestream.Sender(talk, compression, level=conn.tuning.zstd_level,
-                               progress=progress, total=info.rss) as pages:
-            ck = cp.checkpoint(self.cfg, info.pid, self.images, leave_stopped=True,
-                               pass_fds=(self.lock_fd,), page_server_fd=pages.criu_fd)
-            return ck, pages.finish(self.cfg.ssh.op_timeout)
+        return pagestream.Sender(talk, compression, level=conn.tuning.zstd_level,
+                                 progress=progress, total=info.rss)
 
     def forward_restart(self, conn: transport.Connection, info: ProcessInfo, opts: Options) -> None:
         """Weak mobility: end the process here, start the same command line, directory and

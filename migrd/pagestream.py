@@ -47,14 +47,29 @@ def _check(compression: str) -> None:
         raise ConfigError(f"ssh.compression: unknown value {compression!r} (known: {', '.join(COMPRESSIONS)})")
 
 
+READY = b"ready"
+
+
 class Sender:
     """The source half. Hand `criu_fd` to `criu dump --page-server --ps-socket`; after the
     dump, `finish()` returns the page bytes sent once the target's page server has them all.
-    Used as a context manager, it tears the stream down if the dump failed."""
+    Used as a context manager, it tears the stream down if the dump failed.
+
+    It returns only once the target's page server runs (its `ready` line), so the caller can
+    freeze the process after that: the SSH session and Python start-up on the target
+    (~0.3 s) are not downtime."""
 
     def __init__(self, talk, compression: str, level: int = 1,  # talk: transport.Conversation
                  progress: ProgressFn | None = None, total: int = 0) -> None:
         _check(compression)
+        try:
+            line = talk.readline()
+        except BaseException:
+            talk.close(5.0)
+            raise
+        if line != READY:
+            talk.close(5.0)
+            raise TransportError(f"{talk.conn.where}: peer pages said {line[:60]!r}, expected {READY!r}")
         self.talk = talk
         self.compression = compression
         self.level = level
@@ -163,6 +178,7 @@ def serve(criu: Criu, pages: Path, log: Path, compression: str, timeout: float,
                 while view:
                     view = view[os.write(outfd, view):]
 
+    os.write(outfd, READY + b"\n")  # before any answer can exist: nothing to interleave
     relay = threading.Thread(target=answers, name="pages-answers", daemon=True)
     relay.start()
     dobj = zstandard.ZstdDecompressor().decompressobj() if compression == "zstd" else None

@@ -462,6 +462,9 @@ class Conversation:
     def recv(self, n: int = 1 << 16) -> bytes | None:
         """Raw bytes of the command's stdout: b"" once it closed it, None after a quiet
         timeout (silence may be normal for the caller's protocol)."""
+        if self._buf:  # what readline() read past its line
+            data, self._buf = bytes(self._buf[:n]), self._buf[n:]
+            return data
         try:
             return self.chan.recv(n)
         except socket.timeout:
