@@ -24,7 +24,7 @@ from migrd import cgroup
 from migrd import config as config_mod
 from migrd.policy import PolicyConfig, Watermarks
 from migrd.workloads import BUSY, read_counts
-from workloads import copies, wait_for
+from workloads import copies, end_copies, wait_for
 
 pytestmark = pytest.mark.root
 BED_HOSTS = 3
@@ -148,9 +148,4 @@ def test_agents_balance_load(bed, run_in, agents, tmp_path: Path):
         wait_for(lambda: all(len(read_counts(o)) > b for o, b in zip(outs, before)),
                  what="every workload to keep counting")
     finally:
-        for out in [*outs, plain_out]:
-            for pid in copies(str(out)):
-                try:
-                    psutil.Process(pid).kill()
-                except psutil.Error:
-                    pass
+        end_copies(*map(str, [*outs, plain_out]))

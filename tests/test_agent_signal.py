@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from migrd import bed as bed_mod
@@ -20,7 +19,7 @@ from migrd import failpoints
 from migrd.journal import FINAL, all_journals
 from migrd.workloads import BUSY, read_counts
 from test_agent_e2e import POLICY
-from workloads import copies, wait_for
+from workloads import copies, end_copies, wait_for
 
 pytestmark = pytest.mark.root
 BED_HOSTS = 2
@@ -63,9 +62,4 @@ def test_sigterm_lets_the_migration_in_flight_finish(bed, run_in, monkeypatch, t
     finally:
         for h in bed.hosts:
             bed_mod.stop_agent(h)
-        for out in outs:
-            for pid in copies(str(out)):
-                try:
-                    psutil.Process(pid).kill()
-                except psutil.Error:
-                    pass
+        end_copies(*map(str, outs))

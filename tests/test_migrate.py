@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from migrd.journal import STEPS
+from migrd.journal import STEPS, all_journals
 from migrd.workloads import COUNTER, read_counts
-from workloads import copies, wait_for
+from workloads import copies, end_copies, wait_for
 
 pytestmark = pytest.mark.root
 BED_HOSTS = 3
@@ -56,12 +56,7 @@ def counter(mig, tmp_path):
         return info["pid"], out
 
     yield start
-    for out in started:
-        for pid in copies(str(out)):
-            try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
+    end_copies(*map(str, started))
 
 
 def continues(out: Path, n_new: int = 5) -> list[int]:
@@ -173,8 +168,7 @@ def test_with_files_carries_open_data_file(mig, run_in, tmp_path):
         continues(out, 3)
         assert copies(str(out)) == [res["target_pid"]]
     finally:
-        for pid in copies(str(out)):
-            psutil.Process(pid).kill()
+        end_copies(str(out))
 
 
 # --- crash safety ---------------------------------------------------------------------------
@@ -350,11 +344,7 @@ def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
             client.kill()
         for host in ("host1", "host2"):
             run_in(host, "ip", "addr", "del", f"{vip}/24", "dev", "eth0", check=False)
-        for pid in copies(SERVICE_MARK):
-            try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
+        end_copies(SERVICE_MARK)
 
 
 # --- keep last: it stops host3's sshd --------------------------------------------------------
@@ -386,9 +376,11 @@ def test_sigterm_mid_migration_rolls_back_at_the_next_step(mig, bed, counter):
     p = bed_mod.spawn_in(bed, "host1", ["env", "MIGRD_FAILPOINTS=transfer:delay", PY, "-m", "migrd.cli",
                                         "migrate", str(pid), "--to", "host2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    journals = bed.host("host1").dir / "state" / "migrations"
-    wait_for(lambda: any('"state": "transfer"' in j.read_text() for j in journals.glob("*/journal.jsonl")
-                         if str(pid) in j.read_text()), what="the migration to reach transfer")
+    state = bed.host("host1").dir / "state"
+    # This migration's own journal, held at transfer (a text search for the PID could match
+    # a timestamp in an older journal and signal too early).
+    wait_for(lambda: any(j.last_state() == "transfer" and j.merged()["request"]["pid"] == pid
+                         for j in all_journals(state)), what="the migration to reach transfer")
     p.send_signal(sig.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and b"interrupted (SIGTERM/SIGINT) before transfer" in err, err

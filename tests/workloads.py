@@ -132,6 +132,16 @@ def copies(marker: str) -> list[int]:
     return out
 
 
+def end_copies(*markers: str) -> None:
+    """Test cleanup: kill every live copy, on any host, of the workloads the markers name."""
+    for marker in markers:
+        for pid in copies(marker):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+
+
 def is_running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -139,4 +149,4 @@ def is_running(pid: int) -> bool:
         return False
 
 
-__all__ = ["COUNTER", "SERVER", "Procs", "values", "wait_for", "ask", "is_running", "copies", "signal"]
+__all__ = ["COUNTER", "SERVER", "Procs", "values", "wait_for", "ask", "is_running", "copies", "end_copies", "signal"]
