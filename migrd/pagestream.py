@@ -21,12 +21,15 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import zstandard
 
 from .criu import Criu
-from .errors import ConfigError, ImageError, TransportError
-from .receive import COMPRESSIONS
+from .errors import ImageError, TransportError
+
+if TYPE_CHECKING:  # the target side must not pay for importing paramiko
+    from .transport import Conversation
 
 CHUNK = 1 << 20
 
@@ -42,11 +45,6 @@ def _socketpair() -> tuple[socket.socket, socket.socket]:
     return pair
 
 
-def _check(compression: str) -> None:
-    if compression not in COMPRESSIONS:
-        raise ConfigError(f"ssh.compression: unknown value {compression!r} (known: {', '.join(COMPRESSIONS)})")
-
-
 READY = b"ready"
 
 
@@ -59,9 +57,8 @@ class Sender:
     freeze the process after that: the SSH session and Python start-up on the target
     (~0.3 s) are not downtime."""
 
-    def __init__(self, talk, compression: str, level: int = 1,  # talk: transport.Conversation
+    def __init__(self, talk: Conversation, compression: str, level: int = 1,
                  progress: ProgressFn | None = None, total: int = 0) -> None:
-        _check(compression)
         try:
             line = talk.readline()
         except BaseException:
@@ -76,7 +73,6 @@ class Sender:
         self.progress = progress
         self.total = total
         self.sent = 0
-        self.wire = 0
         self.error: str | None = None
         self._ours, self._criu = _socketpair()
         self._up = threading.Thread(target=self._pump_up, name="pages-up", daemon=True)
@@ -104,7 +100,6 @@ class Sender:
                     # A block flush per read: the page server must see each command whole
                     # before it answers, or both ends would wait for each other.
                     data = cobj.compress(data) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-                self.wire += len(data)
                 self.talk.send(data)
                 if self.progress:
                     self.progress(self.sent, max(self.total, self.sent))
@@ -166,7 +161,6 @@ def serve(criu: Criu, pages: Path, log: Path, compression: str, timeout: float,
           infd: int = 0, outfd: int = 1) -> int:
     """The target half: run a page server writing into pages, feed it what arrives on infd and
     relay its answers to outfd. Returns the page bytes received (uncompressed)."""
-    _check(compression)
     ours, theirs = _socketpair()
     server = criu.page_server(pages, log, theirs.fileno())
     theirs.close()

@@ -13,6 +13,7 @@ import sys
 import click
 
 from .. import peer as peer_mod
+from ..receive import COMPRESSIONS
 from .common import json_option, load_config
 
 
@@ -61,7 +62,7 @@ def peer_restore(mid: str, name: str | None, stdout: str | None, address: str | 
 
 @peer.command("pages")
 @click.argument("mid")
-@click.option("--compression", default="none", show_default=True)
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True)
 def peer_pages(mid: str, compression: str) -> None:
     """Serve a dump's pages: the page stream on stdin, the page server's answers on stdout."""
     peer_mod.pages(load_config(), mid, compression)
