@@ -24,7 +24,10 @@ FINAL = ("done", "rolled_back", "refused")
 
 
 def new_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    """Sortable by start: `migrctl history` lists journals in name order, and two migrations
+    often start within the same second (milliseconds keep them apart)."""
+    now = time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"{int(now * 1000) % 1000:03d}-" + secrets.token_hex(3)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 
@@ -24,6 +25,15 @@ def req(**kw) -> precheck.Request:
 
 GOOD = precheck.TargetFacts(criu_ok=True, criu_message="", cpu_ok=True, cpu_message="",
                             mem_available=8 << 30, disk_free=8 << 30, files={"/srv/d": 5})
+
+
+def test_journal_ids_sort_by_start_time():
+    from migrd.journal import new_id
+
+    a = new_id()
+    time.sleep(0.002)
+    b = new_id()
+    assert a < b and len(a) == len(b)
 
 
 def test_all_good_means_go():

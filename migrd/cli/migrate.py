@@ -151,12 +151,12 @@ def history(limit: int, as_json: bool) -> None:
     def human(rs) -> str:
         if not rs:
             return "no migrations yet"
-        lines = [f"{'ID':24} {'WHEN':8} {'PID':>7} {'TO':8} {'MODE':7} {'BYTES':>10} {'DOWN':>7}  OUTCOME"]
+        lines = [f"{'ID':25} {'WHEN':8} {'PID':>7} {'TO':8} {'MODE':7} {'BYTES':>10} {'DOWN':>7}  OUTCOME"]
         for r in rs:
             when = datetime.fromtimestamp(r["started"]).strftime("%H:%M:%S")
             down = f"{r['downtime']:.2f}s" if r["downtime"] is not None else "-"
             outcome = r["outcome"] + (f": {r['reason']}" if r["reason"] and r["outcome"] != "ok" else "")
-            lines.append(f"{r['id']:24} {when:8} {r['pid'] or '-':>7} {r['target'] or '-':8} "
+            lines.append(f"{r['id']:25} {when:8} {r['pid'] or '-':>7} {r['target'] or '-':8} "
                          f"{r['mode'] or '-':7} {human_bytes(r['bytes']):>10} {down:>7}  {outcome[:80]}")
             lines += [f"{'':26}why: {reason}" for reason in r.get("decision_reasons") or ()]
         return "\n".join(lines)
