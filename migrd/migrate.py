@@ -127,9 +127,14 @@ class Migration:
     def info(self) -> ProcessInfo:
         return process_from_dict(self.data["process"])
 
+    @property
+    def source(self) -> tuple[int, float]:
+        """The source process: PID and start time (a recycled PID is never taken for it)."""
+        req = self.data["request"]
+        return req["pid"], req["start_time"]
+
     def source_alive(self) -> bool:
-        d = self.data
-        return workload.same_process(d["request"]["pid"], d["request"]["start_time"])
+        return workload.same_process(*self.source)
 
     # --- the forward path ------------------------------------------------------------------
 
@@ -304,7 +309,7 @@ class Migration:
         session, still waiting for our word; without it (or if it broke) a `peer finish`."""
         d = self.data
         opts = self.opts
-        source = (d["request"]["pid"], d["request"]["start_time"])
+        source = self.source
         streamed_move = bool(d.get("streamed")) and opts.mode == "move"
         if streamed_move:
             # The streamed dump left the source stopped: it goes before the target runs. A
@@ -370,7 +375,7 @@ class Migration:
             local_pid = self.restore_locally() if opts.mode == "move" else self.start_locally()
         elif d.get("streamed") and self.source_alive():
             # A streamed dump leaves the source stopped, not ended: it simply runs on.
-            workload.resume(d["request"]["pid"], d["request"]["start_time"])
+            workload.resume(*self.source)
         shutil.rmtree(self.images, ignore_errors=True)
         for table in d.get("nft_tables", []):
             netaddr.nft_delete(table)  # a local restore unlocks its own; a dump-only leaves it
