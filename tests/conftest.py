@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,14 @@ def run_in(bed):
         return bed_mod.exec_in(bed, host, list(argv), check=check, timeout=timeout, input=input)
 
     return run
+
+
+@pytest.fixture(params=[False, True], ids=["path", "abstract"])
+def notify_socket(request, tmp_path: Path):
+    """(NOTIFY_SOCKET value, the datagram socket bound to it), as systemd sets one up: a
+    filesystem path, or an abstract name written with a leading '@'."""
+    abstract = request.param
+    name = f"@migrd-notify-{os.getpid()}-{os.urandom(4).hex()}" if abstract else str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name[1:] if abstract else name)
+        yield name, s

@@ -276,14 +276,11 @@ def test_sdnotify_formatting():
     assert sdnotify.notify({}, READY=1) is False
 
 
-@pytest.mark.parametrize("abstract", [False, True])
-def test_sdnotify_sends_a_datagram(tmp_path, abstract):
-    name = f"@migrd-test-{os.getpid()}-{os.urandom(4).hex()}" if abstract else str(tmp_path / "notify")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.bind("\0" + name[1:] if abstract else name)
-        s.settimeout(5)
-        assert sdnotify.notify({"NOTIFY_SOCKET": name}, READY=1, STATUS="ok")
-        assert s.recv(4096) == b"READY=1\nSTATUS=ok"
+def test_sdnotify_sends_a_datagram(notify_socket):
+    name, s = notify_socket
+    s.settimeout(5)
+    assert sdnotify.notify({"NOTIFY_SOCKET": name}, READY=1, STATUS="ok")
+    assert s.recv(4096) == b"READY=1\nSTATUS=ok"
 
 
 # --------------------------------------------------------------------------- config

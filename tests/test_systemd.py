@@ -52,31 +52,28 @@ def _receive(s: socket.socket, until: float) -> list[str]:
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("abstract", [False, True])
-def test_agent_notifies_ready_and_watchdog(tmp_path, abstract):
-    name = f"@migrd-notify-{os.getpid()}-{os.urandom(4).hex()}" if abstract else str(tmp_path / "notify")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.bind("\0" + name[1:] if abstract else name)
-        s.settimeout(0.5)
-        env = {**os.environ, "MIGRD_CONFIG": str(_config(tmp_path, 5.0)), "NOTIFY_SOCKET": name,
-               "WATCHDOG_USEC": "600000"}
-        p = subprocess.Popen([sys.executable, "-m", "migrd.daemon"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            got: list[str] = []
-            deadline = time.monotonic() + 30
-            # Pings come well within the 0.6 s watchdog although rounds are 5 s apart.
-            while not (any("READY=1" in m for m in got) and sum("WATCHDOG=1" in m for m in got) >= 3):
-                assert time.monotonic() < deadline and p.poll() is None, got
-                try:
-                    got.append(s.recv(4096).decode())
-                except socket.timeout:
-                    pass
-        finally:
-            p.send_signal(signal.SIGTERM)
-            rc = p.wait(timeout=30)
-        assert rc == 0
-        assert any("STOPPING=1" in m for m in _receive(s, time.monotonic() + 1) + got)
+def test_agent_notifies_ready_and_watchdog(tmp_path, notify_socket):
+    name, s = notify_socket
+    s.settimeout(0.5)
+    env = {**os.environ, "MIGRD_CONFIG": str(_config(tmp_path, 5.0)), "NOTIFY_SOCKET": name,
+           "WATCHDOG_USEC": "600000"}
+    p = subprocess.Popen([sys.executable, "-m", "migrd.daemon"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        got: list[str] = []
+        deadline = time.monotonic() + 30
+        # Pings come well within the 0.6 s watchdog although rounds are 5 s apart.
+        while not (any("READY=1" in m for m in got) and sum("WATCHDOG=1" in m for m in got) >= 3):
+            assert time.monotonic() < deadline and p.poll() is None, got
+            try:
+                got.append(s.recv(4096).decode())
+            except socket.timeout:
+                pass
+    finally:
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=30)
+    assert rc == 0
+    assert any("STOPPING=1" in m for m in _receive(s, time.monotonic() + 1) + got)
 
 
 @pytest.mark.root

@@ -402,11 +402,17 @@ def test_receiver_error_reaches_sender(peer, image: Path, tmp_path: Path) -> Non
             conn.send_images(image, tmp_path / "taken")
 
 
+def foreign_host_key(tmp_path: Path) -> tuple[str, str]:
+    """(key type, base64 blob) of a host key the peer does not have."""
+    other = sshd.ensure_keypair(tmp_path / "other_host_key")
+    kind, blob = other.with_suffix(".pub").read_text().split()[:2]
+    return kind, blob
+
+
 @pytest.mark.root
 def test_unknown_host_key_refused(peer, tmp_path: Path) -> None:
     cfg, files = peer
-    other = sshd.ensure_keypair(tmp_path / "other_host_key")
-    kind, blob = other.with_suffix(".pub").read_text().split()[:2]
+    kind, blob = foreign_host_key(tmp_path)
     port = cfg.hosts[0].port
     # A key for another address only: nothing is known about this one.
     unknown = with_host(cfg, host_keys=(f"[127.0.0.9]:{port} {kind} {blob}",))
@@ -422,8 +428,7 @@ def test_unknown_host_key_refused(peer, tmp_path: Path) -> None:
 @pytest.mark.root
 def test_changed_host_key_refused(peer, tmp_path: Path) -> None:
     cfg, files = peer
-    other = sshd.ensure_keypair(tmp_path / "other_host_key")
-    kind, blob = other.with_suffix(".pub").read_text().split()[:2]
+    kind, blob = foreign_host_key(tmp_path)
     port = cfg.hosts[0].port
     changed = with_host(cfg, host_keys=(sshd.known_hosts_line("127.0.0.1", port, f"{kind} {blob}"),))
     real = files.host_public_key().split()[1]
