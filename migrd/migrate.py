@@ -35,7 +35,7 @@ from . import checkpoint as cp
 from . import failpoints, netaddr, pagestream, precheck, process, transport, workload
 from .config import Config
 from .criu import find_criu
-from .errors import InDoubt, InputError, MigrdError, NotPermitted, PrecheckFailed, TransportError
+from .errors import ConfigError, InDoubt, InputError, MigrdError, NotPermitted, PrecheckFailed, TransportError
 from .journal import FINAL, Journal, all_journals, new_id
 from .manifest import ProcessInfo, process_from_dict
 
@@ -486,7 +486,7 @@ def _recover_one(m: Migration, last: str | None) -> str:
     states = [r.state for r in m.j.records()]
     try:
         conn: transport.Connection | None = transport.connect(m.cfg, m.opts.target)
-    except TransportError:
+    except (TransportError, ConfigError):  # e.g. an unusable ssh.client_key: as if unreachable
         conn = None
     try:
         if "commit" in states:
