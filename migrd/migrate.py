@@ -490,6 +490,11 @@ def _recover_one(m: Migration, last: str | None) -> str:
         conn = None
     try:
         if "commit" in states:
+            if conn is None:
+                # The target's copy waits, stopped, for our word: finishing here alone would
+                # leave no copy running at all.
+                raise InDoubt(f"migration {m.j.id}: committed, but {m.opts.target} cannot be reached to "
+                              f"resume its copy; run `migrd recover` again once it answers")
             m.commit(conn)
             return "committed"
         if "rollback" not in states and "restore" in states and conn is not None:
