@@ -1,13 +1,15 @@
 """Recovery where it is hardest: a target lost after its restore began (exit 11, nothing
 restarted, `migrctl recover` settles it), an agent starting with an unfinished migration or
-with broken journals, and a migration whose lock a dump's CRIU still holds. Real CRIU, sshd
-and agents on a 2-host bed where a migration is needed; a local agent otherwise."""
+with broken journals, a migration whose lock a dump's CRIU still holds, and an agent's systemd
+watchdog through a long migration. Real CRIU, sshd and agents on a 2-host bed where a migration
+is needed; a local agent otherwise."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,9 +22,10 @@ from migrd import bed as bed_mod
 from migrd import config as config_mod
 from migrd.errors import InDoubt, MigrdError
 from migrd.journal import FINAL, Journal, all_journals
-from migrd.workloads import read_counts
+from migrd.workloads import BUSY, read_counts
+from test_agent_e2e import POLICY
 from test_migrate import counter, jrun, mig  # noqa: F401 (fixtures)
-from workloads import copies, wait_for
+from workloads import copies, end_copies, wait_for
 
 pytestmark = pytest.mark.root
 BED_HOSTS = 2
@@ -179,3 +182,63 @@ def test_recover_skips_a_migration_whose_lock_a_dump_still_holds(tmp_path: Path)
         holder.wait(timeout=30)
     assert [r["action"] for r in recover()] == ["nothing had changed"]
     assert j.last_state() == "rolled_back"
+
+
+def test_watchdog_is_fed_through_a_real_long_migration(bed, run_in, tmp_path: Path) -> None:
+    """host1's agent, under a 3 s watchdog, moves a busy workload to host2 with the migration
+    held 5 s at `transfer` (the failpoint): the agent's loop is blocked all that time, and
+    WATCHDOG=1 must still come at most 1.5 s (half the period) apart."""
+
+    originals = {h.name: (h.dir / "etc" / "migrd.yaml").read_text() for h in bed.hosts}
+    for h in bed.hosts:
+        cfg = config_mod.parse(originals[h.name])
+        (h.dir / "etc" / "migrd.yaml").write_text(config_mod.dump(dataclasses.replace(
+            cfg, policy=POLICY, daemon=dataclasses.replace(cfg.daemon, interval=1.0, peer_stale_after=10.0,
+                                                            probe_bytes=1 << 20))))
+    notify = tmp_path / "notify"
+    state = bed.host("host1").dir / "state"
+    outs = [tmp_path / f"busy-{i}" for i in range(3)]
+    agents = []
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(str(notify))
+        sock.settimeout(0.1)
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "3000000",
+               failpoints.ENV: "transfer:delay"}
+        for h, extra in (("host2", {}), ("host1", env)):
+            with open(bed.host(h).dir / "state" / "agent.log", "ab") as log:
+                agents.append(bed_mod.spawn_in(bed, h, [PY, "-m", "migrd.daemon"], stdout=log, stderr=log,
+                                               env=extra or None))
+        deadline = time.time() + 150
+        for i, out in enumerate(outs):
+            run_in("host1", PY, "-m", "migrd.cli", "run", "--name", f"wd{i}", "--", PY, "-c", BUSY, str(out),
+                   str(deadline))
+        pings: list[float] = []
+        held: list[float] = []  # the times host1's migration was seen held at transfer
+        until = time.monotonic() + 150
+        while time.monotonic() < until and not (held and time.time() - held[-1] > 2.0):
+            try:
+                if b"WATCHDOG=1" in sock.recv(4096):
+                    pings.append(time.time())
+            except socket.timeout:
+                pass
+            if any(j.last_state() == "transfer" for j in all_journals(state)):
+                held.append(time.time())
+        assert held, "host1's agent never started a migration"
+    finally:
+        sock.close()
+        for p in agents:
+            p.terminate()
+        for p in agents:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=30)
+        for h in bed.hosts:
+            (h.dir / "etc" / "migrd.yaml").write_text(originals[h.name])
+        end_copies(*map(str, outs))
+    assert held[-1] - held[0] >= 3.0, "the hold at transfer was not seen"
+    during = [held[0], *(t for t in pings if held[0] < t < held[-1]), held[-1]]
+    gaps = [b - a for a, b in zip(during, during[1:])]
+    assert len(during) >= 4 and max(gaps) <= 1.5, (gaps, held[-1] - held[0])
