@@ -206,6 +206,9 @@ class Agent:
                     self.round()
                 except MigrdError as e:
                     log.error("round failed: %s", e)
+                except Exception as e:  # a bug; the next round may well work, dying helps nobody
+                    log.error("round failed unexpectedly: %s: %s", type(e).__name__, e)
+                    log.debug("round failed unexpectedly", exc_info=True)
                 self._ping()
                 if once:
                     break

@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .cli import MigrdGroup
-from .cli.common import load_config, require_root
+from .cli.common import load_config, quiet_paramiko, require_root
 from .cli.migrate import recover
 
 once_option = click.option("--once", is_flag=True, help="Run one round (sample, decide, maybe act) and exit.")
@@ -22,6 +22,7 @@ def _run(once: bool, verbose: int) -> None:
 
     logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s migrd %(name)s %(levelname)s: %(message)s")
+    quiet_paramiko(verbose)
     cfg = load_config()  # a malformed config is reported (exit 8) before anything starts
     require_root("migrd")
     Agent(cfg).run(once=once)

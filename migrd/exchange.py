@@ -124,8 +124,15 @@ class PeerReader:
         except FileNotFoundError:
             v.error = "no snapshot yet (is its agent running?)"
         except (MigrdError, OSError, EOFError, paramiko.SSHException, ValueError, KeyError) as e:
-            v.failures += 1
-            v.retry_at = now + backoff(v.failures)
-            v.error = str(e) or type(e).__name__
-            log.info("peer %s: %s (retry in %.0f s)", v.name, v.error, v.retry_at - now)
-            self.close()
+            self._failed(now, str(e) or type(e).__name__)
+        except Exception as e:  # a bug: it must cost this peer's view, never the agent's loop
+            log.debug("peer %s: unexpected error", v.name, exc_info=True)
+            self._failed(now, f"unexpected {type(e).__name__}: {e}")
+
+    def _failed(self, now: float, error: str) -> None:
+        v = self.view
+        v.failures += 1
+        v.retry_at = now + backoff(v.failures)
+        v.error = error
+        log.info("peer %s: %s (retry in %.0f s)", v.name, v.error, v.retry_at - now)
+        self.close()

@@ -35,7 +35,7 @@ from . import checkpoint as cp
 from . import failpoints, netaddr, pagestream, precheck, process, transport, workload
 from .config import Config
 from .criu import find_criu
-from .errors import InDoubt, InputError, MigrdError, NotPermitted, PrecheckFailed, TransportError
+from .errors import ConfigError, InDoubt, InputError, MigrdError, NotPermitted, PrecheckFailed, TransportError
 from .journal import FINAL, Journal, all_journals, new_id
 from .manifest import ProcessInfo, process_from_dict
 
@@ -486,10 +486,15 @@ def _recover_one(m: Migration, last: str | None) -> str:
     states = [r.state for r in m.j.records()]
     try:
         conn: transport.Connection | None = transport.connect(m.cfg, m.opts.target)
-    except TransportError:
+    except (TransportError, ConfigError):  # e.g. an unusable ssh.client_key: as if unreachable
         conn = None
     try:
         if "commit" in states:
+            if conn is None:
+                # The target's copy waits, stopped, for our word: finishing here alone would
+                # leave no copy running at all.
+                raise InDoubt(f"migration {m.j.id}: committed, but {m.opts.target} cannot be reached to "
+                              f"resume its copy; run `migrd recover` again once it answers")
             m.commit(conn)
             return "committed"
         if "rollback" not in states and "restore" in states and conn is not None:

@@ -3,7 +3,8 @@
 A thin wrapper in the spirit of paramiko's Transport/Channel and Fabric's Connection. Host keys
 come only from the config (strict: unknown or changed keys are refused), authentication is the
 configured client key only, and every network wait is bounded by connect_timeout or op_timeout.
-Commands are sent as shlex-quoted argv, never as strings built any other way.
+Commands are sent as shlex-quoted argv, never as strings built any other way. Only modern
+algorithms are offered (see CIPHERS and MACS); a peer that insists on anything older is refused.
 
 Throughput: paramiko spends Python time per SSH packet, and OpenSSH's sshd caps a session
 channel's packets at 32 KiB, so the per-packet cost decides the rate. `Tuning` holds the knobs
@@ -32,10 +33,18 @@ import zstandard
 
 from . import receive
 from .config import Config, HostEntry
-from .errors import ConfigError, ImageError, TransportError
+from .errors import ConfigError, ImageError, InputError, TransportError
 
 #: progress(done_bytes, total_bytes) of the uncompressed stream; called from the sending thread.
 ProgressFn = Callable[[int, int], None]
+
+#: The only ciphers offered (paramiko also keeps CBC modes and 3DES as fallbacks): AEAD first,
+#: then AES-CTR, whose MAC is then one of MACS. chacha20-poly1305 counts when paramiko has it.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+           "aes128-ctr", "aes192-ctr", "aes256-ctr")
+#: The only MACs offered (paramiko also keeps hmac-sha1 and hmac-md5): SHA-2, encrypt-then-MAC.
+#: SSH negotiates a MAC even for AEAD ciphers, which then ignore it.
+MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
 
 
 @dataclass(frozen=True)
@@ -138,9 +147,66 @@ def _transport_factory(tuning: Tuning, sock: socket.socket, **kw: Any) -> parami
     t = paramiko.Transport(sock, default_window_size=tuning.window_size,
                            default_max_packet_size=tuning.max_packet_size, **kw)
     opts = t.get_security_options()
-    have = tuple(opts.ciphers)
-    opts.ciphers = tuple(c for c in tuning.ciphers if c in have) + tuple(c for c in have if c not in tuning.ciphers)
+    opts.ciphers = offered(tuning.ciphers, CIPHERS, tuple(opts.ciphers))
+    opts.digests = offered((), MACS, tuple(opts.digests))
     return t
+
+
+def offered(preferred: Sequence[str], allowed: Sequence[str], have: Sequence[str]) -> tuple[str, ...]:
+    """The algorithms to offer, in order: the preferred ones, then the rest of allowed, each
+    only if allowed and implemented (have). Nothing outside allowed is ever offered."""
+    order = [*preferred, *(a for a in allowed if a not in preferred)]
+    return tuple(a for a in order if a in allowed and a in have)
+
+
+def load_client_key(cfg: Config) -> paramiko.PKey:
+    """ssh.client_key as a key paramiko can sign with; a ConfigError naming the file and what
+    is wrong with it otherwise. It is this host's configuration that is broken, not a peer or
+    the network, so the error is the config's (exit 8), and no retry can help."""
+    path = cfg.ssh.client_key
+    where = f"{cfg.source or '<config>'}: key 'ssh.client_key'"
+    try:
+        path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {path}: {(e.strerror or str(e)).lower()}") from None
+    try:
+        return paramiko.PKey.from_path(path)
+    except (TypeError, paramiko.PasswordRequiredException):
+        # cryptography's TypeError: "key is encrypted but no password was given".
+        raise ConfigError(f"{where}: {path} is protected by a passphrase, which migrd cannot give; "
+                          f"use a key without one (ssh-keygen -p -N '' -f {path})") from None
+    except Exception as e:  # paramiko and cryptography raise ValueError, SSHException and others
+        raise ConfigError(f"{where}: {path} is not a private key migrd can use (OpenSSH or PEM "
+                          f"ed25519, ECDSA or RSA): {str(e).split('. ')[0] or type(e).__name__}") from None
+
+
+def command_line(argv: Sequence[str | bytes | os.PathLike[str] | os.PathLike[bytes]]) -> bytes:
+    """The shell command for argv as the bytes sshd hands to the peer's shell. File names are
+    bytes on Linux: one that is not UTF-8 (os.fsdecode gives it lone surrogates) goes out as
+    its very bytes, so the peer gets the same name. What an argv cannot carry is refused: a
+    NUL byte (the peer would silently run a truncated command), or text no bytes encode."""
+    args = [os.fsdecode(a) for a in argv]
+    for a in args:
+        if "\0" in a:
+            raise InputError(f"cannot pass {a!r} to a command on a peer: it contains a NUL byte")
+        try:
+            a.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise InputError(f"cannot pass {a!r} to a command on a peer: it is not a file name "
+                             f"or text that can be sent as bytes") from None
+    return shlex.join(args).encode("utf-8", "surrogateescape")
+
+
+def _negotiation_failed(where: str, e: paramiko.ssh_exception.IncompatiblePeer,
+                        t: paramiko.Transport | None) -> TransportError:
+    """Say which list found no match, and what migrd offered in it."""
+    reason = str(e).rpartition("(")[2].rstrip(")") or str(e)
+    opts = t.get_security_options() if t is not None else None
+    lists = {"cipher": ("ciphers", "ciphers"), "mac": ("MACs", "digests"),
+             "kex": ("key exchanges", "kex"), "host key": ("host key types", "key_types")}
+    kind = next((v for k, v in lists.items() if k in reason), None)
+    offer = f": migrd offers only {', '.join(getattr(opts, kind[1]))} as {kind[0]}" if kind and opts else ""
+    return TransportError(f"{where}: SSH algorithm negotiation failed ({reason}){offer}; refusing to connect")
 
 
 class Connection:
@@ -170,11 +236,7 @@ class Connection:
     def open(self) -> None:
         ssh = self.cfg.ssh
         timeout = ssh.connect_timeout
-        try:
-            pkey = paramiko.PKey.from_path(ssh.client_key)
-        except (OSError, paramiko.SSHException, paramiko.ssh_exception.UnknownKeyType) as e:
-            why = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise TransportError(f"client key {ssh.client_key} cannot be used: {why}") from None
+        pkey = load_client_key(self.cfg)
         client = paramiko.SSHClient()
         _load_host_keys(self.host, client.get_host_keys())
         client.set_missing_host_key_policy(_RefuseUnknown(self.host))
@@ -200,6 +262,10 @@ class Connection:
             raise TransportError(
                 f"{self.where}: login as {self.host.user} with key {ssh.client_key} was refused"
             ) from None
+        except paramiko.ssh_exception.IncompatiblePeer as e:
+            error = _negotiation_failed(self.where, e, client.get_transport())
+            client.close()
+            raise error from None
         except paramiko.ssh_exception.NoValidConnectionsError as e:
             client.close()
             err = next(iter(e.errors.values()))
@@ -228,7 +294,7 @@ class Connection:
     # --- commands ------------------------------------------------------------------------
 
     def _exec(self, argv: Sequence[str], timeout: float) -> paramiko.Channel:
-        command = shlex.join([os.fspath(a) for a in argv])
+        command = command_line(argv)
         try:
             chan = self.transport.open_session(timeout=self.cfg.ssh.op_timeout)
             chan.settimeout(timeout)
@@ -359,8 +425,9 @@ class Connection:
         try:
             with self._client.open_sftp() as sftp:  # type: ignore[union-attr]
                 sftp.get_channel().settimeout(self.cfg.ssh.op_timeout)
-                sftp.put(str(local), remote, confirm=True)
-                sftp.chmod(remote, local.stat().st_mode & 0o7777)
+                # As bytes: the peer gets the very name, UTF-8 or not (see command_line).
+                sftp.put(str(local), os.fsencode(remote), confirm=True)
+                sftp.chmod(os.fsencode(remote), local.stat().st_mode & 0o7777)
         except (OSError, paramiko.SSHException) as e:
             raise TransportError(f"{self.where}: copying {local} to {remote} failed: {e}") from None
         r = self.run(["sha256sum", "--", remote])

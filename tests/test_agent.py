@@ -334,7 +334,7 @@ def test_example_config_is_complete():
 
 def test_daemon_refuses_a_malformed_config(tmp_path):
     bad = tmp_path / "migrd.yaml"
-    bad.write_text("state_dir: /tmp/x\ndaemon:\n  mode: offload\n  intervall: 3\n")
+    bad.write_text(f"state_dir: {tmp_path / 'x'}\ndaemon:\n  mode: offload\n  intervall: 3\n")
     r = subprocess.run([sys.executable, "-m", "migrd.daemon", "--once"], capture_output=True, text=True,
                        env={**os.environ, "MIGRD_CONFIG": str(bad)}, timeout=60)
     assert r.returncode == 8

@@ -1,9 +1,11 @@
 """systemd integration without a running systemd: the unit file passes `systemd-analyze
-verify`, and the agent speaks the notify protocol to a real datagram socket (READY=1 after
-start-up, WATCHDOG=1 from the loop)."""
+verify`, and the agent speaks the notify protocol to a real datagram socket: READY=1 only after
+start-up recovery, WATCHDOG=1 at most half the watchdog period apart, between rounds and
+through a migration that blocks the loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -91,3 +93,117 @@ def test_once_notifies_ready_then_watchdog(tmp_path):
     ready = next(i for i, m in enumerate(msgs) if "READY=1" in m)
     assert any("WATCHDOG=1" in m for m in msgs[ready + 1:]), msgs
     assert (tmp_path / "state" / "decisions.jsonl").exists()
+
+
+def _notifications(s: socket.socket, until: float, stop=lambda got: False) -> list[tuple[float, str]]:
+    """(time.time() at arrival, message) for each datagram until `until` (monotonic) or stop(got)."""
+    got: list[tuple[float, str]] = []
+    while time.monotonic() < until and not stop(got):
+        try:
+            data = s.recv(4096)
+        except socket.timeout:
+            continue
+        got.append((time.time(), data.decode()))
+    return got
+
+
+def _gaps(got: list[tuple[float, str]]) -> list[float]:
+    pings = [t for t, m in got if "WATCHDOG=1" in m]
+    return [b - a for a, b in zip(pings, pings[1:])]
+
+
+@pytest.mark.root
+def test_watchdog_pings_come_within_half_the_period(tmp_path):
+    """sd_watchdog_enabled(3) asks for pings at half WATCHDOG_USEC; migrd pings every third of it
+    (docs/agent.md), between rounds as well as after them."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.settimeout(0.5)
+        env = {**os.environ, "MIGRD_CONFIG": str(_config(tmp_path, 10.0)), "NOTIFY_SOCKET": str(path),
+               "WATCHDOG_USEC": "6000000"}
+        p = subprocess.Popen([sys.executable, "-m", "migrd.daemon"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            ready = _notifications(s, time.monotonic() + 60, lambda got: any("READY=1" in m for _, m in got))
+            assert ready and "READY=1" in ready[-1][1], ready
+            got = _notifications(s, time.monotonic() + 20)  # two 10 s rounds: pings between them too
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=30)
+    gaps = _gaps(got)
+    assert len(gaps) >= 6, got  # ~10 pings in 20 s at one per 2 s
+    assert max(gaps) <= 3.0, gaps  # never more than half the 6 s period apart
+
+
+@pytest.mark.root
+def test_ready_comes_only_after_start_up_recovery(tmp_path):
+    """An unfinished journal whose target never answers SSH (a listener that sends no banner)
+    takes two connect timeouts to recover; READY=1 must come after that, not before."""
+    from migrd import config as config_mod
+    from migrd.config import HostEntry
+    from migrd import sshd
+    from migrd.journal import Journal
+
+    with socket.socket() as silent, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        cfg_path = _config(tmp_path, 5.0)
+        cfg = config_mod.parse(cfg_path.read_text())
+        key = sshd.ensure_keypair(tmp_path / "id_ed25519")
+        cfg = dataclasses.replace(cfg, host="a", hosts=(HostEntry("b", "127.0.0.1", silent.getsockname()[1]),),
+                                  ssh=dataclasses.replace(cfg.ssh, client_key=key, connect_timeout=2.0))
+        cfg_path.write_text(config_mod.dump(cfg))
+        j = Journal(tmp_path / "state" / "migrations" / "20260101-000000000-abcdef")
+        j.record("precheck", options={"target": "b"}, request={"pid": 1, "start_time": 0.0})
+        j.record("restore")  # the target may run a copy: recovery must ask it, and cannot
+        s.bind(str(tmp_path / "notify"))
+        s.settimeout(0.5)
+        env = {**os.environ, "MIGRD_CONFIG": str(cfg_path), "NOTIFY_SOCKET": str(tmp_path / "notify")}
+        started = time.time()
+        p = subprocess.Popen([sys.executable, "-m", "migrd.daemon"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            got = _notifications(s, time.monotonic() + 90, lambda got: any("READY=1" in m for _, m in got))
+            states = [r.state for r in j.records()]
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=30)
+    ready_at = next(t for t, m in got if "READY=1" in m)
+    assert states[-1] == "in_doubt", states  # recovered (as far as it can) when READY arrived
+    assert j.records()[-1].time < ready_at
+    assert ready_at - started >= 2 * 2.0  # both connection attempts were waited for first
+
+
+@pytest.mark.root
+def test_watchdog_keeps_coming_during_a_long_migration(tmp_path, monkeypatch):
+    """A migration held at `transfer` by its failpoint (5 s) blocks the agent's loop; the pinging
+    thread must keep the watchdog (1.5 s) fed all along."""
+    from migrd import agent as agent_mod
+    from migrd import config as config_mod
+    from migrd import failpoints, migrate
+    from migrd.costmodel import Action
+    from migrd.policy import Decision, Level, Mode
+
+    def held_migration(cfg, pid, opts, progress=None):
+        failpoints.step("transfer")
+        return migrate.Outcome(id="m1", mode="move", source="a", target=opts.target, pid=pid, target_pid=2,
+                               bytes=1, phases={}, downtime=0.1, dry_run=False)
+
+    monkeypatch.setenv(failpoints.ENV, "transfer:delay")
+    monkeypatch.setattr(agent_mod.migrate, "migrate", held_migration)
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.settimeout(0.2)
+        a = agent_mod.Agent(config_mod.parse(_config(tmp_path, 5.0).read_text()),
+                            env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1500000"})
+        d = Decision(Action.MIGRATE, Mode.OFFLOAD, Level.HIGH, "a", pid=7, target="b")
+        t0 = time.monotonic()
+        a._act(d, migrate.Options(target="b"), {"time": time.time()})
+        took = time.monotonic() - t0
+        got = _notifications(s, time.monotonic() + 0.5)
+    assert took >= failpoints.DELAY_SECONDS
+    gaps = _gaps(got)
+    assert len(gaps) >= 6, got  # a ping every 0.5 s through the 5 s hold
+    assert max(gaps) <= 0.75, gaps  # half the period

@@ -87,4 +87,7 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    from .common import quiet_paramiko
+
+    quiet_paramiko(verbose)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 
 def load_config() -> config_mod.Config:
     return config_mod.load()
+
+
+def quiet_paramiko(verbose: int) -> None:
+    """paramiko logs a failed handshake with a traceback from its own thread; migrd reports the
+    same failure as one line, so paramiko's own log shows only with -vv."""
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL + 1)
 
 
 def require_root(what: str) -> None:
