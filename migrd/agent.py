@@ -37,7 +37,7 @@ from typing import Any
 
 import psutil
 
-from . import admin, exchange, journal, load, migrate, policy, precheck, sdnotify, workload
+from . import admin, exchange, journal, load, migrate, policy, precheck, private, sdnotify, workload
 from .config import Config
 from .costmodel import Action
 from .errors import ConfigError, InputError, MigrdError
@@ -130,15 +130,13 @@ class DecisionLog:
             self.count = 0
 
     def append(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
+        private.private_dir(self.path.parent)
+        with os.fdopen(private.open_private(self.path, os.O_WRONLY | os.O_APPEND), "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
         self.count += 1
         if self.count > self.limit:
             kept = trimmed(self.path.read_text().splitlines(), self.limit)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+            private.write_atomic(self.path, "".join(ln + "\n" for ln in kept), durable=False)
             self.count = len(kept)
 
     def records(self) -> list[dict[str, Any]]:

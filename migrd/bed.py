@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cgroup, proc, sshd
+from . import cgroup, private, proc, sshd
 from .config import Config, DaemonSettings, HostEntry, SshSettings, dump
 from .errors import CommandError, InputError, MigrdError, NotPermitted
 
@@ -372,9 +372,7 @@ def load_state(name: str, root: Path | None = None) -> BedState:
 
 
 def save_state(state: BedState) -> None:
-    tmp = state.state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state_to_json(state), indent=2))
-    tmp.replace(state.state_file)
+    private.write_atomic(state.state_file, json.dumps(state_to_json(state), indent=2))
 
 
 def _already(state: BedState) -> NotPermitted:
@@ -386,9 +384,9 @@ def _claim(state: BedState) -> None:
     """Take the name: the state file (with the whole plan) is created exclusively, so two
     `bed up` of one name cannot both proceed; then the run dir, which is machine-wide like the
     namespace names, so a bed of the same name under another root cannot either."""
-    state.dir.mkdir(parents=True, exist_ok=True)
+    private.private_dir(state.dir)  # the client key and the cluster config live here
     try:
-        fd = os.open(state.state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = private.open_private(state.state_file, os.O_WRONLY | os.O_EXCL)
     except FileExistsError:
         raise _already(state) from None
     with os.fdopen(fd, "w") as f:
@@ -461,8 +459,13 @@ def _ip(*args: str) -> None:
 def _build(state: BedState) -> BedState:
     for h in state.hosts:
         for sub, _ in HOST_MOUNTS:
-            (h.dir / sub).mkdir(parents=True, exist_ok=True)
-        h.run_dir.mkdir(parents=True, exist_ok=True)
+            # etc holds the host's client key and config, state is its migrd state_dir; srv is
+            # the workloads' data, for the tests to read and write.
+            if sub == "srv":
+                (h.dir / sub).mkdir(parents=True, exist_ok=True)
+            else:
+                private.private_dir(h.dir / sub)
+        private.private_dir(h.run_dir)  # sshd's keys (sshd wants them in no group/world-writable dir)
     for _, where in HOST_MOUNTS:
         where.mkdir(parents=True, exist_ok=True)  # mount points; empty in the root namespace
     sshd.ensure_keypair(state.client_key, f"migrd-bed-{state.name}")
@@ -684,7 +687,8 @@ def start_agents(state: BedState, timeout: float = 30.0) -> dict[str, int]:
     for h in state.hosts:
         if alive(_read_ref(_agent_file(h))):
             raise NotPermitted(f"bed {state.name!r} host {h.name} already runs an agent")
-        with open(h.dir / "state" / "agent.log", "ab") as out:
+        log_fd = private.open_private(h.dir / "state" / "agent.log", os.O_WRONLY | os.O_APPEND)
+        with os.fdopen(log_fd, "ab") as out:
             p = spawn_in(state, h.name, [sys.executable, "-m", "migrd.daemon"], stdout=out, stderr=out)
         _agent_file(h).write_text(json.dumps(dataclasses.asdict(proc_ref(p.pid))))
         pids[h.name] = p.pid

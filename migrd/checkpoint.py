@@ -5,6 +5,7 @@ transport."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import manifest as mf
-from . import process
+from . import private, process
 from .config import Config
 from .criu import Criu, find_criu
 from .errors import InputError, NotPermitted
@@ -26,20 +27,30 @@ class Checkpoint:
 
 
 def log_path(cfg: Config, action: str, pid: int | str) -> Path:
-    logs = cfg.state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    return logs / f"{action}-{pid}-{time.strftime('%Y%m%dT%H%M%S')}-{time.monotonic_ns() % 10**6}.log"
+    logs = private.private_dir(cfg.state_dir / "logs")
+    path = logs / f"{action}-{pid}-{time.strftime('%Y%m%dT%H%M%S')}-{time.monotonic_ns() % 10**6}.log"
+    # Created here 0600: CRIU would create it 0644 less the umask of whoever ran migrctl.
+    os.close(private.open_private(path, os.O_WRONLY))
+    return path
 
 
 def _prepare_dir(images: Path) -> bool:
-    """Create images (returns True) or accept an existing empty directory (False)."""
-    if images.exists():
-        if not images.is_dir():
+    """Create images 0700 (returns True) or accept an existing empty directory only root can
+    write (False): CRIU writes the process's memory there."""
+    if images.is_symlink() or images.exists():
+        if not images.is_symlink() and not images.is_dir():
             raise InputError(f"{images} exists and is not a directory")
+        private.check_trusted_dir(images, "image directory")
         if any(images.iterdir()):
             raise InputError(f"{images} exists and is not empty; choose a new directory")
+        private.private_dir(images)
         return False
-    images.mkdir(parents=True)
+    private.private_dir(images)
+    try:
+        private.check_trusted_dir(images, "image directory")
+    except NotPermitted:
+        images.rmdir()
+        raise
     return True
 
 
@@ -57,6 +68,7 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
     try:
         result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
                            pass_fds=pass_fds, page_server_fd=page_server_fd, **options)
+        private.restrict_files(images)
         m = mf.Manifest(
             format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
             host=cfg.host or socket.gethostname(), process=info, options=options,
@@ -80,6 +92,8 @@ def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
     """Verify the manifest, make sure the PID is free, and restore detached. hashed=True: the
     files' sha256 were checked as they arrived, so only names and sizes are checked again.
     streamed: page images a page server wrote (see manifest.verify)."""
+    if images.is_dir() or images.is_symlink():  # anything else: verify says what it is
+        private.check_trusted_dir(images, "image directory")
     m = mf.verify(images, hashes=not hashed, streamed=streamed)
     criu = criu or find_criu(cfg)
     pid_wait = cfg.migrate.pid_wait if pid_wait is None else pid_wait
@@ -91,5 +105,8 @@ def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
                 f"PID {pid} is needed for the restore but is still taken by {who} "
                 f"after {pid_wait:g} s; end that process (or wait for it to be reaped)")
     log = log_path(cfg, "restore", m.process.pid)
-    return criu.restore(images, log, tcp_established=bool(m.options.get("tcp_established")),
-                        shell_job=bool(m.options.get("shell_job")), leave_stopped=leave_stopped)
+    try:
+        return criu.restore(images, log, tcp_established=bool(m.options.get("tcp_established")),
+                            shell_job=bool(m.options.get("shell_job")), leave_stopped=leave_stopped)
+    finally:
+        private.restrict_files(images)  # CRIU's stats-restore, 0644 less the umask

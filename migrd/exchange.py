@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
-from . import transport
+from . import private, transport
 from .config import Config
 from .costmodel import Link
 from .errors import MigrdError
@@ -57,10 +56,8 @@ class Snapshot:
 
 def publish(state_dir: Path, snap: Snapshot) -> None:
     """Write the snapshot so a reader sees the old or the new file, never half of one."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / (SNAPSHOT + ".tmp")
-    tmp.write_bytes(snap.to_json())
-    os.replace(tmp, state_dir / SNAPSHOT)
+    # Rewritten every round; losing the last one to a crash costs nothing.
+    private.write_atomic(private.private_dir(state_dir) / SNAPSHOT, snap.to_json(), durable=False)
 
 
 @dataclass

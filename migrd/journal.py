@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import failpoints
+from . import failpoints, private
 
 #: States in the order a migration passes them; `rollback`/`rolled_back` can follow any state
 #: before `commit`. FINAL states need no recovery.
@@ -48,9 +48,9 @@ class Journal:
 
     def record(self, state: str, **data: Any) -> None:
         # Root only: the journal holds the process's command line and environment.
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private.private_dir(self.dir)
         line = json.dumps({"state": state, "time": time.time(), "data": data}, sort_keys=True)
-        with open(self.path, "a") as f:
+        with os.fdopen(private.open_private(self.path, os.O_WRONLY | os.O_APPEND), "a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -87,7 +87,7 @@ class Journal:
         The orchestrator passes it to CRIU, so a dump outlives a killed orchestrator *with*
         the lock held: recovery cannot act while CRIU is still writing or killing the task.
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private.private_dir(self.dir)
         fd = os.open(self.dir, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))

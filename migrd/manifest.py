@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import private
 from .errors import ImageError
 
 NAME = "manifest.json"
@@ -110,9 +111,10 @@ def scan(directory: Path) -> dict[str, FileEntry]:
 
 def write(directory: Path, manifest: Manifest) -> Path:
     path = directory / NAME
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
+    # Not durable: the image files beside it are not fsync'd either (the source keeps the
+    # process until the target's restore worked), and on ext4 an fsync here could force the
+    # just-written pages to disk inside the freeze.
+    private.write_atomic(path, manifest.to_json(), durable=False)
     return path
 
 

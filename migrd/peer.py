@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 
 from . import checkpoint as cp
-from . import netaddr, pagestream, precheck, workload
+from . import netaddr, pagestream, precheck, private, workload
 from .config import Config
 from .criu import find_criu
 from .errors import ImageError, InputError, MigrdError
@@ -54,7 +54,7 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
                         cpu_ok, cpu_msg = False, str(e)
         except MigrdError as e:
             criu_ok, criu_msg = False, str(e)
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    private.private_dir(cfg.state_dir)
     taken = {}
     for pid in req.tree_ids:
         try:
@@ -97,9 +97,7 @@ def run_precheck(cfg: Config, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    private.write_atomic(path, json.dumps(data))
 
 
 def pages(cfg: Config, mid: str, compression: str) -> None:
@@ -108,9 +106,10 @@ def pages(cfg: Config, mid: str, compression: str) -> None:
     d = incoming(cfg, mid)
     target = d / "pages"
     shutil.rmtree(target, ignore_errors=True)  # a retried stream starts clean
-    target.mkdir(parents=True)
+    private.private_dir(target)  # before the page server writes the process's memory into it
     received = pagestream.serve(find_criu(cfg), target, cp.log_path(cfg, "page-server", mid),
                                 compression, cfg.ssh.op_timeout)
+    private.restrict_files(target)
     files = {e.name: e.stat().st_size for e in os.scandir(target)}
     _write(d / "pages.json", {"bytes": received, "files": files})
 
@@ -130,6 +129,8 @@ def _take_pages(d: Path, images: Path, page_bytes: int) -> dict[str, int]:
 
 def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
             address: str | None, page_bytes: int | None = None) -> dict[str, Any]:
+    if name is not None:
+        workload.check_name(name)
     d = incoming(cfg, mid)
     images = d / "images"
     streamed = _take_pages(d, images, page_bytes) if page_bytes is not None else None
@@ -158,8 +159,7 @@ def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
 
 def start(cfg: Config, mid: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Restart mode: run the command line fresh here as a migratable workload."""
-    d = incoming(cfg, mid)
-    d.mkdir(parents=True, exist_ok=True)
+    d = private.private_dir(incoming(cfg, mid))
     w = workload.start(cfg.state_dir, tuple(spec["cmdline"]), name=spec.get("name"),
                        cwd=spec.get("cwd"), env=spec.get("env"), host=cfg.host)
     _write(d / "restored.json", {"pid": w.pid, "start_time": w.start_time, "name": w.name})

@@ -91,9 +91,57 @@ def restrict_files(directory: Path) -> None:
             os.chmod(entry.path, FILE_MODE)
 
 
+def repair_tree(top: Path) -> None:
+    """Bring top and every directory below it to 0700 and every regular file to 0600 (what
+    releases before private.py left 0755/0644 under a umask of 022). Symbolic links are
+    neither followed nor changed; entries vanishing meanwhile (another migrctl) are skipped."""
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            _chmod_if(d, d.lstat().st_mode, DIR_MODE)
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                elif e.is_file(follow_symlinks=False):
+                    _chmod_if(Path(e.path), e.stat(follow_symlinks=False).st_mode, FILE_MODE)
+            except FileNotFoundError:
+                pass
+
+
+def _chmod_if(path: Path, st_mode: int, mode: int) -> None:
+    if stat.S_IMODE(st_mode) != mode:
+        os.chmod(path, mode, follow_symlinks=False)
+
+
+def secure_state_dir(state_dir: Path) -> None:
+    """The state directory's own mode is the gate: found wider than 0700 (made by an older
+    migrd under a umask of 022), the whole tree is repaired; at 0700 nothing below it is
+    reachable by others, so the walk (tens of ms over thousands of CRIU logs, on every remote
+    step of a migration) is skipped. A directory we do not own is not ours to repair; root
+    refuses one another user owns, which could swap images root later restores."""
+    try:
+        st = state_dir.lstat()
+    except FileNotFoundError:
+        return  # created 0700 where first needed
+    if st.st_uid != os.geteuid():
+        if os.geteuid() == 0:
+            raise NotPermitted(f"state directory {state_dir} is owned by uid {st.st_uid}, not root: "
+                               f"another user could change what root restores; chown root it")
+        return
+    if stat.S_IMODE(st.st_mode) != DIR_MODE:
+        repair_tree(state_dir)
+
+
 def check_trusted_dir(path: Path, what: str) -> None:
     """Refuse a directory another user could change under root's feet: one not owned by us
-    (root) or writable by group or others. The manifest's hashes prove integrity only against
+    (root) or writable by group or others, or one inside a directory such a user could write
+    (who can write the parent can rename the directory away and put another in its place;
+    sticky directories like /tmp are fine). The manifest's hashes prove integrity only against
     accidents; whoever can write the directory can also rewrite the manifest."""
     st = path.lstat()
     if stat.S_ISLNK(st.st_mode):
@@ -107,3 +155,11 @@ def check_trusted_dir(path: Path, what: str) -> None:
     if problems:
         raise NotPermitted(f"{what} {path} is {' and '.join(problems)}: another user could swap "
                            f"its contents; use a directory only root can write (chown root, chmod 700)")
+    absolute = Path(os.path.abspath(path))
+    for parent in dict.fromkeys([*absolute.parents, *absolute.resolve().parents]):
+        pst = parent.stat()
+        pmode = stat.S_IMODE(pst.st_mode)
+        if pst.st_uid not in (0, os.geteuid()) or (pmode & 0o022 and not pmode & stat.S_ISVTX):
+            raise NotPermitted(f"{what} {path} is inside {parent} (uid {pst.st_uid}, mode {pmode:04o}), "
+                               f"which another user could write: they could swap the whole directory; "
+                               f"use one below directories only root can write")

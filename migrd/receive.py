@@ -26,7 +26,7 @@ from pathlib import Path
 
 import zstandard
 
-from . import manifest
+from . import manifest, private
 from .errors import ImageError, MigrdError
 
 CHUNK = 1 << 20
@@ -207,7 +207,9 @@ def _receive_into(r: _Reader, partial: Path, manifest_sha256: str) -> manifest.M
     m = manifest.from_json(raw, f"received {manifest.NAME}")
     for name in m.files:
         manifest.check_name(name)
-    (partial / manifest.NAME).write_bytes(raw)
+    fd = private.open_private(partial / manifest.NAME, os.O_WRONLY | os.O_EXCL | os.O_NOFOLLOW)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
 
     seen: set[str] = set()
     while (entry := _next_header(r)) is not None:
@@ -220,7 +222,7 @@ def _receive_into(r: _Reader, partial: Path, manifest_sha256: str) -> manifest.M
         if size != expected.size:
             raise ImageError(f"image file {name} is {size} bytes in the stream, manifest says {expected.size}")
         digest = hashlib.sha256()
-        fd = os.open(partial / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = private.open_private(partial / name, os.O_WRONLY | os.O_EXCL | os.O_NOFOLLOW)
         try:
             for piece in r.take(size):
                 digest.update(piece)
@@ -251,12 +253,13 @@ def receive(read: Callable[[int], bytes], directory: Path, manifest_sha256: str,
     if os.path.lexists(directory):
         raise ImageError(f"{directory} already exists; refusing to overwrite it")
     partial = partial_path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    private.private_dir(directory.parent)
     try:
-        partial.mkdir(mode=0o700)
+        partial.mkdir(mode=private.DIR_MODE)
     except FileExistsError:
         raise ImageError(f"{partial} exists: another transfer is running or one was interrupted"
                          " (remove it if not)") from None
+    os.chmod(partial, private.DIR_MODE)  # the umask may have narrowed it, never widened it
     try:
         if compression == "zstd":
             # stream_reader bounds every read's output, so a stream of zeros cannot balloon.

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import paramiko
@@ -413,13 +413,16 @@ class Connection:
     # --- data files ------------------------------------------------------------------------
 
     def put_file(self, local: Path, remote: str) -> int:
-        """Copy one regular file to the same or another path on the peer (parents created,
-        mode kept) over SFTP and check its sha256 there; return its size."""
+        """Copy one regular file to the same or another path on the peer (missing parents
+        created 0700, the file's mode kept) over SFTP and check its sha256 there; return its size."""
         from .manifest import sha256_file
 
         size = local.stat().st_size
         parent = os.path.dirname(remote) or "/"
-        r = self.run(["mkdir", "-p", "--", parent])
+        # Each level named, so that every directory created there is 0700 (mkdir -p alone
+        # would make the intermediate ones 0755 under sshd's umask); existing ones are kept.
+        levels = [str(p) for p in reversed(PurePosixPath(parent).parents)] + [parent]
+        r = self.run(["mkdir", "-m", "0700", "-p", "--", *levels])
         if r.status != 0:
             raise TransportError(f"{self.where}: cannot create {parent}: {_remote_error(r)}")
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from . import proc
+from . import private, proc
 from .errors import InputError, MigrdError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -90,10 +90,8 @@ class Registry:
         return self.dir / f"{name}.json"
 
     def add(self, w: Workload) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(w.name).with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(w), indent=2))
-        os.replace(tmp, self.path(w.name))
+        private.private_dir(self.dir)
+        private.write_atomic(self.path(w.name), json.dumps(asdict(w), indent=2))
 
     def remove(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
@@ -126,6 +124,12 @@ class Registry:
         return f"{base}-{i}"
 
 
+def check_name(name: str) -> None:
+    """A workload name is one plain file name in workloads/ (never a path: `../x`)."""
+    if not _NAME.match(name):
+        raise InputError(f"workload name {name!r}: use letters, digits, '.', '_' and '-'")
+
+
 def start(state_dir: Path, cmdline: tuple[str, ...], name: str | None = None,
           cwd: str | None = None, env: dict[str, str] | None = None,
           host: str | None = None) -> Workload:
@@ -134,16 +138,14 @@ def start(state_dir: Path, cmdline: tuple[str, ...], name: str | None = None,
         raise InputError("no command given (usage: migrctl run -- CMD ARGS...)")
     reg = Registry(state_dir)
     name = name or reg.fresh_name(cmdline)
-    if not _NAME.match(name):
-        raise InputError(f"workload name {name!r}: use letters, digits, '.', '_' and '-'")
+    check_name(name)
     if (old := reg.get(name)) and old.alive():
         raise InputError(f"a workload named {name!r} is already running (PID {old.pid})")
-    logs = state_dir / "workloads" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = private.private_dir(state_dir / "workloads" / "logs")
     out_path = logs / f"{name}.out"
     # Append mode: CRIU refuses to restore a regular file whose size changed after the dump,
     # except files opened O_WRONLY|O_APPEND.
-    out = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    out = private.open_private(out_path, os.O_WRONLY | os.O_APPEND)
     try:
         # The inner setsid makes the namespace's init a session leader: CRIU refuses a session
         # leader outside the dumped PID namespace.

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from workloads import COUNTER, SERVER, ask, is_running, values, wait_for
+from workloads import COUNTER, SERVER, ask, end_copies, is_running, not_private, values, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -138,3 +139,37 @@ def test_restore_names_the_process_holding_the_pid(procs, migrd_config, tmp_path
         cp.restore(config.load(), tmp_path / "img", pid_wait=0.5)
     procs.reap(p)
     assert restore(tmp_path / "img") == p.pid
+
+
+def migrctl_umask_022(*args: str) -> subprocess.CompletedProcess[str]:
+    """migrctl as from a root shell or an sshd session, whose umask 022 made everything
+    0755/0644 before."""
+    return subprocess.run([*MIGRCTL, *map(str, args)], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: os.umask(0o022))
+
+
+def test_images_and_state_are_root_only_whatever_the_umask(migrd_config, tmp_path):
+    """A page image held an environment secret in clear text and manifest.json the whole
+    environment: after run, checkpoint and restore under umask 022, every directory migrd or
+    CRIU made (images, logs, workload registry and its output log) is 0700, every file 0600."""
+    out = tmp_path / "count"
+    state = tmp_path / "state"
+    try:
+        r = migrctl_umask_022("run", "--name", "perm", "--json", "--", sys.executable, "-c", COUNTER, out)
+        assert r.returncode == 0, r.stderr
+        pid = json.loads(r.stdout)["pid"]
+        wait_for(lambda: len(values(out)) >= 5, what="counter to start")
+        r = migrctl_umask_022("checkpoint", pid, "--images", tmp_path / "img", "--json")
+        assert r.returncode == 0, r.stderr
+        images = tmp_path / "img"
+        assert any(images.glob("pages-*.img")) and (images / "manifest.json").exists()
+        assert not_private(images) == {}
+        r = migrctl_umask_022("restore", images, "--json")
+        assert r.returncode == 0, r.stderr
+        before = values(out)
+        assert_resumes(out, before)
+        assert {p.name for p in state.iterdir()} >= {"logs", "workloads"}
+        assert not_private(state) == {}
+        assert not_private(images) == {}
+    finally:
+        end_copies(str(out))

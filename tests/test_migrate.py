@@ -17,7 +17,7 @@ import pytest
 
 from migrd.journal import STEPS, all_journals
 from migrd.workloads import COUNTER, read_counts
-from workloads import copies, end_copies, wait_for
+from workloads import copies, end_copies, not_private, wait_for
 
 pytestmark = pytest.mark.root
 BED_HOSTS = 3
@@ -67,9 +67,14 @@ def continues(out: Path, n_new: int = 5) -> list[int]:
     return got
 
 
-def test_move_counter_continues(mig, counter):
+def test_move_counter_continues(mig, counter, bed):
     pid, out = counter()
     res = jrun(mig, "host1", "migrate", pid, "--to", "host2")
+    # The journal (command line, environment) and the received images are root's alone on
+    # both hosts, whatever the umask of the SSH session that made them.
+    src, dst = (bed.host(h).dir / "state" for h in ("host1", "host2"))
+    assert (src / "migrations").is_dir() and (dst / "incoming").is_dir()
+    assert not_private(src) == {} and not_private(dst) == {}
     assert res["target"] == "host2" and res["downtime"] > 0 and res["bytes"] > 0
     continues(out)
     assert copies(str(out)) == [res["target_pid"]]

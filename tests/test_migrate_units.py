@@ -131,3 +131,20 @@ def test_journal_lock_is_exclusive(tmp_path):
     fd2 = j.lock(blocking=False)
     assert fd2 is not None
     os.close(fd2)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", ""])
+def test_peer_restore_refuses_a_workload_name_that_is_a_path(tmp_path, monkeypatch, name):
+    """`peer restore --name ../x` would register the workload outside workloads/: refused with
+    the workload-name rule (exit 3) before anything is restored or written."""
+    from click.testing import CliRunner
+
+    from migrd.cli import main
+
+    cfg = tmp_path / "migrd.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    monkeypatch.setenv("MIGRD_CONFIG", str(cfg))
+    r = CliRunner().invoke(main, ["peer", "restore", "m1", "--name", name, "--json"])
+    assert r.exit_code == 3, r.output
+    assert f"workload name {name!r}" in r.output
+    assert not (tmp_path / "state").exists() and not (tmp_path / "x.json").exists()

@@ -176,3 +176,50 @@ def test_not_root_is_refused(tmp_path):
     r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
                         *MIGRCTL, "restore", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert_refused(r, 4, "needs root")
+
+
+def loosen(d: Path, how: str) -> str:
+    """Make d a directory another user could change; return what the refusal must name."""
+    if how == "0777":
+        d.chmod(0o777)
+        return "mode 0777"
+    os.chown(d, 65534, 65534)  # nobody
+    return "owned by uid 65534"
+
+
+@pytest.mark.parametrize("how", ["0777", "nobody"])
+def test_image_dir_others_can_write_is_refused_for_checkpoint(procs, tmp_path, migrd_config, how):
+    """CRIU would write the process's memory where another user can read and swap it: exit 4
+    naming owner or mode, before any dump; the process runs on, once, and nothing is written."""
+    out = tmp_path / "count"
+    p = procs.start(COUNTER, str(out))
+    wait_for(lambda: len(values(out)) >= 3, what="counter")
+    d = tmp_path / "i"
+    d.mkdir()
+    needle = loosen(d, how)
+    assert_refused(migrctl("checkpoint", p.pid, "--images", d), 4, str(d), needle, "another user")
+    assert list(d.iterdir()) == []
+    assert p.poll() is None
+    n = len(values(out))
+    wait_for(lambda: len(values(out)) > n, what="counter to keep counting")
+    assert [q.pid for q in psutil.process_iter(["cmdline"]) if str(out) in (q.info["cmdline"] or [])] == [p.pid]
+
+
+@pytest.mark.parametrize("how", ["0777", "nobody"])
+def test_image_dir_others_can_write_is_refused_for_restore(image, tmp_path, migrd_config, how):
+    """Its owner could have swapped an image and re-hashed the manifest: a root restore of it
+    would run their code. Refused (exit 4, owner or mode named); nothing is restored."""
+    d = damaged_copy(image, tmp_path)
+    needle = loosen(d, how)
+    assert_refused(migrctl("restore", d), 4, str(d), needle)
+    assert not psutil.pid_exists(pid_of(d))
+
+
+def test_image_dir_inside_a_dir_others_can_write_is_refused(image, tmp_path, migrd_config):
+    """Whoever owns the parent can rename a good image directory away and put theirs there."""
+    parent = tmp_path / "theirs"
+    parent.mkdir()
+    d = damaged_copy(image, parent)
+    os.chown(parent, 65534, 65534)
+    assert_refused(migrctl("restore", d), 4, str(d), f"inside {parent} (uid 65534")
+    assert not psutil.pid_exists(pid_of(d))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -149,4 +150,17 @@ def is_running(pid: int) -> bool:
         return False
 
 
-__all__ = ["COUNTER", "SERVER", "Procs", "values", "wait_for", "ask", "is_running", "copies", "end_copies", "signal"]
+def not_private(top: Path) -> dict[str, str]:
+    """Every directory below top (and top) not 0700 and every regular file not 0600, with its
+    mode: what migrd must never leave, whatever the umask (see migrd/private.py)."""
+    wrong = {}
+    for p in [top, *top.rglob("*")]:
+        st = p.lstat()
+        want = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600 if stat.S_ISREG(st.st_mode) else None
+        if want is not None and stat.S_IMODE(st.st_mode) != want:
+            wrong[str(p.relative_to(top))] = oct(stat.S_IMODE(st.st_mode))
+    return wrong
+
+
+__all__ = ["COUNTER", "SERVER", "Procs", "values", "wait_for", "ask", "is_running", "copies", "end_copies", "signal",
+           "not_private"]

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from .. import config as config_mod
+from .. import private
 from ..errors import NotPermitted
 from ..progress import human_bytes  # noqa: F401  (re-exported for the CLI modules)
 
@@ -20,7 +21,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 
 
 def load_config() -> config_mod.Config:
-    return config_mod.load()
+    """The config, with its state directory's modes repaired: every migrctl and migrd command
+    passes here before touching the state directory."""
+    cfg = config_mod.load()
+    private.secure_state_dir(cfg.state_dir)
+    return cfg
 
 
 def quiet_paramiko(verbose: int) -> None:
