@@ -412,20 +412,20 @@ while time.time() < deadline:
 
 SERVICE_MARK = "s.bind((sys.argv[1], 8080))"
 
-# The timeout is shorter than the ~54 s TCP back-off stall a move without the gratuitous ARP
-# causes (host3 would keep sending to host1's MAC), so such a move fails this test.
+# CLIENT ADDRESS COUNT TIMEOUT [GO]: asks COUNT times on one connection, then (with GO) holds
+# it until the file GO exists and asks 3 more times.
 CLIENT = """
 import socket, sys, os, time
-c = socket.create_connection((sys.argv[1], 8080), timeout=20)
+c = socket.create_connection((sys.argv[1], 8080), timeout=float(sys.argv[3]))
 out = []
 def ask():
     c.sendall(b"x\\n"); out.append(int(c.recv(64)))
 for _ in range(int(sys.argv[2])):
     ask()
-if len(sys.argv) > 3:                     # hold the connection until the test says go on
+if len(sys.argv) > 4:                     # hold the connection until the test says go on
     print(out, flush=True)
     deadline = time.time() + 120
-    while not os.path.exists(sys.argv[3]) and time.time() < deadline:
+    while not os.path.exists(sys.argv[4]) and time.time() < deadline:
         time.sleep(0.05)
     for _ in range(3):
         ask()
@@ -443,21 +443,20 @@ def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
     go = tmp_path / "go"
     client = None
     try:
-        wait_for(lambda: run_in("host3", PY, "-c", CLIENT, vip, "1", check=False).returncode == 0,
+        wait_for(lambda: run_in("host3", PY, "-c", CLIENT, vip, "1", "20", check=False).returncode == 0,
                  what="service up")
-        client = bed_mod.spawn_in(bed, "host3", [PY, "-c", CLIENT, vip, "3", str(go)],
+        client = bed_mod.spawn_in(bed, "host3", [PY, "-c", CLIENT, vip, "3", "20", str(go)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         first = eval(client.stdout.readline())
         res = jrun(mig, "host1", "migrate", w["pid"], "--to", "host2", "--move-address", f"{vip}/24",
                    "--tcp-established")
         assert not res["streamed"]  # sockets in repair mode: the staged path, ended source
-        assert res["announce_error"] is None  # arping announced the address on host2
         # CRIU's network-lock table (inet CRIU-<id>) left by the dump is gone from the source.
         assert b"CRIU" not in run_in("host1", "nft", "list", "tables").stdout
         assert vip.encode() not in run_in("host1", "ip", "-o", "addr", "show").stdout
         assert vip.encode() in run_in("host2", "ip", "-o", "addr", "show").stdout
         # A new connection reaches the same server, with its state.
-        fresh = eval(run_in("host3", PY, "-c", CLIENT, vip, "2").stdout)
+        fresh = eval(run_in("host3", PY, "-c", CLIENT, vip, "2", "20").stdout)
         assert fresh[0] > first[-1] and fresh[1] == fresh[0] + 1
         # The connection opened before the move still works.
         go.touch()
@@ -469,6 +468,31 @@ def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
     finally:
         if client and client.poll() is None:
             client.kill()
+        for host in ("host1", "host2"):
+            run_in(host, "ip", "addr", "del", f"{vip}/24", "dev", "eth0", check=False)
+        end_copies(SERVICE_MARK)
+
+
+def test_moved_address_is_announced(mig, run_in, tmp_path):
+    """Without --tcp-established nothing the moved service sends tells host3 where its address
+    went: only the gratuitous ARP does. host3 talked to it just before the move, so its ARP
+    entry points at host1 and stays trusted for 15-45 s (base_reachable_time), then needs ~8 s
+    of probing: without the announcement its next connection stalls well past the 5 s timeout
+    here (~54 s measured)."""
+    vip = "198.18.0.101"
+    name = "ann-" + tmp_path.name[-8:]
+    run_in("host1", "ip", "addr", "add", f"{vip}/24", "dev", "eth0")
+    try:
+        w = jrun(mig, "host1", "run", "--name", name, "--", PY, "-c", SERVICE, vip)
+        wait_for(lambda: run_in("host3", PY, "-c", CLIENT, vip, "1", "5", check=False).returncode == 0,
+                 what="service up")
+        before = eval(run_in("host3", PY, "-c", CLIENT, vip, "1", "5").stdout)
+        res = jrun(mig, "host1", "migrate", w["pid"], "--to", "host2", "--move-address", f"{vip}/24")
+        assert res["announce_error"] is None  # arping ran and succeeded on host2
+        after = eval(run_in("host3", PY, "-c", CLIENT, vip, "1", "5").stdout)
+        assert after[0] > before[0]  # the same server, its state kept
+        assert copies(SERVICE_MARK) == [res["target_pid"]]
+    finally:
         for host in ("host1", "host2"):
             run_in(host, "ip", "addr", "del", f"{vip}/24", "dev", "eth0", check=False)
         end_copies(SERVICE_MARK)
