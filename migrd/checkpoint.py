@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import failpoints, private, process
 from . import manifest as mf
-from . import private, process
 from .config import Config
 from .criu import Criu, find_criu
 from .errors import InputError, NotPermitted
@@ -66,9 +66,11 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
     log = log_path(cfg, "dump", pid)
     options = {"tcp_established": tcp_established, "shell_job": not info.session_leader}
     try:
-        result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
-                           pass_fds=pass_fds, page_server_fd=page_server_fd, **options)
+        with failpoints.dying_while("dumping"):
+            result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
+                               pass_fds=pass_fds, page_server_fd=page_server_fd, **options)
         private.restrict_files(images)
+        failpoints.point("dumped")
         m = mf.Manifest(
             format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
             host=cfg.host or socket.gethostname(), process=info, options=options,

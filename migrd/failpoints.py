@@ -3,14 +3,22 @@
 `STEP:error` makes that step raise before it does anything; `STATE:die` makes the process
 SIGKILL itself right after the journal recorded STATE (so nothing after it ran, and nothing
 got to clean up); `STEP:delay` waits DELAY_SECONDS before the step (a window for tests that
-signal a migration in flight). Unset, they cost one dict lookup.
+signal a migration in flight). Two points inside the checkpoint step reach where a step
+boundary cannot: `dumping:die` kills the orchestrator while CRIU dumps (CRIU carries on,
+orphaned, holding the migration's lock), `dumped:die` once CRIU finished but before the
+manifest is written. Unset, they cost one dict lookup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
+
+import psutil
 
 from .errors import MigrdError
 
@@ -46,3 +54,31 @@ def after_state(name: str) -> None:
     """Call right after a journal state was made durable."""
     if _active().get(name) == "die":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def point(name: str) -> None:
+    """Call at a named point inside a step: any kind acts there."""
+    kind = _active().get(name)
+    if kind == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    step(name)
+
+
+@contextlib.contextmanager
+def dying_while(name: str) -> Iterator[None]:
+    """Around a call that runs one program as our child: `NAME:die` SIGKILLs this process as
+    soon as that child runs the program, so it carries on without us."""
+    if _active().get(name) == "die":
+        threading.Thread(target=_die_once_child_runs, daemon=True).start()
+    yield
+
+
+def _die_once_child_runs() -> None:
+    me = psutil.Process()
+    ours = me.cmdline()
+    while True:
+        for child in me.children():
+            with contextlib.suppress(psutil.Error):
+                if child.cmdline() != ours:  # past exec, not a fork of us any more
+                    os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.001)

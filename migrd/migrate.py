@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -39,6 +40,8 @@ from .errors import ConfigError, InDoubt, InputError, MigrdError, NotPermitted, 
 from .journal import FINAL, Journal, all_journals, new_id
 from .manifest import ProcessInfo, process_from_dict
 
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("stop-copy",)
 
@@ -75,6 +78,8 @@ class Outcome:
     restore_seconds: float | None = None
     #: The pages went to the target during the dump (see migrd.pagestream).
     streamed: bool = False
+    #: Why a moved address could not be announced there (None: announced, or none moved).
+    announce_error: str | None = None
 
 
 ProgressFn = Callable[[int, int], None]
@@ -316,17 +321,22 @@ class Migration:
             # stopped task with SIGKILL pending never runs again, so freeing its memory need
             # not delay the target (grace 0); we wait for it after.
             workload.end(*source, grace=0)
+        announce_error = None
         if conn is not None:
-            finished = False
+            reply: dict[str, Any] = {}
             if talk is not None:
                 try:
                     talk.send_line("commit")
-                    finished = "finished" in json.loads(talk.readline())
+                    reply = json.loads(talk.readline())
                 except (TransportError, ValueError):
                     pass  # `peer finish` below is idempotent
-            if not finished:
+            if "finished" not in reply:
                 args = ["peer", "finish", self.j.id] + (["--address", opts.move_address] if opts.move_address else [])
-                _migrctl_json(conn, args)
+                reply = _migrctl_json(conn, args)
+            announce_error = reply.get("announce_error")
+            if announce_error:
+                log.warning("migration %s: the moved address %s was not announced (%s); clients may "
+                            "stall until their ARP entries expire", self.j.id, opts.move_address, announce_error)
             if opts.mode == "move" and "freeze" in d and "downtime" not in d:
                 # From the freeze here to the copy there running again.
                 self.j.record("resumed", downtime=round(time.time() - d["freeze"], 4))
@@ -338,7 +348,7 @@ class Migration:
             if d.get("workload"):
                 workload.Registry(self.cfg.state_dir).remove(d["workload"])
         shutil.rmtree(self.images, ignore_errors=True)
-        self.j.record("done", outcome="ok")
+        self.j.record("done", outcome="ok", announce_error=announce_error)
 
     # --- the way back ----------------------------------------------------------------------
 
@@ -427,7 +437,8 @@ class Migration:
                        pid=d["request"]["pid"], target_pid=d.get("target_pid"), bytes=s.bytes,
                        phases=s.phases, downtime=s.downtime, dry_run=self.opts.dry_run,
                        dump_seconds=d.get("dump_seconds"), transfer_seconds=d.get("transfer_seconds"),
-                       restore_seconds=d.get("restore_seconds"), streamed=bool(d.get("streamed")))
+                       restore_seconds=d.get("restore_seconds"), streamed=bool(d.get("streamed")),
+                       announce_error=d.get("announce_error"))
 
 
 def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = None) -> Outcome:

@@ -6,7 +6,7 @@ import ipaddress
 import json
 
 from . import proc
-from .errors import InputError
+from .errors import CommandError, InputError
 
 
 def parse_cidr(cidr: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -47,16 +47,25 @@ def delete(cidr: str) -> None:
         proc.run(["ip", "addr", "del", cidr, "dev", ifname])
 
 
-def announce(cidr: str, ifname: str) -> None:
+def announce(cidr: str, ifname: str) -> str | None:
     """Tell the neighbours the address moved, so clients switch at once instead of after TCP
-    back-off (measured on the bed: ~54 s stall without, ~3 s with)."""
+    back-off (measured on the bed: ~54 s stall without, ~3 s with). Returns why it could not
+    be sent, or None: by then the process runs here, so a failed announcement is reported,
+    not undone."""
     ip = parse_cidr(cidr).ip
     if ip.version == 4:
-        proc.run(["arping", "-U", "-c", "2", "-w", "2", "-I", ifname, str(ip)], check=False, timeout=10)
+        argv = ["arping", "-U", "-c", "2", "-w", "2", "-I", ifname, str(ip)]
     else:
         # The kernel sends an unsolicited neighbour advertisement for a new IPv6 address
         # itself (ndisc_notify); asking for it keeps this explicit.
-        proc.run(["sysctl", "-qw", f"net.ipv6.conf.{ifname}.ndisc_notify=1"], check=False)
+        argv = ["sysctl", "-qw", f"net.ipv6.conf.{ifname}.ndisc_notify=1"]
+    try:
+        cp = proc.run(argv, check=False, timeout=10)
+    except CommandError as e:
+        return str(e)
+    if cp.returncode != 0:
+        return f"{argv[0]} exited {cp.returncode}: {proc.last_line(cp.stderr)}"
+    return None
 
 
 def nft_tables() -> set[str]:

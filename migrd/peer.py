@@ -38,6 +38,13 @@ def _listening_ports() -> set[int]:
             if c.status == psutil.CONN_LISTEN and c.laddr}
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """path, or its nearest ancestor that exists: the filesystem path will be created on."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
     """Facts about this host for req (adapter: CRIU, psutil, filesystem, ip)."""
     criu_ok, criu_msg, cpu_ok, cpu_msg = True, "", True, ""
@@ -75,7 +82,10 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
     return precheck.TargetFacts(
         criu_ok=criu_ok, criu_message=criu_msg, cpu_ok=cpu_ok, cpu_message=cpu_msg,
         mem_available=psutil.virtual_memory().available,
-        disk_free=shutil.disk_usage(cfg.state_dir).free,
+        # Where the images and streamed pages will land, which may be another filesystem
+        # than state_dir's.
+        disk_free=shutil.disk_usage(_existing_ancestor(incoming(cfg, req.id))).free,
+        disk_path=str(incoming(cfg, req.id).parent),
         pids_taken=taken,
         ports_taken=tuple(sorted(_listening_ports() & set(req.ports))),
         files=files,
@@ -217,10 +227,12 @@ def finish(cfg: Config, mid: str, address: str | None) -> dict[str, Any]:
     rec = _restored(d)
     if rec:
         workload.resume(rec["pid"], rec["start_time"])
-    if address and (ifname := netaddr.holder_of(address)):
-        netaddr.announce(address, ifname)
+    announce_error = None
+    if address:
+        ifname = netaddr.holder_of(address)
+        announce_error = netaddr.announce(address, ifname) if ifname else f"{address} is not on this host"
     shutil.rmtree(d, ignore_errors=True)
-    return {"finished": mid, "resumed": rec["pid"] if rec else None}
+    return {"finished": mid, "resumed": rec["pid"] if rec else None, "announce_error": announce_error}
 
 
 def checksums(paths: list[str]) -> dict[str, str | None]:

@@ -47,6 +47,8 @@ class TargetFacts:
     cpu_message: str
     mem_available: int
     disk_free: int
+    #: The directory whose filesystem disk_free measures (where the images will land).
+    disk_path: str = ""
     #: PID -> description, for PIDs held by processes other than the one being moved.
     pids_taken: dict[int, str] = field(default_factory=dict)
     ports_taken: tuple[int, ...] = ()
@@ -93,7 +95,8 @@ def evaluate(req: Request, facts: TargetFacts) -> list[str]:
         problems.append(f"target has {facts.mem_available >> 20} MiB memory available, "
                         f"needs {need >> 20} MiB")
     if needs_criu and facts.disk_free < need:
-        problems.append(f"target has {facts.disk_free >> 20} MiB free disk for images, "
+        where = f" in {facts.disk_path}" if facts.disk_path else ""
+        problems.append(f"target has {facts.disk_free >> 20} MiB free disk{where} for images, "
                         f"needs {need >> 20} MiB")
     if needs_criu and not req.own_pid_namespace and facts.pids_taken:
         pid, who = sorted(facts.pids_taken.items())[0]

@@ -6,6 +6,8 @@ process on the machine whose command line names the test's unique output file.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from migrd.journal import STEPS, all_journals
+from migrd import cgroup
+from migrd import config as config_mod
+from migrd.journal import STEPS, Journal, all_journals, summarize
 from migrd.workloads import COUNTER, read_counts
 from workloads import copies, end_copies, not_private, wait_for
 
@@ -126,11 +130,22 @@ def test_not_opted_in_and_bad_input_change_nothing(mig, run_in, tmp_path, counte
         psutil.Process(plain).kill()
 
 
-def test_clone_leaves_two_copies(mig, counter):
+def test_clone_leaves_two_copies_both_counting(mig, counter):
+    """Both copies run on after a clone: neither is left stopped, and both count. They append
+    to the same file from the dumped value on, so two running copies write every new value
+    twice (a copy left stopped, which `copies` still finds, would write nothing)."""
     pid, out = counter()
     res = jrun(mig, "host1", "migrate", pid, "--to", "host2", "--mode", "clone")
-    wait_for(lambda: len(copies(str(out))) == 2, what="two copies")
-    assert res["target_pid"] in copies(str(out)) and pid in copies(str(out))
+    assert sorted(copies(str(out))) == sorted([pid, res["target_pid"]])
+    before = len(read_counts(out))
+    time.sleep(1.0)
+    for _ in range(2):  # two readings, a second apart: both copies keep going
+        seen = len(read_counts(out))
+        wait_for(lambda: sum(n == 2 for n in collections.Counter(read_counts(out)[seen:]).values()) >= 5,
+                 what="both copies to write each new value")
+        assert all(psutil.Process(p).status() != psutil.STATUS_STOPPED for p in (pid, res["target_pid"]))
+    counts = collections.Counter(read_counts(out)[before:])
+    assert set(counts.values()) <= {1, 2}, "a copy went backwards or a third copy counts"
 
 
 def test_restart_starts_fresh_on_target(mig, counter, tmp_path):
@@ -178,22 +193,97 @@ def test_with_files_carries_open_data_file(mig, run_in, tmp_path):
 
 # --- crash safety ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["error", "die"])
-@pytest.mark.parametrize("step", STEPS)
-def test_failpoints_leave_exactly_one_copy(mig, counter, step, kind):
+@pytest.fixture(scope="module")
+def staged_env(bed) -> dict[str, str]:
+    """Environment for a host1 migrctl that takes the staged path (`migrate.stream: never`):
+    the dump ends the source, and a rollback restores it from its own images."""
+    etc = bed.host("host1").dir / "etc"
+    cfg = config_mod.parse((etc / "migrd.yaml").read_text())
+    cfg = dataclasses.replace(cfg, migrate=dataclasses.replace(cfg.migrate, stream="never"))
+    (etc / "staged.yaml").write_text(config_mod.dump(cfg))
+    return {"MIGRD_CONFIG": "/etc/migrd/staged.yaml"}
+
+
+def host_of(bed, pid: int) -> str | None:
+    return next((h.name for h in bed.hosts if pid in cgroup.pids(h.cgroup)), None)
+
+
+def journal_of(bed, pid: int) -> Journal:
+    """The newest migration of pid started on host1."""
+    return [j for j in all_journals(bed.host("host1").dir / "state")
+            if j.merged().get("request", {}).get("pid") == pid][-1]
+
+
+def leftovers(bed, mid: str) -> list[str]:
+    """Images of migration mid still on disk: the source's staged images (or ones kept after a
+    failed local restore), the target's received images and streamed pages."""
+    paths = [bed.host("host1").dir / "state" / "migrations" / mid / d for d in ("images", "images.kept")]
+    paths += [bed.host(h).dir / "state" / "incoming" / f"{mid}{sfx}"
+              for h in ("host1", "host2") for sfx in ("", ".partial")]
+    paths += [bed.host("host2").dir / "state" / "incoming" / mid / "images.partial"]
+    return [str(p) for p in paths if p.exists()]
+
+
+def recover_settled(mig, mid: str, timeout: float = 60) -> str:
+    """Run `migrctl recover` on host1 until it acts on mid (a CRIU that outlived the killed
+    orchestrator holds the migration's lock until it is done); return what it did."""
+    deadline = time.monotonic() + timeout
+    while True:
+        acts = [r["action"] for r in jrun(mig, "host1", "recover") if r["id"] == mid]
+        assert acts, f"recover found nothing to do for {mid} after a crash"
+        if not acts[0].startswith("skipped") or time.monotonic() > deadline:
+            return acts[0]
+        time.sleep(0.5)
+
+
+#: (failpoint, kind) -> (where the one copy runs afterwards, what `recover` reports). Every
+#: step fails ("error") or the orchestrator dies right after journaling it ("die"); inside the
+#: checkpoint it also dies while CRIU dumps ("dumping") and after CRIU but before the
+#: manifest ("dumped"). Once the target copy was restored and verification began, recovery
+#: rolls forward; before that it rolls back, and an error always rolls back at once.
+FAILPOINTS = {
+    **{(s, "error"): ("host1", None) for s in STEPS},
+    ("precheck", "die"): ("host1", "nothing had changed"),
+    ("checkpoint", "die"): ("host1", "rolled back"),
+    ("dumping", "die"): ("host1", "rolled back"),
+    ("dumped", "die"): ("host1", "rolled back"),
+    ("transfer", "die"): ("host1", "rolled back"),
+    ("restore", "die"): ("host1", "rolled back"),
+    ("verify", "die"): ("host2", "rolled forward"),
+    ("commit", "die"): ("host2", "committed"),
+}
+
+
+#: Both paths from the checkpoint on; before it they are the same code.
+MATRIX = [pytest.param(point, kind, path, id=f"{point}-{kind}-{path}") for (point, kind) in FAILPOINTS
+          for path in ("streamed", "staged") if point != "precheck" or path == "streamed"]
+
+
+@pytest.mark.parametrize("point,kind,path", MATRIX)
+def test_failpoints_leave_exactly_one_copy(mig, bed, counter, staged_env, point, kind, path):
+    """Each failure or crash ends with one running copy on the expected host, recovery (after
+    a crash) reporting the expected direction, the count unbroken, and no images left."""
+    host, recovered = FAILPOINTS[point, kind]
     pid, out = counter()
-    r = mig("host1", "migrate", pid, "--to", "host2", check=False,
-            env={"MIGRD_FAILPOINTS": f"{step}:{kind}"})
-    assert r.returncode != 0
+    env = {"MIGRD_FAILPOINTS": f"{point}:{kind}", **(staged_env if path == "staged" else {})}
+    r = mig("host1", "migrate", pid, "--to", "host2", check=False, env=env)
+    j = journal_of(bed, pid)
+    if "checkpoint" in [rec.state for rec in j.records()]:
+        assert j.merged()["streamed"] == (path == "streamed")
     if kind == "die":
-        assert r.returncode == -9 or r.returncode == 137, r.stderr
-        rec = run_inside_recover(mig)
-        assert rec, "recover found nothing to do after a crash"
+        assert r.returncode in (-9, 137), r.stderr
+        action = recover_settled(mig, j.id)
+        assert action.startswith(recovered), action
     else:
-        assert f"failpoint {step}:error".encode() in r.stderr
+        assert r.returncode == 1 and f"failpoint {point}:error".encode() in r.stderr, r.stderr
+        outcome = "refused" if point == "precheck" else "rolled back"
+        assert summarize(j).outcome == outcome
     wait_for(lambda: len(copies(str(out))) == 1, timeout=30, what="exactly one copy")
+    [copy] = copies(str(out))
+    assert host_of(bed, copy) == host
     continues(out, 3)
-    assert len(copies(str(out))) == 1
+    assert copies(str(out)) == [copy] and psutil.Process(copy).status() != psutil.STATUS_STOPPED
+    assert leftovers(bed, j.id) == []
 
 
 def test_streamed_move_resumes_the_source_itself_on_rollback(mig, counter):
@@ -231,22 +321,63 @@ def small_fs(run_in):
         run_in(host, "umount", "--lazy", path, check=False)
 
 
-@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "staged"])
-def test_full_disk_on_target_rolls_back(mig, run_in, counter, small_fs, streamed):
-    """The target's disk fills up during the move (after a precheck that saw room): one
-    readable line, a non-zero exit, and the workload runs on here exactly once."""
+def test_full_incoming_directory_on_target_is_refused_by_precheck(mig, run_in, counter, small_fs):
+    """The images and streamed pages land in the target's state_dir/incoming, which can be
+    a filesystem of its own: the precheck measures that one (it measured state_dir's, let
+    the move start and fail on ENOSPC) and refuses, naming it; nothing changed."""
     pid, out = counter()
     small_fs("host2", "/var/lib/migrd/incoming", "1m")
-    extra = () if streamed else ("--tcp-established",)  # sockets in repair mode: staged path
-    r = mig("host1", "migrate", pid, "--to", "host2", *extra, check=False)
+    r = mig("host1", "migrate", pid, "--to", "host2", check=False)
     err = r.stderr.decode()
-    assert r.returncode not in (0, -9, 137) and "Traceback" not in err
+    assert r.returncode == 10, err
+    assert "target has 1 MiB free disk in /var/lib/migrd/incoming for images" in err, err
+    assert copies(str(out)) == [pid]
+    continues(out, 3)
+    assert run_in("host2", "ls", "-A", "/var/lib/migrd/incoming").stdout == b""
+
+
+FILL = """
+import os, sys
+st = os.statvfs(os.path.dirname(sys.argv[1]))
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o600)
+os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize - int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "staged"])
+def test_target_disk_filling_up_mid_migration_rolls_back(mig, bed, run_in, counter, small_fs, staged_env,
+                                                         streamed):
+    """The target's disk fills up after a precheck that saw room (held at the checkpoint, the
+    test fills it but for 256 KiB): one readable line, a non-zero exit, and the workload
+    runs on here exactly once."""
+    from migrd import bed as bed_mod
+
+    pid, out = counter()
+    small_fs("host2", "/var/lib/migrd/incoming", "64m")
+    env = {"MIGRD_FAILPOINTS": "checkpoint:delay", **({} if streamed else staged_env)}
+    p = bed_mod.spawn_in(bed, "host1", ["env", *(f"{k}={v}" for k, v in env.items()), PY, "-m", "migrd.cli",
+                                        "migrate", str(pid), "--to", "host2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    filler = "/var/lib/migrd/incoming/filler"
+    try:
+        wait_for(lambda: any(j.last_state() == "checkpoint" and j.merged()["request"]["pid"] == pid
+                             for j in all_journals(bed.host("host1").dir / "state")),
+                 what="the migration to pass its precheck")
+        run_in("host2", PY, "-c", FILL, filler, str(256 << 10))
+        _, err_b = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = err_b.decode()
+    assert p.returncode not in (0, -9, 137) and "Traceback" not in err
     assert "No space left on device" in err and "Errno" not in err, err
+    assert journal_of(bed, pid).merged()["streamed"] == streamed
     if streamed:
         assert copies(str(out)) == [pid]  # resumed, not restored
     else:
         assert len(copies(str(out))) == 1
     continues(out, 3)
+    run_in("host2", "rm", filler)
     assert run_in("host2", "ls", "-A", "/var/lib/migrd/incoming").stdout == b""
 
 
@@ -265,11 +396,6 @@ def test_full_disk_on_source_stops_only_the_staged_path(mig, counter, small_fs):
     assert res["streamed"]
     continues(out)
     assert copies(str(out)) == [res["target_pid"]]
-
-
-def run_inside_recover(mig) -> list:
-    r = mig("host1", "recover", "--json")
-    return json.loads(r.stdout)
 
 
 # --- moving a service address -----------------------------------------------------------------
@@ -295,23 +421,31 @@ while time.time() < deadline:
 
 SERVICE_MARK = "s.bind((sys.argv[1], 8080))"
 
+# CLIENT ADDRESS COUNT TIMEOUT [GO]: asks COUNT times on one connection, then (with GO) holds
+# it until the file GO exists and asks 3 more times.
 CLIENT = """
 import socket, sys, os, time
-c = socket.create_connection((sys.argv[1], 8080), timeout=60)
+c = socket.create_connection((sys.argv[1], 8080), timeout=float(sys.argv[3]))
 out = []
 def ask():
     c.sendall(b"x\\n"); out.append(int(c.recv(64)))
 for _ in range(int(sys.argv[2])):
     ask()
-if len(sys.argv) > 3:                     # hold the connection until the test says go on
+if len(sys.argv) > 4:                     # hold the connection until the test says go on
     print(out, flush=True)
     deadline = time.time() + 120
-    while not os.path.exists(sys.argv[3]) and time.time() < deadline:
+    while not os.path.exists(sys.argv[4]) and time.time() < deadline:
         time.sleep(0.05)
     for _ in range(3):
         ask()
 print(out, flush=True)
 """
+
+
+def criu_tables(run_in, host: str) -> set[str]:
+    """CRIU's network-lock tables in host's network namespace."""
+    out = run_in(host, "nft", "list", "tables").stdout.decode().split("\n")
+    return {line for line in out if "CRIU-" in line}
 
 
 def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
@@ -324,22 +458,25 @@ def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
     go = tmp_path / "go"
     client = None
     try:
-        wait_for(lambda: run_in("host3", PY, "-c", CLIENT, vip, "1", check=False).returncode == 0,
+        wait_for(lambda: run_in("host3", PY, "-c", CLIENT, vip, "1", "20", check=False).returncode == 0,
                  what="service up")
-        client = bed_mod.spawn_in(bed, "host3", [PY, "-c", CLIENT, vip, "3", str(go)],
+        client = bed_mod.spawn_in(bed, "host3", [PY, "-c", CLIENT, vip, "3", "20", str(go)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         first = eval(client.stdout.readline())
+        tables_before = criu_tables(run_in, "host1")
         res = jrun(mig, "host1", "migrate", w["pid"], "--to", "host2", "--move-address", f"{vip}/24",
                    "--tcp-established")
         assert not res["streamed"]  # sockets in repair mode: the staged path, ended source
+        # CRIU's network-lock table (inet CRIU-<id>) left by the dump is gone from the source.
+        assert criu_tables(run_in, "host1") <= tables_before
         assert vip.encode() not in run_in("host1", "ip", "-o", "addr", "show").stdout
         assert vip.encode() in run_in("host2", "ip", "-o", "addr", "show").stdout
         # A new connection reaches the same server, with its state.
-        fresh = eval(run_in("host3", PY, "-c", CLIENT, vip, "2").stdout)
+        fresh = eval(run_in("host3", PY, "-c", CLIENT, vip, "2", "20").stdout)
         assert fresh[0] > first[-1] and fresh[1] == fresh[0] + 1
         # The connection opened before the move still works.
         go.touch()
-        out, err = client.communicate(timeout=90)
+        out, err = client.communicate(timeout=60)
         held = eval(out.decode().strip().splitlines()[-1])
         assert client.returncode == 0, err
         assert held[:3] == first and len(held) == 6 and held == sorted(held)
@@ -347,6 +484,31 @@ def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
     finally:
         if client and client.poll() is None:
             client.kill()
+        for host in ("host1", "host2"):
+            run_in(host, "ip", "addr", "del", f"{vip}/24", "dev", "eth0", check=False)
+        end_copies(SERVICE_MARK)
+
+
+def test_moved_address_is_announced(mig, run_in, tmp_path):
+    """Without --tcp-established nothing the moved service sends tells host3 where its address
+    went: only the gratuitous ARP does. host3 talked to it just before the move, so its ARP
+    entry points at host1 and stays trusted for 15-45 s (base_reachable_time), then needs ~8 s
+    of probing: without the announcement its next connection stalls well past the 5 s timeout
+    here (~54 s measured)."""
+    vip = "198.18.0.101"
+    name = "ann-" + tmp_path.name[-8:]
+    run_in("host1", "ip", "addr", "add", f"{vip}/24", "dev", "eth0")
+    try:
+        w = jrun(mig, "host1", "run", "--name", name, "--", PY, "-c", SERVICE, vip)
+        wait_for(lambda: run_in("host3", PY, "-c", CLIENT, vip, "1", "5", check=False).returncode == 0,
+                 what="service up")
+        before = eval(run_in("host3", PY, "-c", CLIENT, vip, "1", "5").stdout)
+        res = jrun(mig, "host1", "migrate", w["pid"], "--to", "host2", "--move-address", f"{vip}/24")
+        assert res["announce_error"] is None  # arping ran and succeeded on host2
+        after = eval(run_in("host3", PY, "-c", CLIENT, vip, "1", "5").stdout)
+        assert after[0] > before[0]  # the same server, its state kept
+        assert copies(SERVICE_MARK) == [res["target_pid"]]
+    finally:
         for host in ("host1", "host2"):
             run_in(host, "ip", "addr", "del", f"{vip}/24", "dev", "eth0", check=False)
         end_copies(SERVICE_MARK)
