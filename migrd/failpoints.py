@@ -3,7 +3,8 @@
 `STEP:error` makes that step raise before it does anything; `STATE:die` makes the process
 SIGKILL itself right after the journal recorded STATE (so nothing after it ran, and nothing
 got to clean up); `STEP:delay` waits DELAY_SECONDS before the step (a window for tests that
-signal a migration in flight). Unset, they cost one dict lookup.
+signal a migration in flight). `resumed:error` fails the commit right after the copy on the
+target runs. Unset, they cost one dict lookup.
 """
 
 from __future__ import annotations

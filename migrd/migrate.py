@@ -172,6 +172,8 @@ class Migration:
                 return self.outcome()
             try:
                 self.forward(conn, info, opts, remote_images, progress)
+            except InDoubt:
+                raise  # from a commit past its point of no return: recovery finishes it
             except BaseException as e:
                 reason = str(e) or type(e).__name__
                 self.rollback(conn, reason)
@@ -306,7 +308,18 @@ class Migration:
     def commit(self, conn: transport.Connection | None,
                talk: transport.Conversation | None = None) -> None:
         """Past the point of no return: the target copy runs. Idempotent. talk: the restore's
-        session, still waiting for our word; without it (or if it broke) a `peer finish`."""
+        session, still waiting for our word; without it (or if it broke) a `peer finish`.
+        A failure leaves the migration in doubt, never rolled back: by then the source may be
+        ended and the copy there may run, so a rollback could kill the only copy or restore
+        an older state beside it. `migrd recover` commits again."""
+        try:
+            self.finish_commit(conn, talk)
+        except MigrdError as e:
+            self.j.record("in_doubt", reason=f"commit not finished: {e}")
+            raise InDoubt(f"migration {self.j.id}: the commit on {self.opts.target} did not finish ({e}); "
+                          f"nothing was undone. Run `migrd recover` to finish it.") from None
+
+    def finish_commit(self, conn: transport.Connection | None, talk: transport.Conversation | None) -> None:
         d = self.data
         opts = self.opts
         source = self.source
@@ -330,6 +343,7 @@ class Migration:
             if opts.mode == "move" and "freeze" in d and "downtime" not in d:
                 # From the freeze here to the copy there running again.
                 self.j.record("resumed", downtime=round(time.time() - d["freeze"], 4))
+        failpoints.step("resumed")
         if streamed_move:
             workload.end(*source)
         if opts.mode in ("move", "restart"):

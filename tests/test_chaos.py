@@ -256,3 +256,33 @@ def test_chaos_migrations_keep_exactly_one_copy_with_its_state(bed, tmp_path):
         print("chaos summary: " + json.dumps({k: v for k, v in summary.items() if k != "rounds_log"}))
         if os.environ.get("MIGRD_CHAOS_REPORT"):
             Path(os.environ["MIGRD_CHAOS_REPORT"]).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+# --- found while reading a chaos round: a commit that fails half-way -------------------------
+
+@pytest.mark.parametrize("staged", [False, True], ids=["streamed", "staged"])
+def test_commit_failing_after_the_target_runs_is_finished_not_undone(bed, tmp_path, staged):
+    """Once the copy on the target runs (and, streamed, the source is ended), a failure later
+    in the commit (here a failpoint; in life `peer finish` timing out, nft or registry
+    errors) must not roll back: that killed the running copy and restored the dump here (the
+    count went backwards), or, streamed, found no pages to restore (no copy at all). The
+    migration is left in doubt (exit 11) with the target copy running; recover finishes it."""
+    out = tmp_path / "count"
+    name = "commitfail" + ("-staged" if staged else "")
+    pid = json.loads(mig(bed, "host1", "run", "--json", "--name", name, "--", PY, "-c", COUNTER,
+                         str(out)).stdout)["pid"]
+    try:
+        wait_for(lambda: len(read_counts(out)) >= 5, what="counter to start")
+        argv = ["env", "MIGRD_FAILPOINTS=resumed:error", PY, "-m", "migrd.cli", "migrate", str(pid),
+                "--to", "host2", *(["--tcp-established"] if staged else [])]
+        r = bed_mod.exec_in(bed, "host1", argv, check=False, timeout=180)
+        err = r.stderr.decode()
+        assert r.returncode == 11 and "failpoint resumed:error" in err and "migrd recover" in err, err
+        c = Counter(name, out, "host2", 0)
+        problems = [p for p in check_invariants(bed, [c]) if p[0] not in ("journal", "registry", "images")]
+        assert problems == [] and c.host == "host2", problems
+        recovered = json.loads(mig(bed, "host1", "recover", "--json").stdout)
+        assert [r["action"] for r in recovered] == ["committed"], recovered
+        assert check_invariants(bed, [c]) == [] and c.host == "host2"
+    finally:
+        end_copies(str(out))
