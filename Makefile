@@ -33,7 +33,7 @@ unit: venv
 	$(PY) -m pytest -v -m 'not root'
 
 # The chaos test for longer, with a fresh seed (printed; MIGRD_CHAOS_SEED=N replays a schedule).
-# Its summary goes to chaos-report.json. `make test` runs it with 12 rounds and a fixed seed.
+# Its summary goes to chaos-report.json. `make test` runs it with 16 rounds and a fixed seed.
 CHAOS_ROUNDS ?= 60
 CHAOS_SEED   ?= $(shell date +%s)
 chaos: venv

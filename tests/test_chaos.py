@@ -5,7 +5,8 @@ survived), registered on the host it runs on, every journal final and no images 
 At the end `migrctl recover` finds nothing to do on any host.
 
 The schedule (which workload, where to, staged or streamed, what is killed, after how long) is
-drawn from random.Random(seed): MIGRD_CHAOS_SEED overrides the seed (printed), and
+drawn from random.Random(seed), each kind of kill at each moment (before the journal, at
+each step, after the end) once per 16 rounds: MIGRD_CHAOS_SEED overrides the seed (printed),
 MIGRD_CHAOS_ROUNDS the number of rounds (`make chaos` runs a longer one with a fresh seed).
 Timing on a shared machine still varies, so a seed replays the schedule, not every race.
 MIGRD_CHAOS_REPORT=FILE writes the summary as JSON.
@@ -45,7 +46,8 @@ pytestmark = pytest.mark.root
 BED_HOSTS = 3
 PY = sys.executable
 SEED = int(os.environ.get("MIGRD_CHAOS_SEED", "20261129"))
-ROUNDS = int(os.environ.get("MIGRD_CHAOS_ROUNDS", "12"))
+#: One deck: each kind of kill at each moment once (about 4 minutes on 2 busy cores).
+ROUNDS = int(os.environ.get("MIGRD_CHAOS_ROUNDS", "16"))
 WORKLOADS = 3
 KINDS = ("orchestrator", "sshd")
 #: Where a kill lands: once the migration's journal reaches one of its steps (whatever the
@@ -175,12 +177,13 @@ def check_invariants(state: bed_mod.BedState, counters: list[Counter]) -> list[t
 def test_chaos_migrations_keep_exactly_one_copy_with_its_state(bed, tmp_path):
     rng = random.Random(SEED)
     print(f"\nchaos: seed {SEED} (MIGRD_CHAOS_SEED), {ROUNDS} rounds (MIGRD_CHAOS_ROUNDS)")
-    state = bed
+    state = bed_mod.load_state(bed.name, bed.root)  # current: another test may have restarted an sshd
     hosts = [h.name for h in state.hosts]
     counters: list[Counter] = []
     tally: collections.Counter[str] = collections.Counter()
     log: list[dict] = []
     failure = None
+    deck: list[tuple[str, str]] = []
     try:
         for i in range(WORKLOADS):
             c = Counter(f"chaos{i}", tmp_path / f"count-{i}", "host1", 0)
@@ -196,8 +199,10 @@ def test_chaos_migrations_keep_exactly_one_copy_with_its_state(bed, tmp_path):
             src = c.host
             dst = rng.choice([h for h in hosts if h != src])
             staged = rng.random() < 0.3
-            kind = rng.choice(KINDS)
-            moment = rng.choice(MOMENTS)
+            if not deck:  # every (kill, moment) pair once per deck, in a random order
+                deck = [(k, m) for k in KINDS for m in MOMENTS]
+                rng.shuffle(deck)
+            kind, moment = deck.pop()
             # verify and commit take a few tens of ms: only a short offset lands inside them.
             offset = rng.uniform(0, {"start": 1.5, "verify": 0.02, "commit": 0.02}.get(moment, MAX_OFFSET))
             argv = [PY, "-m", "migrd.cli", "migrate", str(c.pid), "--to", dst]
@@ -284,5 +289,40 @@ def test_commit_failing_after_the_target_runs_is_finished_not_undone(bed, tmp_pa
         recovered = json.loads(mig(bed, "host1", "recover", "--json").stdout)
         assert [r["action"] for r in recovered] == ["committed"], recovered
         assert check_invariants(bed, [c]) == [] and c.host == "host2"
+    finally:
+        end_copies(str(out))
+
+
+def test_target_lost_before_restore_is_cleaned_by_recover(bed, tmp_path):
+    """The target's SSH goes away after the pages were streamed there, before any restore:
+    the source runs on, and the migration stays unfinished (`target_unclean`) until recover
+    can remove the pages there. It used to be recorded rolled back at once, leaving the pages
+    (up to the whole memory) in the target's incoming/ for good: nothing there ever looked."""
+    state = bed_mod.load_state(bed.name, bed.root)
+    out = tmp_path / "count"
+    c = Counter("unclean", out, "host1", 0)
+    c.pid = json.loads(mig(state, "host1", "run", "--json", "--name", c.name, "--", PY, "-c", COUNTER,
+                           str(out)).stdout)["pid"]
+    try:
+        wait_for(lambda: len(read_counts(out)) >= 5, what="counter to start")
+        source = c.pid
+        before = journals(state, "host1")
+        p = bed_mod.spawn_in(state, "host1", ["env", "MIGRD_FAILPOINTS=transfer:delay", PY, "-m", "migrd.cli",
+                                              "migrate", str(c.pid), "--to", "host2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: reaches(new_journal(state, "host1", before), "transfer"), timeout=120,
+                 what="the migration to reach transfer")
+        incoming = state.host("host2").dir / "state" / "incoming"
+        assert any(incoming.iterdir()), "no pages arrived on host2"
+        kill_sshd(state.host("host2").sshd)
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 7, err
+        j = new_journal(state, "host1", before)
+        assert j is not None and j.last_state() == "target_unclean", [r.state for r in j.records()] if j else None
+        assert copies(str(out)) == [c.pid]  # resumed here, the very process
+        assert any(incoming.iterdir())
+        state = bed_mod.restart_sshd(state, "host2")
+        assert [r["action"] for r in recover(state, "host1")] == ["rolled back"]
+        assert check_invariants(state, [c]) == [] and (c.host, c.pid) == ("host1", source)
     finally:
         end_copies(str(out))
