@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system criu venv demo test unit bench clean install
+.PHONY: setup system criu venv demo test unit chaos bench clean install
 
 setup: system criu venv
 
@@ -31,6 +31,14 @@ test: setup
 
 unit: venv
 	$(PY) -m pytest -v -m 'not root'
+
+# The chaos test for longer, with a fresh seed (printed; MIGRD_CHAOS_SEED=N replays a schedule).
+# Its summary goes to chaos-report.json. `make test` runs it with 16 rounds and a fixed seed.
+CHAOS_ROUNDS ?= 60
+CHAOS_SEED   ?= $(shell date +%s)
+chaos: venv
+	MIGRD_CHAOS_SEED=$(CHAOS_SEED) MIGRD_CHAOS_ROUNDS=$(CHAOS_ROUNDS) MIGRD_CHAOS_REPORT=chaos-report.json \
+		$(PY) -m pytest -v -s tests/test_chaos.py
 
 # Installs the systemd unit (pointing at this checkout's venv) and, only if absent, the example
 # config. Starts nothing: `systemctl daemon-reload && systemctl enable --now migrd` is yours.

@@ -512,13 +512,30 @@ def _build(state: BedState) -> BedState:
         state.config_out.write_text(cluster)
 
     for h in state.hosts:
-        p = sshd.start(files[h.name], prefix=enter_argv(state, h.name), log_file=h.run_dir / "sshd.log")
-        state = with_host(state, h.name, sshd=proc_ref(p.pid))
-        save_state(state)
+        state = _start_sshd(state, h)
     for h in state.hosts:
         _wait_listening(h)
     state = dataclasses.replace(state, ready=True)
     save_state(state)
+    return state
+
+
+def _start_sshd(state: BedState, h: HostState) -> BedState:
+    p = sshd.start(sshd.files_in(h.run_dir / "sshd"), prefix=enter_argv(state, h.name),
+                   log_file=h.run_dir / "sshd.log")
+    state = with_host(state, h.name, sshd=proc_ref(p.pid))
+    save_state(state)
+    return state
+
+
+def restart_sshd(state: BedState, host: str) -> BedState:
+    """Start host's sshd again, with the same host key and config (after it died or a test
+    killed it); a still-running one is stopped first. Returns the updated state, also saved,
+    so `down` stops the new sshd."""
+    h = _check_usable(state, host)
+    stop(h.sshd)
+    state = _start_sshd(state, h)
+    _wait_listening(state.host(host))
     return state
 
 

@@ -6,7 +6,8 @@ got to clean up); `STEP:delay` waits DELAY_SECONDS before the step (a window for
 signal a migration in flight). Two points inside the checkpoint step reach where a step
 boundary cannot: `dumping:die` kills the orchestrator while CRIU dumps (CRIU carries on,
 orphaned, holding the migration's lock), `dumped:die` once CRIU finished but before the
-manifest is written. Unset, they cost one dict lookup.
+manifest is written. `resumed:error` fails the commit right after the copy on the
+target runs. Unset, they cost one dict lookup.
 """
 
 from __future__ import annotations

@@ -177,6 +177,8 @@ class Migration:
                 return self.outcome()
             try:
                 self.forward(conn, info, opts, remote_images, progress)
+            except InDoubt:
+                raise  # from a commit past its point of no return: recovery finishes it
             except BaseException as e:
                 reason = str(e) or type(e).__name__
                 self.rollback(conn, reason)
@@ -311,7 +313,18 @@ class Migration:
     def commit(self, conn: transport.Connection | None,
                talk: transport.Conversation | None = None) -> None:
         """Past the point of no return: the target copy runs. Idempotent. talk: the restore's
-        session, still waiting for our word; without it (or if it broke) a `peer finish`."""
+        session, still waiting for our word; without it (or if it broke) a `peer finish`.
+        A failure leaves the migration in doubt, never rolled back: by then the source may be
+        ended and the copy there may run, so a rollback could kill the only copy or restore
+        an older state beside it. `migrd recover` commits again."""
+        try:
+            self.finish_commit(conn, talk)
+        except MigrdError as e:
+            self.j.record("in_doubt", reason=f"commit not finished: {e}")
+            raise InDoubt(f"migration {self.j.id}: the commit on {self.opts.target} did not finish ({e}); "
+                          f"nothing was undone. Run `migrd recover` to finish it.") from None
+
+    def finish_commit(self, conn: transport.Connection | None, talk: transport.Conversation | None) -> None:
         d = self.data
         opts = self.opts
         source = self.source
@@ -340,6 +353,7 @@ class Migration:
             if opts.mode == "move" and "freeze" in d and "downtime" not in d:
                 # From the freeze here to the copy there running again.
                 self.j.record("resumed", downtime=round(time.time() - d["freeze"], 4))
+        failpoints.step("resumed")
         if streamed_move:
             workload.end(*source)
         if opts.mode in ("move", "restart"):
@@ -362,6 +376,7 @@ class Migration:
         restore_started = "restore" in states
         target_files = d.get("target_files", {})
         created_there = [p for p in d.get("carry", []) if target_files.get(p) is None]
+        unclean = None
         try:
             if conn is None:
                 conn = transport.connect(self.cfg, opts.target)
@@ -375,13 +390,18 @@ class Migration:
                 raise InDoubt(f"migration {self.j.id}: {opts.target} cannot be asked whether the "
                               f"restored copy runs ({e}); nothing was restarted here. Run "
                               f"`migrd recover` once {opts.target} answers.") from None
-            # Nothing can be running there: no restore was started. Leftover images on the
-            # target are cleaned by its own recovery.
+            # Nothing can be running there: no restore was started. Its images (the streamed
+            # pages: up to the whole memory) and carried files wait for a later rollback: the
+            # journal stays unfinished, so `migrd recover` asks again.
+            unclean = f"{opts.target} could not be cleaned: {e}"
         if opts.mode == "move" and d.get("address_interface"):
             if netaddr.holder_of(opts.move_address) is None:
                 netaddr.add(opts.move_address, d["address_interface"])
         local_pid = None
-        if opts.mode in ("move", "restart") and "checkpoint" in states and not self.source_alive():
+        # After target_unclean the local side was undone already (the source's PID and start
+        # time no longer name the copy a local restore made).
+        if (opts.mode in ("move", "restart") and "checkpoint" in states and "target_unclean" not in states
+                and not self.source_alive()):
             local_pid = self.restore_locally() if opts.mode == "move" else self.start_locally()
         elif d.get("streamed") and self.source_alive():
             # A streamed dump leaves the source stopped, not ended: it simply runs on.
@@ -389,7 +409,10 @@ class Migration:
         shutil.rmtree(self.images, ignore_errors=True)
         for table in d.get("nft_tables", []):
             netaddr.nft_delete(table)  # a local restore unlocks its own; a dump-only leaves it
-        self.j.record("rolled_back", reason=d.get("reason", reason), local_pid=local_pid)
+        if unclean:
+            self.j.record("target_unclean", reason=unclean, local_pid=local_pid)
+            return
+        self.j.record("rolled_back", reason=d.get("reason", reason), local_pid=local_pid or d.get("local_pid"))
 
     def restore_locally(self) -> int:
         """Bring the dumped source back from its own images."""
@@ -521,6 +544,8 @@ def _recover_one(m: Migration, last: str | None) -> str:
                 m.commit(conn)
                 return "rolled forward: the target copy was restored and verified"
         m.rollback(conn, m.data.get("reason") or f"recovered after a crash at {last}")
+        if m.j.last_state() == "target_unclean":
+            return f"rolled back here; {m.opts.target} still cannot be cleaned (run recover again once it answers)"
         return "rolled back"
     finally:
         if conn is not None:

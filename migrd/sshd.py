@@ -40,15 +40,21 @@ def known_hosts_line(address: str, port: int, public_key: str) -> str:
     return f"{host} {public_key}"
 
 
+def files_in(directory: Path) -> SshdFiles:
+    """Where `prepare` puts an sshd's files in directory."""
+    return SshdFiles(directory / "sshd_config", directory / "ssh_host_ed25519_key",
+                     directory / "authorized_keys", directory / "sshd.pid")
+
+
 def prepare(directory: Path, listen: str, port: int, client_public_keys: Sequence[str]) -> SshdFiles:
     """Write host key, authorized_keys and sshd_config into directory (idempotent)."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
-    host_key = ensure_keypair(directory / "ssh_host_ed25519_key", "migrd-host")
-    auth = directory / "authorized_keys"
+    files = files_in(directory)
+    host_key = ensure_keypair(files.host_key, "migrd-host")
+    auth = files.authorized_keys
     auth.write_text("".join(k.strip() + "\n" for k in client_public_keys))
     auth.chmod(0o600)
-    files = SshdFiles(directory / "sshd_config", host_key, auth, directory / "sshd.pid")
     files.config.write_text(
         "\n".join(
             [
