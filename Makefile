@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system criu venv demo test unit bench clean install
+.PHONY: setup system criu venv demo test unit fuzz bench clean install
 
 setup: system criu venv
 
@@ -31,6 +31,10 @@ test: setup
 
 unit: venv
 	$(PY) -m pytest -v -m 'not root'
+
+# The fuzz tests with many more random examples than `make test` gives them (minutes).
+fuzz: venv
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -v -m fuzz
 
 # Installs the systemd unit (pointing at this checkout's venv) and, only if absent, the example
 # config. Starts nothing: `systemctl daemon-reload && systemctl enable --now migrd` is yours.
