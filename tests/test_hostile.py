@@ -98,6 +98,20 @@ def test_history_cli_shows_a_corrupt_journal(tmp_path: Path) -> None:
     assert row["outcome"] == "corrupt journal" and "journal.jsonl:2" in row["reason"]
 
 
+@pytest.mark.root
+def test_recover_cli_warns_about_a_corrupt_journal_and_recovers_the_rest(tmp_path: Path) -> None:
+    corrupt = _journal(tmp_path / "state", "20260101-000000000-aaaaaa", ["[1, 2]"])
+    later = _journal(tmp_path / "state", "20260101-000001000-bbbbbb")
+    cfg = tmp_path / "migrd.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    r = subprocess.run([sys.executable, "-m", "migrd.cli", "recover", "--json"], capture_output=True,
+                       text=True, env={**os.environ, "MIGRD_CONFIG": str(cfg)}, timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"{corrupt.path}:2" in r.stderr and f"migration {corrupt.id} left alone" in r.stderr
+    report = {row["id"]: row for row in json.loads(r.stdout)}
+    assert "corrupt" in report[corrupt.id] and report[later.id]["action"] == "nothing had changed"
+
+
 def test_torn_tail_is_cut_before_the_next_append(tmp_path: Path) -> None:
     """A crash mid-append left a line without its newline; the next record used to be glued
     onto it, hiding it (and everything after) from recovery and history."""
