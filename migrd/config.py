@@ -225,7 +225,8 @@ def _check_range(name: str, path: str, node: yaml.Node, value: Any) -> None:
 
 
 def _where(name: str, key: str, node: yaml.Node) -> str:
-    return f"{name}: key '{key}' (line {node.start_mark.line + 1})"
+    shown = key if key.isprintable() else repr(key)[1:-1]  # a quoted key may hold a newline
+    return f"{name}: key '{shown}' (line {node.start_mark.line + 1})"
 
 
 def _key(node: yaml.Node, name: str, prefix: str) -> str:
@@ -238,13 +239,15 @@ def _key(node: yaml.Node, name: str, prefix: str) -> str:
 
 def _scalar(node: yaml.ScalarNode, name: str, path: str) -> Any:
     """The scalar's value by YAML's safe rules; a tag those rules do not know (`!foo`,
-    `!!python/...`) or a number Python refuses to convert is the key's error."""
+    `!!python/...`), a malformed explicitly tagged value (`!!timestamp 2000`) or a number
+    Python refuses to convert is the key's error."""
     try:
         return yaml.load(yaml.serialize(node), Loader=_LOADER)
     except yaml.YAMLError as e:
         raise ConfigError(f"{_where(name, path, node)}: {_problem(e)}") from None
-    except ValueError as e:  # e.g. an integer of more digits than int() converts
-        raise ConfigError(f"{_where(name, path, node)}: not a usable value ({str(e).split(':')[0]})") from None
+    except Exception as e:  # PyYAML's constructors fail on such values with whatever they hit
+        raise ConfigError(f"{_where(name, path, node)}: not a usable value "
+                          f"({str(e).split(':')[0] or type(e).__name__})") from None
 
 
 def _build(cls: type, node: yaml.Node, name: str, prefix: str) -> Any:

@@ -158,8 +158,8 @@ def test_journal_reader_and_torn_tail(lines: list[bytes], tail: bytes) -> None:
             before = j.records()
         except JournalCorrupt:
             before = None
-        s = summarize(j)
-        assert (s.outcome == "corrupt journal") == (before is None)
+        s = summarize(j)  # never raises; a record's data of the wrong type is corrupt too
+        assert s.outcome == "corrupt journal" or before is not None
         if before is not None:
             try:
                 untrusted.build(migrate.Recorded, j.merged(), JournalCorrupt, str(j.path))

@@ -152,6 +152,9 @@ def test_torn_tail_without_any_newline_is_cut_to_empty(tmp_path: Path) -> None:
     ("state_dir: ''\n", "state_dir", 1),
     ("state_dir: relative/dir\n", "state_dir", 1),
     ("policy:\n  cpu_second_cost:\n    [a]: 1\n", "policy.cpu_second_cost", 3),
+    # found by test_fuzz.py: a malformed tagged value, a key holding a newline
+    ("daemon:\n  max_decisions_log: !!timestamp 2000\n", "daemon.max_decisions_log", 2),
+    ("? '\n\n  '\n: null\n", "\\n", 1),
 ])
 def test_config_errors_name_key_and_line(text: str, key: str, line: int) -> None:
     with pytest.raises(ConfigError) as e:
