@@ -6,8 +6,8 @@
 plus the admin API (migrd.admin) and systemd's notify protocol (migrd.sdnotify).
 
 Functional core: `keep_history`, `usable_peers`, `own_mode`, `options_for`, `fill_source`,
-`decision_dict`, `trimmed`, `parse_request` are pure and unit-tested; `Agent` is the imperative shell (load
-sources, SSH, the filesystem, threads, signals).
+`decision_dict`, `trimmed`, `parse_request` are pure and unit-tested; `Agent` is the imperative
+shell (load sources, SSH, the filesystem, threads, signals).
 
 Modes (daemon.mode): offload pushes work away when this host is HIGH; fill never pushes on its
 own, but a LOW host asks the busiest HIGH peer for work (`migrctl peer offer` over SSH, which
@@ -210,7 +210,8 @@ class Agent:
         """Recover unfinished migrations, open the admin socket, tell systemd we are ready."""
         try:
             for r in migrate.recover(self.cfg):
-                log.warning("recover %s: %s%s", r["id"], r["action"], f" ({r['corrupt']})" if "corrupt" in r else "")
+                why = f" ({r['corrupt']})" if "corrupt" in r else ""
+                log.warning("recover %s: %s%s", r["id"], r["action"], why)
         except MigrdError as e:  # the agent must still start (and answer `migrctl status`)
             log.error("recover failed: %s", e)
         except Exception:
