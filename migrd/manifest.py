@@ -123,11 +123,14 @@ def process_from_dict(raw: Any, error: type[MigrdError] = ImageError, origin: st
 
 def from_json(text: str | bytes, origin: str = NAME) -> Manifest:
     """The manifest in text; ImageError naming origin for anything that is not one."""
-    raw = untrusted.loads(text, ImageError, origin)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        found = raw.get("format") if isinstance(raw, dict) else None
-        raise ImageError(f"{origin}: unsupported manifest format {untrusted.short(found)} (expected {FORMAT})")
-    m = untrusted.build(Manifest, raw, ImageError, f"{origin} is not a valid migrd manifest")
+    invalid = f"{origin} is not a valid migrd manifest"
+    raw = untrusted.loads(text, ImageError, invalid)
+    if not isinstance(raw, dict):
+        raise ImageError(f"{invalid}: expected an object, got {untrusted.short(raw)}")
+    if raw.get("format") != FORMAT:
+        raise ImageError(f"{origin}: unsupported manifest format {untrusted.short(raw.get('format'))} "
+                         f"(expected {FORMAT})")
+    m = untrusted.build(Manifest, raw, ImageError, invalid)
     for name, entry in m.files.items():
         if entry.size < 0:
             raise ImageError(f"{origin}: image file {name!r} has a negative size")

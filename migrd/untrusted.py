@@ -140,5 +140,7 @@ def _kind(value: Any) -> str:
 def short(value: Any) -> str:
     if isinstance(value, int) and value.bit_length() > 64:
         return "a very large integer"  # repr of a huge int can itself fail (int_max_str_digits)
-    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else _kind(value)
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)  # null, true, false: as the sender wrote them
+    text = repr(value) if isinstance(value, (str, int, float)) else _kind(value)
     return text if len(text) <= 40 else text[:37] + "..."
