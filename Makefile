@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system criu venv demo test unit chaos bench clean install
+.PHONY: setup system criu venv demo test unit chaos fuzz bench clean install
 
 setup: system criu venv
 
@@ -39,6 +39,10 @@ CHAOS_SEED   ?= $(shell date +%s)
 chaos: venv
 	MIGRD_CHAOS_SEED=$(CHAOS_SEED) MIGRD_CHAOS_ROUNDS=$(CHAOS_ROUNDS) MIGRD_CHAOS_REPORT=chaos-report.json \
 		$(PY) -m pytest -v -s tests/test_chaos.py
+
+# The fuzz tests with many more random examples than `make test` gives them (minutes).
+fuzz: venv
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -v -m fuzz
 
 # Installs the systemd unit (pointing at this checkout's venv) and, only if absent, the example
 # config. Starts nothing: `systemctl daemon-reload && systemctl enable --now migrd` is yours.

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import untrusted
 from .errors import AgentNotRunning, InputError, MigrdError
 
 log = logging.getLogger(__name__)
@@ -34,32 +35,35 @@ def encode(obj: Any) -> bytes:
 
 def decode_request(line: bytes) -> dict[str, Any]:
     """Parse one request line; InputError names what is wrong with it."""
-    try:
-        req = json.loads(line)
-    except ValueError as e:
-        raise InputError(f"request is not JSON: {e}") from None
+    req = untrusted.loads(line, InputError, "request")
     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
         raise InputError('request must be an object with a string "op"')
     return req
 
 
 def answer(handler: Handler, line: bytes) -> dict[str, Any]:
-    """The response to one request line: the handler's result, or its MigrdError as text."""
+    """The response to one request line: the handler's result, or its MigrdError as text.
+    Every request gets an answer, even one that hits a bug in the agent."""
     try:
         return {"ok": True, "result": handler(decode_request(line))}
     except MigrdError as e:
         return {"ok": False, "error": str(e), "code": e.exit_code}
+    except Exception as e:
+        log.exception("admin request failed")
+        return {"ok": False, "error": f"internal error in the agent ({type(e).__name__}); see its log",
+                "code": MigrdError.exit_code}
 
 
 def decode_response(line: bytes) -> Any:
     """The result of a response line; an error response becomes a MigrdError."""
-    try:
-        resp = json.loads(line)
-    except ValueError:
-        raise MigrdError("the agent sent a malformed answer") from None
+    resp = untrusted.loads(line, MigrdError, "the agent's answer")
+    if not isinstance(resp, dict):
+        raise MigrdError("the agent sent a malformed answer")
     if not resp.get("ok"):
         err = MigrdError(f"agent: {resp.get('error', 'unknown error')}")
-        err.exit_code = int(resp.get("code", MigrdError.exit_code))  # the agent's error class's code
+        code = resp.get("code")
+        # the agent's error class's code
+        err.exit_code = code if isinstance(code, int) and not isinstance(code, bool) else MigrdError.exit_code
         raise err
     return resp.get("result")
 
@@ -109,8 +113,6 @@ class Server:
                     conn.sendall(encode(answer(self.handler, line)))
             except OSError:
                 return
-            except Exception:  # a bug in one request must not take the agent down
-                log.exception("admin request failed")
 
 
 def _listen(path: Path) -> socket.socket:

@@ -6,8 +6,8 @@
 plus the admin API (migrd.admin) and systemd's notify protocol (migrd.sdnotify).
 
 Functional core: `keep_history`, `usable_peers`, `own_mode`, `options_for`, `fill_source`,
-`decision_dict`, `trimmed` are pure and unit-tested; `Agent` is the imperative shell (load
-sources, SSH, the filesystem, threads, signals).
+`decision_dict`, `trimmed`, `parse_request` are pure and unit-tested; `Agent` is the imperative
+shell (load sources, SSH, the filesystem, threads, signals).
 
 Modes (daemon.mode): offload pushes work away when this host is HIGH; fill never pushes on its
 own, but a LOW host asks the busiest HIGH peer for work (`migrctl peer offer` over SSH, which
@@ -37,7 +37,7 @@ from typing import Any
 
 import psutil
 
-from . import admin, exchange, journal, load, migrate, policy, precheck, private, sdnotify, workload
+from . import admin, exchange, journal, load, migrate, policy, precheck, private, sdnotify, untrusted, workload
 from .config import Config
 from .costmodel import Action
 from .errors import ConfigError, InputError, MigrdError
@@ -146,6 +146,34 @@ class DecisionLog:
             return []
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One admin request, checked: the operation and its arguments (unknown keys ignored)."""
+
+    op: str
+    #: explain: the candidate to explain (None: the last decision).
+    pid: int | None = None
+    #: history: the newest N migrations (0: all).
+    limit: int = 50
+    #: offer: the idle peer asking for work.
+    requester: str | None = None
+
+
+OPS = ("status", "hosts", "ps", "explain", "history", "pause", "resume", "offer")
+
+
+def parse_request(raw: Any) -> Request:
+    """Pure: a decoded admin request as a Request, or InputError saying what is wrong."""
+    req = untrusted.build(Request, raw, InputError, "request")
+    if req.op not in OPS:
+        raise InputError(f"unknown operation {req.op!r} (known: {', '.join(OPS)})")
+    if req.limit < 0:
+        raise InputError(f"request: key 'limit': expected at least 0, got {req.limit}")
+    if req.op == "offer" and req.requester is None:
+        raise InputError("request: key 'requester' is missing")
+    return req
+
+
 class Agent:
     def __init__(self, cfg: Config, env: dict[str, str] | None = None) -> None:
         check_settings(cfg)
@@ -178,8 +206,14 @@ class Agent:
 
     def start(self) -> None:
         """Recover unfinished migrations, open the admin socket, tell systemd we are ready."""
-        for r in migrate.recover(self.cfg):
-            log.warning("recover %s: %s", r["id"], r["action"])
+        try:
+            for r in migrate.recover(self.cfg):
+                why = f" ({r['corrupt']})" if "corrupt" in r else ""
+                log.warning("recover %s: %s%s", r["id"], r["action"], why)
+        except MigrdError as e:  # the agent must still start (and answer `migrctl status`)
+            log.error("recover failed: %s", e)
+        except Exception:
+            log.exception("recover failed")
         self.server = admin.Server(self.cfg.daemon.socket, self.handle)
         self.server.start()
         sdnotify.notify(self.env, READY=1, STATUS=f"migrd agent on {self.host}: {self.cfg.daemon.mode}")
@@ -360,15 +394,11 @@ class Agent:
 
     # --- admin API ----------------------------------------------------------------------
 
-    def handle(self, req: dict[str, Any]) -> Any:
-        op = req["op"]
-        fn = getattr(self, f"op_{op}", None)
-        if fn is None:
-            raise InputError(f"unknown operation {op!r} (known: status, hosts, ps, explain, history, "
-                             f"pause, resume, offer)")
-        return fn(req)
+    def handle(self, raw: dict[str, Any]) -> Any:
+        req = parse_request(raw)
+        return getattr(self, f"op_{req.op}")(req)
 
-    def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
+    def op_status(self, req: Request) -> dict[str, Any]:
         with self.lock:
             d = self.decision
             return {"host": self.host, "pid": os.getpid(), "mode": self.cfg.daemon.mode,
@@ -378,7 +408,7 @@ class Agent:
                     "explain": policy.explain(d) if d else None, "in_flight": self.in_flight,
                     "offers": sorted(self.offers)}
 
-    def op_hosts(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+    def op_hosts(self, req: Request) -> list[dict[str, Any]]:
         now = time.time()
         with self.lock:
             own = self.history[-1] if self.history else None
@@ -399,7 +429,7 @@ class Agent:
         mode = sit.mode if sit.requester or own_mode(self.cfg.daemon.mode) else Mode.OFFLOAD
         return policy.decide(dataclasses.replace(sit, candidates=(c,), mode=mode), self.cfg.policy)
 
-    def op_ps(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+    def op_ps(self, req: Request) -> list[dict[str, Any]]:
         sit = self._last()
         rows = []
         for c in sit.candidates:
@@ -412,8 +442,8 @@ class Agent:
                          "reason": d.reasons[-1] if d.reasons else None})
         return rows
 
-    def op_explain(self, req: dict[str, Any]) -> dict[str, Any]:
-        pid = req.get("pid")
+    def op_explain(self, req: Request) -> dict[str, Any]:
+        pid = req.pid
         if pid is None:
             with self.lock:
                 d, sit = self.decision, self.situation
@@ -421,35 +451,35 @@ class Agent:
                 raise MigrdError("the agent has not finished its first round yet")
         else:
             sit = self._last()
-            c = next((c for c in sit.candidates if c.proc.pid == int(pid)), None)
+            c = next((c for c in sit.candidates if c.proc.pid == pid), None)
             if c is None:
                 raise InputError(f"PID {pid} is not a migration candidate on {self.host} (not opted "
                                  f"in, not running here, or gone)")
             d = self._alone(sit, c)
         return {"decision": decision_dict(d, sit.now), "text": policy.explain(d)}
 
-    def op_history(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+    def op_history(self, req: Request) -> list[dict[str, Any]]:
         why = {r["migration"]["id"]: r["reasons"] for r in self.decisions.records()
                if r.get("migration", {}).get("id")}
         rows = []
-        for j in journal.all_journals(self.cfg.state_dir)[-int(req.get("limit", 50)):]:
+        for j in journal.all_journals(self.cfg.state_dir)[-req.limit:]:
             s = dataclasses.asdict(journal.summarize(j))
             s["decision_reasons"] = why.get(s["id"])
             rows.append(s)
         return rows
 
-    def op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
+    def op_pause(self, req: Request) -> dict[str, Any]:
         with self.lock:
             self.paused = True
         return {"paused": True}
 
-    def op_resume(self, req: dict[str, Any]) -> dict[str, Any]:
+    def op_resume(self, req: Request) -> dict[str, Any]:
         with self.lock:
             self.paused = False
         return {"paused": False}
 
-    def op_offer(self, req: dict[str, Any]) -> dict[str, Any]:
-        requester = str(req.get("requester"))
+    def op_offer(self, req: Request) -> dict[str, Any]:
+        requester = str(req.requester)
         self.cfg.peer(requester)  # unknown host -> InputError
         if requester == self.host:
             raise InputError("an agent cannot offer itself work")

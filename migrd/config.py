@@ -9,6 +9,7 @@ real deployment share one code path.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -21,6 +22,9 @@ import yaml
 from .errors import ConfigError
 from .policy import PolicyConfig
 
+#: libyaml's parser when PyYAML has it: linear in nesting depth and bounded (1000 levels), where
+#: the pure-Python one takes seconds on a few thousand nested brackets before a RecursionError.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 DEFAULT_PATH = Path("/etc/migrd/migrd.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/migrd")
 
@@ -143,6 +147,8 @@ def load(path: Path | None = None) -> Config:
     path = path or config_path()
     try:
         text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {path} does not exist") from None
@@ -154,11 +160,11 @@ def load(path: Path | None = None) -> Config:
 
 def parse(text: str, name: str = "<config>") -> Config:
     try:
-        node = yaml.compose(text)
+        node = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{name}:{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{name}:{_line(e)} not valid YAML: {_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: not valid YAML: nested too deeply") from None  # pure-Python parser
     if node is None:
         return Config()
     return _build(Config, node, name, "")
@@ -183,8 +189,65 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _line(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" line {mark.line + 1}:" if mark else ""
+
+
+def _problem(e: yaml.YAMLError) -> str:
+    """PyYAML's own words, on one line (a ReaderError has no `problem` and spans lines)."""
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
+#: Settings that are durations or periods: zero or less would spin or never wait.
+_POSITIVE = {"ssh.connect_timeout", "ssh.op_timeout", "migrate.pid_wait", "daemon.interval",
+             "daemon.peer_stale_after", "daemon.probe_every", "daemon.probe_bytes",
+             "daemon.max_decisions_log", "daemon.cpu_speed", "migrate.headroom"}
+
+
+def _check_range(name: str, path: str, node: yaml.Node, value: Any) -> None:
+    """Ranges the types alone do not say: numbers are finite and not negative, durations
+    positive, ports 1-65535, state_dir a non-empty absolute path."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{_where(name, path, node)}: {why}, got {value!r}")
+
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad("expected a finite number")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if path.endswith(".port") and not 1 <= value <= 65535:
+            raise bad("expected a port number 1-65535")
+        if value < 0:
+            raise bad("expected a number of at least 0")
+        if path in _POSITIVE and value <= 0:
+            raise bad("expected a number greater than 0")
+    if path == "state_dir" and not (isinstance(value, str) and value.startswith("/")):
+        raise bad("expected an absolute path (a string starting with /)")
+
+
 def _where(name: str, key: str, node: yaml.Node) -> str:
-    return f"{name}: key '{key}' (line {node.start_mark.line + 1})"
+    shown = key if key.isprintable() else repr(key)[1:-1]  # a quoted key may hold a newline
+    return f"{name}: key '{shown}' (line {node.start_mark.line + 1})"
+
+
+def _key(node: yaml.Node, name: str, prefix: str) -> str:
+    core = node.tag.startswith("tag:yaml.org,2002:") and "python/" not in node.tag
+    if not isinstance(node, yaml.ScalarNode) or not core:
+        raise ConfigError(f"{_where(name, prefix or '<top>', node)}: a key must be a plain name, "
+                          f"not a list, mapping or tagged value")
+    return node.value
+
+
+def _scalar(node: yaml.ScalarNode, name: str, path: str) -> Any:
+    """The scalar's value by YAML's safe rules; a tag those rules do not know (`!foo`,
+    `!!python/...`), a malformed explicitly tagged value (`!!timestamp 2000`) or a number
+    Python refuses to convert is the key's error."""
+    try:
+        return yaml.load(yaml.serialize(node), Loader=_LOADER)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{_where(name, path, node)}: {_problem(e)}") from None
+    except Exception as e:  # PyYAML's constructors fail on such values with whatever they hit
+        raise ConfigError(f"{_where(name, path, node)}: not a usable value "
+                          f"({str(e).split(':')[0] or type(e).__name__})") from None
 
 
 def _build(cls: type, node: yaml.Node, name: str, prefix: str) -> Any:
@@ -194,7 +257,7 @@ def _build(cls: type, node: yaml.Node, name: str, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
     values: dict[str, Any] = {}
     for knode, vnode in node.value:
-        key = knode.value
+        key = _key(knode, name, prefix)
         path = f"{prefix}.{key}" if prefix else key
         if key not in fields:
             allowed = ", ".join(fields)
@@ -230,10 +293,11 @@ def _convert(tp: Any, node: yaml.Node, name: str, path: str) -> Any:
         if not isinstance(node, yaml.MappingNode):
             raise ConfigError(f"{_where(name, path, node)}: expected a mapping")
         vt = typing.get_args(tp)[1]
-        return {k.value: _convert(vt, v, name, f"{path}.{k.value}") for k, v in node.value}
+        return {(key := _key(k, name, path)): _convert(vt, v, name, f"{path}.{key}") for k, v in node.value}
     if not isinstance(node, yaml.ScalarNode):
         raise ConfigError(f"{_where(name, path, node)}: expected a single value")
-    value = yaml.safe_load(yaml.serialize(node))
+    value = _scalar(node, name, path)
+    _check_range(name, path, node, value)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

@@ -18,6 +18,11 @@ class InputError(MigrdError):
     exit_code = 3
 
 
+class JournalCorrupt(MigrdError):
+    """A migration journal holds a line that is not a record (damaged on disk, or edited);
+    `migrd recover` leaves that migration alone and says so. Exit code 1: other error."""
+
+
 class NotPermitted(MigrdError):
     """The request is well-formed but not allowed: not root, PID 1, process not opted in."""
 

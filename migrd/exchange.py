@@ -25,10 +25,10 @@ from typing import Any
 
 import paramiko
 
-from . import private, transport
+from . import private, transport, untrusted
 from .config import Config
 from .costmodel import Link
-from .errors import MigrdError
+from .errors import InputError, MigrdError
 from .load import HostLoad
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,13 @@ class Snapshot:
                            "agent_pid": self.agent_pid}).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Snapshot:
-        d = json.loads(data)
-        return cls(HostLoad.from_dict(d["load"]), d["level"], int(d["agent_pid"]))
+    def from_json(cls, data: bytes, origin: str = SNAPSHOT) -> Snapshot:
+        """A peer's snapshot; InputError naming origin for anything malformed. Keys a newer
+        migrd added are ignored."""
+        snap = untrusted.build(cls, untrusted.loads(data, InputError, origin), InputError, origin)
+        if snap.load.cpu_capacity <= 0 or snap.load.cpu_speed <= 0:
+            raise InputError(f"{origin}: cpu_capacity and cpu_speed must be positive")
+        return snap
 
 
 def publish(state_dir: Path, snap: Snapshot) -> None:
@@ -116,7 +120,7 @@ class PeerReader:
                                        bulk_seconds=0.5)
                 v.link, v.probed_at = Link(est.rtt_s, est.bandwidth_bytes_per_s), now
             with self._sftp.open(str(self.cfg.state_dir / SNAPSHOT), "rb") as f:
-                v.snapshot = Snapshot.from_json(f.read())
+                v.snapshot = Snapshot.from_json(f.read(), f"{v.name}:{self.cfg.state_dir / SNAPSHOT}")
             v.error, v.failures = None, 0
         except FileNotFoundError:
             v.error = "no snapshot yet (is its agent running?)"

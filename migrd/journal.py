@@ -11,11 +11,12 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import failpoints, private
+from . import failpoints, private, untrusted
+from .errors import JournalCorrupt
 
 #: States in the order a migration passes them; `rollback`/`rolled_back` can follow any state
 #: before `commit`. FINAL states need no recovery.
@@ -34,7 +35,7 @@ def new_id() -> str:
 class Record:
     state: str
     time: float
-    data: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 class Journal:
@@ -49,6 +50,7 @@ class Journal:
     def record(self, state: str, **data: Any) -> None:
         # Root only: the journal holds the process's command line and environment.
         private.private_dir(self.dir)
+        self._repair_tail()
         line = json.dumps({"state": state, "time": time.time(), "data": data}, sort_keys=True)
         with os.fdopen(private.open_private(self.path, os.O_WRONLY | os.O_APPEND), "a") as f:
             f.write(line + "\n")
@@ -56,19 +58,41 @@ class Journal:
             os.fsync(f.fileno())
         failpoints.after_state(state)
 
-    def records(self) -> list[Record]:
+    def _repair_tail(self) -> None:
+        """Cut a torn last line (a crash mid-append) back to the last complete record, durably,
+        so the next record starts on a line of its own instead of being glued to the torn one."""
         try:
-            lines = self.path.read_text().splitlines()
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+                return
+            keep = size
+            while keep > 0:
+                start = max(0, keep - 4096)
+                nl = os.pread(fd, keep - start, start).rfind(b"\n")
+                if nl >= 0:
+                    keep = start + nl + 1
+                    break
+                keep = start
+            os.ftruncate(fd, keep)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def records(self) -> list[Record]:
+        """Every complete record; JournalCorrupt names the line of a malformed one. A torn last
+        line (no newline: its append never completed) is not a record."""
+        try:
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return []
-        out = []
-        for line in lines:
-            try:
-                raw = json.loads(line)
-            except ValueError:
-                break  # a torn last line from a crash mid-write: everything before it stands
-            out.append(Record(raw["state"], raw["time"], raw.get("data", {})))
-        return out
+        lines = raw.split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+        return [untrusted.build(Record, untrusted.loads(line, JournalCorrupt, f"{self.path}:{n}"),
+                                JournalCorrupt, f"{self.path}:{n}")
+                for n, line in enumerate(lines, 1)]
 
     def merged(self) -> dict[str, Any]:
         """All data recorded so far, later states overriding earlier keys."""
@@ -123,20 +147,32 @@ class Summary:
 
 
 def summarize(j: Journal) -> Summary:
-    """Pure over the records: phase durations are the gaps between consecutive states."""
-    recs = j.records()
-    data = j.merged()
-    phases: dict[str, float] = {}
-    for a, b in zip(recs, recs[1:]):
-        if a.state in STEPS:
-            phases[a.state] = round(b.time - a.time, 4)
-    last = recs[-1].state if recs else "empty"
-    outcome = {"done": data.get("outcome", "ok"), "rolled_back": "rolled back",
-               "refused": "refused"}.get(last, f"unfinished (at {last})")
-    req = data.get("request", {})
-    return Summary(
-        id=j.id, pid=req.get("pid"), name=data.get("workload"), source=data.get("source"),
-        target=req.get("target"), mode=req.get("mode"), outcome=outcome, reason=data.get("reason"),
-        started=recs[0].time if recs else 0.0, phases=phases, bytes=int(data.get("bytes", 0)),
-        downtime=data.get("downtime"), target_pid=data.get("target_pid"),
-    )
+    """Pure over the records: phase durations are the gaps between consecutive states. A
+    corrupt journal is summarized as such, with the error as its reason."""
+    try:
+        recs = j.records()
+        data: dict[str, Any] = {}
+        for r in recs:
+            data.update(r.data)
+        phases: dict[str, float] = {}
+        for a, b in zip(recs, recs[1:]):
+            if a.state in STEPS:
+                phases[a.state] = round(b.time - a.time, 4)
+        last = recs[-1].state if recs else "empty"
+        outcome = {"done": data.get("outcome", "ok"), "rolled_back": "rolled back",
+                   "refused": "refused"}.get(last, f"unfinished (at {last})")
+        req = data.get("request", {})
+        if not isinstance(req, dict):
+            raise JournalCorrupt(f"{j.path}: key 'request': expected an object")
+        return untrusted.build(Summary, {
+            "id": j.id, "pid": req.get("pid"), "name": data.get("workload"),
+            "source": data.get("source"), "target": req.get("target"), "mode": req.get("mode"),
+            "outcome": outcome, "reason": data.get("reason"),
+            "started": recs[0].time if recs else 0.0, "phases": phases,
+            "bytes": data.get("bytes", 0), "downtime": data.get("downtime"),
+            "target_pid": data.get("target_pid"),
+        }, JournalCorrupt, str(j.path))
+    except JournalCorrupt as e:
+        return Summary(id=j.id, pid=None, name=None, source=None, target=None, mode=None,
+                       outcome="corrupt journal", reason=str(e), started=0.0, phases={}, bytes=0,
+                       downtime=None, target_pid=None)

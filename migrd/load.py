@@ -94,15 +94,6 @@ class HostLoad:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> HostLoad:
-        fields = dict(d)
-        fields["loadavg"] = tuple(fields["loadavg"])
-        for key in ("cpu_pressure", "memory_pressure", "io_pressure"):
-            if fields.get(key) is not None:
-                fields[key] = Pressure(**fields[key])
-        return cls(**fields)
-
 
 @dataclass(frozen=True)
 class ProcessLoad:
@@ -129,13 +120,6 @@ class ProcessLoad:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ProcessLoad:
-        fields = dict(d)
-        fields["cmdline"] = tuple(fields["cmdline"])
-        fields["listen_ports"] = tuple(fields["listen_ports"])
-        return cls(**fields)
 
 
 # --------------------------------------------------------------------------- parsers (pure)

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import private
-from .errors import ImageError
+from . import private, untrusted
+from .errors import ImageError, MigrdError
 
 NAME = "manifest.json"
 FORMAT = 1
@@ -118,33 +118,24 @@ def write(directory: Path, manifest: Manifest) -> Path:
     return path
 
 
-def process_from_dict(raw: dict[str, Any]) -> ProcessInfo:
-    proc = dict(raw)
-    proc["cmdline"] = tuple(proc["cmdline"])
-    proc["open_files"] = tuple(OpenFile(**o) for o in proc.get("open_files", ()))
-    proc["listening"] = tuple(Listener(**s) for s in proc.get("listening", ()))
-    proc["tree_ids"] = tuple(proc.get("tree_ids", ()))
-    return ProcessInfo(**proc)
+def process_from_dict(raw: Any, error: type[MigrdError] = ImageError, origin: str = NAME) -> ProcessInfo:
+    return untrusted.build(ProcessInfo, raw, error, origin)
 
 
 def from_json(text: str | bytes, origin: str = NAME) -> Manifest:
-    try:
-        raw = json.loads(text)
-        if raw.get("format") != FORMAT:
-            raise ImageError(f"{origin}: unsupported manifest format {raw.get('format')!r} (expected {FORMAT})")
-        return Manifest(
-            format=raw["format"],
-            created=float(raw["created"]),
-            criu_version=str(raw["criu_version"]),
-            host=str(raw["host"]),
-            process=process_from_dict(raw["process"]),
-            options=dict(raw.get("options", {})),
-            files={n: FileEntry(int(e["size"]), str(e["sha256"])) for n, e in raw["files"].items()},
-        )
-    except ImageError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ImageError(f"{origin} is not a valid migrd manifest ({type(e).__name__}: {e})") from None
+    """The manifest in text; ImageError naming origin for anything that is not one."""
+    invalid = f"{origin} is not a valid migrd manifest"
+    raw = untrusted.loads(text, ImageError, invalid)
+    if not isinstance(raw, dict):
+        raise ImageError(f"{invalid}: expected an object, got {untrusted.short(raw)}")
+    if raw.get("format") != FORMAT:
+        raise ImageError(f"{origin}: unsupported manifest format {untrusted.short(raw.get('format'))} "
+                         f"(expected {FORMAT})")
+    m = untrusted.build(Manifest, raw, ImageError, invalid)
+    for name, entry in m.files.items():
+        if entry.size < 0:
+            raise ImageError(f"{origin}: image file {name!r} has a negative size")
+    return m
 
 
 def read(directory: Path) -> Manifest:

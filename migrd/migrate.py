@@ -26,17 +26,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from . import checkpoint as cp
-from . import failpoints, netaddr, pagestream, precheck, process, transport, workload
+from . import failpoints, netaddr, pagestream, precheck, process, transport, untrusted, workload
 from .config import Config
 from .criu import find_criu
-from .errors import ConfigError, InDoubt, InputError, MigrdError, NotPermitted, PrecheckFailed, TransportError
+from .errors import ConfigError, InDoubt, InputError, JournalCorrupt, MigrdError, NotPermitted, PrecheckFailed, TransportError
 from .journal import FINAL, Journal, all_journals, new_id
 from .manifest import ProcessInfo, process_from_dict
 
@@ -108,6 +108,34 @@ def _migrctl_json(conn: transport.Connection, args: list[str], payload: Any = No
     return json.loads(r.stdout)
 
 
+@dataclass(frozen=True)
+class _Request:
+    pid: int
+    start_time: float
+    target: str
+    mode: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A journal's data as recovery reads it. Built (every type checked) before recovery acts,
+    so a damaged journal is refused whole instead of failing half-way through a rollback."""
+
+    source: str
+    options: Options
+    process: ProcessInfo
+    request: _Request
+    carry: tuple[str, ...]
+    workload: str | None = None
+    stdout: str | None = None
+    reason: str | None = None
+    streamed: bool = False
+    freeze: float | None = None
+    nft_tables: tuple[str, ...] = ()
+    target_files: dict[str, int | None] = field(default_factory=dict)
+    address_interface: str | None = None
+
+
 class Migration:
     """One migration's imperative shell. Its state lives in the journal, so a new instance
     built from the journal (recovery) can finish or undo what a crashed one started."""
@@ -126,11 +154,11 @@ class Migration:
 
     @property
     def opts(self) -> Options:
-        return Options(**self.data["options"])
+        return untrusted.build(Options, self.data.get("options"), JournalCorrupt, f"{self.j.path}: options")
 
     @property
     def info(self) -> ProcessInfo:
-        return process_from_dict(self.data["process"])
+        return process_from_dict(self.data.get("process"), JournalCorrupt, f"{self.j.path}: process")
 
     @property
     def source(self) -> tuple[int, float]:
@@ -494,10 +522,16 @@ def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = 
 
 
 def recover(cfg: Config) -> list[dict[str, Any]]:
-    """Finish or undo every migration a crash left unfinished. Returns what was done."""
+    """Finish or undo every migration a crash left unfinished. Returns what was done; a
+    corrupt journal is left alone and reported (with "corrupt": the error), the others are
+    still recovered."""
     report = []
     for j in all_journals(cfg.state_dir):
-        last = j.last_state()
+        try:
+            last = j.last_state()
+        except JournalCorrupt as e:
+            report.append({"id": j.id, "action": "skipped: corrupt journal", "corrupt": str(e)})
+            continue
         if last in FINAL:
             continue
         fd = j.lock(blocking=False)
@@ -506,6 +540,8 @@ def recover(cfg: Config) -> list[dict[str, Any]]:
             continue
         try:
             report.append({"id": j.id, "from": last, "action": _recover_one(Migration(cfg, j, fd), last)})
+        except JournalCorrupt as e:
+            report.append({"id": j.id, "from": last, "action": "skipped: corrupt journal", "corrupt": str(e)})
         except MigrdError as e:
             report.append({"id": j.id, "from": last, "action": f"failed: {e}"})
         finally:
@@ -517,6 +553,7 @@ def _recover_one(m: Migration, last: str | None) -> str:
     if last in (None, "precheck", "prechecked"):
         m.j.record("rolled_back", reason="interrupted before the checkpoint; nothing had changed")
         return "nothing had changed"
+    untrusted.build(Recorded, m.data, JournalCorrupt, str(m.j.path))
     states = [r.state for r in m.j.records()]
     try:
         conn: transport.Connection | None = transport.connect(m.cfg, m.opts.target)

@@ -33,6 +33,9 @@ CHUNK = 1 << 20
 COMPRESSIONS = ("none", "zstd")
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = bytes(2 * BLOCK)
+#: Zeros accepted after the end-of-archive marker: tar writers pad the archive to a whole
+#: record (20 blocks); more than that is not padding but junk (or an attempt to keep us busy).
+MAX_TRAILING_ZEROS = tarfile.RECORDSIZE
 #: A manifest describes a process, not its memory; anything bigger is not a migrd manifest.
 MAX_MANIFEST = 16 << 20
 
@@ -146,17 +149,22 @@ class _Reader:
         for _ in self.take(n):
             pass
 
-    def rest_is_zero(self) -> bool:
-        """Read to the end; tar writers may pad after the end marker, anything else is junk."""
+    def check_trailer(self) -> None:
+        """Read to the end: at most MAX_TRAILING_ZEROS bytes of zero padding may follow."""
+        seen = 0
         while True:
             if not self._buf:
-                data = self._read(self._chunk)
+                data = self._read(min(self._chunk, MAX_TRAILING_ZEROS + 1 - seen))
                 if not data:
-                    return True
+                    return
                 self._buf = memoryview(data)
             if bytes(self._buf).strip(b"\0"):
-                return False
+                raise ImageError("the image stream has data after its end-of-archive marker")
+            seen += len(self._buf)
             self._buf = memoryview(b"")
+            if seen > MAX_TRAILING_ZEROS:
+                raise ImageError(f"the image stream has more than {MAX_TRAILING_ZEROS} bytes of "
+                                 f"padding after its end-of-archive marker")
 
 
 def check_member_name(name: str) -> None:
@@ -236,8 +244,7 @@ def _receive_into(r: _Reader, partial: Path, manifest_sha256: str) -> manifest.M
     missing = sorted(set(m.files) - seen)
     if missing:
         raise ImageError(f"image file {missing[0]} is missing from the stream ({len(missing)} missing)")
-    if not r.rest_is_zero():
-        raise ImageError("the image stream has data after its end-of-archive marker")
+    r.check_trailer()
     return m
 
 

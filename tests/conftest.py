@@ -5,8 +5,17 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from workloads import Procs
+
+# Fuzz tests (tests/test_fuzz.py): a quick, reproducible run in `make test`, and many more
+# random examples with HYPOTHESIS_PROFILE=fuzz (`make fuzz`).
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("quick", max_examples=100, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=_SLOW_OK)
+settings.register_profile("fuzz", max_examples=5_000, deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for CRIU and namespaces")
 

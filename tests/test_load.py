@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from migrd import untrusted
 from migrd.errors import InputError
 from migrd.load import (
     CgroupRaw, CpuTimes, HostLoad, Pressure, ProcessLoad, ProcessMonitor, ProcessRaw, SystemRaw,
@@ -171,9 +172,9 @@ def test_process_load_rates() -> None:
 
 def test_snapshots_round_trip_through_json() -> None:
     h = system_load(_sys_raw(0, 100, 1000, 0), _sys_raw(2, 250, 1200, 4000), "h")
-    assert HostLoad.from_dict(json.loads(json.dumps(h.to_dict()))) == h
+    assert untrusted.build(HostLoad, json.loads(json.dumps(h.to_dict())), InputError, "h") == h
     p = process_load(None, _proc_raw(0, 10.0, (1, 2)))
-    assert ProcessLoad.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert untrusted.build(ProcessLoad, json.loads(json.dumps(p.to_dict())), InputError, "p") == p
 
 
 def test_make_source_rejects_unknown_kind() -> None:

@@ -153,7 +153,7 @@ def history(limit: int, as_json: bool) -> None:
             return "no migrations yet"
         lines = [f"{'ID':25} {'WHEN':8} {'PID':>7} {'TO':8} {'MODE':7} {'BYTES':>10} {'DOWN':>7}  OUTCOME"]
         for r in rs:
-            when = datetime.fromtimestamp(r["started"]).strftime("%H:%M:%S")
+            when = datetime.fromtimestamp(r["started"]).strftime("%H:%M:%S") if r["started"] else "-"
             down = f"{r['downtime']:.2f}s" if r["downtime"] is not None else "-"
             outcome = r["outcome"] + (f": {r['reason']}" if r["reason"] and r["outcome"] != "ok" else "")
             lines.append(f"{r['id']:25} {when:8} {r['pid'] or '-':>7} {r['target'] or '-':8} "
@@ -176,5 +176,8 @@ def recover(as_json: bool) -> None:
     """
     require_root("migrctl recover")
     report = mig.recover(load_config())
+    for r in report:
+        if "corrupt" in r:
+            click.echo(f"migrctl: warning: {r['corrupt']}; migration {r['id']} left alone", err=True)
     emit(report, as_json, lambda rs: "\n".join(f"{r['id']}: {r['action']}" for r in rs)
          or "nothing to recover")
