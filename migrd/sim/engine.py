@@ -124,7 +124,7 @@ class Result:
     wall_s: float
     #: CPU time of this simulation (the machine may be shared: wall_s can be several times it).
     cpu_s: float
-    #: Invariant checks (tests): every job is completed, on exactly one host, or in flight.
+    #: Conservation: jobs (arrived) = completed + on hosts + in flight.
     jobs_on_hosts: int = 0
     jobs_in_flight: int = 0
 
@@ -158,6 +158,7 @@ class Simulation:
         self.migrations = self.bytes_moved = self.rounds = self.reads = 0
         self.herds: Counter = Counter()
         self.idle_area = 0.0
+        self.arrived = 0
         phases = random.Random(f"{cfg.seed}:phases")
         for h in self.hosts:
             self._push(phases.uniform(0.0, cfg.interval), ROUND, h.i, 0)
@@ -189,8 +190,9 @@ class Simulation:
             else:
                 j = self.live[a]
                 self._join(j, b, t)
+        self.arrived = nxt
         on_hosts = sum(len(h.jobs) for h in self.hosts)
-        n = len(self.live) + len(self.slowdowns)
+        n = nxt
         return Result(
             policy=self.policy, jobs=n, completed=len(self.slowdowns),
             mean_slowdown=sum(self.slowdowns) / max(len(self.slowdowns), 1),
@@ -201,6 +203,15 @@ class Simulation:
             peer_reads_per_round=self.reads / max(self.rounds, 1), policy_rounds=self.rounds,
             wall_s=time.perf_counter() - began, cpu_s=time.process_time() - cpu, jobs_on_hosts=on_hosts,
             jobs_in_flight=sum(1 for j in self.live.values() if j.host < 0))
+
+    def hosts_of_jobs(self) -> dict[int, list[int]]:
+        """Every job not completed -> the hosts holding it ([] while in flight). For the
+        invariant that no job is on two hosts."""
+        out: dict[int, list[int]] = {jid: [] for jid in self.live}
+        for h in self.hosts:
+            for jid in h.jobs:
+                out.setdefault(jid, []).append(h.i)
+        return out
 
     # --- processor sharing ------------------------------------------------------------------
 
