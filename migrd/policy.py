@@ -20,6 +20,7 @@ The four questions, in the order `decide` answers them (docs/policy.md has a wor
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -235,12 +236,15 @@ def _held_for(history: Sequence[HostLoad], cond) -> float:
     return history[-1].time - since if since is not None else -1.0
 
 
+@functools.lru_cache(maxsize=64)
+def _bounds(w: Watermarks) -> str:
+    return f"(low {w.low:g}, high {w.high:g})"
+
+
 def _describe_measures(h: HostLoad, cfg: PolicyConfig) -> str:
+    # Every classify says this, every round: the watermarks' text is formatted once.
     marks = _marks(cfg)
-    return ", ".join(
-        f"{k} {v:.2f} (low {marks[k].low:g}, high {marks[k].high:g})"
-        for k, v in measures(h).items()
-    )
+    return ", ".join(f"{k} {v:.2f} {_bounds(marks[k])}" for k, v in measures(h).items())
 
 
 def classify(

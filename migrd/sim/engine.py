@@ -281,9 +281,10 @@ class Simulation:
         h.loadavg = avg_n + (h.loadavg - avg_n) * math.exp(-dt / LOADAVG_S)
         h.area_n = h.area_busy = 0.0
         h.t_sample = t
-        return HostLoad(host=s.name, time=t, source="sim", cpus=s.cpus, cpu_capacity=float(s.cpus),
-                        cpu_speed=s.speed, loadavg=(h.loadavg,) * 3, cpu_util=util, run_queue=n,
-                        mem_total=s.mem_total, mem_available=s.mem_total - RESERVED - h.mem_used)
+        # host, time, source, cpus, cpu_capacity, cpu_speed, loadavg, cpu_util, run_queue,
+        # mem_total, mem_available: positional, a round's largest constant cost otherwise.
+        return HostLoad(s.name, t, "sim", s.cpus, float(s.cpus), s.speed, (h.loadavg,) * 3, util, n,
+                        s.mem_total, s.mem_total - RESERVED - h.mem_used)
 
     def _bandwidth(self, a: SimHost, b: SimHost) -> float:
         return min(a.nic, b.nic, self.strategy.wire_bps)
