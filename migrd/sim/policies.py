@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .. import costmodel
@@ -58,20 +58,21 @@ def _cost(log_base: float, cpu_u: float, mem_u: float) -> float:
 
 
 def mosix_move(n_hosts: int, here: HostLoad, n_jobs: int, mem_used: int, eligible: Sequence[Eligible],
-               peers: Sequence[HostLoad], migration_s) -> tuple[int, str] | None:
+               peers: Sequence[HostLoad], migration_s: Callable[[Eligible, HostLoad], float],
+               ) -> tuple[int, str] | None:
     """`migration_s(job, peer)`: how long moving that job there would freeze it."""
-    base = math.log(n_hosts)
+    log_base = math.log(n_hosts)
     power = here.power
     best: tuple[float, float, int, str] | None = None
     for e in eligible:
-        saved = (_cost(base, n_jobs / power, mem_used / here.mem_total)
-                 - _cost(base, (n_jobs - 1) / power, (mem_used - e.rss) / here.mem_total))
+        saved = (_cost(log_base, n_jobs / power, mem_used / here.mem_total)
+                 - _cost(log_base, (n_jobs - 1) / power, (mem_used - e.rss) / here.mem_total))
         for p in peers:
             d, used = costmodel.demand(p), p.mem_total - p.mem_available
             if used + e.rss > p.mem_total:
                 continue
-            added = (_cost(base, (d + 1) / p.power, (used + e.rss) / p.mem_total)
-                     - _cost(base, d / p.power, used / p.mem_total))
+            added = (_cost(log_base, (d + 1) / p.power, (used + e.rss) / p.mem_total)
+                     - _cost(log_base, d / p.power, used / p.mem_total))
             net = saved - added
             if net > 0 and e.age_s >= migration_s(e, p) and (
                     best is None or (net, e.age_s) > (best[0], best[1])):
