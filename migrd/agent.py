@@ -5,9 +5,10 @@
 
 plus the admin API (migrd.admin) and systemd's notify protocol (migrd.sdnotify).
 
-Functional core: `keep_history`, `usable_peers`, `own_mode`, `options_for`, `fill_source`,
-`decision_dict`, `trimmed`, `parse_request` are pure and unit-tested; `Agent` is the imperative
-shell (load sources, SSH, the filesystem, threads, signals).
+Functional core: the round's logic is `step.step` (pure, shared with the simulator in
+migrd/sim); `usable_peers`, `options_for`, `decision_dict`, `trimmed`, `parse_request` are pure
+and unit-tested; `Agent` is the imperative shell (load sources, SSH, the filesystem, threads,
+signals).
 
 Modes (daemon.mode): offload pushes work away when this host is HIGH; fill never pushes on its
 own, but a LOW host asks the busiest HIGH peer for work (`migrctl peer offer` over SSH, which
@@ -31,23 +32,20 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from . import admin, exchange, journal, load, migrate, policy, precheck, private, sdnotify, untrusted, workload
+from . import admin, exchange, journal, load, migrate, policy, precheck, private, sdnotify, step, untrusted, workload
 from .config import Config
 from .costmodel import Action
 from .errors import ConfigError, InputError, MigrdError
-from .load import HostLoad
-from .policy import Candidate, Decision, Level, Mode, Peer, Situation
+from .policy import Candidate, Decision, Mode, Peer, Situation
 
 log = logging.getLogger(__name__)
 LOAD_SOURCES = ("system", "cgroup")
-#: An offer from an idle peer is acted on only this long (seconds) after it came.
-OFFER_TTL = 30.0
 
 
 # --------------------------------------------------------------------------- pure core
@@ -67,11 +65,6 @@ def check_settings(cfg: Config) -> None:
         raise ConfigError(f"{where} 'daemon.interval': must be > 0, not {d.interval}")
 
 
-def keep_history(history: Sequence[HostLoad], sample: HostLoad, keep_s: float) -> tuple[HostLoad, ...]:
-    """Append sample; drop samples older than keep_s (the policy's hold time needs no more)."""
-    return tuple(h for h in (*history, sample) if sample.time - h.time <= keep_s)
-
-
 def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: float) -> tuple[Peer, ...]:
     """Peers with a fresh snapshot and a measured link; stale ones (dead agent) do not count."""
     return tuple(
@@ -80,29 +73,11 @@ def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: fl
     )
 
 
-def own_mode(configured: str) -> Mode | None:
-    """The mode this host decides in on its own (fill: none, it waits to be asked)."""
-    return None if configured == Mode.FILL.value else Mode(configured)
-
-
 def options_for(d: Decision) -> migrate.Options | None:
     """The orchestrator's options for a decision (None: nothing to do)."""
     if d.action is Action.STAY or d.target is None:
         return None
     return migrate.Options(target=d.target, mode="restart" if d.action is Action.RESTART_ELSEWHERE else "move")
-
-
-def fill_source(configured: str, local: HostLoad, peers: Sequence[Peer], cfg: policy.PolicyConfig,
-                level: Level) -> str | None:
-    """Fill mode: which busy peer a lightly loaded host asks for work (None: nobody)."""
-    if configured != Mode.FILL.value or level is not Level.LOW:
-        return None
-    return policy.pick_fill_source(local, peers, cfg)
-
-
-def waiting_decision(level: Level, reasons: Sequence[str], host: str) -> Decision:
-    return Decision(Action.STAY, Mode.FILL, level, host,
-                    reasons=(*reasons, "fill mode: this host moves work only when an idle peer asks"))
 
 
 def decision_dict(d: Decision, now: float) -> dict[str, Any]:
@@ -188,11 +163,8 @@ class Agent:
         self.decisions = DecisionLog(cfg.state_dir / "decisions.jsonl", d.max_decisions_log)
         self.stop = threading.Event()
         self.lock = threading.Lock()
-        self.history: tuple[HostLoad, ...] = ()
-        self.level = Level.NORMAL
-        self.last_move_at: float | None = None
-        self.asked_at: float | None = None
-        self.offers: dict[str, float] = {}
+        self.settings = step.Settings(self.host, d.mode, d.interval, cfg.policy)
+        self.state = step.State()
         self.paused = False
         self.situation: Situation | None = None
         self.decision: Decision | None = None
@@ -284,36 +256,26 @@ class Agent:
     # --- one round ----------------------------------------------------------------------
 
     def round(self) -> Decision:
-        pc = self.cfg.policy
         sample = self.source.sample()
         now = sample.time
-        self.history = keep_history(self.history, sample, pc.hold_s + 3 * self.cfg.daemon.interval)
         for r in self.readers.values():
             r.poll(now)
         peers = usable_peers((r.view for r in self.readers.values()), now, self.cfg.daemon.peer_stale_after)
         candidates = self._candidates()
-        requester = self._take_offer(now)
-        mode = Mode.FILL if requester else own_mode(self.cfg.daemon.mode)
-        sit = Situation(now=now, history=self.history, peers=peers, candidates=candidates,
-                        mode=mode or Mode.FILL, previous_level=self.level,
-                        last_move_at=self.last_move_at, requester=requester)
-        if mode is None:
-            level, why = policy.classify(self.history, pc, self.level)
-            d = waiting_decision(level, why, self.host)
-        else:
-            d = policy.decide(sit, pc)
-        with self.lock:
-            self.situation, self.decision, self.level = sit, d, d.level
+        with self.lock:  # offers arrive from the admin thread
+            out = step.step(self.state, step.Inputs(sample, peers, candidates, self.paused), self.settings)
+            self.state, self.situation, self.decision = out.state, out.situation, out.decision
             self.rounds += 1
+        d = out.decision
         exchange.publish(self.cfg.state_dir, exchange.Snapshot(sample, d.level.value, os.getpid()))
         record = decision_dict(d, now)
-        opts = options_for(d)
-        if opts is not None and self.paused:
-            record["skipped"] = "paused"
-            opts = None
+        if out.skipped:
+            record["skipped"] = out.skipped
+        opts = options_for(d) if out.move else None
         if opts is None:
             self.decisions.append(record)
-            self._maybe_ask(sample, peers, d.level, now)
+            if out.ask is not None:
+                self._ask(out.ask, now)
             return d
         self._act(d, opts, record)
         return d
@@ -322,7 +284,6 @@ class Agent:
         assert d.pid is not None
         with self.lock:
             self.in_flight = {"pid": d.pid, "name": d.name, "target": d.target, "since": time.time()}
-        self.last_move_at = record["time"]
         try:
             with self._pinging():
                 out = migrate.migrate(self.cfg, d.pid, opts)
@@ -365,22 +326,8 @@ class Agent:
             return False
         return precheck.allowed(self.cfg.migrate, cmdline, user, cgroups, False) is not None
 
-    def _take_offer(self, now: float) -> str | None:
-        with self.lock:
-            live = {h: t for h, t in self.offers.items() if now - t <= OFFER_TTL}
-            requester = min(live, key=live.__getitem__) if live else None
-            self.offers = {h: t for h, t in live.items() if h != requester}
-        return requester
-
-    def _maybe_ask(self, local: HostLoad, peers: Sequence[Peer], level: Level, now: float) -> None:
-        """Fill mode: a lightly loaded host asks the busiest overloaded peer for work, at most
-        once per host cooldown."""
-        if self.asked_at is not None and now - self.asked_at < self.cfg.policy.host_cooldown_s:
-            return
-        src = fill_source(self.cfg.daemon.mode, local, peers, self.cfg.policy, level)
-        if src is None or self.paused:
-            return
-        self.asked_at = now
+    def _ask(self, src: str, now: float) -> None:
+        """Fill mode: ask the busy peer `src` for work (the step spaces asks by the host cooldown)."""
         reader = self.readers[src]
         try:
             conn = reader._conn
@@ -402,17 +349,17 @@ class Agent:
         with self.lock:
             d = self.decision
             return {"host": self.host, "pid": os.getpid(), "mode": self.cfg.daemon.mode,
-                    "level": self.level.value, "paused": self.paused, "rounds": self.rounds,
+                    "level": self.state.level.value, "paused": self.paused, "rounds": self.rounds,
                     "uptime_s": round(time.time() - self.started, 1),
                     "last_decision": decision_dict(d, self.situation.now) if d and self.situation else None,
                     "explain": policy.explain(d) if d else None, "in_flight": self.in_flight,
-                    "offers": sorted(self.offers)}
+                    "offers": sorted(self.state.offers)}
 
     def op_hosts(self, req: Request) -> list[dict[str, Any]]:
         now = time.time()
         with self.lock:
-            own = self.history[-1] if self.history else None
-            rows = [{"name": self.host, "self": True, "level": self.level.value,
+            own = self.state.history[-1] if self.state.history else None
+            rows = [{"name": self.host, "self": True, "level": self.state.level.value,
                      "age_s": round(now - own.time, 3) if own else None,
                      "load": own.to_dict() if own else None, "link": None, "error": None}]
         return rows + [{"self": False, **r.view.to_dict(now)} for r in self.readers.values()]
@@ -426,7 +373,7 @@ class Agent:
 
     def _alone(self, sit: Situation, c: Candidate) -> Decision:
         """The decision as if c were the only candidate: its own score and reasons."""
-        mode = sit.mode if sit.requester or own_mode(self.cfg.daemon.mode) else Mode.OFFLOAD
+        mode = sit.mode if sit.requester or step.own_mode(self.cfg.daemon.mode) else Mode.OFFLOAD
         return policy.decide(dataclasses.replace(sit, candidates=(c,), mode=mode), self.cfg.policy)
 
     def op_ps(self, req: Request) -> list[dict[str, Any]]:
@@ -484,5 +431,5 @@ class Agent:
         if requester == self.host:
             raise InputError("an agent cannot offer itself work")
         with self.lock:
-            self.offers[requester] = time.time()
+            self.state = self.state.offered(requester, time.time())
         return {"queued": requester}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from migrd import admin, agent as agent_mod, config as config_mod, exchange, migrate, sdnotify
+from migrd import admin, agent as agent_mod, config as config_mod, exchange, migrate, sdnotify, step as step_mod
 from migrd.config import Config, DaemonSettings, HostEntry
 from migrd.costmodel import Link
 from migrd.errors import AgentNotRunning, ConfigError, InputError, MigrdError
@@ -38,7 +38,7 @@ def view(name: str, per_cpu: float, *, age: float = 0.0, link: Link | None = FAS
 
 def test_keep_history_drops_old_samples():
     hist = tuple(host("a", 1.0, t=NOW - 40 + i * 10) for i in range(4))
-    kept = agent_mod.keep_history(hist, host("a", 1.0, t=NOW), 25.0)
+    kept = step_mod.keep_history(hist, host("a", 1.0, t=NOW), 25.0)
     assert [h.time for h in kept] == [NOW - 20, NOW - 10, NOW]
 
 
@@ -54,15 +54,43 @@ def test_options_and_modes():
     move = replace(stay, action=Action.MIGRATE_WITH_DATA, pid=5, target="b")
     assert agent_mod.options_for(move) == migrate.Options(target="b", mode="move")
     assert agent_mod.options_for(replace(move, action=Action.RESTART_ELSEWHERE)).mode == "restart"
-    assert agent_mod.own_mode("fill") is None and agent_mod.own_mode("consolidate") is Mode.CONSOLIDATE
+    assert step_mod.own_mode("fill") is None and step_mod.own_mode("consolidate") is Mode.CONSOLIDATE
 
 
 def test_fill_source_only_when_idle_in_fill_mode():
     pc = PolicyConfig()
     idle, peers = host("a", 0.1), [peer("b", 2.0), peer("c", 3.0), peer("d", 0.2)]
-    assert agent_mod.fill_source("fill", idle, peers, pc, Level.LOW) == "c"
-    assert agent_mod.fill_source("offload", idle, peers, pc, Level.LOW) is None
-    assert agent_mod.fill_source("fill", idle, peers, pc, Level.NORMAL) is None
+    assert step_mod.fill_source("fill", idle, peers, pc, Level.LOW) == "c"
+    assert step_mod.fill_source("offload", idle, peers, pc, Level.LOW) is None
+    assert step_mod.fill_source("fill", idle, peers, pc, Level.NORMAL) is None
+
+
+def test_take_offer_oldest_live_first():
+    offers = {"b": NOW - 40, "c": NOW - 5, "d": NOW - 10}
+    assert step_mod.take_offer(offers, NOW) == ("d", {"c": NOW - 5})  # b expired (TTL 30 s)
+    assert step_mod.take_offer({}, NOW) == (None, {})
+
+
+def test_step_carries_state_between_rounds():
+    """The pure round: a move sets the host cooldown; pause keeps the decision but not the move;
+    a LOW fill host asks the busiest peer, then not again within the host cooldown."""
+    pc = PolicyConfig(hold_s=0.0)
+    cands = (cand(101, age=600),)
+    peers = (peer("b", 0.1),)
+    offload = step_mod.Settings("a", "offload", 5.0, pc)
+    paused = step_mod.step(step_mod.State(), step_mod.Inputs(host("a", 2.0), peers, cands, paused=True), offload)
+    assert paused.decision.action is Action.MIGRATE and not paused.move and paused.skipped == "paused"
+    assert paused.state.last_move_at is None and paused.state.level is Level.HIGH
+    out = step_mod.step(step_mod.State(), step_mod.Inputs(host("a", 2.0), peers, cands), offload)
+    assert out.move and out.state.last_move_at == NOW and len(out.state.history) == 1
+    fill = step_mod.Settings("a", "fill", 5.0, pc)
+    busy = (peer("b", 2.0), peer("c", 3.0))
+    first = step_mod.step(step_mod.State(), step_mod.Inputs(host("a", 0.1), busy, ()), fill)
+    assert first.ask == "c" and first.state.asked_at == NOW and not first.move
+    again = step_mod.step(first.state, step_mod.Inputs(host("a", 0.1, t=NOW + 5), busy, ()), fill)
+    assert again.ask is None and again.state.asked_at == NOW
+    asked = step_mod.step(step_mod.State().offered("b", NOW), step_mod.Inputs(host("a", 2.0), peers, cands), fill)
+    assert asked.decision.mode is Mode.FILL and asked.move and asked.state.offers == {}
 
 
 def test_decision_log_is_bounded(tmp_path):
