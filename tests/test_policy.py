@@ -214,6 +214,12 @@ for rule, (ok_kw, ok_cfg, no_kw, no_cfg, result) in {
                   dict(cands=[cand(10, data_label="secret")]),
                   dataclasses.replace(CFG, clearance={"secret": ("c",)}),
                   (Action.MIGRATE, 10, "b")),
+    "consolidate: peer at the run queue high watermark": (
+        dict(local=0.1, mode=Mode.CONSOLIDATE, peers=[peer("b", 0.4)], cands=[cand(10, share=0.1)]),
+        CFG, dict(local=0.1, mode=Mode.CONSOLIDATE,
+                  peers=[Peer(dataclasses.replace(host("b", 0.4), run_queue=3), FAST)],
+                  cands=[cand(10, share=0.1)]),
+        CFG, (Action.MIGRATE, 10, "b")),
     "offload: peer at the util high watermark": (
         dict(local=4.0, peers=[Peer(dataclasses.replace(BUSY_UTIL, cpu_util=0.875), FAST)]), CFG,
         dict(local=4.0, peers=[Peer(BUSY_UTIL, FAST)]), CFG, (Action.MIGRATE, 10, "b")),
@@ -727,13 +733,23 @@ def focused(draw, rules: tuple[str, ...] = RULES) -> tuple[str, Situation, Polic
             redo_peer(j, per_cpu=draw(st.floats(0.3, 1.0)), cpus=draw(st.integers(1, 4)))
         hist = history("a", draw(st.floats(1.0, 1.6)))
     elif rule == "overloaded_peer":
-        # Busy by one signal only (util at, just below or above its high watermark), so the
-        # load comparison with this much busier host does not decide.
-        hist = history("a", draw(st.floats(3.0, 4.0)))
-        util = _near(draw, cfg.util.high, 0.025)
+        # Peers high by one signal only, at, just below or just above its watermark, so that
+        # neither the load comparison (offload: this host is far busier) nor the ceiling
+        # (consolidate: a run queue spike, little demand) decides.
+        mode = draw(st.sampled_from([Mode.OFFLOAD, Mode.CONSOLIDATE]))
+        if mode is Mode.OFFLOAD:
+            hist = history("a", draw(st.floats(3.0, 4.0)))
+            spike = dict(cpu_util=_near(draw, cfg.util.high, 0.025))
+        else:
+            hist = history("a", draw(st.floats(0.05, 0.3)))
+            for i in range(len(cands)):
+                redo_cand(i, share=draw(st.sampled_from([0.05, 0.1])))
         for j in range(len(peers)):
-            peers[j] = dataclasses.replace(
-                peers[j], load=dataclasses.replace(peers[j].load, cpu_util=util))
+            h = peers[j].load
+            if mode is Mode.CONSOLIDATE:
+                h = host(h.host, 0.4, cpus=2, speed=h.cpu_speed)
+                spike = dict(run_queue=round(cfg.run_queue.high * 2) + draw(st.sampled_from([-1, 0])))
+            peers[j] = dataclasses.replace(peers[j], load=dataclasses.replace(h, **spike))
     elif rule == "fill":
         mode = Mode.FILL
         requester = draw(st.sampled_from([p.load.host for p in peers] + ["zz"]))
