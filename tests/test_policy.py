@@ -167,9 +167,8 @@ SCENARIOS: dict[str, tuple[dict, PolicyConfig, tuple[Action, int | None, str | N
     "fill: a requester that is not idle gets nothing": (
         dict(local=1.5, mode=Mode.FILL, requester="b", peers=[peer("b", 0.8)], cands=[cand(10)]),
         CFG, (Action.STAY, None, None)),
-    "fill: an idle host has nothing to give": (
-        dict(local=0.1, mode=Mode.FILL, requester="b", peers=[peer("b", 0.1)], cands=[cand(10)]),
-        CFG, (Action.STAY, None, None)),
+    "this host listed among its peers is never a target": (
+        dict(peers=[peer("a", 0.1)], cands=[cand(10)]), CFG, (Action.STAY, None, None)),
     "consolidate: pack onto the busiest peer that stays under the ceiling": (
         dict(local=0.1, mode=Mode.CONSOLIDATE,
              peers=[peer("b", 0.5), peer("c", 0.3), peer("d", 0.05)], cands=[cand(10, share=0.2)]),
@@ -226,6 +225,15 @@ for rule, (ok_kw, ok_cfg, no_kw, no_cfg, result) in {
     "not more loaded than this host after the move": (
         dict(SOLO, peers=[peer("b", 0.0, cpus=1)]), CFG,
         dict(SOLO, peers=[peer("b", 0.125, cpus=1)]), CFG, (Action.MIGRATE, 10, "b")),
+    # 1 CPU at 0.5 (NORMAL: util above low) may give; at 0.3 (LOW) it has nothing to give,
+    # though the big, fast, idle requester would take the process without more load.
+    "fill: this host not lightly loaded": (
+        dict(hist=history("a", 0.5, cpus=1), mode=Mode.FILL, requester="b",
+             peers=[peer("b", 0.0, cpus=8, speed=2.0)], cands=[cand(10, share=0.25, age=5000.0)]),
+        CFG,
+        dict(hist=history("a", 0.3, cpus=1), mode=Mode.FILL, requester="b",
+             peers=[peer("b", 0.0, cpus=8, speed=2.0)], cands=[cand(10, share=0.25, age=5000.0)]),
+        CFG, (Action.MIGRATE, 10, "b")),
     "hold_s": (dict(hist=history("a", 2.0, span=30.0)), CFG,
                dict(hist=history("a", 2.0, span=20.0)), CFG, (Action.MIGRATE, 10, "b")),
     "consolidate_ceiling": (
@@ -285,6 +293,13 @@ def test_classify_levels_and_reasons() -> None:
     assert level is Level.LOW
     level, _ = classify(history("a", 0.2)[:1], CFG, Level.HIGH)
     assert level is Level.NORMAL, "back below low leaves HIGH at once"
+    # 0.4 per CPU: load at/below its low watermark, utilization (0.4 > 0.3) not.
+    level, _ = classify(history("a", 0.4), CFG)
+    assert level is Level.NORMAL, "LOW needs every signal at/below low"
+    level, _ = classify(history("a", 0.4)[:1], CFG, Level.HIGH)
+    assert level is Level.HIGH, "one signal at/below low does not end HIGH"
+    level, _ = classify(history("a", 0.3), CFG)
+    assert level is Level.LOW, "every signal exactly at low is LOW"
 
 
 def test_pick_fill_source() -> None:
@@ -567,11 +582,15 @@ def situations(draw) -> tuple[Situation, PolicyConfig]:
     lo, hi = mostly(typical[mode], (0.0, 4.0))
     cpus = draw(st.integers(1, 8))
     # A history whose level changes: the samples of the last hold_s may or may not agree.
-    levels = draw(st.lists(st.floats(lo, hi), min_size=1, max_size=6))
+    # 0.3: every signal exactly at low; 0.4: load low, util not; 1.0: load exactly at high
+    levels = draw(st.lists(st.one_of(st.floats(lo, hi), st.sampled_from([0.3, 0.4, 1.0])),
+                           min_size=1, max_size=6))
     hist = tuple(host("a", x, cpus=cpus, t=NOW - 10 * (len(levels) - 1 - i))
                  for i, x in enumerate(levels))
     local = hist[-1]
-    names = draw(st.lists(st.sampled_from(NAMES), unique=True, min_size=1, max_size=5))
+    # "a" is this host: a peer list may include it (a stale snapshot of itself).
+    names = draw(st.lists(st.sampled_from(mostly(NAMES, NAMES + ["a"])), unique=True,
+                          min_size=1, max_size=5))
 
     def a_peer(name: str) -> Peer:
         per_cpu = draw(st.one_of(
@@ -762,7 +781,8 @@ def focused(draw, rules: tuple[str, ...] = RULES) -> tuple[str, Situation, Polic
     elif rule == "hold":
         mode = draw(st.sampled_from([Mode.OFFLOAD, Mode.CONSOLIDATE]))
         cfg = dataclasses.replace(cfg, hold_s=draw(st.sampled_from([10.0, 20.0, 30.0])))
-        levels = draw(st.lists(st.sampled_from([0.1, 0.8, 2.0]), min_size=1, max_size=5))
+        levels = draw(st.lists(st.sampled_from([0.1, 0.3, 0.4, 0.8, 1.0, 2.0]), min_size=1,
+                               max_size=5))
         hist = tuple(host("a", x, t=NOW - 10 * (len(levels) - 1 - i)) for i, x in enumerate(levels))
         prev = draw(st.sampled_from(list(Level)))
         if mode is Mode.CONSOLIDATE:
