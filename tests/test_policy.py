@@ -227,6 +227,11 @@ for rule, (ok_kw, ok_cfg, no_kw, no_cfg, result) in {
         dict(SOLO, peers=[peer("b", 0.125, cpus=1)]), CFG, (Action.MIGRATE, 10, "b")),
     # 1 CPU at 0.5 (NORMAL: util above low) may give; at 0.3 (LOW) it has nothing to give,
     # though the big, fast, idle requester would take the process without more load.
+    # This host far busier than the requester: only the requester's own level decides.
+    "fill: the requester lightly loaded (0.3 per CPU; 0.4 is not: util above low)": (
+        dict(mode=Mode.FILL, requester="b", peers=[peer("b", 0.3)]), CFG,
+        dict(mode=Mode.FILL, requester="b", peers=[peer("b", 0.4)]), CFG,
+        (Action.MIGRATE, 10, "b")),
     "fill: this host not lightly loaded": (
         dict(hist=history("a", 0.5, cpus=1), mode=Mode.FILL, requester="b",
              peers=[peer("b", 0.0, cpus=8, speed=2.0)], cands=[cand(10, share=0.25, age=5000.0)]),
