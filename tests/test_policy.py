@@ -246,6 +246,13 @@ for rule, (ok_kw, ok_cfg, no_kw, no_cfg, result) in {
         dataclasses.replace(CFG, consolidate_ceiling=0.75),
         dict(local=0.1, mode=Mode.CONSOLIDATE, peers=[peer("b", 0.6875)], cands=[cand(10, share=0.25)]),
         dataclasses.replace(CFG, consolidate_ceiling=0.75), (Action.MIGRATE, 10, "b")),
+    # The same speed everywhere: the move only costs its transfer, 0.5 s + 100 MB over the
+    # link, against 5 % of 600 s staying (30 s).
+    "consolidate_max_loss_ratio": (
+        dict(local=0.1, mode=Mode.CONSOLIDATE, peers=[peer("b", 0.5, Link(0.001, 5 * MB))],
+             cands=[cand(10, share=0.2)]), CFG,
+        dict(local=0.1, mode=Mode.CONSOLIDATE, peers=[peer("b", 0.5, Link(0.001, 2.5 * MB))],
+             cands=[cand(10, share=0.2)]), CFG, (Action.MIGRATE, 10, "b")),
     "consolidate: only onto a host at least as busy": (
         dict(local=0.25, mode=Mode.CONSOLIDATE, peers=[peer("b", 0.25)], cands=[cand(10, share=0.1)]),
         CFG,
