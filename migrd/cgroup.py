@@ -118,6 +118,17 @@ def layout_from(mountinfo: str, proc_cgroup: str, wanted: Iterable[str] = CONTRO
     raise MigrdError("no cgroup hierarchy with cpu, cpuacct, memory or pids is mounted")
 
 
+def v2_layout_at(mountinfo: str, proc_cgroup: str, mountpoint: Path) -> Layout:
+    """The unified (v2) hierarchy mounted at `mountpoint`, even where `layout_from` would pick
+    v1: a hybrid machine whose controllers sit on v1 still has the one v2 hierarchy, and a
+    cgroup2 mount of it is how its v2 code is run there (tests)."""
+    paths = parse_proc_cgroup(proc_cgroup)
+    for fstype, mp, root, _ in parse_mountinfo(mountinfo):
+        if fstype == "cgroup2" and mp == mountpoint and frozenset() in paths:
+            return Layout(2, (Hierarchy((), mp, _below(mp, root, paths[frozenset()])),))
+    raise MigrdError(f"{mountpoint} is not a cgroup2 mount (or this process has no v2 cgroup)")
+
+
 def group_for(layout: Layout, rel: str) -> Group:
     """The group at rel (e.g. 'migrd-bed-x/host1') below the caller's cgroup."""
     parts = Path(rel).parts
@@ -143,6 +154,11 @@ def parse_quota(v1_quota_us: int, v1_period_us: int) -> float | None:
 
 def detect() -> Layout:
     return layout_from(Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text())
+
+
+def detect_v2(mountpoint: Path) -> Layout:
+    return v2_layout_at(Path("/proc/self/mountinfo").read_text(),
+                        Path("/proc/self/cgroup").read_text(), mountpoint)
 
 
 def _write(path: Path, value: str) -> None:
