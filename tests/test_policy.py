@@ -24,6 +24,9 @@ GB = 1000 * MB
 NOW = 10_000.0
 CFG = PolicyConfig()
 FAST = Link(rtt_s=0.001, bandwidth=100 * MB)
+#: docs/policy.md, "Near ties": gains within 5 % of the best tie (written here, not imported,
+#: so the reference stays independent of the code it checks).
+DOC_NEAR_TIE = 0.05
 
 
 def host(name: str, per_cpu: float, *, cpus: int = 2, speed: float = 1.0,
@@ -544,13 +547,14 @@ def check_decision(sit: Situation, cfg: PolicyConfig, d: Decision) -> None:
     assert d.estimate.stay_score == pytest.approx(ref.stay_score, rel=1e-9, abs=1e-9)
     assert d.estimate.gain == pytest.approx(ref.gain, rel=1e-9, abs=1e-9)
     assert ref.gain >= required(ref.stay_score, sit.mode, cfg) - 1e-9 * max(1.0, abs(ref.gain))
-    # Optimality: offload and fill take the largest gain, consolidate the fullest target.
+    # Optimality: offload and fill take the largest gain or one within the documented near
+    # tie of it (which then goes to the least loaded target); consolidate the fullest target.
     if good:
         if sit.mode is Mode.CONSOLIDATE:
             assert ref.after >= max(o.after for o in good) - 1e-9, explain(d)
         else:
             best = max(o.gain for o in good)
-            assert ref.gain >= best - 1e-9 * max(1.0, abs(best)), explain(d)
+            assert ref.gain >= best - DOC_NEAR_TIE * abs(best) - 1e-9 * max(1.0, abs(best)), explain(d)
 
 
 def _near(draw, boundary: float, step: float) -> float:
