@@ -250,7 +250,6 @@ class Migration:
             return self.forward_restart(conn, info, opts)
         stream = self.streams(info, opts)
         self._begin("checkpoint", streamed=stream)
-        tables_before = netaddr.nft_tables()
         # A streamed dump leaves the source stopped (commit ends it, rollback resumes it) and
         # sends the pages to the target's page server, which is up before the freeze.
         with self.page_stream(conn, info, progress) if stream else contextlib.nullcontext() as pages:
@@ -261,7 +260,7 @@ class Migration:
             page_bytes = pages.finish(self.cfg.ssh.op_timeout) if pages else 0
         self._begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
                       image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
-                      nft_tables=sorted(netaddr.nft_tables() - tables_before))
+                      nft_tables=self.dump_tables())
         if opts.move_address:
             iface = netaddr.holder_of(opts.move_address)
             netaddr.delete(opts.move_address)
@@ -434,13 +433,25 @@ class Migration:
         elif d.get("streamed") and self.source_alive():
             # A streamed dump leaves the source stopped, not ended: it simply runs on.
             workload.resume(*self.source)
+        tables = d.get("nft_tables")
+        if tables is None:  # ended between the dump and `transfer`, which records them
+            tables = self.dump_tables()
         shutil.rmtree(self.images, ignore_errors=True)
-        for table in d.get("nft_tables", []):
+        for table in tables:
             netaddr.nft_delete(table)  # a local restore unlocks its own; a dump-only leaves it
         if unclean:
             self.j.record("target_unclean", reason=unclean, local_pid=local_pid)
             return
         self.j.record("rolled_back", reason=d.get("reason", reason), local_pid=local_pid or d.get("local_pid"))
+
+    def dump_tables(self) -> list[str]:
+        """CRIU's network-lock tables this migration's dump left here, found by the run id in
+        its inventory.img (none if the dump never got that far)."""
+        try:
+            inventory = (self.images / "inventory.img").read_bytes()
+        except OSError:
+            return []
+        return netaddr.tables_of_dump(netaddr.nft_tables(), inventory)
 
     def restore_locally(self) -> int:
         """Bring the dumped source back from its own images."""

@@ -68,6 +68,10 @@ def announce(cidr: str, ifname: str) -> str | None:
     return None
 
 
+#: CRIU's network lock with nftables (criu/netfilter.c) names its table after the dump's run id.
+CRIU_TABLE_PREFIX = "inet CRIU-"
+
+
 def nft_tables() -> set[str]:
     """'family name' of every nftables table in this network namespace."""
     cp = proc.run(["nft", "-j", "list", "tables"], check=False)
@@ -75,6 +79,15 @@ def nft_tables() -> set[str]:
         return set()
     items = json.loads(cp.stdout or b"{}").get("nftables", [])
     return {f"{t['table']['family']} {t['table']['name']}" for t in items if "table" in t}
+
+
+def tables_of_dump(tables: set[str], inventory: bytes) -> list[str]:
+    """The network-lock tables one dump made: CRIU names its table `inet CRIU-<run id>` and
+    writes that run id into the dump's inventory.img. Matching by it never picks another
+    migration's table, as a before/after difference of the host's tables could."""
+    return sorted(t for t in tables
+                  if t.startswith(CRIU_TABLE_PREFIX) and len(t) > len(CRIU_TABLE_PREFIX)
+                  and t[len(CRIU_TABLE_PREFIX):].encode() in inventory)
 
 
 def nft_delete(table: str) -> None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from migrd import failpoints, precheck
+from migrd import failpoints, netaddr, precheck
 from migrd.config import MigrateSettings
 from migrd.errors import MigrdError
 from migrd.journal import Journal, summarize
@@ -148,3 +148,13 @@ def test_peer_restore_refuses_a_workload_name_that_is_a_path(tmp_path, monkeypat
     assert r.exit_code == 3, r.output
     assert f"workload name {name!r}" in r.output
     assert not (tmp_path / "state").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_dump_tables_are_found_by_the_run_id_in_the_inventory():
+    """Only the table named after this dump's run id is ours: another migration's CRIU table
+    and every other table stay (a before/after difference would take them all)."""
+    ours, theirs = "4b1f0c1e-8a52-4d5e-9c55-0e2f2b7f3a10", "9d0e6a2c-1c1b-4f7e-8a0d-5b2c3d4e5f60"
+    inventory = b"\x08\x02\x12$" + ours.encode() + b"\x18\x01"
+    tables = {f"inet CRIU-{ours}", f"inet CRIU-{theirs}", "inet filter", "inet CRIU-"}
+    assert netaddr.tables_of_dump(tables, inventory) == [f"inet CRIU-{ours}"]
+    assert netaddr.tables_of_dump(tables, b"") == []
