@@ -70,11 +70,17 @@ MUTANTS = (
     Mutant("hysteresis-low", "a LOW host stays LOW until some signal reaches high", P,
            "if previous is Level.LOW and not _is_high(latest, cfg):", "if False:"),
     Mutant("high-is-any-signal", "HIGH when SOME signal is at/above high", P,
-           "return any(v >= marks[k].high for k, v in measures(h).items())",
-           "return all(v >= marks[k].high for k, v in measures(h).items())"),
+           "return (h.loadavg[0] / cap >= cfg.load.high or h.cpu_util >= cfg.util.high\n"
+           "            or h.run_queue / cap >= cfg.run_queue.high)",
+           "return (h.loadavg[0] / cap >= cfg.load.high and h.cpu_util >= cfg.util.high\n"
+           "            and h.run_queue / cap >= cfg.run_queue.high)"),
     Mutant("low-is-every-signal", "LOW only when EVERY signal is at/below low", P,
-           "return all(v <= marks[k].low for k, v in measures(h).items())",
-           "return any(v <= marks[k].low for k, v in measures(h).items())"),
+           "return (h.loadavg[0] / cap <= cfg.load.low and h.cpu_util <= cfg.util.low\n"
+           "            and h.run_queue / cap <= cfg.run_queue.low)",
+           "return (h.loadavg[0] / cap <= cfg.load.low or h.cpu_util <= cfg.util.low\n"
+           "            or h.run_queue / cap <= cfg.run_queue.low)"),
+    Mutant("near-tie", "near-equal gains tie and go to the target left least loaded", P,
+           "NEAR_TIE = 0.05", "NEAR_TIE = 0.0"),
     # -- which
     Mutant("opted-in", "only opted-in processes move", P,
            "if not c.opted_in:", "if False:"),
