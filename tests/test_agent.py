@@ -160,7 +160,7 @@ def make_agent(tmp_path, monkeypatch):
                      daemon=DaemonSettings(mode=mode, socket=tmp_path / "run" / "s.sock"))
         a = agent_mod.Agent(cfg, env={})
         a.source = FakeSource(local)
-        a.readers = {"b": FakeReader(view("b", peer_load))}
+        a.peers.readers = {"b": FakeReader(view("b", peer_load))}
         a._candidates = lambda: (cand(101, age=600, share=share), cand(102, age=1.0))  # type: ignore[method-assign]
         a.calls = calls
         return a
