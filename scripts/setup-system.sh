@@ -31,7 +31,8 @@ apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
     || { say "ERROR: apt-get install ${missing[*]} failed"; exit 1; }
 # The package also enables etcd.service for the next boot; an etcd installed here is only the
 # binary the tests and the bed run, so a system one is not left to start later.
-if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v deb-systemd-helper >/dev/null; then
-    deb-systemd-helper disable etcd.service >/dev/null 2>&1 || true
+# (systemctl disable works without a running systemd: it only removes the links.)
+if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable etcd.service >/dev/null 2>&1 || true
 fi
 say "done"
