@@ -378,3 +378,104 @@ def test_cli_without_an_agent_exits_12(tmp_path):
         r = subprocess.run([sys.executable, "-m", "migrd.cli", *cmd], capture_output=True, text=True,
                            env={**os.environ, "MIGRD_CONFIG": str(cfg)}, timeout=60)
         assert r.returncode == 12 and "no migrd agent answers" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- metrics, registry
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics for real and parse it with the client library's own parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_endpoint_after_a_move_and_a_refused_reservation(make_agent):
+    """The agent's Prometheus endpoint, scraped over HTTP: rounds, decisions by action,
+    migrations by outcome and strategy, downtime and total time, bytes, load per host, and a
+    move the registry refused (target full) counted as not_reserved, not as a migration."""
+    from migrd import registry
+    from migrd.config import MetricsSettings
+
+    a = make_agent()
+    port = _free_port()
+    a.metrics.serve(MetricsSettings(enabled=True, address="127.0.0.1", port=port))
+    try:
+        a.round()  # moves PID 101 to b (fake orchestrator: 1 byte, 0.1 s downtime, staged)
+        a.round()  # host cooldown: stays
+        m = _scrape(port)
+        assert m[("migrd_rounds_total", ())] == 2
+        assert m[("migrd_decisions_total", (("action", "migrate"),))] == 1
+        assert m[("migrd_decisions_total", (("action", "stay"),))] == 1
+        assert m[("migrd_migrations_total", (("outcome", "ok"), ("strategy", "staged")))] == 1
+        assert m[("migrd_migration_bytes_total", ())] == 1
+        assert m[("migrd_migration_downtime_seconds_count", ())] == 1
+        assert m[("migrd_migration_downtime_seconds_sum", ())] == pytest.approx(0.1)
+        assert m[("migrd_migration_seconds_count", ())] == 1
+        assert m[("migrd_host_load_per_cpu", (("host", "a"),))] == pytest.approx(2.0)
+        assert ("migrd_host_load_per_cpu", (("host", "b"),)) in m
+        assert m[("migrd_registry_errors_total", ())] == 0
+
+        def full(target: str, ident: str):
+            raise registry.ReservationRefused(f"target {target} already receives 1 migration(s)")
+
+        b = make_agent()
+        b.metrics = a.metrics
+        b.peers.reserve = full  # type: ignore[method-assign]
+        b.round()
+        assert b.decisions.records()[-1]["migration"]["outcome"] == "not_reserved"
+        assert len(b.calls) == 1  # the orchestrator ran only for a's move
+        m = _scrape(port)
+        assert m[("migrd_migrations_total", (("outcome", "not_reserved"), ("strategy", "move")))] == 1
+    finally:
+        a.metrics.close()
+    with pytest.raises(OSError):
+        _scrape(port)  # closed with the agent
+
+
+def test_agent_runs_on_local_decisions_when_etcd_is_unreachable(tmp_path):
+    """registry: etcd with nobody listening: rounds go on (no peer is a target, so nothing
+    moves), and `status` says the registry is unreachable."""
+    from migrd.config import EtcdSettings
+
+    closed = _free_port()
+    cfg = Config(host="a", state_dir=tmp_path / "state",
+                 hosts=(HostEntry("a", "127.0.0.1", port=closed), HostEntry("b", "127.0.0.1", port=closed)),
+                 policy=PolicyConfig(hold_s=0.0),
+                 daemon=DaemonSettings(socket=tmp_path / "s.sock", registry="etcd",
+                                       etcd=EtcdSettings(endpoints=(f"http://127.0.0.1:{closed}",), timeout=1)))
+    a = agent_mod.Agent(cfg, env={})
+    a.source = FakeSource(2.0)
+    a._candidates = lambda: (cand(101, age=600),)  # type: ignore[method-assign]
+    try:
+        for _ in range(2):
+            d = a.round()
+        assert d.level is Level.HIGH and d.action is Action.STAY
+        st = a.handle({"op": "status"})["registry"]
+        assert st["registry"] == "etcd" and st["ok"] is False
+        assert f"127.0.0.1:{closed}" in st["error"] and "local load only" in st["note"]
+        assert a.handle({"op": "hosts"})[1]["error"].startswith("registry unreachable")
+    finally:
+        a.close()
+
+
+def test_registry_settings_refused():
+    from migrd.config import EtcdSettings, MetricsSettings
+
+    for daemon, key in ((DaemonSettings(registry="etcd", etcd=EtcdSettings(ttl=1)), "daemon.etcd.ttl"),
+                        (DaemonSettings(registry="etcd", etcd=EtcdSettings(target_slots=0)), "target_slots"),
+                        (DaemonSettings(metrics=MetricsSettings(port=0)), "daemon.metrics.port")):
+        with pytest.raises(ConfigError, match=key):
+            agent_mod.check_settings(Config(daemon=daemon))
+    with pytest.raises(ConfigError, match="expected one of ssh, etcd"):
+        config_mod.parse("daemon:\n  registry: zookeeper\n")
