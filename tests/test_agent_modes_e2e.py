@@ -1,0 +1,246 @@
+"""Agents on a real 3-host bed (cgroup load, real sshd, real CRIU) in the modes test_agent_e2e
+does not cover, and with the etcd registry:
+
+* fill: every host in fill mode (nobody pushes on its own); host1 busy, host2/host3 idle ask it
+  for work over SSH (`migrctl peer offer`), and host1 moves a workload to the asker;
+* consolidate: host2 lightly loaded in consolidate mode packs its workload onto host3, which is
+  busier but stays below the consolidation ceiling;
+* `--registry etcd`: an etcd member in the bed's bridge namespace; host1 offloads through it
+  (with a reservation), its metrics endpoint is scraped for real after the move, a SIGKILLed
+  agent's host drops out of host1's view within the lease TTL, and etcd killed and restarted
+  leaves the agents running, saying so, and then back on the registry.
+
+host1 is limited to one CPU, so two spinning workloads make it overloaded at once (run queue)
+without taking both of the machine's cores. Waits are bounds, not timed asserts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from migrd import admin, cgroup
+from migrd import bed as bed_mod
+from migrd import config as config_mod
+from migrd.policy import PolicyConfig, Watermarks
+from migrd.workloads import BUSY, COUNTER, MARK, read_counts
+from workloads import copies, end_copies, wait_for
+
+pytestmark = pytest.mark.root
+BED_HOSTS = 3
+BED_CPU_QUOTAS = {"host1": 1.0}
+PY = sys.executable
+TTL = 3
+METRICS_PORT = 9750
+
+#: A bed host's agent counts itself (it is in the host's cgroup and runnable while it samples):
+#: an idle host shows a run queue and load of ~1, i.e. 0.5 per CPU on host2/host3 and 1.0 on
+#: one-CPU host1, so "lightly loaded" is drawn above that. A loss ratio of 0.5 and a ceiling of
+#: 0.9 let consolidate move a young process onto a host that idles at 0.5 per CPU.
+POLICY = PolicyConfig(
+    load=Watermarks(high=2.0, low=1.2), util=Watermarks(high=0.9, low=0.3),
+    run_queue=Watermarks(high=1.5, low=1.2), hold_s=2.0, host_cooldown_s=4.0,
+    process_cooldown_s=120.0, min_age_s=2.0, min_gain=0.5, min_gain_ratio=0.05,
+    consolidate_ceiling=0.9, consolidate_max_loss_ratio=0.5)
+
+#: About a third of one CPU: spins 30 ms, sleeps 70 ms, until the absolute time argv[2]
+#: (argv[1] only names it, for the cleanup).
+DUTY = f"""
+import sys, time  # {MARK}
+deadline = float(sys.argv[2])
+while time.time() < deadline:
+    t = time.time()
+    while time.time() - t < 0.03:
+        pass
+    time.sleep(0.07)
+"""
+
+
+def configure(bed, modes: dict[str, str], **daemon) -> None:
+    """Rewrite every host's config: the test policy, 1 s rounds, the host's mode, and `daemon`."""
+    for h in bed.hosts:
+        path = h.dir / "etc" / "migrd.yaml"
+        cfg = config_mod.parse(path.read_text())
+        cfg = dataclasses.replace(cfg, policy=POLICY, daemon=dataclasses.replace(
+            cfg.daemon, interval=1.0, peer_stale_after=10.0, probe_bytes=1 << 20, mode=modes[h.name], **daemon))
+        path.write_text(config_mod.dump(cfg))
+
+
+@pytest.fixture
+def agents(bed) -> Iterator[Callable[[], dict[str, int]]]:
+    """Start the agents with whatever configure() wrote; stop them (and what they moved) after."""
+    started: dict[str, int] = {}
+
+    def start() -> dict[str, int]:
+        started.update(bed_mod.start_agents(bed))
+        return started
+
+    try:
+        yield start
+    finally:
+        for h in bed.hosts:
+            bed_mod.stop_agent(h)
+
+
+def host_of(bed, pid: int) -> str | None:
+    return next((h.name for h in bed.hosts if pid in cgroup.pids(h.cgroup)), None)
+
+
+def placed(bed, out: Path) -> list[str | None]:
+    return [host_of(bed, pid) for pid in copies(str(out))]
+
+
+def decisions(h) -> list[dict]:
+    path = h.dir / "state" / "decisions.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def ask(h, op: str) -> dict | list:
+    return admin.request(bed_mod.agent_socket(h), op, timeout=10)
+
+
+def start_busy(run_in, host: str, outs: list[Path], deadline: float) -> None:
+    for out in outs:
+        run_in(host, PY, "-m", "migrd.cli", "run", "--name", out.name, "--", PY, "-c", BUSY,
+               str(out), str(deadline))
+
+
+def test_fill_an_idle_host_asks_and_gets_work(bed, run_in, agents, tmp_path: Path):
+    configure(bed, {"host1": "fill", "host2": "fill", "host3": "fill"}, registry="ssh")
+    outs = [tmp_path / f"fill-{i}" for i in range(2)]
+    try:
+        start_busy(run_in, "host1", outs, time.time() + 150)
+        agents()
+        t0 = time.monotonic()
+        wait_for(lambda: any(placed(bed, o) in (["host2"], ["host3"]) for o in outs), timeout=100,
+                 what="an idle host to ask host1 for work and get a workload")
+        print(f"\nfill: a workload left host1 after {time.monotonic() - t0:.1f} s; "
+              f"placement {[placed(bed, o) for o in outs]}")
+        h1 = bed.host("host1")
+        moved = [r for r in decisions(h1) if r.get("migration", {}).get("outcome") == "ok"]
+        assert moved, "host1 moved nothing by itself"
+        # Every move host1 made was a fill decision for a host that asked.
+        asked = {r["asked"] for h in bed.hosts[1:] for r in decisions(h) if r.get("asked") == "host1" and r["ok"]}
+        for r in moved:
+            assert r["mode"] == "fill" and r["target"] in asked, r
+        for out in outs:
+            assert len(copies(str(out))) == 1
+            got = read_counts(out)
+            assert got == list(range(1, len(got) + 1)), f"{out.name} went backwards"
+    finally:
+        end_copies(*map(str, outs))
+
+
+def test_consolidate_packs_onto_a_busier_host(bed, run_in, agents, tmp_path: Path):
+    """host2 (two CPUs, a light counter) packs it onto host3 (two CPUs, a third of one busy);
+    host1 (one CPU, so ~1.0 per CPU from its agent alone) would end above the ceiling."""
+    configure(bed, {"host1": "offload", "host2": "consolidate", "host3": "offload"}, registry="ssh")
+    light, duty = tmp_path / "light", tmp_path / "duty"
+    deadline = time.time() + 150
+    try:
+        run_in("host2", PY, "-m", "migrd.cli", "run", "--name", "light", "--", PY, "-c", COUNTER, str(light))
+        run_in("host3", "sh", "-c", 'setsid "$0" -c "$1" "$2" "$3" </dev/null >/dev/null 2>&1 &',
+               PY, DUTY, str(duty), str(deadline))
+        agents()
+        t0 = time.monotonic()
+        wait_for(lambda: placed(bed, light) == ["host3"], timeout=100,
+                 what="host2 to pack its workload onto the busier host3")
+        print(f"\nconsolidate: host2's workload on host3 after {time.monotonic() - t0:.1f} s")
+        rec = next(r for r in decisions(bed.host("host2")) if r.get("migration", {}).get("outcome") == "ok")
+        assert rec["mode"] == "consolidate" and rec["level"] == "low" and rec["target"] == "host3"
+        before = len(read_counts(light))
+        wait_for(lambda: len(read_counts(light)) > before + 5, what="the counter to go on on host3")
+        got = read_counts(light)
+        assert got == list(range(1, len(got) + 1))
+    finally:
+        end_copies(str(light), str(duty))
+
+
+def scrape(run_in, host: str, address: str) -> dict[tuple[str, tuple], float]:
+    """GET the agent's /metrics from inside its host (where it listens) and parse it with the
+    client library's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = run_in(host, PY, "-c", "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+                  f"'http://{address}:{METRICS_PORT}/metrics', timeout=5).read().decode())").stdout.decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_etcd_registry_offload_metrics_and_failures(bed, run_in, agents, tmp_path: Path):
+    url = bed_mod.start_registry(bed)
+    assert url == "http://198.18.0.254:2379"
+    for h in bed.hosts:  # metrics on each host's own address
+        path = h.dir / "etc" / "migrd.yaml"
+        cfg = config_mod.parse(path.read_text())
+        assert cfg.daemon.registry == "etcd" and cfg.daemon.etcd.endpoints == (url,)
+        cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(
+            cfg.daemon, etcd=dataclasses.replace(cfg.daemon.etcd, ttl=TTL),
+            metrics=config_mod.MetricsSettings(enabled=True, address=h.address, port=METRICS_PORT)))
+        path.write_text(config_mod.dump(cfg))
+    configure(bed, {"host1": "offload", "host2": "offload", "host3": "offload"})
+    outs = [tmp_path / f"etcd-{i}" for i in range(2)]
+    h1, h2, h3 = bed.hosts
+    try:
+        start_busy(run_in, "host1", outs, time.time() + 200)
+        pids = agents()
+        t0 = time.monotonic()
+        wait_for(lambda: any(placed(bed, o) in (["host2"], ["host3"]) for o in outs), timeout=100,
+                 what="host1 to offload a workload through the etcd registry")
+        print(f"\netcd: a workload left host1 after {time.monotonic() - t0:.1f} s")
+        rec = next(r for r in decisions(h1) if r.get("migration", {}).get("outcome") == "ok")
+        st = ask(h1, "status")
+        assert st["registry"] == {"registry": "etcd", "ok": True, "error": None, "note": None}
+
+        m = scrape(run_in, "host1", h1.address)
+        ok = sum(v for (n, lab), v in m.items() if n == "migrd_migrations_total" and ("outcome", "ok") in lab)
+        assert ok >= 1 and m[("migrd_migration_downtime_seconds_count", ())] >= 1
+        assert m[("migrd_migration_bytes_total", ())] > 0 and m[("migrd_rounds_total", ())] > 3
+        assert m[("migrd_decisions_total", (("action", "migrate"),))] >= 1
+        assert {("host", h.name) for h in bed.hosts} <= {lab[0] for (n, lab), _ in m.items()
+                                                         if n == "migrd_host_load_per_cpu"}
+        print(f"metrics on host1: migrations ok {ok:g}, downtime sum "
+              f"{m[('migrd_migration_downtime_seconds_sum', ())]:.2f} s, bytes "
+              f"{m[('migrd_migration_bytes_total', ())]:g}, move {rec['migration']['id']}")
+        for out in outs:
+            assert len(copies(str(out))) == 1
+
+        # A dead agent: its host leaves host1's view when its lease runs out.
+        os.kill(pids["host3"], signal.SIGKILL)
+        killed = time.monotonic()
+
+        def host3_gone() -> bool:
+            row = next(r for r in ask(h1, "hosts") if r["name"] == "host3")
+            return row["level"] is None and "lease expired" in (row["error"] or "")
+
+        wait_for(host3_gone, timeout=TTL + 10, what="host3 to drop out of host1's view")
+        dropped = time.monotonic() - killed
+        print(f"host3's agent SIGKILLed: gone from host1's view after {dropped:.2f} s (TTL {TTL} s, 1 s rounds)")
+        assert dropped <= TTL + 2.5  # the TTL, plus at most one round and a scrape of slack
+
+        # etcd killed: the agents keep running on local decisions and say so; then back.
+        os.kill(bed_mod.registry_pid(bed), signal.SIGKILL)  # type: ignore[arg-type]
+        wait_for(lambda: not ask(h1, "status")["registry"]["ok"], timeout=15, what="host1 to notice etcd is gone")
+        rounds = ask(h1, "status")["rounds"]
+        wait_for(lambda: ask(h1, "status")["rounds"] >= rounds + 2, timeout=15, what="host1's rounds to go on")
+        st = ask(h1, "status")["registry"]
+        assert "local load only" in st["note"] and "198.18.0.254:2379" in st["error"]
+        assert next(r for r in ask(h1, "hosts") if r["name"] == "host2")["error"].startswith("registry unreachable")
+        bed_mod.start_registry(bed)
+        back = time.monotonic()
+        wait_for(lambda: ask(h1, "status")["registry"]["ok"]
+                 and next(r for r in ask(h1, "hosts") if r["name"] == "host2")["level"] is not None,
+                 timeout=20, what="host1 to see host2 through etcd again")
+        print(f"etcd restarted: host1 sees host2 again after {time.monotonic() - back:.2f} s")
+        assert scrape(run_in, "host1", h1.address)[("migrd_registry_errors_total", ())] >= 1
+    finally:
+        end_copies(*map(str, outs))
+        bed_mod.stop_registry(bed)
