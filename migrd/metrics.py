@@ -27,6 +27,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .config import MetricsSettings
+from .errors import ConfigError
 from .load import HostLoad
 
 #: Downtime is seconds at most; a whole migration of a large process can take a minute or more.
@@ -66,8 +67,13 @@ class Metrics:
 
     def serve(self, s: MetricsSettings) -> None:
         """Listen on s.address:s.port (only there) when enabled."""
-        if s.enabled:
+        if not s.enabled:
+            return
+        try:
             self._server, _ = start_http_server(s.port, s.address, registry=self.registry)
+        except OSError as e:
+            raise ConfigError(f"key 'daemon.metrics': cannot listen on {s.address}:{s.port}: "
+                              f"{e.strerror or e}") from None
 
     def close(self) -> None:
         if self._server is not None:

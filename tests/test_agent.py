@@ -479,3 +479,14 @@ def test_registry_settings_refused():
             agent_mod.check_settings(Config(daemon=daemon))
     with pytest.raises(ConfigError, match="expected one of ssh, etcd"):
         config_mod.parse("daemon:\n  registry: zookeeper\n")
+
+
+def test_metrics_port_taken_is_a_config_error():
+    from migrd import metrics
+    from migrd.config import MetricsSettings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ConfigError, match=r"daemon.metrics': cannot listen on 127.0.0.1:\d+"):
+            metrics.Metrics().serve(MetricsSettings(enabled=True, port=s.getsockname()[1]))
