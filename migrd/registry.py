@@ -282,6 +282,8 @@ class EtcdRegistry:
                     with self._lock:  # expired while etcd was away: a new lease, once
                         self._held.discard(session.id)
                         self._session = None
+            else:
+                raise RegistryError(f"etcd lost this host's lease twice in a row; {key} not written")
             self._ok()
         except RegistryError as e:
             self._failed(e)

@@ -10,8 +10,9 @@ does not cover, and with the etcd registry:
   agent's host drops out of host1's view within the lease TTL, and etcd killed and restarted
   leaves the agents running, saying so, and then back on the registry.
 
-host1 is limited to one CPU, so two spinning workloads make it overloaded at once (run queue)
-without taking both of the machine's cores. Waits are bounds, not timed asserts.
+host1 is limited to 1.5 CPUs, so two spinning workloads make it overloaded at once (run queue
+3 with its agent) without taking both of the machine's cores, and its agent and sshd still get
+a share (at one CPU, `migrctl peer offer` and the migration itself crawled). Waits are bounds, not timed asserts.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ from workloads import copies, end_copies, wait_for
 
 pytestmark = pytest.mark.root
 BED_HOSTS = 3
-BED_CPU_QUOTAS = {"host1": 1.0}
+BED_CPU_QUOTAS = {"host1": 1.5}
 PY = sys.executable
 TTL = 3
 METRICS_PORT = 9750
 
 #: A bed host's agent counts itself (it is in the host's cgroup and runnable while it samples):
-#: an idle host shows a run queue and load of ~1, i.e. 0.5 per CPU on host2/host3 and 1.0 on
-#: one-CPU host1, so "lightly loaded" is drawn above that. A loss ratio of 0.5 and a ceiling of
+#: an idle host shows a run queue and load of ~1, i.e. 0.5 per CPU on host2/host3 and 0.67 on
+#: host1 (1.5 CPUs), so "lightly loaded" is drawn above that. A loss ratio of 0.5 and a ceiling of
 #: 0.9 let consolidate move a young process onto a host that idles at 0.5 per CPU.
 POLICY = PolicyConfig(
     load=Watermarks(high=2.0, low=1.2), util=Watermarks(high=0.9, low=0.3),
@@ -125,10 +126,11 @@ def test_fill_an_idle_host_asks_and_gets_work(bed, run_in, agents, tmp_path: Pat
         print(f"\nfill: a workload left host1 after {time.monotonic() - t0:.1f} s; "
               f"placement {[placed(bed, o) for o in outs]}")
         h1 = bed.host("host1")
-        moved = [r for r in decisions(h1) if r.get("migration", {}).get("outcome") == "ok"]
-        assert moved, "host1 moved nothing by itself"
+        # The record is written when the migration returns, a little after the copy runs there.
+        moved = wait_for(lambda: [r for r in decisions(h1) if r.get("migration", {}).get("outcome") == "ok"],
+                         timeout=60, what="host1's record of the move")
         # Every move host1 made was a fill decision for a host that asked.
-        asked = {r["asked"] for h in bed.hosts[1:] for r in decisions(h) if r.get("asked") == "host1" and r["ok"]}
+        asked = {h.name for h in bed.hosts[1:] for r in decisions(h) if r.get("asked") == "host1" and r["ok"]}
         for r in moved:
             assert r["mode"] == "fill" and r["target"] in asked, r
         for out in outs:
@@ -140,8 +142,8 @@ def test_fill_an_idle_host_asks_and_gets_work(bed, run_in, agents, tmp_path: Pat
 
 
 def test_consolidate_packs_onto_a_busier_host(bed, run_in, agents, tmp_path: Path):
-    """host2 (two CPUs, a light counter) packs it onto host3 (two CPUs, a third of one busy);
-    host1 (one CPU, so ~1.0 per CPU from its agent alone) would end above the ceiling."""
+    """host2 (two CPUs, a light counter) packs it onto a busier host: host3 (two CPUs, a third
+    of one busy) or host1 (1.5 CPUs, idling at 0.67 per CPU from its agent alone)."""
     configure(bed, {"host1": "offload", "host2": "consolidate", "host3": "offload"}, registry="ssh")
     light, duty = tmp_path / "light", tmp_path / "duty"
     deadline = time.time() + 150
@@ -151,13 +153,15 @@ def test_consolidate_packs_onto_a_busier_host(bed, run_in, agents, tmp_path: Pat
                PY, DUTY, str(duty), str(deadline))
         agents()
         t0 = time.monotonic()
-        wait_for(lambda: placed(bed, light) == ["host3"], timeout=100,
-                 what="host2 to pack its workload onto the busier host3")
-        print(f"\nconsolidate: host2's workload on host3 after {time.monotonic() - t0:.1f} s")
-        rec = next(r for r in decisions(bed.host("host2")) if r.get("migration", {}).get("outcome") == "ok")
-        assert rec["mode"] == "consolidate" and rec["level"] == "low" and rec["target"] == "host3"
+        wait_for(lambda: placed(bed, light) in (["host1"], ["host3"]), timeout=100,
+                 what="host2 to pack its workload onto a busier host")
+        print(f"\nconsolidate: host2's workload on {placed(bed, light)} after {time.monotonic() - t0:.1f} s")
+        rec = wait_for(lambda: next((r for r in decisions(bed.host("host2"))
+                                     if r.get("migration", {}).get("outcome") == "ok"), None),
+                       timeout=60, what="host2's record of the move")
+        assert rec["mode"] == "consolidate" and rec["level"] == "low" and [rec["target"]] == placed(bed, light)
         before = len(read_counts(light))
-        wait_for(lambda: len(read_counts(light)) > before + 5, what="the counter to go on on host3")
+        wait_for(lambda: len(read_counts(light)) > before + 5, what="the counter to go on there")
         got = read_counts(light)
         assert got == list(range(1, len(got) + 1))
     finally:
@@ -196,7 +200,8 @@ def test_etcd_registry_offload_metrics_and_failures(bed, run_in, agents, tmp_pat
         wait_for(lambda: any(placed(bed, o) in (["host2"], ["host3"]) for o in outs), timeout=100,
                  what="host1 to offload a workload through the etcd registry")
         print(f"\netcd: a workload left host1 after {time.monotonic() - t0:.1f} s")
-        rec = next(r for r in decisions(h1) if r.get("migration", {}).get("outcome") == "ok")
+        rec = wait_for(lambda: next((r for r in decisions(h1) if r.get("migration", {}).get("outcome") == "ok"),
+                                    None), timeout=60, what="host1's record of the move")
         st = ask(h1, "status")
         assert st["registry"] == {"registry": "etcd", "ok": True, "error": None, "note": None}
 
