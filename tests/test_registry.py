@@ -153,7 +153,9 @@ def test_dead_agent_drops_out_within_the_ttl(etcd, tmp_path, client_key):
         wait_for(lambda: b.reservations("c") == [], timeout=TTL + 5, what="its reservation to expire")
         slot_gone = time.monotonic() - killed
         print(f"\nTTL {TTL} s: load key gone {load_gone:.2f} s, reservation gone {slot_gone:.2f} s after SIGKILL")
-        assert load_gone <= TTL + 1.0 and slot_gone <= TTL + 1.0
+        # From the last keep-alive (every TTL/3 s) plus etcd's expiry check (every 0.5 s) and
+        # the revoke through raft.
+        assert load_gone <= TTL + 1.5 and slot_gone <= TTL + 1.5
     finally:
         child.kill()
         child.wait(10)
