@@ -46,6 +46,9 @@ def test_usable_peers_ignores_stale_and_unprobed():
     peers = agent_mod.usable_peers([view("c", 0.1, age=30), view("b", 0.2), view("d", 0.1, link=None),
                                     exchange.PeerView("e")], NOW, 20.0)
     assert [p.load.host for p in peers] == ["b"]
+    # A target whose reservation slots are all taken (etcd registry) is left out too.
+    assert agent_mod.usable_peers([view("b", 0.2), view("f", 0.2)], NOW, 20.0, full=frozenset({"b"})) == \
+        agent_mod.usable_peers([view("f", 0.2)], NOW, 20.0)
 
 
 def test_options_and_modes():

@@ -78,6 +78,16 @@ def configure(bed, modes: dict[str, str], **daemon) -> None:
 
 
 @pytest.fixture
+def bed_etcd(bed) -> Iterator[Callable[[], str]]:
+    """Start the bed's etcd on demand; it is stopped after the test, after the agents (a test
+    asks for this fixture before `agents`)."""
+    try:
+        yield lambda: bed_mod.start_registry(bed)
+    finally:
+        bed_mod.stop_registry(bed)
+
+
+@pytest.fixture
 def agents(bed) -> Iterator[Callable[[], dict[str, int]]]:
     """Start the agents with whatever configure() wrote; stop them (and what they moved) after."""
     started: dict[str, int] = {}
@@ -116,8 +126,13 @@ def start_busy(run_in, host: str, outs: list[Path], deadline: float) -> None:
                str(out), str(deadline))
 
 
-def test_fill_an_idle_host_asks_and_gets_work(bed, run_in, agents, tmp_path: Path):
-    configure(bed, {"host1": "fill", "host2": "fill", "host3": "fill"}, registry="ssh")
+@pytest.mark.parametrize("registry", ["ssh", "etcd"])
+def test_fill_an_idle_host_asks_and_gets_work(bed, run_in, bed_etcd, agents, tmp_path: Path, registry: str):
+    """With etcd the idle host finds busy host1 there and asks it over an SSH connection opened
+    for the offer; with ssh, over the connection it reads host1's load on."""
+    if registry == "etcd":
+        bed_etcd()
+    configure(bed, {"host1": "fill", "host2": "fill", "host3": "fill"}, registry=registry)
     outs = [tmp_path / f"fill-{i}" for i in range(2)]
     try:
         start_busy(run_in, "host1", outs, time.time() + 150)
@@ -125,7 +140,7 @@ def test_fill_an_idle_host_asks_and_gets_work(bed, run_in, agents, tmp_path: Pat
         t0 = time.monotonic()
         wait_for(lambda: any(placed(bed, o) in (["host2"], ["host3"]) for o in outs), timeout=100,
                  what="an idle host to ask host1 for work and get a workload")
-        print(f"\nfill: a workload left host1 after {time.monotonic() - t0:.1f} s; "
+        print(f"\nfill ({registry}): a workload left host1 after {time.monotonic() - t0:.1f} s; "
               f"placement {[placed(bed, o) for o in outs]}")
         h1 = bed.host("host1")
         # The record is written when the migration returns, a little after the copy runs there.
@@ -139,6 +154,7 @@ def test_fill_an_idle_host_asks_and_gets_work(bed, run_in, agents, tmp_path: Pat
             assert len(copies(str(out))) == 1
             got = read_counts(out)
             assert got == list(range(1, len(got) + 1)), f"{out.name} went backwards"
+        assert ask(h1, "status")["registry"]["registry"] == registry
     finally:
         end_copies(*map(str, outs))
 
@@ -196,8 +212,8 @@ def scrape(run_in, host: str, address: str) -> dict[tuple[str, tuple], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-def test_etcd_registry_offload_metrics_and_failures(bed, run_in, agents, tmp_path: Path):
-    url = bed_mod.start_registry(bed)
+def test_etcd_registry_offload_metrics_and_failures(bed, run_in, bed_etcd, agents, tmp_path: Path):
+    url = bed_etcd()
     assert url == "http://198.18.0.254:2379"
     for h in bed.hosts:  # metrics on each host's own address
         path = h.dir / "etc" / "migrd.yaml"
@@ -290,4 +306,3 @@ def test_etcd_registry_offload_metrics_and_failures(bed, run_in, agents, tmp_pat
         assert scrape(run_in, "host1", h1.address)[("migrd_registry_errors_total", ())] >= 1
     finally:
         end_copies(*map(str, outs))
-        bed_mod.stop_registry(bed)

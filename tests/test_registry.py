@@ -215,6 +215,24 @@ def test_contending_agents_never_exceed_the_target_slots(etcd, tmp_path, client_
             reg.close()
 
 
+def test_a_full_target_is_left_out_of_target_choice(etcd, tmp_path, client_key):
+    """The round after b reserved c's only slot, a does not offer c to its policy (it would only
+    be refused the reservation); once b's migration ends, c is back."""
+    a = registry.EtcdRegistry(cfg_for("a", etcd.url, tmp_path, client_key), "a")
+    b = registry.EtcdRegistry(cfg_for("b", etcd.url, tmp_path, client_key), "b")
+    try:
+        a.poll(time.time())
+        assert a.full_targets() == frozenset()
+        with b.reserve("c", "b:1"):
+            a.poll(time.time())
+            assert a.full_targets() == {"c"}
+        a.poll(time.time())
+        assert a.full_targets() == frozenset()
+    finally:
+        a.close()
+        b.close()
+
+
 def test_etcd_killed_and_restarted(etcd, tmp_path, client_key):
     a = registry.EtcdRegistry(cfg_for("a", etcd.url, tmp_path, client_key), "a")
     b = registry.EtcdRegistry(cfg_for("b", etcd.url, tmp_path, client_key), "b")
