@@ -71,11 +71,14 @@ def check_settings(cfg: Config) -> None:
         raise ConfigError(f"{where} 'daemon.metrics.port': {d.metrics.port} is not a TCP port")
 
 
-def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: float) -> tuple[Peer, ...]:
-    """Peers with a fresh snapshot and a measured link; stale ones (dead agent) do not count."""
+def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: float,
+                 full: frozenset[str] = frozenset()) -> tuple[Peer, ...]:
+    """Peers with a fresh snapshot and a measured link; stale ones (dead agent) do not count, nor
+    do targets whose reservation slots are all taken (`full`, etcd registry)."""
     return tuple(
         Peer(v.snapshot.load, v.link) for v in sorted(views, key=lambda v: v.name)
         if v.snapshot is not None and v.link is not None and now - v.snapshot.load.time <= stale_after
+        and v.name not in full
     )
 
 
@@ -233,7 +236,7 @@ class Agent:
         now = sample.time
         self.peers.poll(now)
         views = self.peers.views()
-        peers = usable_peers(views, now, self.cfg.daemon.peer_stale_after)
+        peers = usable_peers(views, now, self.cfg.daemon.peer_stale_after, self.peers.full_targets())
         candidates = self._candidates()
         with self.lock:  # offers arrive from the admin thread
             out = step.step(self.state, step.Inputs(sample, peers, candidates, self.paused), self.settings)

@@ -65,6 +65,9 @@ class PeerSource(Protocol):
 
     def views(self) -> list[PeerView]: ...
 
+    def full_targets(self) -> frozenset[str]:
+        """Peers whose reservation slots were all taken at the last poll: not worth choosing."""
+
     def reserve(self, target: str, ident: str) -> contextlib.AbstractContextManager[None]:
         """Hold a place on target for one migration while the block runs (ReservationRefused:
         the target is full; RegistryError: the registry cannot be asked)."""
@@ -119,6 +122,9 @@ class SshPeers:
 
     def views(self) -> list[PeerView]:
         return [r.view for r in self.readers.values()]
+
+    def full_targets(self) -> frozenset[str]:
+        return frozenset()  # no reservations without a registry
 
     def reserve(self, target: str, ident: str) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
@@ -208,6 +214,7 @@ class EtcdRegistry:
         self.client = EtcdClient(e.endpoints, e.timeout)
         self._keeper_client = EtcdClient(e.endpoints, e.timeout)
         self._views = {n: PeerView(n) for n in peer_names(cfg, host)}
+        self._full: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self._session: Lease | None = None  # holds this host's load key
         self._held: set[int] = set()  # lease ids kept alive: the session's and live reservations'
@@ -289,21 +296,28 @@ class EtcdRegistry:
             self._failed(e)
 
     def poll(self, now: float) -> None:
-        try:
-            rows = self.client.call(lambda c: c.get_prefix(load_key(self.prefix, "")))
+        try:  # one range over the whole prefix: every load key and every reservation
+            rows = self.client.call(lambda c: c.get_prefix(self.prefix))
             self._ok()
         except RegistryError as e:
             self._failed(e)
+            self._full = frozenset()
             for v in self._views.values():
                 v.snapshot, v.error = None, f"registry unreachable: {e}"
             return
         found: dict[str, Snapshot] = {}
+        slots: dict[str, int] = {}
         for value, meta in rows:
-            name = meta["key"].decode().removeprefix(load_key(self.prefix, ""))
-            try:
-                found[name] = Snapshot.from_json(value)
-            except (ValueError, KeyError) as e:
-                log.info("registry: bad snapshot of %s: %s", name, e)
+            kind, _, rest = meta["key"].decode().removeprefix(self.prefix).partition("/")
+            if kind == "reservations":
+                target = rest.partition("/")[0]
+                slots[target] = slots.get(target, 0) + 1
+            elif kind == "load":
+                try:
+                    found[rest] = Snapshot.from_json(value)
+                except (ValueError, KeyError) as e:
+                    log.info("registry: bad snapshot of %s: %s", rest, e)
+        self._full = frozenset(t for t, n in slots.items() if n >= self.slots)
         for v in self._views.values():
             v.snapshot = found.get(v.name)
             if v.snapshot is None:
@@ -329,6 +343,9 @@ class EtcdRegistry:
 
     def views(self) -> list[PeerView]:
         return list(self._views.values())
+
+    def full_targets(self) -> frozenset[str]:
+        return self._full
 
     @contextlib.contextmanager
     def reserve(self, target: str, ident: str) -> Iterator[None]:
