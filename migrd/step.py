@@ -71,8 +71,13 @@ class Step:
 
 
 def keep_history(history: Sequence[HostLoad], sample: HostLoad, keep_s: float) -> tuple[HostLoad, ...]:
-    """Append sample; drop samples older than keep_s (the policy's hold time needs no more)."""
-    return tuple(h for h in (*history, sample) if sample.time - h.time <= keep_s)
+    """Append sample; drop samples older than keep_s (the policy's hold time needs no more).
+    The history is in time order, so only a prefix is ever dropped."""
+    kept = (*history, sample)
+    first = 0
+    while sample.time - kept[first].time > keep_s:
+        first += 1
+    return kept[first:]
 
 
 def own_mode(configured: str) -> Mode | None:
@@ -114,13 +119,11 @@ def step(state: State, inp: Inputs, s: Settings) -> Step:
         d = waiting_decision(level, why, s.host)
     else:
         d = policy.decide(sit, pc)
-    new = replace(state, history=history, level=d.level, offers=offers)
     wants_move = d.action is not Action.STAY and d.target is not None
     if wants_move and not inp.paused:
-        return Step(replace(new, last_move_at=now), sit, d, True, None, None)
+        return Step(State(history, d.level, now, state.asked_at, offers), sit, d, True, None, None)
     ask = None
     if not inp.paused and (state.asked_at is None or now - state.asked_at >= pc.host_cooldown_s):
         ask = fill_source(s.mode, inp.sample, inp.peers, pc, d.level)
-        if ask is not None:
-            new = replace(new, asked_at=now)
+    new = State(history, d.level, state.last_move_at, now if ask else state.asked_at, offers)
     return Step(new, sit, d, False, "paused" if wants_move else None, ask)

@@ -338,3 +338,15 @@ def test_empty_history_is_refused_readably() -> None:
     from migrd.errors import InputError
     with pytest.raises(InputError, match="load sample"):
         decide(Situation(now=NOW, history=()), CFG)
+
+
+def test_near_equal_gain_prefers_the_target_left_less_loaded() -> None:
+    """The e2e act-two flake (both moves to host3 on a near tie): c's slightly faster CPU gains
+    ~2 % more, but c would end at 0.95 load per CPU and b at 0.6, so the move goes to b. A
+    clear winner still wins: at 1.5x speed c gains far more and gets the move."""
+    b, c = peer("b", 0.1), peer("c", 0.7, cpus=4, speed=1.02)
+    d = decide(situation(peers=[c, b], cands=[cand(10)]), CFG)
+    assert d.action is Action.MIGRATE and d.target == "b"
+    assert d == decide(situation(peers=[b, c], cands=[cand(10)]), CFG, prune=False)
+    fast = peer("c", 0.7, cpus=4, speed=1.5)
+    assert decide(situation(peers=[fast, b], cands=[cand(10)]), CFG).target == "c"

@@ -51,6 +51,7 @@ COMMANDS = {
     "pause": "agent:pause",
     "resume": "agent:resume",
     "peer": "peer:peer",
+    "sim": "sim:sim",
 }
 
 

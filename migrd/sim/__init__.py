@@ -1,0 +1,7 @@
+"""`migrctl sim`: a discrete-event simulation of a cluster running migrd's policy (through the
+agent's own round, `migrd.step`) against baseline rules, on one seeded workload. Pure: no I/O.
+docs/sim.md describes the model and the results."""
+
+from .engine import POLICIES, Result, SimConfig, run
+
+__all__ = ["POLICIES", "Result", "SimConfig", "run"]

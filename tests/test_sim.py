@@ -1,0 +1,123 @@
+"""The simulator (migrd.sim): its invariants, its determinism, that migrd's policies run through
+the agent's own round, and the policies' ordering on a short fixed-seed run. No root."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from migrd import step
+from migrd.sim import SimConfig, engine, probe, run, workload
+
+SMALL = SimConfig(hosts=20, load=0.9, seed=5, duration=300.0)
+
+
+def _sim(cfg: SimConfig, policy: str) -> engine.Simulation:
+    rng = random.Random(cfg.seed)
+    cluster = workload.hosts(cfg.hosts, rng)
+    return engine.Simulation(cfg, cluster, workload.jobs(cluster, cfg.load, cfg.duration, rng), policy)
+
+
+def _numbers(r: engine.Result) -> dict:
+    return {k: v for k, v in dataclasses.asdict(r).items() if k not in ("wall_s", "cpu_s")}
+
+
+@pytest.mark.parametrize("policy", engine.POLICIES)
+def test_jobs_are_conserved_and_never_on_two_hosts(policy):
+    """Every job that arrived is completed, on exactly one host, or in flight (on none)."""
+    # Consolidation only acts on lightly loaded hosts.
+    sim = _sim(dataclasses.replace(SMALL, load=0.3, duration=600.0) if policy == "migrd_consolidate" else SMALL,
+               policy)
+    r = sim.run()
+    assert r.jobs == len(sim.arrivals) > 1000
+    assert r.jobs == r.completed + r.jobs_on_hosts + r.jobs_in_flight
+    where = sim.hosts_of_jobs()
+    assert all(len(hosts) <= 1 for hosts in where.values())
+    assert sum(not hosts for hosts in where.values()) == r.jobs_in_flight
+    assert all(s > 0 for s in sim.slowdowns)
+    if policy != "none":
+        assert r.migrations > 0, "the run is too short or idle to exercise the policy"
+
+
+def test_deterministic_for_a_seed():
+    a, b = run(SMALL), run(SMALL)
+    assert {n: _numbers(r) for n, r in a.items()} == {n: _numbers(r) for n, r in b.items()}
+    other = run(dataclasses.replace(SMALL, seed=6), ("none",))["none"]
+    assert _numbers(other) != _numbers(a["none"])
+
+
+def test_migrd_policies_call_the_agents_round(monkeypatch):
+    """Not a copy of the policy: every migrd round in the simulation is one migrd.step.step."""
+    calls = []
+    real = step.step
+
+    def counting(*args):
+        calls.append(args[2].mode)
+        return real(*args)
+
+    monkeypatch.setattr(step, "step", counting)
+    r = run(SMALL, ("migrd", "migrd_fill", "none"))
+    assert len(calls) == r["migrd"].policy_rounds + r["migrd_fill"].policy_rounds
+    assert set(calls) == {"offload", "fill"}
+
+
+def test_policies_ordering_fixed_seed():
+    """40 hosts at 90 % offered load for 15 simulated minutes (seed 2): migrd's offload policy
+    has the lowest mean slowdown, at least 20 % below no migration, and fewer migrations per job
+    than every rule without its cost model."""
+    cfg = SimConfig(hosts=40, load=0.9, seed=2, duration=900.0)
+    r = run(cfg, ("none", "random", "least_loaded", "mosix", "migrd"))
+    sd = {n: x.mean_slowdown for n, x in r.items()}
+    assert min(sd, key=sd.__getitem__) == "migrd", sd
+    assert sd["migrd"] <= 0.8 * sd["none"], sd
+    assert sd["random"] < sd["none"] and sd["least_loaded"] < sd["none"], sd
+    mig = {n: x.migrations_per_job for n, x in r.items()}
+    assert mig["none"] == 0 and all(mig["migrd"] < mig[n] for n in ("random", "least_loaded", "mosix")), mig
+
+
+def test_migration_downtime_calibration():
+    """The bed's 1 GiB move (README): ~8 s frozen streamed, a 10 MiB one ~0.9 s."""
+    gib = 1 << 30
+    fast = 10 * workload.GB
+    assert 7.0 < workload.STRATEGIES["streamed"].downtime(gib, fast, 0.0) < 9.0
+    assert 7.0 < workload.STRATEGIES["staged"].downtime(gib, fast, 0.0) < 9.0
+    assert 0.85 < workload.STRATEGIES["streamed"].downtime(10 << 20, fast, 0.0) < 1.0
+
+
+def test_heavy_tailed_lifetimes():
+    """Bounded Pareto alpha 1: Pr{life > T | life > a} ~ a/T."""
+    rng = random.Random(1)
+    xs = [workload.bounded_pareto(rng, 1.0, 1e6) for _ in range(200_000)]
+    older = [x for x in xs if x > 10]
+    assert abs(sum(x > 40 for x in older) / len(older) - 10 / 40) < 0.02
+    assert abs(sum(xs) / len(xs) / workload.mean_bounded_pareto(1.0, 1e6) - 1) < 0.15
+
+
+def test_probe_sets():
+    names = [f"h{i:04d}" for i in range(1000)]
+    f = probe.fingers(names)
+    assert all(i not in s and len(set(s)) == len(s) for i, s in enumerate(f))
+    assert 6 <= sum(map(len, f)) / len(f) <= 14  # ~ log2 1000 = 10
+    assert probe.fingers(names) == f  # from the names alone
+    p = probe.Prober("random", names, random.Random(1))
+    picks = p.peers(7)
+    assert len(picks) == probe.fanout(1000) == 10 and 7 not in picks and all(0 <= j < 1000 for j in picks)
+
+
+def test_cli_json(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "migrd.cli", "sim", "--hosts", "10", "--duration", "120",
+                        "--load", "0.8", "--seed", "3", "--policy", "none", "--policy", "migrd", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["policies"]) == {"none", "migrd"}
+    for k in ("mean_slowdown", "p99_slowdown", "migrations_per_job", "herd_events"):
+        assert k in out["policies"]["migrd"]
+    bad = subprocess.run([sys.executable, "-m", "migrd.cli", "sim", "--load", "7"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 3 and "--load 7" in bad.stderr
