@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Protocol, TypeVar
 
 import etcd3gw
+import paramiko
 import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
@@ -48,6 +49,9 @@ from .exchange import PeerView, Snapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: What a probe or an offer over a fresh SSH connection may raise besides our own errors
+#: (paramiko's, and the socket's): the round goes on, the peer is retried later.
+SSH_FAILURES = (MigrdError, OSError, EOFError, paramiko.SSHException)
 
 
 class ReservationRefused(RegistryError):
@@ -334,10 +338,10 @@ class EtcdRegistry:
             with transport.connect(self.cfg, v.name) as conn:
                 est = conn.probe(rounds=3, bulk_bytes=self.cfg.daemon.probe_bytes, bulk_seconds=0.5)
             v.link, v.probed_at, v.error, v.failures = Link(est.rtt_s, est.bandwidth_bytes_per_s), now, None, 0
-        except MigrdError as e:
+        except SSH_FAILURES as e:
             v.failures += 1
             v.retry_at = now + exchange.backoff(v.failures)
-            v.error = f"link probe: {e}"
+            v.error = f"link probe: {e or type(e).__name__}"
             with self._lock:
                 self._errors[v.name] = self._errors.get(v.name, 0) + 1
 
@@ -370,8 +374,8 @@ class EtcdRegistry:
         try:
             with transport.connect(self.cfg, src) as conn:
                 return offer(conn, requester, self.cfg.ssh.op_timeout)
-        except MigrdError as e:
-            return False, str(e)
+        except SSH_FAILURES as e:
+            return False, str(e) or type(e).__name__
 
     def health(self) -> dict[str, Any]:
         with self._lock:
