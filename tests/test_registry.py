@@ -10,6 +10,7 @@ restarted: agents say so, keep running, and pick up again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -27,6 +28,9 @@ from migrd.config import Config, DaemonSettings, EtcdSettings, HostEntry, SshSet
 from migrd.errors import ConfigError, RegistryError
 from migrd.exchange import Snapshot
 from migrd.load import HostLoad
+from test_policy import FAST
+from test_policy import cand as policy_cand
+from test_policy import host as policy_host
 from workloads import wait_for
 
 pytestmark = pytest.mark.skipif(not etcdserver.available(), reason="etcd not installed (apt-get install etcd-server)")
@@ -231,6 +235,77 @@ def test_a_full_target_is_left_out_of_target_choice(etcd, tmp_path, client_key):
     finally:
         a.close()
         b.close()
+
+
+class BusySource:
+    """host's load: 2 runnable tasks per CPU, sampled now (overloaded)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def sample(self) -> HostLoad:
+        return policy_host(self.name, 2.0, t=time.time())
+
+
+def test_two_agents_contending_for_one_target(etcd, tmp_path, client_key, monkeypatch):
+    """Two real Agents, both overloaded, run their rounds at the same time with one idle peer c
+    (1 reservation slot) in etcd; the orchestrator (faked) holds the first move open until the
+    other round is over. Five times: exactly one move to c each time; the other agent was
+    refused the reservation or saw c full and stayed."""
+    from migrd import agent as agent_mod
+    from migrd import migrate
+    from migrd.policy import PolicyConfig
+
+    calls: list[str] = []
+    release = threading.Event()
+
+    def fake_migrate(cfg, pid, opts, progress=None):
+        calls.append(cfg.host)
+        release.wait(30)
+        return migrate.Outcome(id=f"m-{cfg.host}", mode="move", source=cfg.host, target=opts.target, pid=pid,
+                               target_pid=999, bytes=1, phases={}, downtime=0.1, dry_run=False)
+
+    monkeypatch.setattr(agent_mod.migrate, "migrate", fake_migrate)
+    c = registry.EtcdRegistry(cfg_for("c", etcd.url, tmp_path, client_key), "c")
+    outcomes = []
+    try:
+        for rep in range(5):
+            calls.clear()
+            release.clear()
+            c.publish(Snapshot(policy_host("c", 0.1, t=time.time()), "low", os.getpid()))
+            agents = {}
+            for name in ("a", "b"):
+                cfg = dataclasses.replace(cfg_for(name, etcd.url, tmp_path / str(rep), client_key),
+                                          policy=PolicyConfig(hold_s=0.0))
+                cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, socket=tmp_path / f"{name}.sock"))
+                ag = agent_mod.Agent(cfg, env={})
+                ag.source = BusySource(name)
+                ag._candidates = lambda: (policy_cand(101, age=600, share=0.5),)  # type: ignore[method-assign]
+                for v in ag.peers.views():  # links as if probed: no SSH in this test
+                    v.link, v.probed_at = FAST, time.time()
+                agents[name] = ag
+            threads = {n: threading.Thread(target=ag.round) for n, ag in agents.items()}
+            for t in threads.values():
+                t.start()
+            wait_for(lambda: calls, timeout=30, what="one agent to start a move")
+            other = next(n for n in agents if n not in calls)
+            threads[other].join(30)  # its round ends without a move while the first one is open
+            assert not threads[other].is_alive()
+            release.set()
+            for t in threads.values():
+                t.join(30)
+            assert len(calls) == 1, calls
+            rec = agents[other].decisions.records()[-1]
+            outcomes.append(rec.get("migration", {}).get("outcome") or rec["action"])
+            assert rec.get("migration", {}).get("outcome") == "not_reserved" or rec["action"] == "stay", rec
+            assert agents[calls[0]].decisions.records()[-1]["migration"]["outcome"] == "ok"
+            for ag in agents.values():
+                ag.close()
+            assert c.reservations("c") == []
+        print(f"\ntwo agents, one 1-slot target, 5 simultaneous rounds: 1 move each time; the other: {outcomes}")
+    finally:
+        release.set()
+        c.close()
 
 
 def test_etcd_killed_and_restarted(etcd, tmp_path, client_key):
