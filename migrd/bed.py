@@ -36,6 +36,7 @@ from pathlib import Path
 from . import cgroup, etcdserver, proc, sshd
 from .config import Config, DaemonSettings, HostEntry, SshSettings, dump, parse
 from .errors import CommandError, InputError, MigrdError, NotPermitted
+from .private import write_atomic
 
 DEFAULT_ROOT = Path("/var/lib/migrd/bed")
 #: sshd's files must have the same path inside a host and in the root mount namespace (sshd
@@ -746,7 +747,7 @@ def start_registry(state: BedState, timeout: float = 30.0) -> str:
     prefix = ["nsenter", f"--net={br}", "--"]
     p = etcdserver.start(m, state.run_dir / "etcd.log", prefix)
     ref = proc_ref(p.pid)
-    _registry_file(state).write_text(json.dumps(dataclasses.asdict(ref)))
+    write_atomic(_registry_file(state), json.dumps(dataclasses.asdict(ref)))
     etcdserver.wait_healthy(m, lambda: alive(ref), timeout, prefix)
     for h in state.hosts:
         path = h.dir / "etc" / HOST_CONFIG.name

@@ -7,6 +7,7 @@ its own etcd; migrd only needs its client URLs (daemon.etcd.endpoints).
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from . import proc
 from .errors import CommandError, InputError
-from .private import private_dir
+from .private import open_private, private_dir
 
 ALLOWED = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("198.18.0.0/15"))
 #: Run under the caller's prefix (e.g. nsenter into the bed's bridge namespace), so the check
@@ -64,7 +65,7 @@ def start(m: Member, log_file: Path, prefix: Sequence[str] = ()) -> subprocess.P
     if not available():
         raise CommandError("etcd is not installed: `apt-get install etcd-server` (make setup does)")
     private_dir(m.data_dir)
-    with open(log_file, "ab") as out:
+    with os.fdopen(open_private(log_file, os.O_WRONLY | os.O_APPEND), "ab") as out:
         return proc.spawn([*prefix, *m.argv()], stdout=out, stderr=out)
 
 
