@@ -51,21 +51,26 @@ Example:
               show_default=True, help="Which peers a host reads each round.")
 @click.option("--strategy", type=click.Choice(["streamed", "staged"]), default="streamed",
               show_default=True, help="Migration cost model (dump, copy, restore rates).")
+@click.option("--host-cooldown", type=float, default=None,
+              help="policy.host_cooldown_s for every policy (default: migrd's, 60 s).")
 @click.option("--policy", "names", multiple=True,
               help="Run only these policies (repeatable; default: all).")
 @json_option
 def sim(n_hosts: int, load: float, seed: int, duration: float, interval: float, probe: str,
-        strategy: str, names: tuple[str, ...], as_json: bool) -> None:
+        strategy: str, host_cooldown: float | None, names: tuple[str, ...], as_json: bool) -> None:
     from ..errors import InputError
+    from ..policy import PolicyConfig
     from ..sim import POLICIES, SimConfig, run
 
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
         raise InputError(f"unknown policy {unknown[0]!r}: one of {', '.join(POLICIES)}")
+    pc = PolicyConfig() if host_cooldown is None else PolicyConfig(host_cooldown_s=host_cooldown)
     cfg = SimConfig(hosts=n_hosts, load=load, seed=seed, duration=duration, interval=interval,
-                    probe=probe, strategy=strategy)
+                    probe=probe, strategy=strategy, policy=pc)
     results = run(cfg, names or POLICIES)
-    out = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "policy"},
+    out = {"config": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "policy"},
+                      "host_cooldown_s": pc.host_cooldown_s},
            "policies": {n: {k: v for k, v in dataclasses.asdict(r).items() if k != "policy"}
                         for n, r in results.items()}}
     emit(out, as_json, _table)
@@ -74,7 +79,7 @@ def sim(n_hosts: int, load: float, seed: int, duration: float, interval: float, 
 def _table(out: dict[str, Any]) -> str:
     c = out["config"]
     lines = [f"{c['hosts']} hosts, load {c['load']:g}, seed {c['seed']}, {c['duration']:g} s, "
-             f"probe {c['probe']}, {c['strategy']} migrations",
+             f"probe {c['probe']}, {c['strategy']} migrations, host cooldown {c['host_cooldown_s']:g} s",
              f"{'policy':<18} {'mean sd':>8} {'p99 sd':>8} {'mig/job':>8} {'GB moved':>9} "
              f"{'herds':>6} {'idle':>6} {'reads':>6} {'cpu s':>6}"]
     for name, r in out["policies"].items():
