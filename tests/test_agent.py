@@ -493,3 +493,16 @@ def test_metrics_port_taken_is_a_config_error():
         s.listen()
         with pytest.raises(ConfigError, match=r"daemon.metrics': cannot listen on 127.0.0.1:\d+"):
             metrics.Metrics().serve(MetricsSettings(enabled=True, port=s.getsockname()[1]))
+
+
+def test_status_text_says_when_the_registry_is_unreachable():
+    from migrd.cli.agent import _status_text
+
+    base = {"host": "a", "pid": 1, "mode": "offload", "level": "high", "paused": False, "rounds": 3,
+            "uptime_s": 3.0, "in_flight": None, "explain": None}
+    assert "registry" not in _status_text({**base, "registry": {"registry": "ssh", "ok": True}})
+    assert "load registry: etcd, answering" in _status_text(
+        {**base, "registry": {"registry": "etcd", "ok": True, "error": None, "note": None}})
+    text = _status_text({**base, "registry": {"registry": "etcd", "ok": False, "error": "etcd at http://x:1: down",
+                                              "note": "deciding on local load only"}})
+    assert "UNREACHABLE (etcd at http://x:1: down); deciding on local load only" in text
