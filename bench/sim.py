@@ -54,8 +54,9 @@ def plot(points: list[dict], png: Path) -> bool:
     for ax, n in zip(axes[0], sizes):
         pts = sorted((p for p in points if p["hosts"] == n), key=lambda p: p["load"])
         for name in pts[0]["policies"]:
+            # migrd's other modes dashed: consolidate lies on top of none.
             ax.plot([p["load"] for p in pts], [p["policies"][name]["mean_slowdown"] for p in pts],
-                    marker="o", label=name)
+                    marker="o", label=name, linestyle="--" if name.startswith("migrd_") else "-")
         ax.set_title(f"{n} hosts")
         ax.set_xlabel("offered load")
         ax.set_ylabel("mean slowdown")

@@ -106,6 +106,10 @@ def take_offer(offers: Mapping[str, float], now: float) -> tuple[str | None, dic
 
 
 def step(state: State, inp: Inputs, s: Settings) -> Step:
+    """One round: keep the history, take the oldest live offer (it makes this a fill decision
+    with the asker as the only target), decide, then either move (starting the host cooldown)
+    or, in fill mode when lightly loaded, name the busy peer to ask (once per host cooldown).
+    A paused host decides as usual but neither moves nor asks."""
     pc = s.policy
     now = inp.sample.time
     history = keep_history(state.history, inp.sample, pc.hold_s + 3 * s.interval)
