@@ -38,10 +38,11 @@ from typing import Any
 
 import psutil
 
-from . import admin, exchange, journal, load, migrate, policy, precheck, private, sdnotify, step, untrusted, workload
+from . import (admin, exchange, journal, load, metrics, migrate, policy, precheck, private, registry, sdnotify,
+               step, untrusted, workload)
 from .config import Config
 from .costmodel import Action
-from .errors import ConfigError, InputError, MigrdError
+from .errors import ConfigError, InputError, MigrdError, RegistryError
 from .policy import Candidate, Decision, Mode, Peer, Situation
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,23 @@ def check_settings(cfg: Config) -> None:
         raise ConfigError(f"{where} 'daemon.cgroup_dirs': load_source cgroup needs this host's cgroup dirs")
     if d.interval <= 0:
         raise ConfigError(f"{where} 'daemon.interval': must be > 0, not {d.interval}")
+    if d.registry == "etcd":
+        if d.etcd.ttl < 2:
+            raise ConfigError(f"{where} 'daemon.etcd.ttl': must be >= 2 seconds, not {d.etcd.ttl}")
+        if d.etcd.target_slots < 1:
+            raise ConfigError(f"{where} 'daemon.etcd.target_slots': must be >= 1, not {d.etcd.target_slots}")
+    if not 0 < d.metrics.port < 65536:
+        raise ConfigError(f"{where} 'daemon.metrics.port': {d.metrics.port} is not a TCP port")
 
 
-def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: float) -> tuple[Peer, ...]:
-    """Peers with a fresh snapshot and a measured link; stale ones (dead agent) do not count."""
+def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: float,
+                 full: frozenset[str] = frozenset()) -> tuple[Peer, ...]:
+    """Peers with a fresh snapshot and a measured link; stale ones (dead agent) do not count, nor
+    do targets whose reservation slots are all taken (`full`, etcd registry)."""
     return tuple(
         Peer(v.snapshot.load, v.link) for v in sorted(views, key=lambda v: v.name)
         if v.snapshot is not None and v.link is not None and now - v.snapshot.load.time <= stale_after
+        and v.name not in full
     )
 
 
@@ -159,7 +170,8 @@ class Agent:
         self.source = load.make_source(d.load_source, self.host, cgroup_dirs=d.cgroup_dirs,
                                        cpu_speed=d.cpu_speed)
         self.monitor = load.ProcessMonitor()
-        self.readers = {h.name: exchange.PeerReader(cfg, h.name) for h in cfg.hosts if h.name != self.host}
+        self.peers = registry.make(cfg, self.host)
+        self.metrics = metrics.Metrics()
         self.decisions = DecisionLog(cfg.state_dir / "decisions.jsonl", d.max_decisions_log)
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -188,14 +200,15 @@ class Agent:
             log.exception("recover failed")
         self.server = admin.Server(self.cfg.daemon.socket, self.handle)
         self.server.start()
+        self.metrics.serve(self.cfg.daemon.metrics)
         sdnotify.notify(self.env, READY=1, STATUS=f"migrd agent on {self.host}: {self.cfg.daemon.mode}")
 
     def close(self) -> None:
         sdnotify.notify(self.env, STOPPING=1)
         if self.server is not None:
             self.server.close()
-        for r in self.readers.values():
-            r.close()
+        self.peers.close()
+        self.metrics.close()
 
     def run(self, once: bool = False) -> None:
         """Rounds until SIGTERM/SIGINT (or one round with once). A signal during a migration
@@ -258,16 +271,18 @@ class Agent:
     def round(self) -> Decision:
         sample = self.source.sample()
         now = sample.time
-        for r in self.readers.values():
-            r.poll(now)
-        peers = usable_peers((r.view for r in self.readers.values()), now, self.cfg.daemon.peer_stale_after)
+        self.peers.poll(now)
+        views = self.peers.views()
+        peers = usable_peers(views, now, self.cfg.daemon.peer_stale_after, self.peers.full_targets())
         candidates = self._candidates()
         with self.lock:  # offers arrive from the admin thread
             out = step.step(self.state, step.Inputs(sample, peers, candidates, self.paused), self.settings)
             self.state, self.situation, self.decision = out.state, out.situation, out.decision
             self.rounds += 1
         d = out.decision
-        exchange.publish(self.cfg.state_dir, exchange.Snapshot(sample, d.level.value, os.getpid()))
+        self.peers.publish(exchange.Snapshot(sample, d.level.value, os.getpid()))
+        self.metrics.round(d.action.value, [sample, *(v.snapshot.load for v in views if v.snapshot)],
+                           self.peers.errors())
         record = decision_dict(d, now)
         if out.skipped:
             record["skipped"] = out.skipped
@@ -284,14 +299,23 @@ class Agent:
         assert d.pid is not None
         with self.lock:
             self.in_flight = {"pid": d.pid, "name": d.name, "target": d.target, "since": time.time()}
+        began = time.monotonic()
         try:
-            with self._pinging():
+            # The target's reservation (etcd registry) is held from before the precheck to the end.
+            with self.peers.reserve(opts.target, registry.ident(self.host, d.pid)), self._pinging():
                 out = migrate.migrate(self.cfg, d.pid, opts)
             record["migration"] = {"id": out.id, "outcome": "ok", "target_pid": out.target_pid,
                                    "downtime": out.downtime}
+            self.metrics.migration("ok", metrics.strategy(out.mode, out.streamed), time.monotonic() - began,
+                                   out.downtime, out.bytes)
             log.warning("moved PID %d (%s) to %s as PID %s", d.pid, d.name, d.target, out.target_pid)
+        except RegistryError as e:  # target full (ReservationRefused) or etcd away
+            record["migration"] = {"outcome": "not_reserved", "error": str(e)}
+            self.metrics.migration("not_reserved", metrics.strategy(opts.mode, None))
+            log.warning("not moving PID %d to %s: %s", d.pid, d.target, e)
         except MigrdError as e:
             record["migration"] = {"outcome": "failed", "error": str(e)}
+            self.metrics.migration("failed", metrics.strategy(opts.mode, None), time.monotonic() - began)
             log.error("moving PID %d to %s failed: %s", d.pid, d.target, e)
         finally:
             with self.lock:
@@ -328,15 +352,7 @@ class Agent:
 
     def _ask(self, src: str, now: float) -> None:
         """Fill mode: ask the busy peer `src` for work (the step spaces asks by the host cooldown)."""
-        reader = self.readers[src]
-        try:
-            conn = reader._conn
-            if conn is None:
-                raise MigrdError(f"{src}: not connected")
-            r = conn.migrctl(["peer", "offer", self.host, "--json"], timeout=self.cfg.ssh.op_timeout)
-            ok, why = r.status == 0, r.stderr.decode(errors="replace").strip()
-        except MigrdError as e:
-            ok, why = False, str(e)
+        ok, why = self.peers.ask_for_work(src, self.host)
         self.decisions.append({"time": round(now, 3), "asked": src, "ok": ok, **({"error": why} if not ok else {})})
 
     # --- admin API ----------------------------------------------------------------------
@@ -353,7 +369,7 @@ class Agent:
                     "uptime_s": round(time.time() - self.started, 1),
                     "last_decision": decision_dict(d, self.situation.now) if d and self.situation else None,
                     "explain": policy.explain(d) if d else None, "in_flight": self.in_flight,
-                    "offers": sorted(self.state.offers)}
+                    "offers": sorted(self.state.offers), "registry": self.peers.health()}
 
     def op_hosts(self, req: Request) -> list[dict[str, Any]]:
         now = time.time()
@@ -362,7 +378,7 @@ class Agent:
             rows = [{"name": self.host, "self": True, "level": self.state.level.value,
                      "age_s": round(now - own.time, 3) if own else None,
                      "load": own.to_dict() if own else None, "link": None, "error": None}]
-        return rows + [{"self": False, **r.view.to_dict(now)} for r in self.readers.values()]
+        return rows + [{"self": False, **v.to_dict(now)} for v in self.peers.views()]
 
     def _last(self) -> Situation:
         with self.lock:

@@ -33,8 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cgroup, private, proc, sshd
-from .config import Config, DaemonSettings, HostEntry, SshSettings, dump
+from . import cgroup, etcdserver, private, proc, sshd
+from .config import Config, DaemonSettings, HostEntry, SshSettings, dump, parse
 from .errors import CommandError, InputError, MigrdError, NotPermitted
 
 DEFAULT_ROOT = Path("/var/lib/migrd/bed")
@@ -618,6 +618,7 @@ def _teardown(state: BedState) -> None:
 
     for h in state.hosts:
         attempt(stop_agent, h)
+    attempt(stop_registry, state)
     for h in state.hosts:
         attempt(stop, h.sshd)
         attempt(stop, h.holder)
@@ -734,6 +735,57 @@ def stop_agent(h: HostState, timeout: float = 60.0) -> None:
     """SIGTERM the host's agent: it finishes (or rolls back) a migration in flight, then exits."""
     stop(_read_ref(_agent_file(h)), timeout)
     _agent_file(h).unlink(missing_ok=True)
+
+
+# ---- the etcd registry -----------------------------------------------------------------------
+
+#: The bridge namespace's own address: etcd runs there, outside every host's namespaces and
+#: cgroup (its CPU is no host's load), reachable from all of them. Never a host's (MAX_HOSTS < 254).
+REGISTRY_ADDRESS = f"{SUBNET}.254"
+REGISTRY_PORTS = (2379, 2380)  # inside the bed's own namespace: no other listener to collide with
+
+
+def _registry_file(state: BedState) -> Path:
+    return state.run_dir / "etcd.json"
+
+
+def registry_member(state: BedState) -> etcdserver.Member:
+    return etcdserver.Member(f"bed-{state.name}", REGISTRY_ADDRESS, *REGISTRY_PORTS, state.run_dir / "etcd")
+
+
+def start_registry(state: BedState, timeout: float = 30.0) -> str:
+    """Run an etcd member in the bridge namespace on 198.18.0.254 and point every host's config
+    at it (daemon.registry: etcd); agents started afterwards use it. Returns its client URL."""
+    ref = _read_ref(_registry_file(state))
+    if alive(ref):
+        raise NotPermitted(f"bed {state.name!r} already runs an etcd (PID {ref.pid})")  # type: ignore[union-attr]
+    br = NETNS_DIR / state.bridge_netns
+    if REGISTRY_ADDRESS not in proc.run(["ip", "-n", state.bridge_netns, "-o", "addr", "show", "dev", "br0"]
+                                        ).stdout.decode():
+        _ip("-n", state.bridge_netns, "addr", "add", f"{REGISTRY_ADDRESS}/24", "dev", "br0")
+    m = registry_member(state)
+    prefix = ["nsenter", f"--net={br}", "--"]
+    p = etcdserver.start(m, state.run_dir / "etcd.log", prefix)
+    ref = proc_ref(p.pid)
+    private.write_atomic(_registry_file(state), json.dumps(dataclasses.asdict(ref)))
+    etcdserver.wait_healthy(m, lambda: alive(ref), timeout, prefix)
+    for h in state.hosts:
+        path = h.dir / "etc" / HOST_CONFIG.name
+        cfg = parse(path.read_text(), str(path))
+        etcd = dataclasses.replace(cfg.daemon.etcd, endpoints=(m.client_url,))
+        cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, registry="etcd", etcd=etcd))
+        path.write_text(dump(cfg))
+    return m.client_url
+
+
+def stop_registry(state: BedState) -> None:
+    stop(_read_ref(_registry_file(state)))
+    _registry_file(state).unlink(missing_ok=True)
+
+
+def registry_pid(state: BedState) -> int | None:
+    ref = _read_ref(_registry_file(state))
+    return ref.pid if alive(ref) else None
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,33 @@ class MigrateSettings:
 
 
 @dataclass(frozen=True)
+class EtcdSettings:
+    """The etcd load registry (daemon.registry: etcd)."""
+
+    #: Client URLs of the etcd members (http://ADDR:PORT); the next one is tried when one fails.
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    #: Seconds this host's keys outlive its agent: a dead agent's host drops out of target
+    #: choice within this time. Kept alive every ttl/3 seconds.
+    ttl: int = 10
+    #: Migrations a target may be receiving at once, from all sources together.
+    target_slots: int = 1
+    #: Every key migrd writes starts with this.
+    prefix: str = "/migrd/"
+    #: Seconds to wait for an answer from etcd.
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The agent's Prometheus endpoint (http://ADDRESS:PORT/metrics)."""
+
+    enabled: bool = False
+    #: Address the endpoint listens on (only this one).
+    address: str = "127.0.0.1"
+    port: int = 9750
+
+
+@dataclass(frozen=True)
 class DaemonSettings:
     """The agent loop (`migrd`): how often it looks, how it measures, how it talks."""
 
@@ -110,6 +137,11 @@ class DaemonSettings:
     probe_bytes: int = 4 << 20
     #: The decisions log (state_dir/decisions.jsonl) keeps at most this many records.
     max_decisions_log: int = 2000
+    #: Where agents find each other's load: ssh (read each peer's snapshot over SFTP) or etcd
+    #: (agents publish to etcd under leases and reserve targets there; see `etcd`).
+    registry: Literal["ssh", "etcd"] = "ssh"
+    etcd: EtcdSettings = field(default_factory=EtcdSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 @dataclass(frozen=True)

@@ -84,3 +84,7 @@ class AgentNotRunning(MigrdError):
     """No migrd agent answers on this host's admin socket."""
 
     exit_code = 12
+
+
+class RegistryError(MigrdError):
+    """The etcd load registry cannot be reached, or refused a request."""

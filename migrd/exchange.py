@@ -105,6 +105,12 @@ class PeerReader:
             self._conn.close()
         self._sftp = self._conn = None
 
+    def connection(self) -> transport.Connection:
+        """The open SSH connection to this peer (fill mode asks for work over it)."""
+        if self._conn is None:
+            raise MigrdError(f"{self.view.name}: not connected (its load could not be read)")
+        return self._conn
+
     def poll(self, now: float) -> None:
         """Refresh the peer's snapshot (and its link now and then); never raises."""
         v = self.view

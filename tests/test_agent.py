@@ -46,6 +46,9 @@ def test_usable_peers_ignores_stale_and_unprobed():
     peers = agent_mod.usable_peers([view("c", 0.1, age=30), view("b", 0.2), view("d", 0.1, link=None),
                                     exchange.PeerView("e")], NOW, 20.0)
     assert [p.load.host for p in peers] == ["b"]
+    # A target whose reservation slots are all taken (etcd registry) is left out too.
+    assert agent_mod.usable_peers([view("b", 0.2), view("f", 0.2)], NOW, 20.0, full=frozenset({"b"})) == \
+        agent_mod.usable_peers([view("f", 0.2)], NOW, 20.0)
 
 
 def test_options_and_modes():
@@ -160,7 +163,7 @@ def make_agent(tmp_path, monkeypatch):
                      daemon=DaemonSettings(mode=mode, socket=tmp_path / "run" / "s.sock"))
         a = agent_mod.Agent(cfg, env={})
         a.source = FakeSource(local)
-        a.readers = {"b": FakeReader(view("b", peer_load))}
+        a.peers.readers = {"b": FakeReader(view("b", peer_load))}
         a._candidates = lambda: (cand(101, age=600, share=share), cand(102, age=1.0))  # type: ignore[method-assign]
         a.calls = calls
         return a
@@ -378,3 +381,128 @@ def test_cli_without_an_agent_exits_12(tmp_path):
         r = subprocess.run([sys.executable, "-m", "migrd.cli", *cmd], capture_output=True, text=True,
                            env={**os.environ, "MIGRD_CONFIG": str(cfg)}, timeout=60)
         assert r.returncode == 12 and "no migrd agent answers" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- metrics, registry
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics for real and parse it with the client library's own parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_endpoint_after_a_move_and_a_refused_reservation(make_agent):
+    """The agent's Prometheus endpoint, scraped over HTTP: rounds, decisions by action,
+    migrations by outcome and strategy, downtime and total time, bytes, load per host, and a
+    move the registry refused (target full) counted as not_reserved, not as a migration."""
+    from migrd import registry
+    from migrd.config import MetricsSettings
+
+    a = make_agent()
+    port = _free_port()
+    a.metrics.serve(MetricsSettings(enabled=True, address="127.0.0.1", port=port))
+    try:
+        a.round()  # moves PID 101 to b (fake orchestrator: 1 byte, 0.1 s downtime, staged)
+        a.round()  # host cooldown: stays
+        m = _scrape(port)
+        assert m[("migrd_rounds_total", ())] == 2
+        assert m[("migrd_decisions_total", (("action", "migrate"),))] == 1
+        assert m[("migrd_decisions_total", (("action", "stay"),))] == 1
+        assert m[("migrd_migrations_total", (("outcome", "ok"), ("strategy", "staged")))] == 1
+        assert m[("migrd_migration_bytes_total", ())] == 1
+        assert m[("migrd_migration_downtime_seconds_count", ())] == 1
+        assert m[("migrd_migration_downtime_seconds_sum", ())] == pytest.approx(0.1)
+        assert m[("migrd_migration_seconds_count", ())] == 1
+        assert m[("migrd_host_load_per_cpu", (("host", "a"),))] == pytest.approx(2.0)
+        assert ("migrd_host_load_per_cpu", (("host", "b"),)) in m
+        assert m[("migrd_registry_errors_total", ())] == 0
+
+        def full(target: str, ident: str):
+            raise registry.ReservationRefused(f"target {target} already receives 1 migration(s)")
+
+        b = make_agent()
+        b.metrics = a.metrics
+        b.peers.reserve = full  # type: ignore[method-assign]
+        b.round()
+        assert b.decisions.records()[-1]["migration"]["outcome"] == "not_reserved"
+        assert len(b.calls) == 1  # the orchestrator ran only for a's move
+        m = _scrape(port)
+        assert m[("migrd_migrations_total", (("outcome", "not_reserved"), ("strategy", "move")))] == 1
+    finally:
+        a.metrics.close()
+    with pytest.raises(OSError):
+        _scrape(port)  # closed with the agent
+
+
+def test_agent_runs_on_local_decisions_when_etcd_is_unreachable(tmp_path):
+    """registry: etcd with nobody listening: rounds go on (no peer is a target, so nothing
+    moves), and `status` says the registry is unreachable."""
+    from migrd.config import EtcdSettings
+
+    closed = _free_port()
+    cfg = Config(host="a", state_dir=tmp_path / "state",
+                 hosts=(HostEntry("a", "127.0.0.1", port=closed), HostEntry("b", "127.0.0.1", port=closed)),
+                 policy=PolicyConfig(hold_s=0.0),
+                 daemon=DaemonSettings(socket=tmp_path / "s.sock", registry="etcd",
+                                       etcd=EtcdSettings(endpoints=(f"http://127.0.0.1:{closed}",), timeout=1)))
+    a = agent_mod.Agent(cfg, env={})
+    a.source = FakeSource(2.0)
+    a._candidates = lambda: (cand(101, age=600),)  # type: ignore[method-assign]
+    try:
+        for _ in range(2):
+            d = a.round()
+        assert d.level is Level.HIGH and d.action is Action.STAY
+        st = a.handle({"op": "status"})["registry"]
+        assert st["registry"] == "etcd" and st["ok"] is False
+        assert f"127.0.0.1:{closed}" in st["error"] and "local load only" in st["note"]
+        assert a.handle({"op": "hosts"})[1]["error"].startswith("registry unreachable")
+    finally:
+        a.close()
+
+
+def test_registry_settings_refused():
+    from migrd.config import EtcdSettings, MetricsSettings
+
+    for daemon, key in ((DaemonSettings(registry="etcd", etcd=EtcdSettings(ttl=1)), "daemon.etcd.ttl"),
+                        (DaemonSettings(registry="etcd", etcd=EtcdSettings(target_slots=0)), "target_slots"),
+                        (DaemonSettings(metrics=MetricsSettings(port=0)), "daemon.metrics.port")):
+        with pytest.raises(ConfigError, match=key):
+            agent_mod.check_settings(Config(daemon=daemon))
+    with pytest.raises(ConfigError, match="expected one of ssh, etcd"):
+        config_mod.parse("daemon:\n  registry: zookeeper\n")
+
+
+def test_metrics_port_taken_is_a_config_error():
+    from migrd import metrics
+    from migrd.config import MetricsSettings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ConfigError, match=r"daemon.metrics': cannot listen on 127.0.0.1:\d+"):
+            metrics.Metrics().serve(MetricsSettings(enabled=True, port=s.getsockname()[1]))
+
+
+def test_status_text_says_when_the_registry_is_unreachable():
+    from migrd.cli.agent import _status_text
+
+    base = {"host": "a", "pid": 1, "mode": "offload", "level": "high", "paused": False, "rounds": 3,
+            "uptime_s": 3.0, "in_flight": None, "explain": None}
+    assert "registry" not in _status_text({**base, "registry": {"registry": "ssh", "ok": True}})
+    assert "load registry: etcd, answering" in _status_text(
+        {**base, "registry": {"registry": "etcd", "ok": True, "error": None, "note": None}})
+    text = _status_text({**base, "registry": {"registry": "etcd", "ok": False, "error": "etcd at http://x:1: down",
+                                              "note": "deciding on local load only"}})
+    assert "UNREACHABLE (etcd at http://x:1: down); deciding on local load only" in text

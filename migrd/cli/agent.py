@@ -31,6 +31,10 @@ def ask_if_running(cfg: Any, op: str, **args: Any) -> Any | None:
 def _status_text(s: dict[str, Any]) -> str:
     lines = [f"migrd agent on {s['host']} (PID {s['pid']}), mode {s['mode']}, level {s['level']}"
              f"{', PAUSED' if s['paused'] else ''}, {s['rounds']} rounds in {s['uptime_s']:.0f} s"]
+    reg = s.get("registry") or {}
+    if reg.get("registry") == "etcd":
+        lines.append("load registry: etcd, " + ("answering" if reg["ok"] else
+                                                 f"UNREACHABLE ({reg['error']}); {reg['note']}"))
     if s["in_flight"]:
         f = s["in_flight"]
         lines.append(f"migrating PID {f['pid']} ({f['name']}) to {f['target']}")

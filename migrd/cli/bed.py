@@ -33,7 +33,11 @@ def bed() -> None:
               help="Also write the cluster config (host: null) to FILE (left in place by `bed down`).")
 @click.option("--agents", is_flag=True, help="Also start a migrd agent in every host (log: the host's "
               "/var/lib/migrd/agent.log; stopped by `bed down`).")
-def up(name: str, count: int, quotas: tuple[str, ...], config_out: Path | None, agents: bool) -> None:
+@click.option("--registry", type=click.Choice(["ssh", "etcd"]), default="ssh", show_default=True,
+              help="How agents share load: ssh (each reads its peers' snapshots over SFTP) or etcd "
+              "(an etcd member on 198.18.0.254 in the bed's bridge namespace; stopped by `bed down`).")
+def up(name: str, count: int, quotas: tuple[str, ...], config_out: Path | None, agents: bool,
+       registry: str) -> None:
     """Create and start the bed NAME.
 
     Each host gets /etc/migrd/migrd.yaml (its config), /var/lib/migrd and /srv/migrd as its own
@@ -49,6 +53,9 @@ def up(name: str, count: int, quotas: tuple[str, ...], config_out: Path | None, 
     click.echo(f"bed {state.name} is up: {len(state.hosts)} hosts "
                f"({state.hosts[0].address}..{state.hosts[-1].address}); cluster config: {state.config_file}")
     click.echo(f"run commands in a host with: migrctl bed exec --name {state.name} host1 -- CMD")
+    if registry == "etcd":
+        url = bed_mod.start_registry(state)
+        click.echo(f"etcd at {url} (PID {bed_mod.registry_pid(state)}); every host's daemon.registry is etcd")
     if agents:
         pids = bed_mod.start_agents(state)
         click.echo("agents: " + ", ".join(f"{h} PID {pid}" for h, pid in pids.items())
