@@ -155,7 +155,11 @@ def test_ready_comes_only_after_start_up_recovery(tmp_path):
                                   ssh=dataclasses.replace(cfg.ssh, client_key=key, connect_timeout=2.0))
         cfg_path.write_text(config_mod.dump(cfg))
         j = Journal(tmp_path / "state" / "migrations" / "20260101-000000000-abcdef")
-        j.record("precheck", options={"target": "b"}, request={"pid": 1, "start_time": 0.0})
+        # A complete journal (recovery refuses an incomplete one as corrupt before it acts).
+        process = {"pid": 1, "cmdline": ["sleep"], "exe": "/bin/sleep", "cwd": "/", "uid": 0,
+                   "rss": 0, "start_time": 0.0}
+        j.record("precheck", source="a", options={"target": "b"}, process=process, carry=[],
+                 request={"pid": 1, "start_time": 0.0, "target": "b", "mode": "move"})
         j.record("restore")  # the target may run a copy: recovery must ask it, and cannot
         s.bind(str(tmp_path / "notify"))
         s.settimeout(0.5)
