@@ -84,6 +84,15 @@ def _automatic(state: bed_mod.BedState, migrctl, work: Path, step) -> None:
                 break
             time.sleep(0.5)
         else:
+            # What host1's agent saw, so that a failed run says why (peers' levels and errors,
+            # and its last decision's reasons).
+            for row in migrctl("host1", "hosts", "--json"):
+                click.echo(f"  host1 sees {row['name']}: level {row.get('level')}, error {row.get('error')}")
+            lines = (state.host("host1").dir / "state" / "decisions.jsonl").read_text().splitlines()
+            if lines:
+                last = json.loads(lines[-1])
+                click.echo(f"  host1's last decision: {last.get('action')} -> {last.get('target')}")
+                click.echo("\n".join(f"    - {reason}" for reason in last.get("reasons", [])))
             raise click.ClickException("the agents did not spread the load within 90 s")
         click.echo(f"balanced after {time.monotonic() - t0:.1f} s")
 
