@@ -633,8 +633,7 @@ def _teardown(state: BedState) -> None:
         attempt(shutil.rmtree, h.dir, True)
     if errors:
         raise MigrdError(f"bed {state.name!r} not fully removed: {errors[0]} (run `migrctl bed down` again)")
-    for leftover in (state.client_key, state.client_key.with_suffix(".pub"), state.config_file,
-                     state.state_file.with_suffix(".tmp")):
+    for leftover in (state.client_key, state.client_key.with_suffix(".pub"), state.config_file):
         leftover.unlink(missing_ok=True)
     state.state_file.unlink(missing_ok=True)
     try:
@@ -708,7 +707,7 @@ def start_agents(state: BedState, timeout: float = 30.0) -> dict[str, int]:
         log_fd = private.open_private(h.dir / "state" / "agent.log", os.O_WRONLY | os.O_APPEND)
         with os.fdopen(log_fd, "ab") as out:
             p = spawn_in(state, h.name, [sys.executable, "-m", "migrd.daemon"], stdout=out, stderr=out)
-        _agent_file(h).write_text(json.dumps(dataclasses.asdict(proc_ref(p.pid))))
+        private.write_atomic(_agent_file(h), json.dumps(dataclasses.asdict(proc_ref(p.pid))))
         pids[h.name] = p.pid
     deadline = time.monotonic() + timeout
     for h in state.hosts:
