@@ -35,9 +35,9 @@ from pathlib import Path
 import psutil
 import yaml
 
-from migrd import bed as bed_mod
+from migrbed import bed as bed_mod
 from migrd import config
-from migrd.criu import find_criu
+from migrd.adapters.criu import find_criu
 
 PY = sys.executable
 

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
-from .policy import PolicyConfig
+from migrd.errors import ConfigError
+from migrd.model import PolicyConfig
 
 #: libyaml's parser when PyYAML has it: linear in nesting depth and bounded (1000 levels), where
 #: the pure-Python one takes seconds on a few thousand nested brackets before a RecursionError.
@@ -55,7 +55,7 @@ class SshSettings:
 
 @dataclass(frozen=True)
 class CriuSettings:
-    #: Path of a criu binary or wrapper; empty means: search (see migrd.criu.find_criu).
+    #: Path of a criu binary or wrapper; empty means: search (see migrd.adapters.criu.find_criu).
     path: Path | None = None
     #: Network lock method: nftables needs no binary (CRIU links libnftables); iptables needs
     #: iptables-restore on the host.
@@ -163,7 +163,7 @@ class Config:
             if h.name == name:
                 return h
         known = ", ".join(h.name for h in self.hosts) or "none configured"
-        from .errors import InputError
+        from migrd.errors import InputError
 
         raise InputError(f"unknown host {name!r} (known hosts: {known})")
 

@@ -18,11 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from migrd import admin, agent as agent_mod, config as config_mod, exchange, migrate, sdnotify, step as step_mod
+from migrd.agent import admin, loop as agent_mod
+from migrd import config as config_mod
+from migrd.adapters import exchange, sdnotify
+from migrd.engine import migration as migrate
+from migrd.core import step as step_mod
 from migrd.config import Config, DaemonSettings, HostEntry
-from migrd.costmodel import Link
+from migrd.model import Action, Decision, Level, Link, Mode, PolicyConfig
 from migrd.errors import AgentNotRunning, ConfigError, InputError, MigrdError
-from migrd.policy import Action, Decision, Level, Mode, PolicyConfig
 from test_policy import NOW, cand, host, peer
 
 FAST = Link(0.001, 100e6)
@@ -366,7 +369,7 @@ def test_example_config_is_complete():
 def test_daemon_refuses_a_malformed_config(tmp_path):
     bad = tmp_path / "migrd.yaml"
     bad.write_text(f"state_dir: {tmp_path / 'x'}\ndaemon:\n  mode: offload\n  intervall: 3\n")
-    r = subprocess.run([sys.executable, "-m", "migrd.daemon", "--once"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "migrd.agent.daemon", "--once"], capture_output=True, text=True,
                        env={**os.environ, "MIGRD_CONFIG": str(bad)}, timeout=60)
     assert r.returncode == 8
     assert "daemon.intervall" in r.stderr and "line 4" in r.stderr
@@ -407,7 +410,7 @@ def test_metrics_endpoint_after_a_move_and_a_refused_reservation(make_agent):
     """The agent's Prometheus endpoint, scraped over HTTP: rounds, decisions by action,
     migrations by outcome and strategy, downtime and total time, bytes, load per host, and a
     move the registry refused (target full) counted as not_reserved, not as a migration."""
-    from migrd import registry
+    from migrd.adapters import registry
     from migrd.config import MetricsSettings
 
     a = make_agent()
@@ -485,7 +488,7 @@ def test_registry_settings_refused():
 
 
 def test_metrics_port_taken_is_a_config_error():
-    from migrd import metrics
+    from migrd.agent import metrics
     from migrd.config import MetricsSettings
 
     with socket.socket() as s:

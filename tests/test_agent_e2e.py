@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from migrd import bed as bed_mod
-from migrd import cgroup
+from migrbed import bed as bed_mod
+from migrd.adapters import cgroup
 from migrd import config as config_mod
-from migrd.policy import PolicyConfig, Watermarks
-from migrd.workloads import BUSY, read_counts
+from migrd.model import PolicyConfig, Watermarks
+from migrbed.programs import BUSY, read_counts
 from workloads import copies, end_copies, wait_for
 
 pytestmark = pytest.mark.root

@@ -17,10 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from migrd import cgroup
+from migrd.adapters import cgroup
 from migrd import config as config_mod
-from migrd.journal import STEPS, Journal, all_journals, summarize
-from migrd.workloads import COUNTER, read_counts
+from migrd.engine.journal import STEPS, Journal, all_journals, summarize
+from migrbed.programs import COUNTER, read_counts
 from workloads import copies, end_copies, not_private, wait_for
 
 pytestmark = pytest.mark.root
@@ -354,7 +354,7 @@ def test_target_disk_filling_up_mid_migration_rolls_back(mig, bed, run_in, count
     """The target's disk fills up after a precheck that saw room (held at the checkpoint, the
     test fills it but for 256 KiB): one readable line, a non-zero exit, and the workload
     runs on here exactly once."""
-    from migrd import bed as bed_mod
+    from migrbed import bed as bed_mod
 
     pid, out = counter()
     small_fs("host2", "/var/lib/migrd/incoming", "64m")
@@ -453,7 +453,7 @@ def criu_tables(run_in, host: str) -> set[str]:
 
 
 def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
-    from migrd import bed as bed_mod
+    from migrbed import bed as bed_mod
 
     vip = "198.18.0.100"
     name = "svc-" + tmp_path.name[-8:]
@@ -523,7 +523,7 @@ def test_moved_address_is_announced(mig, run_in, tmp_path):
 def test_target_down_is_refused_within_timeout(mig, run_in, bed, counter):
     """A host whose sshd is gone: precheck cannot reach it, nothing changes. Last in this
     module: host3's sshd stays down afterwards."""
-    from migrd import bed as bed_mod
+    from migrbed import bed as bed_mod
 
     pid, out = counter()
     bed_mod.stop(bed.host("host3").sshd)
@@ -541,7 +541,7 @@ def test_sigterm_mid_migration_rolls_back_at_the_next_step(mig, bed, counter):
     broken): the migration stops at the next step boundary and rolls back."""
     import signal as sig
 
-    from migrd import bed as bed_mod
+    from migrbed import bed as bed_mod
 
     pid, out = counter()
     p = bed_mod.spawn_in(bed, "host1", ["env", "MIGRD_FAILPOINTS=transfer:delay", PY, "-m", "migrd.cli",

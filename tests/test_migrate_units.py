@@ -8,11 +8,13 @@ import time
 
 import pytest
 
-from migrd import failpoints, netaddr, precheck
+from migrd.engine import failpoints
+from migrd.adapters import netaddr
+from migrd.core import precheck
 from migrd.config import MigrateSettings
 from migrd.errors import MigrdError
-from migrd.journal import Journal, summarize
-from migrd.manifest import ProcessInfo
+from migrd.engine.journal import Journal, summarize
+from migrd.model import ProcessInfo
 
 
 def req(**kw) -> precheck.Request:
@@ -28,7 +30,7 @@ GOOD = precheck.TargetFacts(criu_ok=True, criu_message="", cpu_ok=True, cpu_mess
 
 
 def test_journal_ids_sort_by_start_time():
-    from migrd.journal import new_id
+    from migrd.engine.journal import new_id
 
     a = new_id()
     time.sleep(0.002)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from .. import checkpoint as cp
-from ..criu import FEATURES, find_criu
-from ..process import parse_pid
-from .common import emit, human_bytes, json_option, load_config, require_root
+from migrd.engine import checkpoint as cp
+from migrd.adapters.criu import FEATURES, find_criu
+from migrd.adapters.procinfo import parse_pid
+from migrd.cli.common import emit, human_bytes, json_option, load_config, require_root
 
 
 @click.command()

@@ -13,13 +13,13 @@ import psutil
 
 import dataclasses
 
-from .. import bed as bed_mod
-from .. import cgroup
-from .. import config as config_mod
-from ..journal import STEPS
-from ..policy import PolicyConfig, Watermarks
-from ..workloads import BUSY, COUNTER, read_counts
-from .common import human_bytes, require_root
+from migrbed import bed as bed_mod
+from migrd.adapters import cgroup
+from migrd import config as config_mod
+from migrd.engine.journal import STEPS
+from migrd.model import PolicyConfig, Watermarks
+from migrbed.programs import BUSY, COUNTER, read_counts
+from migrd.cli.common import human_bytes, require_root
 
 ROUTE = ("host1", "host2", "host3", "host1")
 

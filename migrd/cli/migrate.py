@@ -8,13 +8,13 @@ from datetime import datetime
 
 import click
 
-from .. import journal as journal_mod
-from .. import migrate as mig
-from .. import workload
-from ..process import parse_pid
-from ..progress import Progress
-from .agent import ask_if_running
-from .common import emit, human_bytes, json_option, load_config, require_root
+from migrd.engine import journal as journal_mod
+from migrd.engine import migration as mig
+from migrd.adapters import workloads
+from migrd.adapters.procinfo import parse_pid
+from migrd.cli.progress import Progress
+from migrd.cli.agent import ask_if_running
+from migrd.cli.common import emit, human_bytes, json_option, load_config, require_root
 
 
 @click.command()
@@ -91,7 +91,7 @@ def run(name: str | None, command: tuple[str, ...], as_json: bool) -> None:
     """
     require_root("migrctl run")
     cfg = load_config()
-    w = workload.start(cfg.state_dir, tuple(command), name=name, host=cfg.host)
+    w = workloads.start(cfg.state_dir, tuple(command), name=name, host=cfg.host)
     emit({"pid": w.pid, "name": w.name, "host": w.host, "log": w.stdout}, as_json,
          lambda d: f"started {d['name']} as PID {d['pid']} (log: {d['log']})")
 
@@ -107,7 +107,7 @@ def ps(as_json: bool) -> None:
     """
     cfg = load_config()
     rows = [{"name": w.name, "pid": w.pid, "alive": w.alive(), "command": " ".join(w.cmdline),
-             "log": w.stdout} for w in workload.Registry(cfg.state_dir).all()]
+             "log": w.stdout} for w in workloads.Registry(cfg.state_dir).all()]
     scored = ask_if_running(cfg, "ps")
     if scored is not None:
         by_pid = {r["pid"]: r for r in rows}

@@ -12,9 +12,9 @@ import sys
 
 import click
 
-from .. import peer as peer_mod
-from ..receive import COMPRESSIONS
-from .common import json_option, load_config
+from migrd.engine import target as peer_mod
+from migrd.engine.receive import COMPRESSIONS
+from migrd.cli.common import json_option, load_config
 
 
 @click.group(hidden=True)
@@ -100,6 +100,6 @@ def peer_finish(mid: str, address: str | None, as_json: bool) -> None:
 
 
 # The agent's side of fill mode: an idle peer asks this host for work.
-from .agent import offer  # noqa: E402
+from migrd.cli.agent import offer
 
 peer.add_command(offer)

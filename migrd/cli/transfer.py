@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .. import receive as receiver
+from migrd.engine import receive as receiver
 
 
 @click.command("receive")
@@ -34,8 +34,9 @@ def receive(directory: Path, manifest_sha256: str, compression: str) -> None:
 def send(directory: Path, host: str, remote_directory: str, compression: str | None, as_json: bool) -> None:
     """Copy checkpoint DIRECTORY to REMOTE_DIRECTORY on configured peer HOST."""
     # Imported here: `migrctl receive` runs on every transfer and must not pay for paramiko.
-    from .. import config, transport
-    from ..progress import Progress
+    from migrd import config
+    from migrd.adapters import transport
+    from migrd.cli.progress import Progress
 
     cfg = config.load()
     bar = Progress(f"{directory.name} -> {host}", enabled=False if as_json else None)

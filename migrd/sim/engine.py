@@ -22,14 +22,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .. import step
-from ..costmodel import Link
-from ..errors import InputError
-from ..load import HostLoad, ProcessLoad
-from ..policy import Candidate, Mode, Peer, PolicyConfig
-from . import policies, workload
-from .probe import PROBES, Prober
-from .workload import Job, SimHost, Strategy
+from migrd.core import step
+from migrd.model import Candidate, HostLoad, Link, Mode, Peer, PolicyConfig, ProcessLoad
+from migrd.errors import InputError
+from migrd.sim import policies, workload
+from migrd.sim.probe import PROBES, Prober
+from migrd.sim.workload import Job, SimHost, Strategy
 
 #: Policy name -> migrd daemon.mode, for the policies that run migrd's own step.
 MIGRD_MODES = {"migrd": Mode.OFFLOAD.value, "migrd_fill": Mode.FILL.value,

@@ -1,0 +1,124 @@
+"""Will this migration work? Pure decisions over facts gathered on each side.
+
+The source decides whether the process may move at all (opt-in rules); the target reports
+facts about itself and `evaluate` turns request + facts into every reason it would fail, so a
+refusal names all problems at once and changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from migrd.config import MigrateSettings
+from migrd.model import ProcessInfo
+
+MODES = ("move", "clone", "restart")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the source asks the target to check (sent as JSON)."""
+
+    id: str
+    mode: str
+    pid: int
+    start_time: float
+    rss: int
+    tree_ids: tuple[int, ...]
+    own_pid_namespace: bool
+    ports: tuple[int, ...]
+    #: (path, size) of regular files the process has open.
+    files: tuple[tuple[str, int | None], ...]
+    #: Of those, the ones the migration copies to the target itself.
+    carry: tuple[str, ...]
+    with_files: bool
+    move_address: str | None
+    headroom: float
+    #: base64 of `criu cpuinfo dump`'s cpuinfo.img (None for restart mode).
+    cpuinfo: str | None = None
+
+
+@dataclass(frozen=True)
+class TargetFacts:
+    criu_ok: bool
+    criu_message: str
+    cpu_ok: bool
+    cpu_message: str
+    mem_available: int
+    disk_free: int
+    #: The directory whose filesystem disk_free measures (where the images will land).
+    disk_path: str = ""
+    #: PID -> description, for PIDs held by processes other than the one being moved.
+    pids_taken: dict[int, str] = field(default_factory=dict)
+    ports_taken: tuple[int, ...] = ()
+    #: path -> size on the target (None: absent).
+    files: dict[str, int | None] = field(default_factory=dict)
+    address_present: bool = False
+    address_interface: str | None = None
+    incoming_exists: bool = False
+
+
+def opt_in(settings: MigrateSettings, info: ProcessInfo, user: str, cgroups: list[str],
+           registered: bool) -> str | None:
+    """Why the process may migrate (a reason string), or None when no rule allows it."""
+    return allowed(settings, info.cmdline, user, cgroups, registered)
+
+
+def allowed(settings: MigrateSettings, cmdline: tuple[str, ...], user: str, cgroups: list[str],
+            registered: bool) -> str | None:
+    """`opt_in` from the cheap facts alone (the agent asks this of every process each round)."""
+    if registered:
+        return "started with `migrctl run`"
+    if user in settings.allow_users:
+        return f"user {user} is in migrate.allow_users"
+    line = " ".join(cmdline)
+    for pattern in settings.allow_commands:
+        if re.search(pattern, line):
+            return f"command matches migrate.allow_commands {pattern!r}"
+    for prefix in settings.allow_cgroups:
+        if any(cg == prefix or cg.startswith(prefix.rstrip("/") + "/") for cg in cgroups):
+            return f"cgroup is under migrate.allow_cgroups {prefix!r}"
+    return None
+
+
+def evaluate(req: Request, facts: TargetFacts) -> list[str]:
+    """Every reason the migration would fail on this target; empty means go."""
+    problems: list[str] = []
+    needs_criu = req.mode in ("move", "clone")
+    if needs_criu and not facts.criu_ok:
+        problems.append(f"CRIU does not work on the target: {facts.criu_message}")
+    if needs_criu and not facts.cpu_ok:
+        problems.append(f"CPU not compatible with the source: {facts.cpu_message}")
+    need = int(req.rss * req.headroom)
+    if facts.mem_available < need:
+        problems.append(f"target has {facts.mem_available >> 20} MiB memory available, "
+                        f"needs {need >> 20} MiB")
+    if needs_criu and facts.disk_free < need:
+        where = f" in {facts.disk_path}" if facts.disk_path else ""
+        problems.append(f"target has {facts.disk_free >> 20} MiB free disk{where} for images, "
+                        f"needs {need >> 20} MiB")
+    if needs_criu and not req.own_pid_namespace and facts.pids_taken:
+        pid, who = sorted(facts.pids_taken.items())[0]
+        problems.append(f"PID {pid} is taken on the target by {who} (the process needs its PIDs; "
+                        f"start workloads with `migrctl run` to avoid this)")
+    if facts.ports_taken:
+        problems.append("ports already listening on the target: "
+                        + ", ".join(map(str, sorted(facts.ports_taken))))
+    for path, size in req.files:
+        there = facts.files.get(path)
+        if path in req.carry:
+            continue
+        if there is None:
+            problems.append(f"open file {path} does not exist on the target (use --with-files)")
+        elif size is not None and there != size:
+            problems.append(f"open file {path} has size {there} on the target, {size} here "
+                            f"(use --with-files)")
+    if req.move_address:
+        if facts.address_present:
+            problems.append(f"address {req.move_address} is already in use on the target")
+        if facts.address_interface is None:
+            problems.append(f"the target has no interface in the network of {req.move_address}")
+    if facts.incoming_exists:
+        problems.append(f"the target already has an incoming migration {req.id}")
+    return problems

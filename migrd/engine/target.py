@@ -1,0 +1,249 @@
+"""The target side of a migration: what `migrctl peer ...` does when the source asks.
+
+Each incoming migration has a directory state_dir/incoming/ID holding the received images and
+a small record of what was done here (restored.json), so the source can ask after a crash
+whether the copy here is running, and abort or finish it.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from migrd.engine import checkpoint as cp
+from migrd.adapters import netaddr, private, workloads
+from migrd.engine import pagestream
+from migrd.core import precheck
+from migrd.config import Config
+from migrd.adapters.criu import find_criu
+from migrd.errors import ImageError, InputError, MigrdError
+from migrd.engine.manifest import read as read_manifest
+
+
+def incoming(cfg: Config, mid: str) -> Path:
+    if not mid or "/" in mid or mid.startswith("."):
+        raise InputError(f"bad migration id {mid!r}")
+    return cfg.state_dir / "incoming" / mid
+
+
+def _listening_ports() -> set[int]:
+    return {c.laddr.port for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr}
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """path, or its nearest ancestor that exists: the filesystem path will be created on."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
+    """Facts about this host for req (adapter: CRIU, psutil, filesystem, ip)."""
+    criu_ok, criu_msg, cpu_ok, cpu_msg = True, "", True, ""
+    if req.mode in ("move", "clone"):
+        try:
+            criu = find_criu(cfg)
+            criu_ok, criu_msg = criu.check()
+            if criu_ok and req.cpuinfo:
+                with tempfile.TemporaryDirectory(prefix="migrd-cpuinfo-") as tmp:
+                    Path(tmp, "cpuinfo.img").write_bytes(base64.b64decode(req.cpuinfo))
+                    try:
+                        criu.cpuinfo_check(Path(tmp), Path(tmp) / "check.log")
+                    except MigrdError as e:
+                        cpu_ok, cpu_msg = False, str(e)
+        except MigrdError as e:
+            criu_ok, criu_msg = False, str(e)
+    private.private_dir(cfg.state_dir)
+    taken = {}
+    for pid in req.tree_ids:
+        try:
+            p = psutil.Process(pid)
+            # On hosts sharing one PID space (the bed) the source process itself is visible
+            # here; in move mode its PIDs are free once the dump ends it.
+            if req.mode == "move" and abs(psutil.Process(req.pid).create_time() - req.start_time) < 0.05:
+                continue
+            taken[pid] = f"{p.name()} ({p.status()})"
+        except psutil.NoSuchProcess:
+            pass
+    files = {}
+    for path, _ in req.files:
+        try:
+            files[path] = os.stat(path).st_size
+        except OSError:
+            files[path] = None
+    return precheck.TargetFacts(
+        criu_ok=criu_ok, criu_message=criu_msg, cpu_ok=cpu_ok, cpu_message=cpu_msg,
+        mem_available=psutil.virtual_memory().available,
+        # Where the images and streamed pages will land, which may be another filesystem
+        # than state_dir's.
+        disk_free=shutil.disk_usage(_existing_ancestor(incoming(cfg, req.id))).free,
+        disk_path=str(incoming(cfg, req.id).parent),
+        pids_taken=taken,
+        ports_taken=tuple(sorted(_listening_ports() & set(req.ports))),
+        files=files,
+        address_present=bool(req.move_address and netaddr.holder_of(req.move_address)),
+        address_interface=netaddr.interface_for(req.move_address) if req.move_address else None,
+        incoming_exists=incoming(cfg, req.id).exists(),
+    )
+
+
+def run_precheck(cfg: Config, raw: dict[str, Any]) -> dict[str, Any]:
+    raw = dict(raw)
+    for key in ("tree_ids", "ports", "carry"):
+        raw[key] = tuple(raw[key])
+    raw["files"] = tuple(tuple(f) for f in raw["files"])
+    req = precheck.Request(**raw)
+    facts = gather(cfg, req)
+    return {"problems": precheck.evaluate(req, facts), "incoming": str(incoming(cfg, req.id) / "images"),
+            "facts": dataclasses.asdict(facts)}
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    private.write_atomic(path, json.dumps(data))
+
+
+def pages(cfg: Config, mid: str, compression: str) -> None:
+    """Receive a dump's pages on stdin (answering on stdout) into incoming/ID/pages, and
+    record what arrived in pages.json for the restore to check against the source's count."""
+    d = incoming(cfg, mid)
+    target = d / "pages"
+    shutil.rmtree(target, ignore_errors=True)  # a retried stream starts clean
+    private.private_dir(target)  # before the page server writes the process's memory into it
+    received = pagestream.serve(find_criu(cfg), target, cp.log_path(cfg, "page-server", mid),
+                                compression, cfg.ssh.op_timeout)
+    private.restrict_files(target)
+    files = {e.name: e.stat().st_size for e in os.scandir(target)}
+    _write(d / "pages.json", {"bytes": received, "files": files})
+
+
+def _take_pages(d: Path, images: Path, page_bytes: int) -> dict[str, int]:
+    """Move the streamed page images in beside the received ones; return name -> size."""
+    try:
+        rec = json.loads((d / "pages.json").read_text())
+    except FileNotFoundError:
+        raise ImageError("the streamed pages never arrived here (no complete page stream)") from None
+    if rec["bytes"] != page_bytes:
+        raise ImageError(f"the page stream brought {rec['bytes']} bytes here, the source sent {page_bytes}")
+    for name in rec["files"]:
+        os.replace(d / "pages" / name, images / name)
+    return {name: int(size) for name, size in rec["files"].items()}
+
+
+def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
+            address: str | None, page_bytes: int | None = None) -> dict[str, Any]:
+    if name is not None:
+        workloads.check_name(name)
+    d = incoming(cfg, mid)
+    images = d / "images"
+    streamed = _take_pages(d, images, page_bytes) if page_bytes is not None else None
+    if address:
+        ifname = netaddr.interface_for(address)
+        if ifname is None:
+            raise InputError(f"no interface for {address} on this host")
+        if not netaddr.holder_of(address):
+            netaddr.add(address, ifname)
+    # Stopped until the source commits: a copy that never ran can be discarded without losing
+    # any progress, whatever fails before the commit.
+    # `migrctl receive` hashed every file as it wrote it moments ago; hashing again here would
+    # add ~0.6 s per GiB of downtime for nothing.
+    r = cp.restore(cfg, images, pid_wait=cfg.migrate.pid_wait, leave_stopped=True, hashed=True,
+                   streamed=streamed)
+    start_time = psutil.Process(r.pid).create_time()
+    _write(d / "restored.json", {"pid": r.pid, "start_time": start_time, "name": name})
+    if name:
+        m = read_manifest(images)
+        workloads.Registry(cfg.state_dir).add(workloads.Workload(
+            name, r.pid, start_time, m.process.cmdline, m.process.cwd, stdout or "", cfg.host,
+            arrived=time.time()))
+    return {"pid": r.pid, "seconds": round(r.seconds, 4), "start_time": start_time,
+            "restored": status(cfg, mid)["restored"]}
+
+
+def start(cfg: Config, mid: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Restart mode: run the command line fresh here as a migratable workload."""
+    d = private.private_dir(incoming(cfg, mid))
+    w = workloads.start(cfg.state_dir, tuple(spec["cmdline"]), name=spec.get("name"),
+                       cwd=spec.get("cwd"), env=spec.get("env"), host=cfg.host)
+    _write(d / "restored.json", {"pid": w.pid, "start_time": w.start_time, "name": w.name})
+    return {"pid": w.pid, "start_time": w.start_time, "name": w.name}
+
+
+def _restored(d: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((d / "restored.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def status(cfg: Config, mid: str) -> dict[str, Any]:
+    d = incoming(cfg, mid)
+    rec = _restored(d)
+    out: dict[str, Any] = {"received": (d / "images").is_dir(), "restored": None}
+    if rec:
+        alive = workloads.same_process(rec["pid"], rec["start_time"])
+        info: dict[str, Any] = {"pid": rec["pid"], "alive": alive}
+        if alive:
+            p = psutil.Process(rec["pid"])
+            info["stopped"] = p.status() == psutil.STATUS_STOPPED
+            info["cmdline"] = p.cmdline()
+            info["ports"] = sorted({c.laddr.port for c in p.net_connections("inet")
+                                    if c.status == psutil.CONN_LISTEN})
+        out["restored"] = info
+    return out
+
+
+def abort(cfg: Config, mid: str, address: str | None, files: list[str]) -> dict[str, Any]:
+    """Undo whatever this host did for migration mid: end the copy, drop images, address and
+    carried files. Idempotent."""
+    d = incoming(cfg, mid)
+    rec = _restored(d)
+    if rec:
+        workloads.end(rec["pid"], rec["start_time"])  # SIGKILL: the copy is stopped, never ran
+        if rec.get("name"):
+            w = workloads.Registry(cfg.state_dir).get(rec["name"])
+            if w and w.pid == rec["pid"]:
+                workloads.Registry(cfg.state_dir).remove(rec["name"])
+    if address:
+        netaddr.delete(address)
+    for path in files:
+        Path(path).unlink(missing_ok=True)
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(Path(str(d / "images") + ".partial"), ignore_errors=True)
+    return {"aborted": mid, "ended_pid": rec["pid"] if rec else None}
+
+
+def finish(cfg: Config, mid: str, address: str | None) -> dict[str, Any]:
+    """Commit on the target: let the restored copy run, announce a moved address, drop the
+    images. Idempotent (recovery may repeat it)."""
+    d = incoming(cfg, mid)
+    rec = _restored(d)
+    if rec:
+        workloads.resume(rec["pid"], rec["start_time"])
+    announce_error = None
+    if address:
+        ifname = netaddr.holder_of(address)
+        announce_error = netaddr.announce(address, ifname) if ifname else f"{address} is not on this host"
+    shutil.rmtree(d, ignore_errors=True)
+    return {"finished": mid, "resumed": rec["pid"] if rec else None, "announce_error": announce_error}
+
+
+def checksums(paths: list[str]) -> dict[str, str | None]:
+    from migrd.engine.manifest import sha256_file
+
+    out: dict[str, str | None] = {}
+    for p in paths:
+        try:
+            out[p] = sha256_file(Path(p))
+        except OSError:
+            out[p] = None
+    return out
