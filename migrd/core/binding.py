@@ -71,6 +71,13 @@ class MoveShape:
     tcp_established: bool = False
 
 
+def carried(info: ProcessInfo, with_files: bool, stdout: str | None) -> tuple[str, ...]:
+    """The open files a move copies to the target: all of them with --with-files, else only a
+    `migrctl run` workload's own log."""
+    held = {f.path for f in info.open_files}
+    return tuple(sorted(held if with_files else ({stdout} & held if stdout else set())))
+
+
 def _files(info: ProcessInfo, shape: MoveShape) -> list[Resource]:
     out = []
     for f in info.open_files:

@@ -202,8 +202,7 @@ class Migration:
 
     def start(self, info: ProcessInfo, opts: Options, name: str | None, stdout: str | None,
               progress: ProgressFn | None) -> Outcome:
-        carry = sorted({f.path for f in info.open_files} if opts.with_files
-                       else ({stdout} & {f.path for f in info.open_files} if stdout else set()))
+        carry = list(binding.carried(info, opts.with_files, stdout))
         strategy, skipped = strategies.choose(info, opts, self.cfg.migrate.strategies)
         subject = ProcessTree(info)
         shape = binding.MoveShape(mode=opts.mode, carried=tuple(carry), move_address=opts.move_address,
