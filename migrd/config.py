@@ -76,6 +76,8 @@ class MigrateSettings:
     allow_cgroups: tuple[str, ...] = ()
     #: Seconds a restore waits for the dumped PIDs to be free (zombies are reaped lazily).
     pid_wait: float = 15.0
+    #: Post-copy: seconds after the switch within which every page must have reached the target.
+    lazy_timeout: float = 300.0
     #: The target must have this multiple of the process's RSS free in memory and on disk.
     headroom: float = 1.2
     #: auto: a move of a workload in its own PID namespace streams its pages to the target
@@ -232,7 +234,7 @@ def _problem(e: yaml.YAMLError) -> str:
 
 
 #: Settings that are durations or periods: zero or less would spin or never wait.
-_POSITIVE = {"ssh.connect_timeout", "ssh.op_timeout", "migrate.pid_wait", "daemon.interval",
+_POSITIVE = {"ssh.connect_timeout", "ssh.op_timeout", "migrate.pid_wait", "migrate.lazy_timeout", "daemon.interval",
              "daemon.peer_stale_after", "daemon.probe_every", "daemon.probe_bytes",
              "daemon.max_decisions_log", "daemon.cpu_speed", "migrate.headroom"}
 
