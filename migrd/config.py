@@ -84,7 +84,7 @@ class MigrateSettings:
     #: move the process (`migrctl migrate --strategy` pins one). stream-copy sends the pages
     #: during the dump and needs a workload in its own PID namespace (`migrctl run`) moved
     #: without --tcp-established; stop-copy dumps to disk first and moves anything.
-    strategies: tuple[Literal["stream-copy", "stop-copy"], ...] = ("stream-copy", "stop-copy")
+    strategies: tuple[Literal["stream-copy", "stop-copy", "postcopy"], ...] = ("stream-copy", "stop-copy")
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,8 @@ class CheckReport:
     ok: bool
     message: str
     features: dict[str, bool]
+    #: Why post-copy cannot run here (None: it can).
+    postcopy_unready: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,10 +164,15 @@ class Criu:
     def has_feature(self, name: str) -> bool:
         return self._run(["check", "--feature", name], 60).returncode == 0
 
+    def lazy_unready(self) -> str | None:
+        """Why post-copy cannot run with this CRIU on this host (None: it can)."""
+        return lazy_unready_reason({"uffd-noncoop": self.has_feature("uffd-noncoop")}, pipe_max_size())
+
     def report(self) -> CheckReport:
         ok, msg = self.check()
-        return CheckReport(self.path, self.version(), ok, msg,
-                           {f: self.has_feature(f) for f in FEATURES})
+        features = {f: self.has_feature(f) for f in FEATURES}
+        return CheckReport(self.path, self.version(), ok, msg, features,
+                           lazy_unready_reason(features, pipe_max_size()))
 
     def _fail(self, action: str, log: Path, stderr: bytes) -> CriuError:
         try:

@@ -22,7 +22,7 @@ from migrd.errors import JournalCorrupt
 #: States in the order a migration passes them; `rollback`/`rolled_back` can follow any state
 #: before `commit`. FINAL states need no recovery.
 STEPS = ("precheck", "checkpoint", "transfer", "restore", "verify", "commit")
-FINAL = ("done", "rolled_back", "refused")
+FINAL = ("done", "rolled_back", "refused", "lost")
 
 
 def new_id() -> str:

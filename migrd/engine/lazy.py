@@ -308,10 +308,13 @@ Begin = Callable[..., None]
 def move(cfg: Config, conn: Connection, pid: int, start_time: float, images: Path, mid: str,
          begin: Begin, record: Begin, *, name: str | None = None, stdout: str | None = None,
          address: str | None = None, carry: tuple[str, ...] = (), tcp_established: bool = False,
-         pass_fds: tuple[int, ...] = (), verify: Callable[[dict[str, Any]], None] | None = None) -> Moved:
+         pass_fds: tuple[int, ...] = (), verify: Callable[[dict[str, Any]], None] | None = None,
+         dumped: Callable[[], dict[str, Any]] | None = None) -> Moved:
     """Move pid to conn's host with post-copy. begin(step, **data) journals a step (and may
     raise: a failpoint, a stop request); record(state, **data) only journals. carry: files
-    copied to the same path there after the dump (the workload's stdout log).
+    copied to the same path there after the dump (the workload's stdout log). verify(seen)
+    checks the copy there as it reported itself; dumped() runs once the images are complete
+    and returns more data for the transfer step's journal record.
 
     A failure before the switch leaves the source stopped here (resume it to roll back) and
     nothing there; after it, WorkloadLost (the copy there ended, the source already gone)."""
@@ -328,7 +331,8 @@ def move(cfg: Config, conn: Connection, pid: int, start_time: float, images: Pat
         ck, dump = cp.lazy_checkpoint(cfg, pid, images, src.criu_fd, tcp_established=tcp_established,
                                       pass_fds=pass_fds, timeout=cfg.ssh.op_timeout)
         src.criu_started()
-        begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4))
+        begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+              image_bytes=ck.manifest.image_bytes, **(dumped() if dumped else {}))
         sent = sum(conn.put_file(Path(f), f) for f in carry)
         sent += src.link.send_images(images)
         begin("restore", bytes=sent)
