@@ -396,8 +396,11 @@ class LazyDaemon:
             return self.criu._fail("lazy-pages", self.log, self.proc.stderr.read() if self.proc.stderr else b"")
         return CriuError("lazy-pages", [why or "failed"], self.log)
 
-    def running(self) -> bool:
-        return self.proc.poll() is None
+    def failed(self) -> CriuError | None:
+        """Its error if it already ended badly (ended well: every page arrived)."""
+        if self.proc.poll() in (None, 0):
+            return None
+        return self.failure()
 
     def wait(self, timeout: float) -> LazyStats:
         """Wait until every page is in the restored tasks; what moved, or CRIU's error."""

@@ -200,16 +200,11 @@ def lazy(cfg: Config, mid: str, name: str | None, stdout: str | None, address: s
         word = link.control(cfg.ssh.op_timeout) or {}
         if word.get("do") != "commit":
             raise InputError(f"no commit from the source ({word.get('do') or 'it went away'}); copy ended")
-        if not daemon.running():
-            # Pages missing and no one to fetch them: the copy must never run.
-            daemon.wait(0)  # raises with its own error line
+        if error := daemon.failed():
+            raise error  # pages missing and no one to fetch them: the copy must never run
         committed = True
         link.send_control(finish(cfg, mid, address, cleanup=False))
         stats = daemon.wait(cfg.migrate.lazy_timeout)
-        link.send_control({"pages_done": round(time.time(), 4), "copied_pages": stats.copied_pages,
-                           "total_pages": stats.total_pages, "on_demand_pages": stats.on_demand_pages,
-                           "faults": stats.faults, "bytes_in": link.pages_in})
-        shutil.rmtree(d, ignore_errors=True)
     except BaseException as e:
         if daemon is not None:
             daemon.kill()
@@ -225,6 +220,12 @@ def lazy(cfg: Config, mid: str, name: str | None, stdout: str | None, address: s
         else:
             abort(cfg, mid, address, [])
         raise
+    # Every page is here: the copy no longer needs the source, whether or not it still listens.
+    shutil.rmtree(d, ignore_errors=True)
+    with suppress(OSError):
+        link.send_control({"pages_done": round(time.time(), 4), "copied_pages": stats.copied_pages,
+                           "total_pages": stats.total_pages, "on_demand_pages": stats.on_demand_pages,
+                           "faults": stats.faults, "bytes_in": link.pages_in})
 
 
 def _expect(link: lazy_mod.Link, key: str, timeout: float) -> dict[str, Any]:
