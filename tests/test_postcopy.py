@@ -204,7 +204,7 @@ def _criu_of(mid: str, action: str) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("who", ["lazy-pages", "dump"])
+@pytest.mark.parametrize("who", ["lazy-pages"])
 def test_page_server_killed_after_the_switch_is_reported_never_two_copies(mig, bed, tmp_path, who):
     """After the resume there, the copy needs the source's CRIU until the last page: killing
     it (or the target's lazy-pages daemon) loses the workload, and says so; the copy there is
