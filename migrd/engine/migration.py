@@ -49,6 +49,7 @@ from migrd.errors import (
     NotPermitted,
     PrecheckFailed,
     TransportError,
+    WorkloadLost,
 )
 from migrd.model import ProcessInfo
 
@@ -234,8 +235,8 @@ class Migration:
                 return self.outcome()
             try:
                 strategy.forward(self, target, progress)
-            except InDoubt:
-                raise  # from past the point of no return: recovery finishes it
+            except (InDoubt, WorkloadLost):
+                raise  # from past the point of no return: recovery finishes it, or nothing can
             except BaseException as e:
                 reason = str(e) or type(e).__name__
                 self.rollback(target, reason)
