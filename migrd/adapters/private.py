@@ -20,12 +20,26 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
+def missing_dirs(path: Path) -> Path:
+    """Create the directories of path that do not exist yet, 0700; existing ones (/tmp, a
+    user's directory a carried file lands in) are left exactly as they are."""
+    _create(path)
+    return path
+
+
 def private_dir(path: Path) -> Path:
     """Create path (and any missing parents) 0700; an existing path is brought to 0700.
 
     Parents that already exist are left alone (/var/lib, /tmp); ones created here are
     migrd's own and are made 0700 too.
     """
+    if not _create(path) and stat.S_IMODE(path.stat().st_mode) != DIR_MODE:
+        os.chmod(path, DIR_MODE)
+    return path
+
+
+def _create(path: Path) -> bool:
+    """Create path and its missing parents 0700; False when path existed already."""
     missing: list[Path] = []
     p = path
     while not p.exists():
@@ -35,11 +49,9 @@ def private_dir(path: Path) -> Path:
         try:
             os.mkdir(d, DIR_MODE)
         except FileExistsError:
-            pass  # created concurrently (another migrctl); its mode is repaired below
+            pass  # created concurrently (another migrctl); made 0700 just below
         os.chmod(d, DIR_MODE)
-    if not missing and stat.S_IMODE(path.stat().st_mode) != DIR_MODE:
-        os.chmod(path, DIR_MODE)
-    return path
+    return bool(missing)
 
 
 def open_private(path: Path, flags: int) -> int:

@@ -371,44 +371,18 @@ class Connection:
                     progress: ProgressFn | None = None, compression: str | None = None) -> TransferStats:
         """Stream a checkpoint directory to remote_dir on the peer over one exec channel;
         the peer's `migrctl receive` verifies everything before the directory appears."""
+        with self.image_sink(remote_dir, compression) as sink:
+            return sink.send(Path(local_dir), progress)
+
+    def image_sink(self, remote_dir: str | os.PathLike[str], compression: str | None = None) -> ImageSink:
+        """`migrctl receive` started on the peer and waiting for a checkpoint directory: open
+        it before a freeze, so its session and Python start-up are not downtime."""
         compression = compression or self.cfg.ssh.compression
         if compression not in receive.COMPRESSIONS:
             raise ConfigError(f"ssh.compression: unknown value {compression!r} (known: {', '.join(receive.COMPRESSIONS)})")
-        raw, m = receive.manifest_bytes(Path(local_dir))
-        total = receive.stream_size(len(raw), [f.size for f in m.files.values()])
-        args = ["receive", os.fspath(remote_dir), "--manifest-sha256", hashlib.sha256(raw).hexdigest(),
-                "--compression", compression]
-        timeout = self.cfg.ssh.op_timeout
-        pieces = _wire_pieces(receive.image_stream(Path(local_dir), raw, sorted(m.files), self.tuning.chunk),
-                              compression, self.tuning.zstd_level)
-        if self.tuning.pipeline:
-            pieces = _prefetch(pieces, depth=8)
-        start = time.monotonic()
-        chan = self._exec([*self.cfg.ssh.remote_migrctl, *args], timeout)
-        done = wire = 0
-        try:
-            try:
-                for plain, data in pieces:
-                    self._send_all(chan, memoryview(data), "sending images")
-                    done += plain
-                    wire += len(data)
-                    if progress:
-                        progress(done, total)
-                chan.shutdown_write()
-            except _PeerClosed:
-                pass  # the receiver quit early; its exit status and message say why
-            result = self._finish(chan, "migrctl receive", timeout)
-        finally:
-            chan.close()
-            close = getattr(pieces, "close", None)
-            if close:
-                close()
-        seconds = time.monotonic() - start
-        if result.status != 0:
-            msg = _remote_error(result)
-            cls = ImageError if result.status == ImageError.exit_code else TransportError
-            raise cls(f"{self.where}: receiving into {remote_dir} failed: {msg}")
-        return TransferStats(bytes=len(raw) + m.image_bytes, seconds=seconds, wire_bytes=wire)
+        args = ["receive", os.fspath(remote_dir), "--manifest-sha256", "-", "--compression", compression]
+        return ImageSink(self, self._exec([*self.cfg.ssh.remote_migrctl, *args], self.cfg.ssh.op_timeout),
+                         os.fspath(remote_dir), compression)
 
     # --- data files ------------------------------------------------------------------------
 
@@ -486,6 +460,72 @@ class Connection:
         finally:
             chan.close()
         return LinkEstimate(rtt_s=statistics.median(samples[1:]), bandwidth_bytes_per_s=sent / seconds)
+
+
+class ImageSink:
+    """A `migrctl receive` session on the peer, waiting for one checkpoint directory."""
+
+    def __init__(self, conn: Connection, chan: paramiko.Channel, remote_dir: str, compression: str) -> None:
+        self.conn = conn
+        self.chan = chan
+        self.remote_dir = remote_dir
+        self.compression = compression
+
+    def send(self, local_dir: Path, progress: ProgressFn | None = None) -> TransferStats:
+        conn = self.conn
+        raw, m = receive.manifest_bytes(local_dir)
+        total = receive.stream_size(len(raw), [f.size for f in m.files.values()])
+        pieces = _wire_pieces(receive.image_stream(local_dir, raw, sorted(m.files), conn.tuning.chunk),
+                              self.compression, conn.tuning.zstd_level)
+        if conn.tuning.pipeline:
+            pieces = _prefetch(pieces, depth=8)
+        start = time.monotonic()
+        done = wire = 0
+        try:
+            try:
+                # The receiver reads the manifest's sha256 first: it was not known when it started.
+                conn._send_all(self.chan, memoryview(hashlib.sha256(raw).hexdigest().encode() + b"\n"),
+                               "sending images")
+                for plain, data in pieces:
+                    conn._send_all(self.chan, memoryview(data), "sending images")
+                    done += plain
+                    wire += len(data)
+                    if progress:
+                        progress(done, total)
+                self.chan.shutdown_write()
+            except _PeerClosed:
+                pass  # the receiver quit early; its exit status and message say why
+            result = conn._finish(self.chan, "migrctl receive", conn.cfg.ssh.op_timeout)
+        finally:
+            self.chan.close()
+            close = getattr(pieces, "close", None)
+            if close:
+                close()
+        seconds = time.monotonic() - start
+        if result.status != 0:
+            msg = _remote_error(result)
+            cls = ImageError if result.status == ImageError.exit_code else TransportError
+            raise cls(f"{conn.where}: receiving into {self.remote_dir} failed: {msg}")
+        return TransferStats(bytes=len(raw) + m.image_bytes, seconds=seconds, wire_bytes=wire)
+
+    def close(self) -> None:
+        """Give up: the receiver sees EOF before a whole stream and leaves nothing behind; wait
+        for it to have ended, so that a rollback's clean-up there comes after its own."""
+        if self.chan.closed:
+            return
+        try:
+            self.chan.shutdown_write()
+            self.conn._finish(self.chan, "migrctl receive", 15.0)
+        except (OSError, EOFError, paramiko.SSHException, TransportError):
+            pass  # gone already: nothing of it is left to wait for
+        finally:
+            self.chan.close()
+
+    def __enter__(self) -> ImageSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Conversation:

@@ -91,6 +91,16 @@ def peer_lazy(mid: str, name: str | None, stdout: str | None, address: str | Non
     peer_mod.lazy(load_config(), mid, name, stdout, address, lazy.fd_link())
 
 
+@peer.command("files")
+@json_option
+def peer_files(as_json: bool) -> None:
+    """Receive the files a migration carries: ready at once, then headers and bytes on stdin
+    until EOF (started before the freeze, like `peer restore --await-go`)."""
+    click.echo(json.dumps({"ready": True}))
+    sys.stdout.flush()
+    click.echo(json.dumps({"files": peer_mod.receive_files(0)}))
+
+
 @peer.command("start")
 @click.argument("mid")
 @json_option

@@ -307,12 +307,13 @@ Begin = Callable[..., None]
 
 def move(cfg: Config, conn: Connection, pid: int, start_time: float, images: Path, mid: str,
          begin: Begin, record: Begin, *, name: str | None = None, stdout: str | None = None,
-         address: str | None = None, carry: tuple[str, ...] = (), tcp_established: bool = False,
+         address: str | None = None, send_carried: Callable[[], int] = lambda: 0, tcp_established: bool = False,
          pass_fds: tuple[int, ...] = (), verify: Callable[[dict[str, Any]], None] | None = None,
          dumped: Callable[[], dict[str, Any]] | None = None) -> Moved:
     """Move pid to conn's host with post-copy. begin(step, **data) journals a step (and may
-    raise: a failpoint, a stop request); record(state, **data) only journals. carry: files
-    copied to the same path there after the dump (the workload's stdout log). verify(seen)
+    raise: a failpoint, a stop request); record(state, **data) only journals. send_carried()
+    copies the files that travel to the same paths there after the dump (the workload's stdout
+    log) and returns their bytes. verify(seen)
     checks the copy there as it reported itself; dumped() runs once the images are complete
     and returns more data for the transfer step's journal record.
 
@@ -333,7 +334,7 @@ def move(cfg: Config, conn: Connection, pid: int, start_time: float, images: Pat
         src.criu_started()
         begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
               image_bytes=ck.manifest.image_bytes, **(dumped() if dumped else {}))
-        sent = sum(conn.put_file(Path(f), f) for f in carry)
+        sent = send_carried()
         sent += src.link.send_images(images)
         begin("restore", bytes=sent)
         r = src.expect("pid", cfg.ssh.op_timeout)

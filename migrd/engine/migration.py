@@ -23,6 +23,7 @@ import socket
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from migrd.adapters import netaddr, procinfo, untrusted, workloads
+from migrd.adapters import netaddr, procinfo, transport, untrusted, workloads
 from migrd.adapters.criu import find_criu
 from migrd.config import Config
 from migrd.core import binding, precheck
@@ -141,6 +142,15 @@ class Recorded:
     nft_tables: tuple[str, ...] = ()
     target_files: dict[str, int | None] = field(default_factory=dict)
     address_interface: str | None = None
+
+
+@dataclass(frozen=True)
+class Switch:
+    """The target's sessions for the switch, open and waiting (see `prepare_switch`)."""
+
+    restoring: peerclient.Restoring
+    images: transport.ImageSink
+    files: peerclient.FilesSink | None
 
 
 class Migration:
@@ -289,21 +299,33 @@ class Migration:
             netaddr.delete(address)
             self.j.record("address_released", address_interface=iface)
 
-    def send_carried(self, target: peerclient.Target) -> int:
-        return sum(target.put_file(Path(path)) for path in self.data["carry"])
+    def send_carried(self, sink: peerclient.FilesSink | None) -> int:
+        return sink.send([Path(p) for p in self.data["carry"]]) if sink is not None else 0
 
     @contextlib.contextmanager
-    def restore_session(self, target: peerclient.Target) -> Iterator[peerclient.Restoring]:
-        """The target's restore, started and waiting (open it before the freeze). Closed at the
-        end whatever happened: before any rollback, so the target leaves its copy to `peer
-        abort`, and without a restore when the source never said go."""
+    def prepare_switch(self, target: peerclient.Target) -> Iterator[Switch]:
+        """Everything the target needs after the freeze, started and waiting before it: the
+        restore (`peer restore --await-go`), the image receiver and, when files travel, the
+        files receiver. Their SSH sessions and Python start-ups run in parallel and cost no
+        downtime. Closed at the end whatever happened: before any rollback, so the target
+        leaves its copy to `peer abort`, and without a restore when the source never said go."""
         d = self.data
-        restoring = target.prepare_restore(name=d.get("workload"), stdout=d.get("stdout"),
-                                           address=self.opts.move_address)
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(target.prepare_restore, name=d.get("workload"), stdout=d.get("stdout"),
+                                   address=self.opts.move_address),
+                       pool.submit(target.image_sink, self.remote_images),
+                       pool.submit(target.files_sink) if d["carry"] else None]
+        done = [f for f in futures if f is not None]
+        opened = [f.result() for f in done if f.exception() is None]
+        failed = next((f.exception() for f in done if f.exception() is not None), None)
         try:
-            yield restoring
+            if failed is not None:
+                raise failed
+            restoring, images, *files = opened
+            yield Switch(restoring, images, files[0] if files else None)
         finally:
-            restoring.close()
+            for session in opened:
+                session.close()
 
     def restore_there(self, target: peerclient.Target, restoring: peerclient.Restoring,
                       page_bytes: int | None) -> None:

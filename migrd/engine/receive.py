@@ -296,6 +296,17 @@ class _RawRead:
         self.read = read
 
 
+def read_line(fd: int, limit: int) -> bytes:
+    """One line from fd, byte by byte so that nothing after it is consumed (the stream follows
+    on the same descriptor); at most limit bytes before the newline."""
+    line = bytearray()
+    while (b := os.read(fd, 1)) not in (b"", b"\n"):
+        line += b
+        if len(line) > limit:
+            raise ImageError(f"the sender's first line is longer than {limit} bytes")
+    return bytes(line)
+
+
 def receive_fd(fd: int, directory: Path, manifest_sha256: str, compression: str = "none") -> manifest.Manifest:
     """Receive from a file descriptor (stdin under sshd)."""
     if stat.S_ISFIFO(os.fstat(fd).st_mode):

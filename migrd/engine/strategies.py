@@ -83,17 +83,17 @@ class StopCopy(Strategy):
                "whole memory crosses while it is frozen")
 
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
-        with run.restore_session(target) as restoring:  # ready before the freeze
+        with run.prepare_switch(target) as switch:  # the target waits before the freeze
             run.begin("checkpoint", strategy=self.name)
             freeze = time.time()
             ck = run.dump(leave_stopped=False, page_server_fd=None)
             run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
                       image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
             run.release_address()
-            moved = run.send_carried(target)
-            stats = target.send_images(run.images, run.remote_images, progress)
+            moved = run.send_carried(switch.files)
+            stats = switch.images.send(run.images, progress)
             run.begin("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
-            run.restore_there(target, restoring, page_bytes=None)
+            run.restore_there(target, switch.restoring, page_bytes=None)
 
 
 class StreamCopy(Strategy):
@@ -118,7 +118,7 @@ class StreamCopy(Strategy):
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
         # The target's page server and restore are up (their sessions and Pythons started)
         # before the freeze.
-        with run.restore_session(target) as restoring:
+        with run.prepare_switch(target) as switch:
             run.begin("checkpoint", strategy=self.name, streamed=True)
             with target.page_stream(progress, run.info.rss) as pages:
                 freeze = time.time()
@@ -128,10 +128,10 @@ class StreamCopy(Strategy):
                       image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
                       nft_tables=run.dump_tables())
             run.release_address()
-            moved = run.send_carried(target)
-            stats = target.send_images(run.images, run.remote_images, progress)
+            moved = run.send_carried(switch.files)
+            stats = switch.images.send(run.images, progress)
             run.begin("restore", bytes=stats.bytes + moved + page_bytes, transfer_seconds=round(stats.seconds, 4))
-            run.restore_there(target, restoring, page_bytes=page_bytes)
+            run.restore_there(target, switch.restoring, page_bytes=page_bytes)
 
 
 class Restart(Strategy):
@@ -149,7 +149,12 @@ class Restart(Strategy):
         # SIGTERM first, then SIGKILL: a PID namespace's init ignores SIGTERM unless it handles it.
         workloads.end(info.pid, info.start_time, (signal.SIGTERM, signal.SIGKILL), grace=2.0)
         run.begin("transfer")
-        moved = run.send_carried(target)
+        sink = target.files_sink() if run.data["carry"] else None
+        try:
+            moved = run.send_carried(sink)
+        finally:
+            if sink is not None:
+                sink.close()
         run.begin("restore", bytes=moved)
         r = target.start(info.cmdline, info.cwd, info.environ, run.data.get("workload"))
         run.begin("verify", target_pid=r.pid)
@@ -208,9 +213,15 @@ class PostCopy(Strategy):
 
         pid, start_time = run.source
         d = run.data
-        lazy.move(run.cfg, target.conn, pid, start_time, run.images, run.j.id, run.begin, run.j.record,
-                  name=d.get("workload"), stdout=d.get("stdout"), address=run.opts.move_address,
-                  carry=tuple(d.get("carry", ())), pass_fds=(run.lock_fd,), verify=verify, dumped=dumped)
+        sink = target.files_sink() if d["carry"] else None  # started before the freeze
+        try:
+            lazy.move(run.cfg, target.conn, pid, start_time, run.images, run.j.id, run.begin, run.j.record,
+                      name=d.get("workload"), stdout=d.get("stdout"), address=run.opts.move_address,
+                      send_carried=lambda: run.send_carried(sink), pass_fds=(run.lock_fd,), verify=verify,
+                      dumped=dumped)
+        finally:
+            if sink is not None:
+                sink.close()
         # Every page is there: what the driver's commit does after the resume.
         self.reap_source(run)
         for table in run.data.get("nft_tables", []):

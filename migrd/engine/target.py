@@ -129,6 +129,58 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     private.write_atomic(path, json.dumps(data))
 
 
+@dataclass(frozen=True)
+class CarriedFile:
+    """One file the source copies to the same path here (the header before its bytes)."""
+
+    path: str
+    size: int
+    mode: int
+    sha256: str
+
+
+#: A header line is a path and three small fields; anything longer is not one.
+MAX_HEADER = 8192
+
+
+def receive_files(infd: int = 0) -> dict[str, int]:
+    """Files the source carries (`migrctl peer files`): on infd, a JSON header line then the
+    bytes of each file, until EOF. Each is written beside its final path and renamed over it
+    only once its sha256 matched; missing parents are created 0700. Returns path -> size."""
+    from migrd.engine.manifest import sha256_file
+    from migrd.engine.receive import read_line
+
+    out: dict[str, int] = {}
+    while line := read_line(infd, MAX_HEADER):
+        f = untrusted.build(CarriedFile, untrusted.loads(line, InputError, "a carried file's header"),
+                            InputError, "a carried file's header")
+        dest = Path(f.path)
+        if not dest.is_absolute() or ".." in dest.parts or f.size < 0 or not 0 <= f.mode <= 0o7777:
+            raise InputError(f"refusing a carried file {f.path!r} (size {f.size}, mode {f.mode:o})")
+        private.missing_dirs(dest.parent)
+        tmp = dest.with_name(f".{dest.name}.migrd-part")
+        fd = private.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
+        try:
+            left = f.size
+            while left:
+                chunk = os.read(infd, min(left, 1 << 20))
+                if not chunk:
+                    raise InputError(f"the source stopped in the middle of {f.path}")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                left -= len(chunk)
+            os.fchmod(fd, f.mode)
+        finally:
+            os.close(fd)
+        if sha256_file(tmp) != f.sha256:
+            tmp.unlink(missing_ok=True)
+            raise ImageError(f"{f.path} arrived altered (sha256 mismatch)")
+        os.replace(tmp, dest)
+        out[f.path] = f.size
+    return out
+
+
 def pages(cfg: Config, mid: str, compression: str) -> None:
     """Receive a dump's pages on stdin (answering on stdout) into incoming/ID/pages, and
     record what arrived in pages.json for the restore to check against the source's count."""
