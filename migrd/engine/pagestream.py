@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import zstandard
 
 from migrd.adapters.criu import Criu
-from migrd.errors import ImageError, TransportError
+from migrd.errors import CriuError, ImageError, TransportError
 
 if TYPE_CHECKING:  # the target side must not pay for importing paramiko
     from migrd.adapters.transport import Conversation
@@ -154,10 +154,17 @@ class Sender:
                 s.close()
         # A dump that failed because the target's page server gave up only says "the page
         # server doesn't answer"; the target's own message (a full disk, say) is the cause.
-        # When the dump itself failed, the target only saw the stream stop: CRIU's line stands.
+        # When the dump failed by itself, the target only saw the stream stop. Which one came
+        # first cannot be told from here, so a CRIU failure keeps its own line first and gets
+        # the target's beside it.
         failure = self._target_failure(5.0)
-        if failure and failure != SOURCE_GONE and exc is not None and not isinstance(exc, TransportError):
-            raise TransportError(f"{self.talk.conn.where}: receiving the pages failed: {failure}") from exc
+        if not failure or failure == SOURCE_GONE or exc is None or isinstance(exc, TransportError):
+            return
+        where = self.talk.conn.where
+        if isinstance(exc, CriuError):
+            lines = [*exc.error_lines[:1], f"{where}: the page server: {failure}", *exc.error_lines[1:]]
+            raise CriuError(exc.action, lines, exc.log_path) from exc
+        raise TransportError(f"{where}: receiving the pages failed: {failure}") from exc
 
 
 def serve(criu: Criu, pages: Path, log: Path, compression: str, timeout: float,
