@@ -191,6 +191,40 @@ def test_with_files_carries_open_data_file(mig, run_in, tmp_path):
         end_copies(str(out))
 
 
+#: Keeps one file open for writing (not append) and grows it every 20 ms: a log on storage both
+#: hosts share. CRIU checks such a file's size on restore; only the freeze stops its growth.
+GROWER = """
+import sys, time  # migrd-workload
+f = open(sys.argv[1], "w")
+n, deadline = 0, time.time() + 3600
+while time.time() < deadline:
+    n += 1
+    f.write(f"{n}\\n")
+    f.flush()
+    time.sleep(0.02)
+"""
+
+
+def test_growing_file_on_shared_storage_moves_and_is_never_copied_onto_itself(mig, bed, tmp_path):
+    """The bed's hosts share /tmp: the file the source saw at its size is there, bigger. The
+    precheck recognises it (filesystem, inode, the bytes read here) and leaves the size to
+    CRIU after the freeze; --with-files does not copy it onto itself (which would empty it)."""
+    out = tmp_path / "grows.log"
+    w = jrun(mig, "host1", "run", "--name", "grow-" + tmp_path.name[-6:], "--", PY, "-c", GROWER, str(out))
+    try:
+        wait_for(lambda: len(read_counts(out)) >= 20, what="grower")
+        res = jrun(mig, "host1", "migrate", w["pid"], "--to", "host2")
+        continues(out, 20)
+        assert copies(str(out)) == [res["target_pid"]]
+        back = jrun(mig, "host2", "migrate", res["target_pid"], "--to", "host1", "--with-files")
+        continues(out, 20)
+        assert copies(str(out)) == [back["target_pid"]]
+        journal = all_journals(bed.host("host2").dir / "state")[-1].merged()
+        assert journal["options"]["with_files"] and str(out) not in journal["carry"]
+    finally:
+        end_copies(str(out))
+
+
 # --- crash safety ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

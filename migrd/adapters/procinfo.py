@@ -3,8 +3,10 @@ description and behind "may this PID be checkpointed at all"."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from migrd.errors import InputError, NotPermitted
-from migrd.model import Listener, OpenFile, ProcessInfo
+from migrd.model import FileIdentity, Listener, OpenFile, ProcessInfo
 
 
 def parse_pid(text: str | int) -> int:
@@ -50,6 +52,36 @@ def _listening(p: psutil.Process) -> tuple[Listener, ...]:
     return tuple(sorted(set(out), key=lambda s: (s.port, s.family, s.address)))
 
 
+#: Bytes digested at each end of a file for its identity: enough to tell two files apart that
+#: merely share a filesystem ID and inode number (disks cloned from one image), cheap to read.
+_IDENTITY_BYTES = 4096
+
+
+def file_identity(path: str, upto: int | None = None) -> FileIdentity | None:
+    """path's identity over its first `upto` bytes (default: its current size); None when it
+    cannot be read. A file shorter than `upto` gets an empty digest: it matches nothing."""
+    try:
+        # Non-blocking: the same path may name a FIFO or a device on the other host.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            fsid = os.fstatvfs(f.fileno()).f_fsid
+            size = st.st_size if upto is None else upto
+            if st.st_size < size:
+                return FileIdentity(fsid, st.st_ino, size, "")
+            h = hashlib.sha256(f.read(min(size, _IDENTITY_BYTES)))
+            f.seek(max(0, size - _IDENTITY_BYTES))
+            h.update(f.read(min(size, _IDENTITY_BYTES)))
+    except OSError:
+        return None
+    return FileIdentity(fsid, st.st_ino, size, h.hexdigest())
+
+
 def _open_files(p: psutil.Process) -> tuple[OpenFile, ...]:
     files = []
     for f in p.open_files():
@@ -57,7 +89,8 @@ def _open_files(p: psutil.Process) -> tuple[OpenFile, ...]:
             size: int | None = os.stat(f.path).st_size
         except OSError:
             size = None  # deleted or unreachable; CRIU handles deleted files itself
-        files.append(OpenFile(f.path, f.fd, f.mode, size))
+        files.append(OpenFile(f.path, f.fd, f.mode, size,
+                              file_identity(f.path, size) if size is not None else None))
     return tuple(sorted(files, key=lambda f: f.fd))
 
 

@@ -246,14 +246,17 @@ class Migration:
             ports=tuple(sorted({s.port for s in info.listening})),
             files=tuple((f.path, f.size) for f in info.open_files), carry=tuple(carry),
             with_files=opts.with_files, move_address=opts.move_address,
-            headroom=self.cfg.migrate.headroom, cpuinfo=cpuinfo)
+            headroom=self.cfg.migrate.headroom, cpuinfo=cpuinfo,
+            identities={f.path: f.identity for f in info.open_files if f.identity})
         resp = _migrctl_json(conn, ["peer", "precheck"], asdict(req))
         problems = local + resp["problems"]
         if problems:
             self.j.record("refused", reason="; ".join(problems))
             raise PrecheckFailed(f"cannot migrate PID {info.pid} to {opts.target}: " + "; ".join(problems))
+        # A file the target may see already (shared storage) is never copied onto itself.
         self.j.record("prechecked", remote_images=resp["incoming"],
-                      target_files={p: s for p, s in resp["facts"]["files"].items()})
+                      target_files={p: s for p, s in resp["facts"]["files"].items()},
+                      carry=[p for p in carry if p not in resp.get("not_to_copy", ())])
         return resp["incoming"]
 
     def forward(self, conn: transport.Connection, info: ProcessInfo, opts: Options,
