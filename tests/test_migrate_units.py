@@ -10,7 +10,7 @@ import time
 import pytest
 
 from migrd.engine import failpoints
-from migrd.adapters import netaddr, procinfo, untrusted
+from migrd.adapters import criu, netaddr, procinfo, untrusted
 from migrd.core import precheck
 from migrd.config import MigrateSettings
 from migrd.errors import MigrdError
@@ -222,3 +222,33 @@ def test_dump_tables_are_found_by_the_run_id_in_the_inventory():
     tables = {f"inet CRIU-{ours}", f"inet CRIU-{theirs}", "inet filter", "inet CRIU-"}
     assert netaddr.tables_of_dump(tables, inventory) == [f"inet CRIU-{ours}"]
     assert netaddr.tables_of_dump(tables, b"") == []
+
+
+NOBODY = (65534,) * 6
+
+
+def test_criu_dumps_as_the_service_user_only_when_root_cannot_read_its_limits():
+    no_sys_resource = 0x1fffeffffff  # root in a container: every capability but CAP_SYS_RESOURCE
+    assert criu.dump_user([NOBODY, NOBODY], no_sys_resource) == (65534, 65534)
+    assert criu.dump_user([NOBODY], no_sys_resource | 1 << criu.CAP_SYS_RESOURCE) is None  # root can
+    assert criu.dump_user([(0,) * 6], no_sys_resource) is None
+    assert criu.dump_user([NOBODY, (0,) * 6], no_sys_resource) is None  # two users: no one ID fits
+    assert criu.dump_user([(1000, 1000, 0, 1000, 1000, 1000)], no_sys_resource) is None  # saved root
+    assert criu.dump_user([], no_sys_resource) is None
+
+
+def test_criu_as_user_keeps_the_capabilities_root_has():
+    prefix = criu.as_user_prefix(65534, 65534, 0b1011, 3)
+    assert prefix[:4] == ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    assert "--inh-caps=+all,-cap_2" in prefix and "--ambient-caps=+all,-cap_2" in prefix
+    assert prefix[-1] == "--"
+
+
+def test_unprivileged_pid_namespace_init_cannot_get_a_proc():
+    def status(nspid: str, caps: int) -> str:
+        return f"Name:\tpython3\nNSpid:\t{nspid}\nCapEff:\t{caps:016x}\n"
+
+    assert procinfo.proc_unreachable(status("4242\t1", 0))
+    assert not procinfo.proc_unreachable(status("4242\t1", 1 << procinfo.CAP_SYS_ADMIN))  # root init
+    assert not procinfo.proc_unreachable(status("4242", 0))  # host PID space: /proc is its own
+    assert not procinfo.proc_unreachable(status("4242\t7", 0))  # not the init

@@ -43,6 +43,26 @@ def session_outside(status_text: str) -> bool:
     return ns_chain(status_text, "NSsid")[-1:] == [0]
 
 
+#: Mounting a /proc needs this capability.
+CAP_SYS_ADMIN = 21
+
+
+def proc_unreachable(status_text: str) -> bool:
+    """True for the init of its own PID namespace that may not mount a /proc (a service user
+    without CAP_SYS_ADMIN): CRIU's parasite needs, inside the task, a /proc of the task's own
+    PID namespace and mounts one when the task sees its parent's; CRIU refuses "can't dump
+    unprivileged task whose /proc doesn't belong to it"."""
+    return ns_chain(status_text)[-1:] == [1] and not capabilities(status_text) >> CAP_SYS_ADMIN & 1
+
+
+def capabilities(status_text: str) -> int:
+    """The effective capability mask in a /proc/PID/status text."""
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
 def _listening(p: psutil.Process) -> tuple[Listener, ...]:
     out = []
     for c in p.net_connections(kind="inet"):
@@ -103,6 +123,22 @@ def _tree_ids(p: psutil.Process) -> tuple[int, ...]:
         except psutil.NoSuchProcess:
             pass
     return tuple(sorted(ids))
+
+
+def tree_creds(pid: int) -> list[tuple[int, ...]]:
+    """(uid, euid, suid, gid, egid, sgid) of pid and every descendant still there."""
+    out = []
+    try:
+        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in tree:
+        try:
+            u, g = p.uids(), p.gids()
+        except psutil.NoSuchProcess:
+            continue
+        out.append((u.real, u.effective, u.saved, g.real, g.effective, g.saved))
+    return out
 
 
 def checkable(pid: int) -> psutil.Process:
