@@ -323,11 +323,25 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class FileIdentity:
+    """What makes an open file recognisable as the very same file from another host that
+    shares its storage: its filesystem's ID (statfs f_fsid; NFS clients report the server's)
+    and inode number, plus a digest of its first and last bytes up to `size` (a file that
+    only grew since keeps those bytes)."""
+
+    fsid: int
+    inode: int
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
 class OpenFile:
     path: str
     fd: int
     mode: str
     size: int | None
+    identity: FileIdentity | None = None
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,25 @@ def test_usable_peers_ignores_stale_and_unprobed():
 def test_options_and_modes():
     stay = Decision(Action.STAY, Mode.OFFLOAD, Level.HIGH, "a")
     assert agent_mod.options_for(stay) is None
-    move = replace(stay, action=Action.MIGRATE_WITH_DATA, pid=5, target="b")
-    assert agent_mod.options_for(move) == migrate.Options(target="b", mode="move")
+    move = replace(stay, action=Action.MIGRATE, pid=5, target="b")
+    assert agent_mod.options_for(move, [cand(5)]) == migrate.Options(target="b", mode="move")
     assert agent_mod.options_for(replace(move, action=Action.RESTART_ELSEWHERE)).mode == "restart"
     assert step_mod.own_mode("fill") is None and step_mod.own_mode("consolidate") is Mode.CONSOLIDATE
+
+
+def test_options_carry_the_data_exactly_when_it_was_priced():
+    """"Migrate with its data" is priced with the data's bytes: the migration copies the files."""
+    here = Decision(Action.MIGRATE_WITH_DATA, Mode.OFFLOAD, Level.HIGH, "a", pid=5, target="b")
+    data = cand(5, files=50 * 2**20)
+    assert agent_mod.options_for(here, [cand(4), data]) == migrate.Options(target="b", mode="move", with_files=True)
+    # A plain move, and code going to data on another host, copy no files.
+    assert not agent_mod.options_for(replace(here, action=Action.MIGRATE), [data]).with_files
+    remote = cand(5, files=50 * 2**20, data_host="b")
+    assert not agent_mod.options_for(replace(here, action=Action.MOVE_CODE_TO_DATA), [remote]).with_files
+    # A restart is priced with code + the data here; with the data on its target, code only.
+    restart = replace(here, action=Action.RESTART_ELSEWHERE)
+    assert agent_mod.options_for(restart, [data]) == migrate.Options(target="b", mode="restart", with_files=True)
+    assert not agent_mod.options_for(restart, [remote]).with_files
 
 
 def test_fill_source_only_when_idle_in_fill_mode():
@@ -160,7 +175,8 @@ def make_agent(tmp_path, monkeypatch):
 
     monkeypatch.setattr(agent_mod.migrate, "migrate", fake_migrate)
 
-    def make(local: float = 2.0, peer_load: float = 0.1, mode: str = "offload", share: float = 0.5):
+    def make(local: float = 2.0, peer_load: float = 0.1, mode: str = "offload", share: float = 0.5,
+             files: int = 0):
         cfg = Config(host="a", state_dir=tmp_path / "state",
                      hosts=(HostEntry("a", "198.18.0.1"), HostEntry("b", "198.18.0.2")),
                      policy=PolicyConfig(hold_s=0.0),
@@ -168,7 +184,8 @@ def make_agent(tmp_path, monkeypatch):
         a = agent_mod.Agent(cfg, env={})
         a.source = FakeSource(local)
         a.peers.readers = {"b": FakeReader(view("b", peer_load))}
-        a._candidates = lambda: (cand(101, age=600, share=share), cand(102, age=1.0))  # type: ignore[method-assign]
+        a._candidates = lambda: (cand(101, age=600, share=share, files=files),  # type: ignore[method-assign]
+                                 cand(102, age=1.0))
         a.calls = calls
         return a
 
@@ -187,6 +204,14 @@ def test_round_offloads_then_cools_down(make_agent):
     assert recs[0]["reasons"] and recs[1]["action"] == "stay"
     published = exchange.Snapshot.from_json((a.cfg.state_dir / exchange.SNAPSHOT).read_bytes())
     assert published.level == "high" and published.load.host == "a"
+
+
+def test_round_moves_the_data_it_priced(make_agent):
+    a = make_agent(files=4 << 20)
+    d = a.round()
+    assert d.action is Action.MIGRATE_WITH_DATA and d.pid == 101
+    assert d.estimate is not None and d.estimate.transfer_bytes == 100 * 10**6 + (4 << 20)  # rss + the data
+    assert a.calls == [(101, migrate.Options(target="b", with_files=True))]
 
 
 def test_paused_agent_decides_but_does_not_move(make_agent):

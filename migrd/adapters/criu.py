@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from migrd.adapters import command, private
+from migrd.adapters import command, private, procinfo
 from migrd.config import Config
 from migrd.errors import CriuError, MigrdError
 
@@ -119,6 +119,33 @@ def lazy_stats(log_text: str, page_size: int = 4096) -> LazyStats:
     return LazyStats(copied, total, on_demand, faults)
 
 
+#: Root reads the resource limits (prlimit) of a task with other user IDs only with this
+#: capability, which root lacks in many containers (and on the machines the bed runs on).
+CAP_SYS_RESOURCE = 24
+
+
+def dump_user(creds: list[tuple[int, ...]], caps: int) -> tuple[int, int] | None:
+    """Who CRIU's dump runs as (pure): None for root as usual; (uid, gid) of the tree's one
+    service user when root cannot read that user's rlimits (no CAP_SYS_RESOURCE). CRIU then
+    runs with the tasks' own user ID, keeping root's other capabilities, and the kernel lets
+    a task read the limits of tasks with its IDs. creds: (uid, euid, suid, gid, egid, sgid)
+    of every task of the tree."""
+    if caps >> CAP_SYS_RESOURCE & 1 or len(set(creds)) != 1:
+        return None
+    uid, euid, suid, gid, egid, sgid = creds[0]
+    if uid == 0 or len({uid, euid, suid}) != 1 or len({gid, egid, sgid}) != 1:
+        return None
+    return uid, gid
+
+
+def as_user_prefix(uid: int, gid: int, caps: int, last_cap: int) -> list[str]:
+    """argv prefix that runs a program as uid/gid with the capabilities in caps kept (as
+    ambient capabilities, which survive exec for a non-root user)."""
+    spec = ",".join(["+all", *(f"-cap_{n}" for n in range(last_cap + 1) if not caps >> n & 1)])
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            f"--inh-caps={spec}", f"--ambient-caps={spec}", "--"]
+
+
 @dataclass(frozen=True)
 class CheckReport:
     path: str
@@ -150,8 +177,9 @@ class Criu:
         self.path = str(path)
         self.network_lock = network_lock
 
-    def _run(self, args: list[str], timeout: float | None = 600, pass_fds: tuple[int, ...] = ()):
-        return command.run([self.path, *args], check=False, timeout=timeout, pass_fds=pass_fds)
+    def _run(self, args: list[str], timeout: float | None = 600, pass_fds: tuple[int, ...] = (),
+             prefix: tuple[str, ...] = ()):
+        return command.run([*prefix, self.path, *args], check=False, timeout=timeout, pass_fds=pass_fds)
 
     def version(self) -> str:
         return parse_version(self._run(["--version"], 30).stdout.decode(errors="replace"))
@@ -186,12 +214,22 @@ class Criu:
     def dump(self, pid: int, images: Path, log: Path, *, leave_running: bool = False,
              leave_stopped: bool = False, tcp_established: bool = False, shell_job: bool = False,
              page_server_fd: int | None = None,
-             extra: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> DumpResult:
+             extra: list[str] | None = None, pass_fds: tuple[int, ...] = (),
+             as_user: tuple[int, int] | None = None) -> DumpResult:
         """pass_fds: descriptors CRIU inherits, e.g. a lock that must stay held while CRIU
         runs even if its caller dies. page_server_fd: a connected socket to a page server;
-        the memory pages go there instead of into images."""
+        the memory pages go there instead of into images. as_user: (uid, gid) to run CRIU as
+        (see dump_user); its files are then that user's until restrict_files."""
         args = ["dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4",
                 "--network-lock", self.network_lock]
+        prefix: tuple[str, ...] = ()
+        if as_user is not None:
+            caps = procinfo.capabilities(Path("/proc/self/status").read_text())
+            last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+            prefix = tuple(as_user_prefix(*as_user, caps, last_cap))
+            # CRIU insists on this flag for any non-root user; with root's capabilities kept
+            # it dumps as root would.
+            args.append("--unprivileged")
         args += ["--leave-running"] if leave_running else []
         args += ["--leave-stopped"] if leave_stopped else []
         if page_server_fd is not None:
@@ -200,7 +238,7 @@ class Criu:
         args += ["--tcp-established"] if tcp_established else []
         args += ["--shell-job"] if shell_job else []
         t0 = time.monotonic()
-        cp = self._run(args + (extra or []), pass_fds=pass_fds)
+        cp = self._run(args + (extra or []), pass_fds=pass_fds, prefix=prefix)
         if cp.returncode != 0:
             raise self._fail("dump", log, cp.stderr)
         return DumpResult(time.monotonic() - t0, log)

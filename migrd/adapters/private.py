@@ -96,10 +96,12 @@ def fsync_dir(directory: Path) -> None:
 
 
 def restrict_files(directory: Path) -> None:
-    """Make every regular file directly in directory 0600 (CRIU writes its images 0644 less
-    the umask of whoever ran it)."""
+    """Make every regular file directly in directory ours and 0600 (CRIU writes its images
+    0644 less the umask of whoever ran it, as the user it ran as)."""
     for entry in os.scandir(directory):
         if entry.is_file(follow_symlinks=False):
+            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+                os.chown(entry.path, os.geteuid(), os.getegid(), follow_symlinks=False)
             os.chmod(entry.path, FILE_MODE)
 
 

@@ -3,8 +3,10 @@ description and behind "may this PID be checkpointed at all"."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from migrd.errors import InputError, NotPermitted
-from migrd.model import Connection, Listener, OpenFile, ProcessInfo
+from migrd.model import Connection, FileIdentity, Listener, OpenFile, ProcessInfo
 
 
 def parse_pid(text: str | int) -> int:
@@ -39,6 +41,26 @@ def session_outside(status_text: str) -> bool:
     namespace, e.g. the kernel's session 0 that PID 1 and everything it starts without setsid
     belong to. CRIU cannot dump such a process, not even with --shell-job."""
     return ns_chain(status_text, "NSsid")[-1:] == [0]
+
+
+#: Mounting a /proc needs this capability.
+CAP_SYS_ADMIN = 21
+
+
+def proc_unreachable(status_text: str) -> bool:
+    """True for the init of its own PID namespace that may not mount a /proc (a service user
+    without CAP_SYS_ADMIN): CRIU's parasite needs, inside the task, a /proc of the task's own
+    PID namespace and mounts one when the task sees its parent's; CRIU refuses "can't dump
+    unprivileged task whose /proc doesn't belong to it"."""
+    return ns_chain(status_text)[-1:] == [1] and not capabilities(status_text) >> CAP_SYS_ADMIN & 1
+
+
+def capabilities(status_text: str) -> int:
+    """The effective capability mask in a /proc/PID/status text."""
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
 
 
 def _listening(p: psutil.Process) -> tuple[Listener, ...]:
@@ -75,6 +97,36 @@ def _devices(tree: list[psutil.Process]) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+#: Bytes digested at each end of a file for its identity: enough to tell two files apart that
+#: merely share a filesystem ID and inode number (disks cloned from one image), cheap to read.
+_IDENTITY_BYTES = 4096
+
+
+def file_identity(path: str, upto: int | None = None) -> FileIdentity | None:
+    """path's identity over its first `upto` bytes (default: its current size); None when it
+    cannot be read. A file shorter than `upto` gets an empty digest: it matches nothing."""
+    try:
+        # Non-blocking: the same path may name a FIFO or a device on the other host.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            fsid = os.fstatvfs(f.fileno()).f_fsid
+            size = st.st_size if upto is None else upto
+            if st.st_size < size:
+                return FileIdentity(fsid, st.st_ino, size, "")
+            h = hashlib.sha256(f.read(min(size, _IDENTITY_BYTES)))
+            f.seek(max(0, size - _IDENTITY_BYTES))
+            h.update(f.read(min(size, _IDENTITY_BYTES)))
+    except OSError:
+        return None
+    return FileIdentity(fsid, st.st_ino, size, h.hexdigest())
+
+
 def _open_files(p: psutil.Process) -> tuple[OpenFile, ...]:
     files = []
     for f in p.open_files():
@@ -82,7 +134,8 @@ def _open_files(p: psutil.Process) -> tuple[OpenFile, ...]:
             size: int | None = os.stat(f.path).st_size
         except OSError:
             size = None  # deleted or unreachable; CRIU handles deleted files itself
-        files.append(OpenFile(f.path, f.fd, f.mode, size))
+        files.append(OpenFile(f.path, f.fd, f.mode, size,
+                              file_identity(f.path, size) if size is not None else None))
     return tuple(sorted(files, key=lambda f: f.fd))
 
 
@@ -95,6 +148,22 @@ def _tree_ids(p: psutil.Process) -> tuple[int, ...]:
         except psutil.NoSuchProcess:
             pass
     return tuple(sorted(ids))
+
+
+def tree_creds(pid: int) -> list[tuple[int, ...]]:
+    """(uid, euid, suid, gid, egid, sgid) of pid and every descendant still there."""
+    out = []
+    try:
+        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in tree:
+        try:
+            u, g = p.uids(), p.gids()
+        except psutil.NoSuchProcess:
+            continue
+        out.append((u.real, u.effective, u.saved, g.real, g.effective, g.saved))
+    return out
 
 
 def checkable(pid: int) -> psutil.Process:

@@ -5,12 +5,21 @@ restore, so the workload never needs its old PID to be free on the target: two h
 a PID space (the embedded bed) or a target where that PID is taken still work, and a rollback
 never races a zombie for its PID. Measured: a plain process restored on the bed waits for PID 1
 to reap the dumped task's zombie (seconds), a PID-namespace workload does not wait at all.
+
+A service that runs as an unprivileged user (`migrctl run --user USER`) is the exception: it
+runs in the host's PID space, with migrctl dropping the rights for it. CRIU needs a /proc of
+the dumped PID namespace from inside its init and mounts one when the init sees its parent's;
+a service user may not mount, so the dump fails. An own mount namespace with its own /proc
+(`unshare --mount-proc`) gets past that, but then CRIU dumps that namespace: the host's whole
+mount tree, which failed here on other namespaces' nsfs mounts and, once made external, on
+restore when the tree had changed; on another host it would rebuild the source's tree.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import signal
 import time
@@ -130,10 +139,21 @@ def check_name(name: str) -> None:
         raise InputError(f"workload name {name!r}: use letters, digits, '.', '_' and '-'")
 
 
+def as_user(user: str) -> list[str]:
+    """argv prefix that runs a program as user (name or number), its primary group and its
+    supplementary groups, as a service manager would."""
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise InputError(f"no user {user!r} on this host") from None
+    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--"]
+
+
 def start(state_dir: Path, cmdline: tuple[str, ...], name: str | None = None,
           cwd: str | None = None, env: dict[str, str] | None = None,
-          host: str | None = None) -> Workload:
-    """Start cmdline detached as the init of a new PID namespace; register and return it."""
+          host: str | None = None, user: str | None = None) -> Workload:
+    """Start cmdline detached as the init of a new PID namespace, or with user as that user
+    in a session of its own; register and return it."""
     if not cmdline:
         raise InputError("no command given (usage: migrctl run -- CMD ARGS...)")
     reg = Registry(state_dir)
@@ -147,13 +167,17 @@ def start(state_dir: Path, cmdline: tuple[str, ...], name: str | None = None,
     # except files opened O_WRONLY|O_APPEND.
     out = private.open_private(out_path, os.O_WRONLY | os.O_APPEND)
     try:
-        # The inner setsid makes the namespace's init a session leader: CRIU refuses a session
-        # leader outside the dumped PID namespace.
-        launcher = command.spawn(["unshare", "--pid", "--fork", "--", "setsid", "--", *cmdline],
-                              stdout=out, stderr=out, env=env, cwd=cwd or "/")
+        if user is not None:
+            launcher = command.spawn([*as_user(user), *cmdline], stdout=out, stderr=out, env=env,
+                                     cwd=cwd or "/")
+        else:
+            # The inner setsid makes the namespace's init a session leader: CRIU refuses a
+            # session leader outside the dumped PID namespace.
+            launcher = command.spawn(["unshare", "--pid", "--fork", "--", "setsid", "--", *cmdline],
+                                     stdout=out, stderr=out, env=env, cwd=cwd or "/")
     finally:
         os.close(out)
-    init = _wait_child(launcher.pid)
+    init = psutil.Process(launcher.pid) if user is not None else _wait_child(launcher.pid)
     w = Workload(name, init.pid, init.create_time(), tuple(cmdline), cwd or "/", str(out_path), host)
     reg.add(w)
     return w

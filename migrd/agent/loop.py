@@ -16,9 +16,11 @@ queues an offer with that peer's agent; its next round decides in fill mode with
 the only target); consolidate packs work onto busier peers when this host is LOW. Offers are
 honoured in every mode.
 
-Automatic moves never copy open files (with_files off): data must already be where the process
-goes (shared storage) or the target's precheck refuses; a `migrctl run` workload's own output
-log travels with it anyway.
+An automatic move executes the action the policy priced: "migrate with its data" copies the
+process's open files with it (with_files on), a plain "migrate" copies none, so its data must
+already be where the process goes (shared storage) or the target's precheck refuses. Files the
+target sees as the very same file (shared storage) are never copied onto themselves. A
+`migrctl run` workload's own output log travels with it anyway.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import psutil
 from migrd.agent import admin, metrics
 from migrd.adapters import exchange, load, private, procinfo, registry, sdnotify, untrusted, workloads
 from migrd.engine import journal, migration as migrate
-from migrd.core import binding, policy, precheck, step
+from migrd.core import binding, costmodel, policy, precheck, step
 from migrd.config import Config
 from migrd.model import Action, Candidate, Decision, Mode, Peer, Situation
 from migrd.errors import ConfigError, InputError, MigrdError, RegistryError
@@ -85,11 +87,15 @@ def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: fl
     )
 
 
-def options_for(d: Decision) -> migrate.Options | None:
-    """The orchestrator's options for a decision (None: nothing to do)."""
+def options_for(d: Decision, candidates: Iterable[Candidate] = ()) -> migrate.Options | None:
+    """The orchestrator's options for a decision (None: nothing to do): the action as it was
+    priced, so the open files travel exactly when their bytes were counted."""
     if d.action is Action.STAY or d.target is None:
         return None
-    return migrate.Options(target=d.target, mode="restart" if d.action is Action.RESTART_ELSEWHERE else "move")
+    c = next((c for c in candidates if c.proc.pid == d.pid), None)
+    with_files = c is not None and costmodel.data_travels(c, d.action, d.source)
+    return migrate.Options(target=d.target, mode="restart" if d.action is Action.RESTART_ELSEWHERE else "move",
+                           with_files=with_files)
 
 
 def decision_dict(d: Decision, now: float) -> dict[str, Any]:
@@ -287,7 +293,7 @@ class Agent:
         record = decision_dict(d, now)
         if out.skipped:
             record["skipped"] = out.skipped
-        opts = options_for(d) if out.move else None
+        opts = options_for(d, out.situation.candidates) if out.move else None
         if opts is None:
             self.decisions.append(record)
             if out.ask is not None:

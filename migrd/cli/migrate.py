@@ -84,21 +84,26 @@ def migrate(pid: str, target: str, strategy: str | None, mode: str, with_files: 
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--name", help="Workload name (default: from the command).")
+@click.option("--user", help="Run it as this user (name or number), as a service manager would.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @json_option
-def run(name: str | None, command: tuple[str, ...], as_json: bool) -> None:
+def run(name: str | None, user: str | None, command: tuple[str, ...], as_json: bool) -> None:
     """Start COMMAND as a migratable workload on this host and print its PID.
 
     The workload runs detached as the init of its own PID namespace (so it can be restored on
     any host without needing its old PID), with stdout and stderr appended to a log under the
     state directory. It is opted in to migration by construction.
 
+    A service that runs as an unprivileged user must be started with --user (not by dropping
+    its rights itself): it then runs as that user in the host's PID space, which CRIU can dump.
+
     \b
     Example:  migrctl run --name counter -- python3 -u counter.py
+              migrctl run --user nobody --name cache -- python3 cache.py
     """
     require_root("migrctl run")
     cfg = load_config()
-    w = workloads.start(cfg.state_dir, tuple(command), name=name, host=cfg.host)
+    w = workloads.start(cfg.state_dir, tuple(command), name=name, host=cfg.host, user=user)
     emit({"pid": w.pid, "name": w.name, "host": w.host, "log": w.stdout}, as_json,
          lambda d: f"started {d['name']} as PID {d['pid']} (log: {d['log']})")
 

@@ -101,13 +101,18 @@ def stay(c: Candidate, w: Work, here: Site, links: Mapping[str, Link], source: s
     return Stay(time_s, cost, cfg.time_value * time_s + cost)
 
 
+def data_travels(c: Candidate, action: Action, source: str) -> bool:
+    """Does `action` take c's data along from source? What is priced here is what the agent
+    then executes (its migration copies the open files)."""
+    return (action in (Action.MIGRATE_WITH_DATA, Action.RESTART_ELSEWHERE)
+            and (c.data_host or source) == source)
+
+
 def transfer_bytes(c: Candidate, action: Action, source: str) -> int:
-    data_here = c.data_size if (c.data_host or source) == source else 0
+    data = c.data_size if data_travels(c, action, source) else 0
     if action is Action.RESTART_ELSEWHERE:
-        return c.code_size + data_here
-    if action is Action.MIGRATE_WITH_DATA:
-        return c.proc.rss_bytes + data_here
-    return c.proc.rss_bytes
+        return c.code_size + data
+    return c.proc.rss_bytes + data
 
 
 def estimate(c: Candidate, w: Work, st: Stay, action: Action, here: Site, there: Site,

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from migrd.config import MigrateSettings
-from migrd.model import ProcessInfo
+from migrd.model import FileIdentity, ProcessInfo
 
 MODES = ("move", "clone", "restart")
 
@@ -37,6 +37,8 @@ class Request:
     headroom: float
     #: base64 of `criu cpuinfo dump`'s cpuinfo.img (None for restart mode).
     cpuinfo: str | None = None
+    #: path -> identity here, for the open files whose identity could be taken.
+    identities: dict[str, FileIdentity] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class TargetFacts:
     ports_taken: tuple[int, ...] = ()
     #: path -> size on the target (None: absent).
     files: dict[str, int | None] = field(default_factory=dict)
+    #: path -> identity on the target over the source's size (None: absent, unreadable or
+    #: shorter), for the paths in Request.identities.
+    identities: dict[str, FileIdentity | None] = field(default_factory=dict)
     address_present: bool = False
     address_interface: str | None = None
     incoming_exists: bool = False
@@ -82,6 +87,25 @@ def allowed(settings: MigrateSettings, cmdline: tuple[str, ...], user: str, cgro
     return None
 
 
+def same_inode(here: FileIdentity | None, there: FileIdentity | None) -> bool:
+    """The target may be looking at this very file (same filesystem ID and inode): copying
+    it there would write the file onto itself, truncating it first."""
+    return here is not None and there is not None and (here.fsid, here.inode) == (there.fsid, there.inode)
+
+
+def shared(here: FileIdentity | None, there: FileIdentity | None) -> bool:
+    """The target sees this very file on storage both hosts share: same filesystem and inode,
+    and the bytes read here are there too (it may have grown since, as a log does while its
+    writer runs). Its size is then CRIU's to check, after the freeze."""
+    return same_inode(here, there) and here == there
+
+
+def not_to_copy(req: Request, facts: TargetFacts) -> tuple[str, ...]:
+    """The carried files that must not be copied, because the target may see them already."""
+    return tuple(p for p in req.carry
+                 if same_inode(req.identities.get(p), facts.identities.get(p)))
+
+
 def evaluate(req: Request, facts: TargetFacts) -> list[str]:
     """Every reason the migration would fail on this target; empty means go."""
     problems: list[str] = []
@@ -107,7 +131,13 @@ def evaluate(req: Request, facts: TargetFacts) -> list[str]:
                         + ", ".join(map(str, sorted(facts.ports_taken))))
     for path, size in req.files:
         there = facts.files.get(path)
+        here_id, there_id = req.identities.get(path), facts.identities.get(path)
+        if shared(here_id, there_id):
+            continue
         if path in req.carry:
+            if same_inode(here_id, there_id):
+                problems.append(f"open file {path} has the same filesystem and inode on the target "
+                                f"but other contents; copying it there would overwrite it")
             continue
         if there is None:
             problems.append(f"open file {path} does not exist on the target (use --with-files)")

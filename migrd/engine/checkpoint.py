@@ -17,6 +17,7 @@ from migrd.adapters import private, procinfo
 from migrd.engine import manifest as mf
 from migrd.config import Config
 from migrd.engine.subjects import ProcessTree
+from migrd.adapters import criu as criu_mod
 from migrd.adapters.criu import Criu, LazyDump, find_criu
 from migrd.errors import InputError, NotPermitted
 
@@ -64,13 +65,24 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
     in images, nor in the manifest)."""
     criu = criu or find_criu(cfg)
     info = procinfo.inspect(pid)
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        raise InputError(f"process {pid} exited while being inspected") from None
+    if procinfo.proc_unreachable(status):
+        raise NotPermitted(
+            f"PID {pid} is the init of its own PID namespace but runs without root's rights "
+            f"(uid {info.uid}); CRIU cannot dump it there. Start such a service with "
+            f"`migrctl run --user USER -- CMD` (migrctl drops the rights itself)")
     created = _prepare_dir(images)
     log = log_path(cfg, "dump", pid)
     options = ProcessTree(info).criu_options(tcp_established)
+    as_user = criu_mod.dump_user(procinfo.tree_creds(pid),
+                                 procinfo.capabilities(Path("/proc/self/status").read_text()))
     try:
         with failpoints.dying_while("dumping"):
             result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
-                               pass_fds=pass_fds, page_server_fd=page_server_fd, **options)
+                               pass_fds=pass_fds, page_server_fd=page_server_fd, as_user=as_user, **options)
         private.restrict_files(images)
         failpoints.point("dumped")
         m = mf.Manifest(

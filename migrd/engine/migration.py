@@ -275,13 +275,16 @@ class Migration:
             ports=tuple(sorted({s.port for s in info.listening})),
             files=tuple((f.path, f.size) for f in info.open_files), carry=tuple(carry),
             with_files=opts.with_files, move_address=opts.move_address,
-            headroom=self.cfg.migrate.headroom, cpuinfo=cpuinfo)
+            headroom=self.cfg.migrate.headroom, cpuinfo=cpuinfo,
+            identities={f.path: f.identity for f in info.open_files if f.identity})
         resp = target.precheck(req)
         problems = local + list(resp.problems)
         if problems:
             self.j.record("refused", reason="; ".join(problems))
             raise PrecheckFailed(f"cannot migrate {subject.label()} to {opts.target}: " + "; ".join(problems))
-        self.j.record("prechecked", remote_images=resp.incoming, target_files=resp.target_files)
+        # A file the target may see already (shared storage) is never copied onto itself.
+        self.j.record("prechecked", remote_images=resp.incoming, target_files=resp.target_files,
+                      carry=[p for p in carry if p not in resp.not_to_copy])
 
     # --- phase helpers (what strategies compose) -------------------------------------------
 

@@ -162,7 +162,8 @@ class Sender:
             return
         where = self.talk.conn.where
         if isinstance(exc, CriuError):
-            lines = [*exc.error_lines[:1], f"{where}: the page server: {failure}", *exc.error_lines[1:]]
+            first = exc.error_lines[0] if exc.error_lines else "no error line in the log"
+            lines = [f"{first}; {where}: the page server: {failure}", *exc.error_lines[1:]]
             raise CriuError(exc.action, lines, exc.log_path) from exc
         raise TransportError(f"{where}: receiving the pages failed: {failure}") from exc
 

@@ -36,6 +36,8 @@ class PrecheckAnswer:
     incoming: str
     #: Size of each open file there (None: absent), for the rollback's clean-up.
     target_files: dict[str, int | None]
+    #: Files the target may see already (shared storage): never copied onto themselves.
+    not_to_copy: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class _PrecheckRaw:
     problems: tuple[str, ...]
     incoming: str
     facts: dict[str, Any] = field(default_factory=dict)
+    not_to_copy: tuple[str, ...] = ()
 
 
 class Restoring:
@@ -194,7 +197,7 @@ class Target:
         raw = self._call(_PrecheckRaw, ["precheck"], asdict(req))
         files = untrusted.build(dict[str, int | None], raw.facts.get("files", {}), PeerProtocolError,
                                 f"{self.name}: peer precheck: facts.files")
-        return PrecheckAnswer(raw.problems, raw.incoming, files)
+        return PrecheckAnswer(raw.problems, raw.incoming, files, raw.not_to_copy)
 
     def page_stream(self, progress: ProgressFn | None, total: int) -> pagestream.Sender:
         """The target's page server for this migration, running and connected."""

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from migrd.engine import checkpoint as cp
-from migrd.adapters import netaddr, private, untrusted, workloads
+from migrd.adapters import netaddr, private, procinfo, untrusted, workloads
 from migrd.engine import lazy as lazy_mod
 from migrd.engine import pagestream
 from migrd.engine import receive
@@ -98,6 +98,8 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
             files[path] = os.stat(path).st_size
         except OSError:
             files[path] = None
+    # Over the bytes the source read: a shared file that grew since still matches.
+    identities = {path: procinfo.file_identity(path, here.size) for path, here in req.identities.items()}
     return precheck.TargetFacts(
         criu_ok=criu_ok, criu_message=criu_msg, cpu_ok=cpu_ok, cpu_message=cpu_msg,
         mem_available=psutil.virtual_memory().available,
@@ -108,21 +110,18 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
         pids_taken=taken,
         ports_taken=tuple(sorted(_listening_ports() & set(req.ports))),
         files=files,
+        identities=identities,
         address_present=bool(req.move_address and netaddr.holder_of(req.move_address)),
         address_interface=netaddr.interface_for(req.move_address) if req.move_address else None,
         incoming_exists=incoming(cfg, req.id).exists(),
     )
 
 
-def run_precheck(cfg: Config, raw: dict[str, Any]) -> dict[str, Any]:
-    raw = dict(raw)
-    for key in ("tree_ids", "ports", "carry"):
-        raw[key] = tuple(raw[key])
-    raw["files"] = tuple(tuple(f) for f in raw["files"])
-    req = precheck.Request(**raw)
+def run_precheck(cfg: Config, raw: Any) -> dict[str, Any]:
+    req = untrusted.build(precheck.Request, raw, InputError, "precheck request")
     facts = gather(cfg, req)
     return {"problems": precheck.evaluate(req, facts), "incoming": str(incoming(cfg, req.id) / "images"),
-            "facts": dataclasses.asdict(facts)}
+            "facts": dataclasses.asdict(facts), "not_to_copy": list(precheck.not_to_copy(req, facts))}
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
