@@ -78,10 +78,11 @@ class MigrateSettings:
     pid_wait: float = 15.0
     #: The target must have this multiple of the process's RSS free in memory and on disk.
     headroom: float = 1.2
-    #: auto: a move of a workload in its own PID namespace streams its pages to the target
-    #: during the dump (CRIU page server over SSH) and leaves the source stopped, not ended,
-    #: until the commit; never: always dump to disk here first, then send.
-    stream: Literal["auto", "never"] = "auto"
+    #: How memory moves, in order of preference: a migration runs the first strategy that can
+    #: move the process (`migrctl migrate --strategy` pins one). stream-copy sends the pages
+    #: during the dump and needs a workload in its own PID namespace (`migrctl run`) moved
+    #: without --tcp-established; stop-copy dumps to disk first and moves anything.
+    strategies: tuple[Literal["stream-copy", "stop-copy"], ...] = ("stream-copy", "stop-copy")
 
 
 @dataclass(frozen=True)

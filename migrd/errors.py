@@ -55,6 +55,10 @@ class TransportError(MigrdError):
     exit_code = 7
 
 
+class PeerProtocolError(TransportError):
+    """The peer answered something migrd cannot read (a different version, or not migrd)."""
+
+
 class ConfigError(MigrdError):
     """The configuration file is malformed; the message names the key and line."""
 

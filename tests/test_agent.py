@@ -155,7 +155,8 @@ def make_agent(tmp_path, monkeypatch):
     def fake_migrate(cfg, pid, opts, progress=None):
         calls.append((pid, opts))
         return migrate.Outcome(id=f"m{len(calls)}", mode="move", source="a", target=opts.target, pid=pid,
-                               target_pid=900 + len(calls), bytes=1, phases={}, downtime=0.1, dry_run=False)
+                               target_pid=900 + len(calls), bytes=1, phases={}, downtime=0.1, dry_run=False,
+                               strategy="stop-copy")
 
     monkeypatch.setattr(agent_mod.migrate, "migrate", fake_migrate)
 
@@ -417,13 +418,13 @@ def test_metrics_endpoint_after_a_move_and_a_refused_reservation(make_agent):
     port = _free_port()
     a.metrics.serve(MetricsSettings(enabled=True, address="127.0.0.1", port=port))
     try:
-        a.round()  # moves PID 101 to b (fake orchestrator: 1 byte, 0.1 s downtime, staged)
+        a.round()  # moves PID 101 to b (fake orchestrator: 1 byte, 0.1 s downtime, stop-copy)
         a.round()  # host cooldown: stays
         m = _scrape(port)
         assert m[("migrd_rounds_total", ())] == 2
         assert m[("migrd_decisions_total", (("action", "migrate"),))] == 1
         assert m[("migrd_decisions_total", (("action", "stay"),))] == 1
-        assert m[("migrd_migrations_total", (("outcome", "ok"), ("strategy", "staged")))] == 1
+        assert m[("migrd_migrations_total", (("outcome", "ok"), ("strategy", "stop-copy")))] == 1
         assert m[("migrd_migration_bytes_total", ())] == 1
         assert m[("migrd_migration_downtime_seconds_count", ())] == 1
         assert m[("migrd_migration_downtime_seconds_sum", ())] == pytest.approx(0.1)

@@ -195,11 +195,11 @@ def test_with_files_carries_open_data_file(mig, run_in, tmp_path):
 
 @pytest.fixture(scope="module")
 def staged_env(bed) -> dict[str, str]:
-    """Environment for a host1 migrctl that takes the staged path (`migrate.stream: never`):
+    """Environment for a host1 migrctl that takes the staged path (`migrate.strategies: [stop-copy]`):
     the dump ends the source, and a rollback restores it from its own images."""
     etc = bed.host("host1").dir / "etc"
     cfg = config_mod.parse((etc / "migrd.yaml").read_text())
-    cfg = dataclasses.replace(cfg, migrate=dataclasses.replace(cfg.migrate, stream="never"))
+    cfg = dataclasses.replace(cfg, migrate=dataclasses.replace(cfg.migrate, strategies=("stop-copy",)))
     (etc / "staged.yaml").write_text(config_mod.dump(cfg))
     return {"MIGRD_CONFIG": "/etc/migrd/staged.yaml"}
 

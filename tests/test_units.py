@@ -144,8 +144,8 @@ def test_config_defaults_and_round_trip():
         ("ssh:\n  connect_timeout: soon\n", r"'ssh.connect_timeout' \(line 2\): expected a number"),
         ("hosts: 3\n", r"'hosts' \(line 1\): expected a list"),
         ("host: [\n", r"line \d+: not valid YAML"),
-        ("migrate:\n  stream: always\n",
-         r"'migrate.stream' \(line 2\): expected one of auto, never, got 'always'"),
+        ("migrate:\n  strategies: [lazy]\n",
+         r"'migrate.strategies\[0\]' \(line 2\): expected one of stream-copy, stop-copy, got 'lazy'"),
         ("ssh:\n  compression: gzip\n", r"'ssh.compression' \(line 2\): expected one of none, zstd"),
     ],
 )

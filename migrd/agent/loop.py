@@ -307,7 +307,7 @@ class Agent:
                 out = migrate.migrate(self.cfg, d.pid, opts)
             record["migration"] = {"id": out.id, "outcome": "ok", "target_pid": out.target_pid,
                                    "downtime": out.downtime}
-            self.metrics.migration("ok", metrics.strategy(out.mode, out.streamed), time.monotonic() - began,
+            self.metrics.migration("ok", metrics.strategy(out.mode, out.strategy), time.monotonic() - began,
                                    out.downtime, out.bytes)
             log.warning("moved PID %d (%s) to %s as PID %s", d.pid, d.name, d.target, out.target_pid)
         except RegistryError as e:  # target full (ReservationRefused) or etcd away

@@ -7,7 +7,7 @@ Served at http://daemon.metrics.address:port/metrics, on that one address only. 
   migrd_decisions_total{action}                    decisions by action (stay, migrate, ...)
   migrd_migrations_total{outcome,strategy}         migrations decided by this agent: outcome ok,
                                                    failed or not_reserved (target full or etcd
-                                                   away); strategy streamed, staged, restart, or
+                                                   away); strategy stream-copy, stop-copy, restart, or
                                                    move (failed before the strategy was known)
   migrd_migration_seconds                          histogram of a migration's total time
   migrd_migration_downtime_seconds                 histogram of the workload's downtime
@@ -35,14 +35,12 @@ DOWNTIME_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 TOTAL_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-def strategy(mode: str, streamed: bool | None) -> str:
-    """How the process moved: restart (weak mobility), streamed pages or a staged dump; "move"
-    when a move failed or was not started before the strategy was chosen."""
+def strategy(mode: str, name: str | None) -> str:
+    """How the process moved: restart (weak mobility) or the strategy's name (stream-copy,
+    stop-copy, ...); "move" when a move failed or was not started before it was chosen."""
     if mode == "restart":
         return "restart"
-    if streamed is None:
-        return "move"
-    return "streamed" if streamed else "staged"
+    return name or "move"
 
 
 class Metrics:

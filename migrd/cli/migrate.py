@@ -10,6 +10,7 @@ import click
 
 from migrd.engine import journal as journal_mod
 from migrd.engine import migration as mig
+from migrd.engine.strategies import STRATEGIES
 from migrd.adapters import workloads
 from migrd.adapters.procinfo import parse_pid
 from migrd.cli.progress import Progress
@@ -20,8 +21,9 @@ from migrd.cli.common import emit, human_bytes, json_option, load_config, requir
 @click.command()
 @click.argument("pid")
 @click.option("--to", "target", required=True, metavar="HOST", help="Target host (a name from the config's hosts).")
-@click.option("--strategy", type=click.Choice(mig.STRATEGIES), default="stop-copy", show_default=True,
-              help="How memory moves: stop-copy freezes, dumps, sends, restores.")
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default=None,
+              help="How memory moves (default: the first of migrate.strategies that can move it). "
+                   + " ".join(f"{s.name}: {s.summary}." for s in STRATEGIES.values()))
 @click.option("--mode", type=click.Choice(["move", "clone", "restart"]), default="move", show_default=True,
               help="move: the process continues there (strong mobility); clone: a copy starts there "
                    "and this one keeps running; restart: the same command starts fresh there (weak mobility).")
@@ -30,15 +32,15 @@ from migrd.cli.common import emit, human_bytes, json_option, load_config, requir
 @click.option("--tcp-established", is_flag=True, help="Keep established TCP connections (use with --move-address).")
 @click.option("--dry-run", is_flag=True, help="Run every precheck on both hosts, change nothing.")
 @json_option
-def migrate(pid: str, target: str, strategy: str, mode: str, with_files: bool,
+def migrate(pid: str, target: str, strategy: str | None, mode: str, with_files: bool,
             move_address: str | None, tcp_established: bool, dry_run: bool, as_json: bool) -> None:
     """Move process PID from this host to HOST.
 
     \b
     Steps (each journaled before it starts, so `migrd recover` can finish or undo it):
       precheck   CRIU and CPU on the target, memory, disk, PIDs, ports, open files, opt-in
-      checkpoint CRIU dump here; a `migrctl run` workload's pages stream to the target
-                 during the dump (migrate.stream: auto) and it stays stopped here
+      checkpoint CRIU dump here (stream-copy: the pages go to the target during the dump,
+                 and the process stays stopped here until the commit)
       transfer   images (and --with-files data) over SSH, verified on arrival
       restore    CRIU restore there
       verify     alive, same command line, listening sockets back
@@ -69,8 +71,8 @@ def migrate(pid: str, target: str, strategy: str, mode: str, with_files: bool,
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in o.phases.items())
         down = f", downtime {o.downtime:.2f} s" if o.downtime is not None else ""
         return (f"migrated PID {o.pid} from {o.source} to {o.target} (now PID {o.target_pid}), "
-                f"mode {o.mode}, {human_bytes(o.bytes)} moved{down}"
-                f"{' (pages streamed during the dump)' if o.streamed else ''}\n  {phases}\n  id {o.id}")
+                f"mode {o.mode}, strategy {o.strategy}, {human_bytes(o.bytes)} moved{down}\n"
+                f"  {phases}\n  id {o.id}")
 
     emit(out, as_json, human)
 

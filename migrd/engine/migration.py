@@ -1,13 +1,13 @@
-"""The migration orchestrator: precheck, checkpoint, transfer, restore, verify, commit, with a
-journal that makes every step recoverable and a rollback that leaves exactly one live copy.
+"""The migration driver: precheck, then the chosen strategy's phases (migrd/engine/strategies.py)
+through the commit, with a journal that makes every step recoverable and a rollback that leaves
+exactly one live copy. The target's side is reached through `peerclient.Target`.
 
 Invariant: at every instant there is exactly one live copy of the workload (two only in clone
 mode, by request). The source copy is either ended by the dump itself (CRIU kills the dumped
 tree) and brought back from its own images on any failure before the target copy is confirmed
 running, or, when its pages are streamed to the target during the dump, left stopped: then
 the commit ends it and a rollback resumes it. The target copy stays stopped until the commit
-and is ended on any failure before it. When the target cannot be
-reached after a restore was started there, migrd does not guess: the migration stays "in
+and is ended on any failure before it. When the target cannot be reached after a restore was started there, migrd does not guess: the migration stays "in
 doubt" and `migrd recover` settles it once the target answers, because guessing could make two
 copies.
 """
@@ -15,12 +15,9 @@ copies.
 from __future__ import annotations
 
 import base64
-import contextlib
-import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -32,12 +29,15 @@ from typing import Any
 
 import psutil
 
-from migrd.engine import checkpoint as cp
-from migrd.engine import failpoints, pagestream
-from migrd.adapters import netaddr, procinfo, transport, untrusted, workloads
-from migrd.core import precheck
-from migrd.config import Config
+from migrd.adapters import netaddr, procinfo, untrusted, workloads
 from migrd.adapters.criu import find_criu
+from migrd.config import Config
+from migrd.core import precheck
+from migrd.engine import checkpoint as cp
+from migrd.engine import failpoints, peerclient, strategies
+from migrd.engine.journal import FINAL, Journal, all_journals, new_id
+from migrd.engine.manifest import process_from_dict
+from migrd.engine.strategies import Strategy
 from migrd.errors import (
     ConfigError,
     InDoubt,
@@ -48,14 +48,10 @@ from migrd.errors import (
     PrecheckFailed,
     TransportError,
 )
-from migrd.engine.journal import FINAL, Journal, all_journals, new_id
-from migrd.engine.manifest import process_from_dict
 from migrd.model import ProcessInfo
 
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("stop-copy",)
 
 #: Set by a SIGTERM/SIGINT handler (`migrctl migrate` installs one): the migration stops at the
 #: next step boundary and rolls back; once at commit it finishes instead.
@@ -66,7 +62,8 @@ STOP = threading.Event()
 class Options:
     target: str
     mode: str = "move"
-    strategy: str = "stop-copy"
+    #: A name from strategies.STRATEGIES; None: the first available of migrate.strategies.
+    strategy: str | None = None
     with_files: bool = False
     move_address: str | None = None
     tcp_established: bool = False
@@ -88,6 +85,8 @@ class Outcome:
     dump_seconds: float | None = None
     transfer_seconds: float | None = None
     restore_seconds: float | None = None
+    #: The strategy that ran (see migrd.engine.strategies).
+    strategy: str | None = None
     #: The pages went to the target during the dump (see migrd.engine.pagestream).
     streamed: bool = False
     #: Why a moved address could not be announced there (None: announced, or none moved).
@@ -106,18 +105,6 @@ def _cgroups(pid: int) -> list[str]:
         return [line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
     except OSError:
         return []
-
-
-def _migrctl_json(conn: transport.Connection, args: list[str], payload: Any = None,
-                  timeout: float | None = None) -> dict[str, Any]:
-    """Run `migrctl ARGS --json` on the peer; its error line becomes ours."""
-    data = json.dumps(payload).encode() if payload is not None else None
-    r = conn.migrctl([*args, "--json"], input=data, timeout=timeout)
-    if r.status != 0:
-        msg = r.stderr.decode(errors="replace").strip().splitlines()
-        text = (msg[-1] if msg else f"exit {r.status}").removeprefix("migrctl: error: ")
-        raise MigrdError(f"{conn.host.name}: migrctl {args[0]} {args[1] if len(args) > 1 else ''}: {text}")
-    return json.loads(r.stdout)
 
 
 @dataclass(frozen=True)
@@ -141,6 +128,7 @@ class Recorded:
     workload: str | None = None
     stdout: str | None = None
     reason: str | None = None
+    strategy: str | None = None
     streamed: bool = False
     freeze: float | None = None
     nft_tables: tuple[str, ...] = ()
@@ -149,8 +137,9 @@ class Recorded:
 
 
 class Migration:
-    """One migration's imperative shell. Its state lives in the journal, so a new instance
-    built from the journal (recovery) can finish or undo what a crashed one started."""
+    """One migration's imperative shell: a driver over its strategy's phases. Its state lives
+    in the journal, so a new instance built from the journal (recovery) can finish or undo
+    what a crashed one started. The phase helpers below are what strategies compose."""
 
     def __init__(self, cfg: Config, journal: Journal, lock_fd: int) -> None:
         self.cfg = cfg
@@ -173,17 +162,26 @@ class Migration:
         return process_from_dict(self.data.get("process"), JournalCorrupt, f"{self.j.path}: process")
 
     @property
+    def strategy(self) -> Strategy:
+        d = self.data
+        return strategies.recorded(d.get("strategy"), bool(d.get("streamed")))
+
+    @property
     def source(self) -> tuple[int, float]:
         """The source process: PID and start time (a recycled PID is never taken for it)."""
         req = self.data["request"]
         return req["pid"], req["start_time"]
+
+    @property
+    def remote_images(self) -> str:
+        return self.data["remote_images"]
 
     def source_alive(self) -> bool:
         return workloads.same_process(*self.source)
 
     # --- the forward path ------------------------------------------------------------------
 
-    def _begin(self, step: str, **data: Any) -> None:
+    def begin(self, step: str, **data: Any) -> None:
         """Journal the step, then honour a failpoint or a stop request before it starts.
         Steps are never interrupted half-way: a CRIU killed mid-dump could leave its frozen
         task with parasite code in it."""
@@ -196,18 +194,24 @@ class Migration:
               progress: ProgressFn | None) -> Outcome:
         carry = sorted({f.path for f in info.open_files} if opts.with_files
                        else ({stdout} & {f.path for f in info.open_files} if stdout else set()))
+        strategy, skipped = strategies.choose(info, opts, self.cfg.migrate.strategies)
         self.j.record("precheck", source=_source_name(self.cfg), options=asdict(opts), workload=name,
                       stdout=stdout, carry=carry, process=asdict(info),
+                      strategy=strategy.name if strategy else None, passed_over=skipped,
                       request={"pid": info.pid, "start_time": info.start_time,
                                "target": opts.target, "mode": opts.mode})
+        if strategy is None:
+            reason = "no strategy can move it: " + "; ".join(skipped)
+            self.j.record("refused", reason=reason)
+            raise PrecheckFailed(f"cannot migrate PID {info.pid} to {opts.target}: {reason}")
         try:
-            conn = transport.connect(self.cfg, opts.target)
+            target = peerclient.connect(self.cfg, opts.target, self.j.id)
         except MigrdError as e:
             self.j.record("refused", reason=str(e))
             raise
-        with conn:
+        with target.conn:
             try:
-                remote_images = self.precheck(conn, info, opts, carry)
+                self.precheck(target, info, opts, carry)
             except MigrdError as e:
                 if self.j.last_state() != "refused":
                     self.j.record("refused", reason=str(e))
@@ -216,17 +220,17 @@ class Migration:
                 self.j.record("done", outcome="dry run")
                 return self.outcome()
             try:
-                self.forward(conn, info, opts, remote_images, progress)
+                strategy.forward(self, target, progress)
             except InDoubt:
-                raise  # from a commit past its point of no return: recovery finishes it
+                raise  # from past the point of no return: recovery finishes it
             except BaseException as e:
                 reason = str(e) or type(e).__name__
-                self.rollback(conn, reason)
+                self.rollback(target, reason)
                 raise
         return self.outcome()
 
-    def precheck(self, conn: transport.Connection, info: ProcessInfo, opts: Options,
-                 carry: list[str]) -> str:
+    def precheck(self, target: peerclient.Target, info: ProcessInfo, opts: Options,
+                 carry: list[str]) -> None:
         failpoints.step("precheck")
         cpuinfo = None
         if opts.mode != "restart":
@@ -247,145 +251,85 @@ class Migration:
             files=tuple((f.path, f.size) for f in info.open_files), carry=tuple(carry),
             with_files=opts.with_files, move_address=opts.move_address,
             headroom=self.cfg.migrate.headroom, cpuinfo=cpuinfo)
-        resp = _migrctl_json(conn, ["peer", "precheck"], asdict(req))
-        problems = local + resp["problems"]
+        resp = target.precheck(req)
+        problems = local + list(resp.problems)
         if problems:
             self.j.record("refused", reason="; ".join(problems))
             raise PrecheckFailed(f"cannot migrate PID {info.pid} to {opts.target}: " + "; ".join(problems))
-        self.j.record("prechecked", remote_images=resp["incoming"],
-                      target_files={p: s for p, s in resp["facts"]["files"].items()})
-        return resp["incoming"]
+        self.j.record("prechecked", remote_images=resp.incoming, target_files=resp.target_files)
 
-    def forward(self, conn: transport.Connection, info: ProcessInfo, opts: Options,
-                remote_images: str, progress: ProgressFn | None) -> None:
-        if opts.mode == "restart":
-            return self.forward_restart(conn, info, opts)
-        stream = self.streams(info, opts)
-        self._begin("checkpoint", streamed=stream)
-        # A streamed dump leaves the source stopped (commit ends it, rollback resumes it) and
-        # sends the pages to the target's page server, which is up before the freeze.
-        with self.page_stream(conn, info, progress) if stream else contextlib.nullcontext() as pages:
-            freeze = time.time()
-            ck = cp.checkpoint(self.cfg, info.pid, self.images, leave_running=opts.mode == "clone",
-                               leave_stopped=stream, tcp_established=opts.tcp_established,
-                               pass_fds=(self.lock_fd,), page_server_fd=pages.criu_fd if pages else None)
-            page_bytes = pages.finish(self.cfg.ssh.op_timeout) if pages else 0
-        self._begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
-                      image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
-                      nft_tables=self.dump_tables())
-        if opts.move_address:
-            iface = netaddr.holder_of(opts.move_address)
-            netaddr.delete(opts.move_address)
+    # --- phase helpers (what strategies compose) -------------------------------------------
+
+    def dump(self, *, leave_stopped: bool, page_server_fd: int | None) -> cp.Checkpoint:
+        opts = self.opts
+        return cp.checkpoint(self.cfg, self.info.pid, self.images, leave_running=opts.mode == "clone",
+                             leave_stopped=leave_stopped, tcp_established=opts.tcp_established,
+                             pass_fds=(self.lock_fd,), page_server_fd=page_server_fd)
+
+    def release_address(self) -> None:
+        """A moved address leaves this host before the target restores (one holder at a time)."""
+        address = self.opts.move_address
+        if address:
+            iface = netaddr.holder_of(address)
+            netaddr.delete(address)
             self.j.record("address_released", address_interface=iface)
-        moved = 0
-        for path in self.data["carry"]:
-            moved += conn.put_file(Path(path), path)
-        stats = conn.send_images(self.images, remote_images, progress=progress)
-        self._begin("restore", bytes=stats.bytes + moved + page_bytes, transfer_seconds=round(stats.seconds, 4))
-        args = ["peer", "restore", self.j.id]
-        args += ["--page-bytes", str(page_bytes)] if stream else []
-        args += ["--name", self.data["workload"]] if self.data.get("workload") else []
-        args += ["--stdout", self.data["stdout"]] if self.data.get("stdout") else []
-        args += ["--address", opts.move_address] if opts.move_address else []
-        # One session for restore and commit: the target restores, answers, and waits for our
-        # word, which saves a whole SSH session + Python start while the process is frozen.
-        talk = conn.converse([*self.cfg.ssh.remote_migrctl, *args, "--await-commit", "--json"])
+
+    def send_carried(self, target: peerclient.Target) -> int:
+        return sum(target.put_file(Path(path)) for path in self.data["carry"])
+
+    def restore_there(self, target: peerclient.Target, page_bytes: int | None) -> None:
+        """Restore (stopped) there, verify, commit: one session for all three."""
+        d = self.data
+        restoring = target.restore(page_bytes=page_bytes, name=d.get("workload"), stdout=d.get("stdout"),
+                                   address=self.opts.move_address)
         try:
-            r = json.loads(talk.readline())
-            self._begin("verify", target_pid=r["pid"], restore_seconds=r["seconds"])
-            self.verify(conn, info, seen=r["restored"])
-            self._begin("commit")
-            self.commit(conn, talk)
+            r = restoring.answer()
+            self.begin("verify", target_pid=r.pid, restore_seconds=r.seconds)
+            self.verify(target, seen=r.restored)
+            self.begin("commit")
+            self.commit(target, restoring)
         finally:
-            talk.close()  # before any rollback: the target then leaves its copy to `peer abort`
+            restoring.close()  # before any rollback: the target then leaves its copy to `peer abort`
 
-    def streams(self, info: ProcessInfo, opts: Options) -> bool:
-        """Stream the pages during the dump? Only a move leaves the source stopped instead of
-        ended, and a stopped source keeps its PIDs: fine when the workload has its own PID
-        namespace, a clash on hosts sharing one PID space otherwise. With --tcp-established
-        the stopped source's sockets would stay in repair mode behind CRIU's network lock, so
-        such moves keep the staged path, whose rollback is a full local restore."""
-        return (self.cfg.migrate.stream == "auto" and opts.mode == "move"
-                and info.own_pid_namespace and not opts.tcp_established)
-
-    def page_stream(self, conn: transport.Connection, info: ProcessInfo,
-                    progress: ProgressFn | None) -> pagestream.Sender:
-        """The target's page server for this migration, running and connected."""
-        compression = self.cfg.ssh.compression
-        talk = conn.converse([*self.cfg.ssh.remote_migrctl, "peer", "pages", self.j.id,
-                              "--compression", compression])
-        return pagestream.Sender(talk, compression, level=conn.tuning.zstd_level,
-                                 progress=progress, total=info.rss)
-
-    def forward_restart(self, conn: transport.Connection, info: ProcessInfo, opts: Options) -> None:
-        """Weak mobility: end the process here, start the same command line, directory and
-        environment fresh there. Ending first keeps "never two copies"; a failure after it
-        starts the command fresh here again (restart mode gives up execution state anyway)."""
-        self._begin("checkpoint")
-        # SIGTERM first, then SIGKILL: a PID namespace's init ignores SIGTERM unless it handles it.
-        workloads.end(info.pid, info.start_time, (signal.SIGTERM, signal.SIGKILL), grace=2.0)
-        self._begin("transfer")
-        moved = sum(conn.put_file(Path(p), p) for p in self.data["carry"])
-        self._begin("restore", bytes=moved)
-        spec = {"cmdline": list(info.cmdline), "cwd": info.cwd, "env": info.environ,
-                "name": self.data.get("workload")}
-        r = _migrctl_json(conn, ["peer", "start", self.j.id], spec)
-        self._begin("verify", target_pid=r["pid"])
-        self.verify(conn, info, ports=False)
-        self._begin("commit")
-        self.commit(conn)
-
-    def verify(self, conn: transport.Connection, info: ProcessInfo, ports: bool = True,
-               seen: dict[str, Any] | None = None) -> None:
+    def verify(self, target: peerclient.Target, ports: bool = True,
+               seen: peerclient.Restored | None = None) -> None:
         """seen: the target's status as reported with the restore (saves a round trip)."""
-        st = seen if seen is not None else _migrctl_json(conn, ["peer", "status", self.j.id])["restored"]
-        if not st or not st["alive"]:
-            raise MigrdError(f"the restored process is not running on {conn.host.name}")
-        if tuple(st["cmdline"]) != info.cmdline:
-            raise MigrdError(f"the process on {conn.host.name} runs {st['cmdline']!r}, "
+        info = self.info
+        st = seen if seen is not None else target.status()
+        if not st or not st.alive:
+            raise MigrdError(f"the restored process is not running on {target.name}")
+        if st.cmdline != info.cmdline:
+            raise MigrdError(f"the process on {target.name} runs {list(st.cmdline)!r}, "
                              f"expected {list(info.cmdline)!r}")
-        missing = {s.port for s in info.listening} - set(st["ports"])
+        missing = {s.port for s in info.listening} - set(st.ports)
         if ports and missing:
             raise MigrdError(f"the restored process does not listen on port(s) "
-                             f"{', '.join(map(str, sorted(missing)))} on {conn.host.name}")
+                             f"{', '.join(map(str, sorted(missing)))} on {target.name}")
 
-    def commit(self, conn: transport.Connection | None,
-               talk: transport.Conversation | None = None) -> None:
-        """Past the point of no return: the target copy runs. Idempotent. talk: the restore's
-        session, still waiting for our word; without it (or if it broke) a `peer finish`.
-        A failure leaves the migration in doubt, never rolled back: by then the source may be
-        ended and the copy there may run, so a rollback could kill the only copy or restore
-        an older state beside it. `migrd recover` commits again."""
+    def commit(self, target: peerclient.Target | None, restoring: peerclient.Restoring | None = None) -> None:
+        """Past the point of no return: the target copy runs. Idempotent. restoring: the
+        restore's session, still waiting for our word; without it (or if it broke) a `peer
+        finish`. A failure leaves the migration in doubt, never rolled back: by then the
+        source may be ended and the copy there may run, so a rollback could kill the only copy
+        or restore an older state beside it. `migrd recover` commits again."""
         try:
-            self.finish_commit(conn, talk)
+            self.finish_commit(target, restoring)
         except MigrdError as e:
             self.j.record("in_doubt", reason=f"commit not finished: {e}")
             raise InDoubt(f"migration {self.j.id}: the commit on {self.opts.target} did not finish ({e}); "
                           f"nothing was undone. Run `migrd recover` to finish it.") from None
 
-    def finish_commit(self, conn: transport.Connection | None, talk: transport.Conversation | None) -> None:
+    def finish_commit(self, target: peerclient.Target | None, restoring: peerclient.Restoring | None) -> None:
         d = self.data
         opts = self.opts
-        source = self.source
-        streamed_move = bool(d.get("streamed")) and opts.mode == "move"
-        if streamed_move:
-            # The streamed dump left the source stopped: it goes before the target runs. A
-            # stopped task with SIGKILL pending never runs again, so freeing its memory need
-            # not delay the target (grace 0); we wait for it after.
-            workloads.end(*source, grace=0)
+        strategy = self.strategy
+        strategy.end_source(self)
         announce_error = None
-        if conn is not None:
-            reply: dict[str, Any] = {}
-            if talk is not None:
-                try:
-                    talk.send_line("commit")
-                    reply = json.loads(talk.readline())
-                except (TransportError, ValueError):
-                    pass  # `peer finish` below is idempotent
-            if "finished" not in reply:
-                args = ["peer", "finish", self.j.id] + (["--address", opts.move_address] if opts.move_address else [])
-                reply = _migrctl_json(conn, args)
-            announce_error = reply.get("announce_error")
+        if target is not None:
+            reply = restoring.commit() if restoring is not None else None
+            if reply is None:
+                reply = target.finish(opts.move_address)  # idempotent
+            announce_error = reply.announce_error
             if announce_error:
                 log.warning("migration %s: the moved address %s was not announced (%s); clients may "
                             "stall until their ARP entries expire", self.j.id, opts.move_address, announce_error)
@@ -393,8 +337,7 @@ class Migration:
                 # From the freeze here to the copy there running again.
                 self.j.record("resumed", downtime=round(time.time() - d["freeze"], 4))
         failpoints.step("resumed")
-        if streamed_move:
-            workloads.end(*source)
+        strategy.reap_source(self)
         if opts.mode in ("move", "restart"):
             for table in d.get("nft_tables", []):
                 netaddr.nft_delete(table)
@@ -405,7 +348,7 @@ class Migration:
 
     # --- the way back ----------------------------------------------------------------------
 
-    def rollback(self, conn: transport.Connection | None, reason: str) -> None:
+    def rollback(self, target: peerclient.Target | None, reason: str) -> None:
         """Undo everything before commit. Idempotent; safe after a crash at any point."""
         states = [r.state for r in self.j.records()]
         if "rollback" not in states:
@@ -417,12 +360,9 @@ class Migration:
         created_there = [p for p in d.get("carry", []) if target_files.get(p) is None]
         unclean = None
         try:
-            if conn is None:
-                conn = transport.connect(self.cfg, opts.target)
-            args = ["peer", "abort", self.j.id] + (["--address", opts.move_address] if opts.move_address else [])
-            for path in created_there:
-                args += ["--file", path]
-            _migrctl_json(conn, args)
+            if target is None:
+                target = peerclient.connect(self.cfg, opts.target, self.j.id)
+            target.abort(opts.move_address, created_there)
         except MigrdError as e:
             if restore_started:
                 self.j.record("in_doubt", reason=f"target unreachable during rollback: {e}")
@@ -436,15 +376,7 @@ class Migration:
         if opts.mode == "move" and d.get("address_interface"):
             if netaddr.holder_of(opts.move_address) is None:
                 netaddr.add(opts.move_address, d["address_interface"])
-        local_pid = None
-        # After target_unclean the local side was undone already (the source's PID and start
-        # time no longer name the copy a local restore made).
-        if (opts.mode in ("move", "restart") and "checkpoint" in states and "target_unclean" not in states
-                and not self.source_alive()):
-            local_pid = self.restore_locally() if opts.mode == "move" else self.start_locally()
-        elif d.get("streamed") and self.source_alive():
-            # A streamed dump leaves the source stopped, not ended: it simply runs on.
-            workloads.resume(*self.source)
+        local_pid = self.strategy.bring_back(self, states)
         tables = d.get("nft_tables")
         if tables is None:  # ended between the dump and `transfer`, which records them
             tables = self.dump_tables()
@@ -511,15 +443,16 @@ class Migration:
                        pid=d["request"]["pid"], target_pid=d.get("target_pid"), bytes=s.bytes,
                        phases=s.phases, downtime=s.downtime, dry_run=self.opts.dry_run,
                        dump_seconds=d.get("dump_seconds"), transfer_seconds=d.get("transfer_seconds"),
-                       restore_seconds=d.get("restore_seconds"), streamed=bool(d.get("streamed")),
+                       restore_seconds=d.get("restore_seconds"), strategy=d.get("strategy"),
+                       streamed=bool(d.get("streamed")),
                        announce_error=d.get("announce_error"))
 
 
 def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = None) -> Outcome:
     if opts.mode not in precheck.MODES:
         raise InputError(f"unknown mode {opts.mode!r} (known: {', '.join(precheck.MODES)})")
-    if opts.strategy not in STRATEGIES:
-        raise InputError(f"unknown strategy {opts.strategy!r} (available here: {', '.join(STRATEGIES)})")
+    if opts.strategy is not None and opts.strategy not in strategies.STRATEGIES:
+        raise InputError(f"unknown strategy {opts.strategy!r} (known: {', '.join(strategies.STRATEGIES)})")
     if opts.target == cfg.host:
         raise InputError(f"{opts.target} is this host; choose another target")
     cfg.peer(opts.target)  # unknown host -> InputError before anything else
@@ -579,34 +512,34 @@ def _recover_one(m: Migration, last: str | None) -> str:
     untrusted.build(Recorded, m.data, JournalCorrupt, str(m.j.path))
     states = [r.state for r in m.j.records()]
     try:
-        conn: transport.Connection | None = transport.connect(m.cfg, m.opts.target)
+        target: peerclient.Target | None = peerclient.connect(m.cfg, m.opts.target, m.j.id)
     except (TransportError, ConfigError):  # e.g. an unusable ssh.client_key: as if unreachable
-        conn = None
+        target = None
     try:
-        if "commit" in states:
-            if conn is None:
+        if m.strategy.point_of_no_return in states:
+            if target is None:
                 # The target's copy waits, stopped, for our word: finishing here alone would
                 # leave no copy running at all.
                 raise InDoubt(f"migration {m.j.id}: committed, but {m.opts.target} cannot be reached to "
                               f"resume its copy; run `migrd recover` again once it answers")
-            m.commit(conn)
+            m.commit(target)
             return "committed"
-        if "rollback" not in states and "restore" in states and conn is not None:
-            st = _migrctl_json(conn, ["peer", "status", m.j.id])["restored"]
-            if st and st["alive"]:
+        if "rollback" not in states and "restore" in states and target is not None:
+            st = target.status()
+            if st and st.alive:
                 try:
-                    m.verify(conn, m.info, ports=m.opts.mode != "restart")
+                    m.verify(target, ports=m.opts.mode != "restart", seen=st)
                 except MigrdError as e:
-                    m.rollback(conn, f"recovered after a crash at {last}; the target copy failed "
-                                     f"verification: {e}")
+                    m.rollback(target, f"recovered after a crash at {last}; the target copy failed "
+                                       f"verification: {e}")
                     return "rolled back"
                 m.j.record("commit", recovered=True)
-                m.commit(conn)
+                m.commit(target)
                 return "rolled forward: the target copy was restored and verified"
-        m.rollback(conn, m.data.get("reason") or f"recovered after a crash at {last}")
+        m.rollback(target, m.data.get("reason") or f"recovered after a crash at {last}")
         if m.j.last_state() == "target_unclean":
             return f"rolled back here; {m.opts.target} still cannot be cleaned (run recover again once it answers)"
         return "rolled back"
     finally:
-        if conn is not None:
-            conn.close()
+        if target is not None:
+            target.conn.close()

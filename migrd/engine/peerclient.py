@@ -1,0 +1,187 @@
+"""The target's side of one migration, as the source sees it: one typed object per migration
+whose methods mirror `migrctl peer SUBCOMMAND` on the target (migrd/cli/peer.py ->
+migrd/engine/target.py). The command lines are built here and nowhere else, and every answer is
+read as untrusted input into a frozen dataclass, so a confused or hostile peer produces a
+one-line error instead of a KeyError half-way through a migration.
+
+Like Fabric's `Connection`, which delegates file copies to `Transfer`, `Target` delegates the
+bytes (image streams, carried files, page streams) to the transport's `Connection` and keeps
+only the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from migrd.adapters import transport, untrusted
+from migrd.core.precheck import Request
+from migrd.engine import pagestream
+from migrd.config import Config
+from migrd.errors import MigrdError, PeerProtocolError, TransportError
+
+T = TypeVar("T")
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PrecheckAnswer:
+    problems: tuple[str, ...]
+    #: Where the images go on the target.
+    incoming: str
+    #: Size of each open file there (None: absent), for the rollback's clean-up.
+    target_files: dict[str, int | None]
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The copy on the target, as `peer status` sees it."""
+
+    pid: int
+    alive: bool
+    stopped: bool = False
+    cmdline: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class RestoreAnswer:
+    pid: int
+    seconds: float
+    start_time: float
+    restored: Restored | None
+
+
+@dataclass(frozen=True)
+class StartAnswer:
+    pid: int
+    start_time: float
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class FinishAnswer:
+    finished: str
+    resumed: int | None = None
+    announce_error: str | None = None
+
+
+@dataclass(frozen=True)
+class _StatusAnswer:
+    received: bool
+    restored: Restored | None = None
+
+
+@dataclass(frozen=True)
+class _PrecheckRaw:
+    problems: tuple[str, ...]
+    incoming: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+class Restoring:
+    """A restore on the target that waits, stopped, for the source's word (one SSH session
+    for restore and commit: saves a session start and a Python start while frozen)."""
+
+    def __init__(self, target: Target, talk: transport.Conversation) -> None:
+        self._target = target
+        self._talk = talk
+
+    def answer(self) -> RestoreAnswer:
+        return self._target.parse(RestoreAnswer, self._talk.readline(), "peer restore")
+
+    def commit(self) -> FinishAnswer | None:
+        """Tell the target to go on; None when the session broke (then `Target.finish`)."""
+        try:
+            self._talk.send_line("commit")
+            return self._target.parse(FinishAnswer, self._talk.readline(), "peer restore (commit)")
+        except (TransportError, PeerProtocolError):
+            return None
+
+    def close(self) -> None:
+        self._talk.close()
+
+
+class Target:
+    """The target host of migration `mid`, reached through `conn`."""
+
+    def __init__(self, conn: transport.Connection, mid: str) -> None:
+        self.conn = conn
+        self.mid = mid
+
+    @property
+    def name(self) -> str:
+        return self.conn.host.name
+
+    # --- reading answers -------------------------------------------------------------------
+
+    def parse(self, tp: type[T], line: bytes, what: str) -> T:
+        value = untrusted.loads(line, PeerProtocolError, f"{self.name}: {what}")
+        return untrusted.build(tp, value, PeerProtocolError, f"{self.name}: {what}")
+
+    def _call(self, tp: type[T], args: list[str], payload: Any = None, timeout: float | None = None) -> T:
+        """Run `migrctl peer ARGS --json` there; its error line becomes ours."""
+        data = json.dumps(payload).encode() if payload is not None else None
+        r = self.conn.migrctl(["peer", *args, "--json"], input=data, timeout=timeout)
+        if r.status != 0:
+            msg = r.stderr.decode(errors="replace").strip().splitlines()
+            text = (msg[-1] if msg else f"exit {r.status}").removeprefix("migrctl: error: ")
+            raise MigrdError(f"{self.name}: migrctl peer {args[0]}: {text}")
+        return self.parse(tp, r.stdout, f"peer {args[0]}")
+
+    def _remote(self, *args: str) -> list[str]:
+        return [*self.conn.cfg.ssh.remote_migrctl, "peer", *args]
+
+    # --- the steps -------------------------------------------------------------------------
+
+    def precheck(self, req: Request) -> PrecheckAnswer:
+        raw = self._call(_PrecheckRaw, ["precheck"], asdict(req))
+        files = untrusted.build(dict[str, int | None], raw.facts.get("files", {}), PeerProtocolError,
+                                f"{self.name}: peer precheck: facts.files")
+        return PrecheckAnswer(raw.problems, raw.incoming, files)
+
+    def page_stream(self, progress: ProgressFn | None, total: int) -> pagestream.Sender:
+        """The target's page server for this migration, running and connected."""
+        compression = self.conn.cfg.ssh.compression
+        talk = self.conn.converse(self._remote("pages", self.mid, "--compression", compression))
+        return pagestream.Sender(talk, compression, level=self.conn.tuning.zstd_level,
+                                 progress=progress, total=total)
+
+    def put_file(self, path: Path) -> int:
+        return self.conn.put_file(path, str(path))
+
+    def send_images(self, images: Path, remote_dir: str, progress: ProgressFn | None) -> transport.TransferStats:
+        return self.conn.send_images(images, remote_dir, progress=progress)
+
+    def restore(self, *, page_bytes: int | None, name: str | None, stdout: str | None,
+                address: str | None) -> Restoring:
+        args = ["restore", self.mid]
+        args += ["--page-bytes", str(page_bytes)] if page_bytes is not None else []
+        args += ["--name", name] if name else []
+        args += ["--stdout", stdout] if stdout else []
+        args += ["--address", address] if address else []
+        return Restoring(self, self.conn.converse(self._remote(*args, "--await-commit", "--json")))
+
+    def start(self, cmdline: tuple[str, ...], cwd: str, env: dict[str, str], name: str | None) -> StartAnswer:
+        spec = {"cmdline": list(cmdline), "cwd": cwd, "env": env, "name": name}
+        return self._call(StartAnswer, ["start", self.mid], spec)
+
+    def status(self) -> Restored | None:
+        return self._call(_StatusAnswer, ["status", self.mid]).restored
+
+    def finish(self, address: str | None) -> FinishAnswer:
+        return self._call(FinishAnswer, ["finish", self.mid, *(["--address", address] if address else [])])
+
+    def abort(self, address: str | None, files: list[str]) -> None:
+        args = ["abort", self.mid, *(["--address", address] if address else [])]
+        for path in files:
+            args += ["--file", path]
+        self._call(dict[str, Any], args)
+
+
+def connect(cfg: Config, host: str, mid: str) -> Target:
+    return Target(transport.connect(cfg, host), mid)

@@ -1,0 +1,188 @@
+"""How a migration moves memory: the strategy port.
+
+A strategy is an object with named phases. `forward` runs the phases up to and through the
+switch, each opened with `run.begin(STEP)` (journaled, then failpoints and stop requests
+honoured, then the step runs), using the phase helpers of the driver (`Migration`). Where a
+strategy's point of no return lies, how the source is ended at the commit and how it comes
+back on a rollback are the strategy's too, so the driver, the journal and recovery treat every
+strategy alike. The journal records the strategy's name; recovery rebuilds the same object.
+
+The registry is `STRATEGIES`; `migrctl migrate --strategy NAME` picks one, otherwise the first
+available one of `migrate.strategies` (the config's preference list) runs. P.Haul's "haulers"
+and its iteration driver with named loop limits are the model (phaul/iters.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+from migrd.adapters import workloads
+from migrd.model import ProcessInfo
+
+if TYPE_CHECKING:  # the driver imports this module
+    from migrd.engine.migration import Migration, Options
+    from migrd.engine.peerclient import Target
+
+ProgressFn = Callable[[int, int], None]
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    #: The trade-off, one sentence (shown by --help, `migrctl check` and the README).
+    summary: ClassVar[str]
+    #: Steps after which the workload may run on the target: from here on a failure leaves the
+    #: migration in doubt and recovery rolls forward, never back.
+    point_of_no_return: ClassVar[str] = "commit"
+    #: True when the dump leaves the source stopped (not ended) until the commit.
+    keeps_source_stopped: ClassVar[bool] = False
+
+    def unavailable(self, info: ProcessInfo, opts: Options) -> str | None:
+        """Why this strategy cannot move `info` with `opts` (None: it can)."""
+        return None
+
+    @abstractmethod
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        """Every phase from the checkpoint through the commit."""
+
+    def end_source(self, run: Migration) -> None:
+        """At the commit, before the target's copy runs: make sure the source cannot run."""
+        if self.keeps_source_stopped and run.opts.mode == "move":
+            # A stopped task with SIGKILL pending never runs again, so freeing its memory need
+            # not delay the target (grace 0); `reap_source` waits for it after.
+            workloads.end(*run.source, grace=0)
+
+    def reap_source(self, run: Migration) -> None:
+        if self.keeps_source_stopped and run.opts.mode == "move":
+            workloads.end(*run.source)
+
+    def bring_back(self, run: Migration, states: list[str]) -> int | None:
+        """On a rollback: make the source run here again. Returns the PID of a new local copy
+        (None when the original runs on, or never stopped)."""
+        if "checkpoint" not in states or "target_unclean" in states or run.opts.mode == "clone":
+            # After target_unclean the local side was undone already (the source's PID and start
+            # time no longer name the copy a local restore made).
+            return None
+        if run.source_alive():
+            if self.keeps_source_stopped:
+                workloads.resume(*run.source)
+            return None
+        return run.restore_locally()
+
+
+class StopCopy(Strategy):
+    """Freeze, dump to disk here, send the images, restore there."""
+
+    name = "stop-copy"
+    summary = ("freeze, dump to disk here, send, restore there: works for every process, and the "
+               "whole memory crosses while it is frozen")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        run.begin("checkpoint", strategy=self.name)
+        freeze = time.time()
+        ck = run.dump(leave_stopped=False, page_server_fd=None)
+        run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+                  image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
+        run.release_address()
+        moved = run.send_carried(target)
+        stats = target.send_images(run.images, run.remote_images, progress)
+        run.begin("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
+        run.restore_there(target, page_bytes=None)
+
+
+class StreamCopy(Strategy):
+    """Stop-and-copy whose pages cross during the dump (migrd/engine/pagestream.py)."""
+
+    name = "stream-copy"
+    summary = ("freeze and stream the pages to the target while CRIU dumps them: the copy overlaps "
+               "the dump; the source stays stopped (not ended) until the commit")
+    keeps_source_stopped = True
+
+    def unavailable(self, info: ProcessInfo, opts: Options) -> str | None:
+        if opts.mode != "move":
+            return f"it moves, and --mode {opts.mode} keeps or restarts the source"
+        if not info.own_pid_namespace:
+            # A stopped source keeps its PIDs: a clash on hosts that share one PID space.
+            return "the process is not the init of its own PID namespace (start it with `migrctl run`)"
+        if opts.tcp_established:
+            # The stopped source's sockets would stay in repair mode behind CRIU's network lock.
+            return "--tcp-established needs the source ended by the dump"
+        return None
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        run.begin("checkpoint", strategy=self.name, streamed=True)
+        # The target's page server is up (its session and Python started) before the freeze.
+        with target.page_stream(progress, run.info.rss) as pages:
+            freeze = time.time()
+            ck = run.dump(leave_stopped=True, page_server_fd=pages.criu_fd)
+            page_bytes = pages.finish(run.cfg.ssh.op_timeout)
+        run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+                  image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
+                  nft_tables=run.dump_tables())
+        run.release_address()
+        moved = run.send_carried(target)
+        stats = target.send_images(run.images, run.remote_images, progress)
+        run.begin("restore", bytes=stats.bytes + moved + page_bytes, transfer_seconds=round(stats.seconds, 4))
+        run.restore_there(target, page_bytes=page_bytes)
+
+
+class Restart(Strategy):
+    """Weak mobility (--mode restart): end the process here, start the same command line,
+    directory and environment fresh there. Not selectable with --strategy: the mode asks for it.
+    Ending first keeps "never two copies"; a failure after it starts the command fresh here
+    again (restart mode gives up execution state anyway)."""
+
+    name = "restart"
+    summary = "end it here and start the same command fresh there: only code and data travel"
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        info = run.info
+        run.begin("checkpoint", strategy=self.name)
+        # SIGTERM first, then SIGKILL: a PID namespace's init ignores SIGTERM unless it handles it.
+        workloads.end(info.pid, info.start_time, (signal.SIGTERM, signal.SIGKILL), grace=2.0)
+        run.begin("transfer")
+        moved = run.send_carried(target)
+        run.begin("restore", bytes=moved)
+        r = target.start(info.cmdline, info.cwd, info.environ, run.data.get("workload"))
+        run.begin("verify", target_pid=r.pid)
+        run.verify(target, ports=False)
+        run.begin("commit")
+        run.commit(target)
+
+    def bring_back(self, run: Migration, states: list[str]) -> int | None:
+        if "checkpoint" not in states or "target_unclean" in states or run.source_alive():
+            return None
+        return run.start_locally()
+
+
+#: The strategies `--strategy` offers, by name.
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy())}
+#: Every strategy a journal may name (recovery rebuilds it from there).
+ALL: dict[str, Strategy] = {**STRATEGIES, Restart.name: Restart()}
+
+
+def recorded(name: str | None, streamed: bool) -> Strategy:
+    """The strategy a journal names. Journals written before strategies were recorded say only
+    whether the pages were streamed."""
+    if name is None:
+        return ALL["stream-copy" if streamed else "stop-copy"]
+    return ALL[name]
+
+
+def choose(info: ProcessInfo, opts: Options, preference: tuple[str, ...]) -> tuple[Strategy | None, list[str]]:
+    """The strategy for this move and why the ones before it were passed over. With
+    `opts.strategy` set only that one is tried."""
+    if opts.mode == "restart":
+        return ALL["restart"], []
+    skipped = []
+    for name in ((opts.strategy,) if opts.strategy else preference):
+        s = STRATEGIES[name]
+        why = s.unavailable(info, opts)
+        if why is None:
+            return s, skipped
+        skipped.append(f"{name}: {why}")
+    return None, skipped
+
