@@ -55,23 +55,23 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import psutil
-import yaml
 
 from migrbed import bed as bed_mod
 from migrbed.programs import COUNTER, MARK, read_counts
 from migrd import config
 from migrd.adapters.criu import find_criu
+from migrd.engine.strategies import STRATEGIES as OFFERED
 
 PY = sys.executable
 
-#: Every strategy this bench knows how to ask for; the ones the checkout's migrctl lacks are
-#: reported as unavailable.
-STRATEGIES = ("stop-copy", "stream-copy", "postcopy")
+#: The strategies measured by default: every one `--strategy` offers, and post-copy (issue 10),
+#: reported as left out while this checkout lacks it.
+STRATEGIES = tuple(dict.fromkeys([*OFFERED, "postcopy"]))
 
 #: The memory workload. argv: MiB, rewrite MiB/s, fill (mixed|random|zero), base path in /tmp.
 #: Memory is 256 KiB chunks, each a copy of one block of a small pool (random blocks, and
@@ -560,14 +560,12 @@ def _times(out: str) -> tuple[str, list[float], int]:
 class MigrdStrategy(Method):
     """`migrctl migrate --strategy NAME`, on a workload started with `migrctl run`."""
 
-    def __init__(self, name: str, extra: Sequence[str] = (), env: str = "") -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.extra = list(extra)
-        self.env = env
 
     def describe(self) -> dict[str, str]:
-        return {"name": self.name, "invocation": shlex.join(["migrctl", "migrate", "PID", "--to", "host2", *self.extra])
-                + (f" with {self.env.strip()}" if self.env else "")}
+        return {"name": self.name, "invocation": f"migrctl migrate PID --to host2 --strategy {self.name} --json",
+                "summary": OFFERED[self.name].summary}
 
     def start(self, b: Bench, case: Case, base: Path) -> Started:
         r = bed_mod.exec_in(b.bed, "host1", [PY, "-m", "migrd.cli", "run", "--json", "--name", base.name,
@@ -577,8 +575,8 @@ class MigrdStrategy(Method):
         return Started(case, base, pid, psutil.Process(pid).create_time())
 
     def move(self, b: Bench, w: Started) -> Moved:
-        argv = [PY, "-m", "migrd.cli", "migrate", "--json", str(w.pid), "--to", "host2", *self.extra]
-        rc, out, err = b.sh("host1", _timed(f"{self.env}{shlex.join(argv)}"), timeout=900)
+        argv = [PY, "-m", "migrd.cli", "migrate", "--json", str(w.pid), "--to", "host2", "--strategy", self.name]
+        rc, out, err = b.sh("host1", _timed(shlex.join(argv)), timeout=900)
         body, (t0, t1), status = _times(out)
         dump_logs = sorted((b.h1.dir / "state" / "logs").glob(f"dump-{w.pid}-*.log"),
                            key=lambda p: p.stat().st_mtime)
@@ -588,6 +586,9 @@ class MigrdStrategy(Method):
             return Moved(t1 - t0, t0, t1, None, row, error=(err.strip().splitlines() or [f"exit {status}"])[-1])
         res = json.loads(body)
         b.track(res["target_pid"])
+        if res.get("strategy") != self.name:
+            return Moved(t1 - t0, t0, t1, res["target_pid"], row,
+                         error=f"migrctl ran strategy {res.get('strategy')!r}, not {self.name!r}")
         row.update(migrd=res, migrd_downtime_s=res.get("downtime"), image_bytes=res.get("bytes"),
                    phases=res.get("phases"), **{k: res[k] for k in EXTRA_KEYS if k in res})
         return Moved(t1 - t0, t0, t1, res["target_pid"], row)
@@ -648,41 +649,13 @@ class Manual(Method):
             bed_mod.exec_in(b.bed, "host2", ["rm", "-rf", d])
 
 
-def strategies_here() -> tuple[str, ...]:
-    """The names this checkout's `migrctl migrate --strategy` accepts."""
-    try:
-        from migrd.engine.strategies import STRATEGIES as ported  # the strategy port (issue 10)
-        return tuple(ported)
-    except ImportError:
-        from migrd.engine.migration import STRATEGIES as legacy
-        return tuple(legacy)
-
-
-def methods_for(names: Sequence[str], b: Bench) -> tuple[list[Method], dict[str, str]]:
-    """The strategies asked for that migrctl offers, plus the manual pipeline, and why the
-    others are left out. Before the strategy port, stop-copy and the streamed path were one
-    strategy split by the config switch migrate.stream (never: staged; auto: streamed)."""
-    here = strategies_here()
-    methods: list[Method] = []
-    missing: dict[str, str] = {}
-    legacy = {"stop-copy": "never", "stream-copy": "auto"} if here == ("stop-copy",) else {}
-    for name in names:
-        if name in legacy:
-            methods.append(MigrdStrategy(name, env=f"MIGRD_CONFIG={config_with(b, 'stream', legacy[name])} "))
-        elif name in here:
-            methods.append(MigrdStrategy(name, extra=["--strategy", name]))
-        else:
-            missing[name] = f"not offered by this checkout's migrctl (it has: {', '.join(here)})"
+def methods_for(names: Sequence[str]) -> tuple[list[Method], dict[str, str]]:
+    """The strategies asked for that `migrctl migrate --strategy` offers, plus the manual
+    pipeline, and why the others are left out."""
+    methods: list[Method] = [MigrdStrategy(n) for n in names if n in OFFERED]
+    missing = {n: f"not offered by this checkout's migrctl (it has: {', '.join(OFFERED)})"
+               for n in names if n not in OFFERED}
     return [*methods, Manual()], missing
-
-
-def config_with(b: Bench, key: str, value: str) -> str:
-    """host1's config with migrate.KEY = VALUE, beside it in /etc/migrd; its path there."""
-    etc = b.h1.dir / "etc"
-    data = yaml.safe_load((etc / "migrd.yaml").read_text())
-    data.setdefault("migrate", {})[key] = value
-    (etc / f"migrd-{key}-{value}.yaml").write_text(yaml.safe_dump(data))
-    return f"/etc/migrd/migrd-{key}-{value}.yaml"
 
 
 # ---- plot and main --------------------------------------------------------------------------
@@ -695,10 +668,12 @@ def plot(doc: dict[str, Any], png: Path) -> bool:
     except ImportError:
         print("matplotlib not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
         return False
-    summary, sizes, rate = doc["summary"], doc["sizes_mib"], doc["rate_mib_s"]
+    summary, sizes, rates = doc["summary"], doc["sizes_mib"], doc["rates_mib_s"]
     methods = [m["name"] for m in doc["methods"]]
-    fig, axes = plt.subplots(3, 2, figsize=(11, 12), squeeze=False)
-    for row, r in enumerate((0.0, rate)):
+    counter = summary.get("counter", {})
+    fig, axes = plt.subplots(len(rates) + bool(counter), 2, figsize=(11, 4 * (len(rates) + bool(counter))),
+                             squeeze=False)
+    for row, r in enumerate(rates):
         for col, (key, label) in enumerate((("downtime_seen_s", "downtime seen by the workload (s)"),
                                             ("total_s", "total time (s)"))):
             ax = axes[row][col]
@@ -715,10 +690,9 @@ def plot(doc: dict[str, Any], png: Path) -> bool:
             ax.set_title(f"{'idle' if r == 0 else f'rewriting {r:g} MiB/s'}: {label.split(' (')[0]}")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
-    counter = summary.get("counter", {})
     for col, (key, label) in enumerate((("downtime_seen_s", "counter: downtime seen (s)"),
-                                        ("criu_frozen_s", "counter: CRIU frozen (s)"))):
-        ax = axes[2][col]
+                                        ("criu_frozen_s", "counter: CRIU frozen (s)")) if counter else ()):
+        ax = axes[len(rates)][col]
         names = [m for m in methods if key in counter.get(m, {})]
         ax.bar(names, [counter[m][key] for m in names])
         ax.set_title(label)
@@ -767,7 +741,8 @@ def main() -> int:
     def document() -> dict[str, Any]:
         summary = summarize(rows)
         return {
-            "benchmark": "strategies", "sizes_mib": args.sizes, "rate_mib_s": args.rate, "fill": args.fill,
+            "benchmark": "strategies", "sizes_mib": args.sizes, "rate_mib_s": args.rate, "rates_mib_s": rates,
+            "fill": args.fill,
             "reps": args.reps, "settle_s": args.settle, "seconds": round(time.time() - started, 1),
             "machine": {"cpus": psutil.cpu_count(), "kernel": platform.release()},
             "topology": "2-host embedded bed, host1 -> host2, both on this machine's cores",
@@ -781,7 +756,7 @@ def main() -> int:
         state = bed_mod.up(bed, hosts=2, root=Path(tmp) / "bed")
         try:
             b = Bench(state, Path(tmp), args.settle)
-            methods, missing = methods_for([s.strip() for s in args.strategies.split(",") if s.strip()], b)
+            methods, missing = methods_for([s.strip() for s in args.strategies.split(",") if s.strip()])
             for name, why in missing.items():
                 print(f"{name}: left out, {why}", flush=True)
             by_name = {m.name: m for m in methods}
