@@ -65,6 +65,7 @@ from migrbed import bed as bed_mod
 from migrbed.programs import COUNTER, MARK, read_counts
 from migrd import config
 from migrd.adapters.criu import find_criu
+from migrd.engine.journal import Journal
 from migrd.engine.strategies import STRATEGIES as OFFERED
 
 PY = sys.executable
@@ -283,9 +284,20 @@ def rotated(items: Sequence[str], k: int) -> list[str]:
     return [*items[k:], *items[:k]]
 
 
-#: Keys a strategy's JSON may carry beyond stop-copy's (post-copy, pre-copy), copied into the row.
-EXTRA_KEYS = ("rounds", "pushed_bytes", "demand_bytes", "fetched_bytes", "faulted_bytes",
-              "last_page_seconds", "lazy_seconds")
+#: What a strategy records beyond stop-copy's figures: pre-copy rounds, post-copy bytes pushed
+#: and fetched on demand, when the last page arrived.
+FIGURE = re.compile(r"round|demand|push|fetch|lazy|fault|last_page")
+
+
+def strategy_figures(journal: dict[str, Any], outcome: dict[str, Any]) -> dict[str, float]:
+    """The numbers a strategy adds, from its journal and its JSON (the JSON wins). An epoch time
+    of the last page becomes seconds after the freeze: how long the copy needed the source."""
+    out = {k: v for src in (journal, outcome) for k, v in src.items()
+           if FIGURE.search(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for key in [k for k in out if "last_page" in k]:
+        if out[key] > 1e9 and isinstance(journal.get("freeze"), (int, float)):
+            out[f"{key}_after_freeze_s"] = out.pop(key) - journal["freeze"]
+    return out
 
 
 def median_or_none(values: Iterable[float | None]) -> float | None:
@@ -294,7 +306,7 @@ def median_or_none(values: Iterable[float | None]) -> float | None:
 
 
 MEASURES = ("total_s", "downtime_seen_s", "switch_gap_s", "after_switch_max_gap_s", "criu_frozen_s",
-            "migrd_downtime_s", "wire_bytes", "image_bytes", *EXTRA_KEYS)
+            "migrd_downtime_s", "wire_bytes", "image_bytes")
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -312,6 +324,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
                 m = median_or_none(r.get(key) for r in good)
                 if m is not None:
                     s[key] = m
+            for key in sorted({k for r in good for k in r.get("figures", {})}):
+                s.setdefault("figures", {})[key] = median_or_none(r["figures"].get(key) for r in good)
         base = methods.get("manual", {})
         for method, s in methods.items():
             for key in ("total_s", "downtime_seen_s"):
@@ -589,8 +603,9 @@ class MigrdStrategy(Method):
         if res.get("strategy") != self.name:
             return Moved(t1 - t0, t0, t1, res["target_pid"], row,
                          error=f"migrctl ran strategy {res.get('strategy')!r}, not {self.name!r}")
+        journal = Journal(b.h1.dir / "state" / "migrations" / res["id"]).merged()
         row.update(migrd=res, migrd_downtime_s=res.get("downtime"), image_bytes=res.get("bytes"),
-                   phases=res.get("phases"), **{k: res[k] for k in EXTRA_KEYS if k in res})
+                   phases=res.get("phases"), figures=strategy_figures(journal, res))
         return Moved(t1 - t0, t0, t1, res["target_pid"], row)
 
 

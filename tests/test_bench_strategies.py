@@ -94,15 +94,24 @@ def test_summary_medians_of_good_runs_and_ratios_to_manual():
     rows = [
         {"case": "c", "method": "manual", "ok": True, "total_s": 2.0, "downtime_seen_s": 2.0},
         {"case": "c", "method": "manual", "ok": True, "total_s": 4.0, "downtime_seen_s": 4.0},
-        {"case": "c", "method": "x", "ok": True, "total_s": 1.5, "downtime_seen_s": 0.3, "rounds": 2},
+        {"case": "c", "method": "x", "ok": True, "total_s": 1.5, "downtime_seen_s": 0.3, "figures": {"rounds": 2}},
         {"case": "c", "method": "x", "ok": False, "total_s": 99.0, "error": "boom"},
     ]
     s = st.summarize(rows)["c"]
     assert s["manual"]["total_s"] == 3.0
     assert s["x"]["runs"] == 2 and s["x"]["failed"] == 1
-    assert s["x"]["total_s"] == 1.5 and s["x"]["rounds"] == 2
+    assert s["x"]["total_s"] == 1.5 and s["x"]["figures"] == {"rounds": 2}
     assert s["x"]["total_s_vs_manual"] == pytest.approx(0.5)
     assert s["x"]["downtime_seen_s_vs_manual"] == pytest.approx(0.1)
+
+
+def test_strategy_figures_from_the_journal_and_the_json():
+    journal = {"freeze": 1_700_000_000.0, "downtime": 0.2, "last_page": 1_700_000_002.5,
+               "on_demand_bytes": 4096, "pushed_bytes": 1 << 20, "streamed": True}
+    figures = st.strategy_figures(journal, {"rounds": 3, "bytes": 9})
+    assert figures == {"on_demand_bytes": 4096, "pushed_bytes": 1 << 20, "rounds": 3,
+                       "last_page_after_freeze_s": pytest.approx(2.5)}
+    assert st.strategy_figures({"downtime": 1.0, "dump_seconds": 0.3}, {"bytes": 5}) == {}
 
 
 def test_the_memory_workload_ticks_rewrites_and_checks_itself(tmp_path: Path):
