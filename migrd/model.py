@@ -338,6 +338,20 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class Connection:
+    """An established TCP connection of the process."""
+
+    local_address: str
+    local_port: int
+    remote_address: str
+    remote_port: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.local_address}:{self.local_port} -> {self.remote_address}:{self.remote_port}"
+
+
+@dataclass(frozen=True)
 class ProcessInfo:
     pid: int
     cmdline: tuple[str, ...]
@@ -355,4 +369,8 @@ class ProcessInfo:
     #: Every PID and thread ID in the dumped tree: a plain restore needs all of them free.
     tree_ids: tuple[int, ...] = ()
     environ: dict[str, str] = field(default_factory=dict)
+    #: Established TCP connections of the root process.
+    established: tuple[Connection, ...] = ()
+    #: Device nodes it has open (/dev/null, a tty, ...), every process of the tree.
+    devices: tuple[str, ...] = ()
 

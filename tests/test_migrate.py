@@ -272,7 +272,7 @@ def test_failpoints_leave_exactly_one_copy(mig, bed, run_in, counter, staged_env
     r = mig("host1", "migrate", pid, "--to", "host2", check=False, env=env)
     j = journal_of(bed, pid)
     if "checkpoint" in [rec.state for rec in j.records()]:
-        assert j.merged()["streamed"] == (path == "streamed")
+        assert j.merged()["strategy"] == ("stream-copy" if path == "streamed" else "stop-copy")
     if kind == "die":
         assert r.returncode in (-9, 137), r.stderr
         action = recover_settled(mig, j.id)
@@ -375,7 +375,7 @@ def test_target_disk_filling_up_mid_migration_rolls_back(mig, bed, run_in, count
     err = err_b.decode()
     assert p.returncode not in (0, -9, 137) and "Traceback" not in err
     assert "No space left on device" in err and "Errno" not in err, err
-    assert journal_of(bed, pid).merged()["streamed"] == streamed
+    assert journal_of(bed, pid).merged()["strategy"] == ("stream-copy" if streamed else "stop-copy")
     if streamed:
         assert copies(str(out)) == [pid]  # resumed, not restored
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from migrd.errors import InputError, NotPermitted
-from migrd.model import Listener, OpenFile, ProcessInfo
+from migrd.model import Connection, Listener, OpenFile, ProcessInfo
 
 
 def parse_pid(text: str | int) -> int:
@@ -48,6 +48,31 @@ def _listening(p: psutil.Process) -> tuple[Listener, ...]:
             family = "inet6" if c.family == socket.AF_INET6 else "inet"
             out.append(Listener(family, c.laddr.ip, c.laddr.port))
     return tuple(sorted(set(out), key=lambda s: (s.port, s.family, s.address)))
+
+
+def _established(p: psutil.Process) -> tuple[Connection, ...]:
+    out = {Connection(c.laddr.ip, c.laddr.port, c.raddr.ip, c.raddr.port)
+           for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_ESTABLISHED and c.raddr}
+    return tuple(sorted(out, key=lambda c: (c.local_port, c.remote_address, c.remote_port)))
+
+
+def _devices(tree: list[psutil.Process]) -> tuple[str, ...]:
+    """Device nodes the tree has open: psutil's open_files lists regular files only."""
+    found: set[str] = set()
+    for member in tree:
+        try:
+            fds = os.scandir(f"/proc/{member.pid}/fd")
+        except OSError:
+            continue
+        with fds:
+            for e in fds:
+                try:
+                    target = os.readlink(e.path)
+                except OSError:
+                    continue
+                if target.startswith("/dev/"):
+                    found.add(target)
+    return tuple(sorted(found))
 
 
 def _open_files(p: psutil.Process) -> tuple[OpenFile, ...]:
@@ -115,6 +140,8 @@ def inspect(pid: int) -> ProcessInfo:
                 own_pid_namespace=ns_chain(status)[-1:] == [1],
                 tree_ids=_tree_ids(p),
                 environ=p.environ(),
+                established=_established(p),
+                devices=_devices([p, *p.children(recursive=True)]),
             )
     except (psutil.NoSuchProcess, ProcessLookupError, FileNotFoundError):
         raise InputError(f"process {pid} exited while being inspected") from None

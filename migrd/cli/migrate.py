@@ -8,6 +8,7 @@ from datetime import datetime
 
 import click
 
+from migrd.core import binding
 from migrd.engine import journal as journal_mod
 from migrd.engine import migration as mig
 from migrd.engine.strategies import STRATEGIES
@@ -67,7 +68,11 @@ def migrate(pid: str, target: str, strategy: str | None, mode: str, with_files: 
 
     def human(o: mig.Outcome) -> str:
         if o.dry_run:
-            return f"dry run {o.id}: PID {o.pid} can migrate from {o.source} to {o.target}"
+            rows = binding.table(tuple(binding.from_dict(r) for r in o.resources))
+            return (f"dry run {o.id}: PID {o.pid} can migrate from {o.source} to {o.target} "
+                    f"with {o.strategy}\n" + "".join(f"  {why} (passed over)\n" for why in o.passed_over)
+                    + "  resources (binding, attachment to the host, what the move does):\n"
+                    + "\n".join(f"    {r}" for r in rows))
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in o.phases.items())
         down = f", downtime {o.downtime:.2f} s" if o.downtime is not None else ""
         return (f"migrated PID {o.pid} from {o.source} to {o.target} (now PID {o.target_pid}), "
@@ -153,13 +158,15 @@ def history(limit: int, as_json: bool) -> None:
     def human(rs) -> str:
         if not rs:
             return "no migrations yet"
-        lines = [f"{'ID':25} {'WHEN':8} {'PID':>7} {'TO':8} {'MODE':7} {'BYTES':>10} {'DOWN':>7}  OUTCOME"]
+        lines = [f"{'ID':25} {'WHEN':8} {'PID':>7} {'TO':8} {'MODE':7} {'STRATEGY':11} {'BYTES':>10} "
+                 f"{'DOWN':>7}  OUTCOME"]
         for r in rs:
             when = datetime.fromtimestamp(r["started"]).strftime("%H:%M:%S") if r["started"] else "-"
             down = f"{r['downtime']:.2f}s" if r["downtime"] is not None else "-"
             outcome = r["outcome"] + (f": {r['reason']}" if r["reason"] and r["outcome"] != "ok" else "")
             lines.append(f"{r['id']:25} {when:8} {r['pid'] or '-':>7} {r['target'] or '-':8} "
-                         f"{r['mode'] or '-':7} {human_bytes(r['bytes']):>10} {down:>7}  {outcome[:80]}")
+                         f"{r['mode'] or '-':7} {r.get('strategy') or '-':11} {human_bytes(r['bytes']):>10} "
+                         f"{down:>7}  {outcome[:80]}")
             lines += [f"{'':26}why: {reason}" for reason in r.get("decision_reasons") or ()]
         return "\n".join(lines)
 

@@ -40,12 +40,23 @@ def peer_precheck(as_json: bool) -> None:
 @click.option("--await-commit", is_flag=True,
               help="After the restore, wait for 'commit' or 'abort' on stdin (saves the source a "
                    "second SSH session while the process is frozen).")
-@click.option("--page-bytes", type=int,
-              help="The pages were streamed (`peer pages`); the source sent this many bytes.")
+@click.option("--await-go", is_flag=True,
+              help='Print {"ready": true} once started, then restore only after one line on stdin '
+                   '({"page_bytes": N} when the pages were streamed by `peer pages`, else null); EOF '
+                   "ends without restoring. The source opens this "
+                   "session before it freezes the process, so SSH and Python start-up are not downtime.")
 @json_option
 def peer_restore(mid: str, name: str | None, stdout: str | None, address: str | None,
-                 await_commit: bool, page_bytes: int | None, as_json: bool) -> None:
+                 await_commit: bool, await_go: bool, as_json: bool) -> None:
     cfg = load_config()
+    page_bytes = None
+    if await_go:
+        click.echo(json.dumps({"ready": True}))
+        sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return  # the source gave up before the restore: nothing was done here
+        page_bytes = peer_mod.parse_go(line).page_bytes
     click.echo(json.dumps(peer_mod.restore(cfg, mid, name, stdout, address, page_bytes)))
     if not await_commit:
         return

@@ -16,6 +16,7 @@ from migrd.engine import failpoints
 from migrd.adapters import private, procinfo
 from migrd.engine import manifest as mf
 from migrd.config import Config
+from migrd.engine.subjects import ProcessTree
 from migrd.adapters.criu import Criu, find_criu
 from migrd.errors import InputError, NotPermitted
 
@@ -65,7 +66,7 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
     info = procinfo.inspect(pid)
     created = _prepare_dir(images)
     log = log_path(cfg, "dump", pid)
-    options = {"tcp_established": tcp_established, "shell_job": not info.session_leader}
+    options = ProcessTree(info).criu_options(tcp_established)
     try:
         with failpoints.dying_while("dumping"):
             result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,

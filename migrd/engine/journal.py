@@ -19,10 +19,13 @@ from migrd.engine import failpoints
 from migrd.adapters import private, untrusted
 from migrd.errors import JournalCorrupt
 
-#: States in the order a migration passes them; `rollback`/`rolled_back` can follow any state
-#: before `commit`. FINAL states need no recovery.
+#: The steps every strategy passes, in order; a strategy may add its own between them (each a
+#: phase of its own in `summarize`). `rollback`/`rolled_back` can follow any state before the
+#: strategy's point of no return. FINAL states need no recovery.
 STEPS = ("precheck", "checkpoint", "transfer", "restore", "verify", "commit")
 FINAL = ("done", "rolled_back", "refused")
+#: States that mark an event, not the start of a phase.
+EVENTS = ("prechecked", "address_released", "resumed", "in_doubt", "target_unclean", "rollback")
 
 
 def new_id() -> str:
@@ -145,6 +148,7 @@ class Summary:
     bytes: int
     downtime: float | None
     target_pid: int | None
+    strategy: str | None = None
 
 
 def summarize(j: Journal) -> Summary:
@@ -157,7 +161,7 @@ def summarize(j: Journal) -> Summary:
             data.update(r.data)
         phases: dict[str, float] = {}
         for a, b in zip(recs, recs[1:]):
-            if a.state in STEPS:
+            if a.state not in EVENTS and a.state not in FINAL:
                 phases[a.state] = round(b.time - a.time, 4)
         last = recs[-1].state if recs else "empty"
         outcome = {"done": data.get("outcome", "ok"), "rolled_back": "rolled back",
@@ -171,7 +175,7 @@ def summarize(j: Journal) -> Summary:
             "outcome": outcome, "reason": data.get("reason"),
             "started": recs[0].time if recs else 0.0, "phases": phases,
             "bytes": data.get("bytes", 0), "downtime": data.get("downtime"),
-            "target_pid": data.get("target_pid"),
+            "target_pid": data.get("target_pid"), "strategy": data.get("strategy"),
         }, JournalCorrupt, str(j.path))
     except JournalCorrupt as e:
         return Summary(id=j.id, pid=None, name=None, source=None, target=None, mode=None,

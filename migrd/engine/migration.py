@@ -15,6 +15,7 @@ copies.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,13 @@ import psutil
 from migrd.adapters import netaddr, procinfo, untrusted, workloads
 from migrd.adapters.criu import find_criu
 from migrd.config import Config
-from migrd.core import precheck
+from migrd.core import binding, precheck
 from migrd.engine import checkpoint as cp
 from migrd.engine import failpoints, peerclient, strategies
 from migrd.engine.journal import FINAL, Journal, all_journals, new_id
 from migrd.engine.manifest import process_from_dict
 from migrd.engine.strategies import Strategy
+from migrd.engine.subjects import SUBJECTS, ProcessTree, Subject
 from migrd.errors import (
     ConfigError,
     InDoubt,
@@ -91,6 +93,10 @@ class Outcome:
     streamed: bool = False
     #: Why a moved address could not be announced there (None: announced, or none moved).
     announce_error: str | None = None
+    #: Each resource with its binding and what the move does with it (core/binding.py).
+    resources: tuple[dict[str, str], ...] = ()
+    #: Strategies passed over before the one that ran, each with why.
+    passed_over: tuple[str, ...] = ()
 
 
 ProgressFn = Callable[[int, int], None]
@@ -162,6 +168,10 @@ class Migration:
         return process_from_dict(self.data.get("process"), JournalCorrupt, f"{self.j.path}: process")
 
     @property
+    def subject(self) -> Subject:
+        return SUBJECTS[self.data.get("subject", ProcessTree.kind)](self.info)
+
+    @property
     def strategy(self) -> Strategy:
         d = self.data
         return strategies.recorded(d.get("strategy"), bool(d.get("streamed")))
@@ -195,8 +205,12 @@ class Migration:
         carry = sorted({f.path for f in info.open_files} if opts.with_files
                        else ({stdout} & {f.path for f in info.open_files} if stdout else set()))
         strategy, skipped = strategies.choose(info, opts, self.cfg.migrate.strategies)
+        subject = ProcessTree(info)
+        shape = binding.MoveShape(mode=opts.mode, carried=tuple(carry), move_address=opts.move_address,
+                                  tcp_established=opts.tcp_established)
         self.j.record("precheck", source=_source_name(self.cfg), options=asdict(opts), workload=name,
-                      stdout=stdout, carry=carry, process=asdict(info),
+                      stdout=stdout, carry=carry, process=asdict(info), subject=subject.kind,
+                      resources=[asdict(r) for r in subject.resources(shape)],
                       strategy=strategy.name if strategy else None, passed_over=skipped,
                       request={"pid": info.pid, "start_time": info.start_time,
                                "target": opts.target, "mode": opts.mode})
@@ -211,7 +225,7 @@ class Migration:
             raise
         with target.conn:
             try:
-                self.precheck(target, info, opts, carry)
+                self.precheck(target, subject, opts, carry, shape)
             except MigrdError as e:
                 if self.j.last_state() != "refused":
                     self.j.record("refused", reason=str(e))
@@ -229,15 +243,16 @@ class Migration:
                 raise
         return self.outcome()
 
-    def precheck(self, target: peerclient.Target, info: ProcessInfo, opts: Options,
-                 carry: list[str]) -> None:
+    def precheck(self, target: peerclient.Target, subject: Subject, opts: Options,
+                 carry: list[str], shape: binding.MoveShape) -> None:
         failpoints.step("precheck")
+        info = subject.info
         cpuinfo = None
         if opts.mode != "restart":
             with tempfile.TemporaryDirectory(prefix="migrd-cpuinfo-") as tmp:
                 find_criu(self.cfg).cpuinfo_dump(Path(tmp), Path(tmp) / "dump.log")
                 cpuinfo = base64.b64encode(Path(tmp, "cpuinfo.img").read_bytes()).decode()
-        local: list[str] = []
+        local = binding.refusals(subject.resources(shape))
         if opts.move_address:
             netaddr.parse_cidr(opts.move_address)
             if netaddr.holder_of(opts.move_address) is None:
@@ -255,7 +270,7 @@ class Migration:
         problems = local + list(resp.problems)
         if problems:
             self.j.record("refused", reason="; ".join(problems))
-            raise PrecheckFailed(f"cannot migrate PID {info.pid} to {opts.target}: " + "; ".join(problems))
+            raise PrecheckFailed(f"cannot migrate {subject.label()} to {opts.target}: " + "; ".join(problems))
         self.j.record("prechecked", remote_images=resp.incoming, target_files=resp.target_files)
 
     # --- phase helpers (what strategies compose) -------------------------------------------
@@ -277,34 +292,33 @@ class Migration:
     def send_carried(self, target: peerclient.Target) -> int:
         return sum(target.put_file(Path(path)) for path in self.data["carry"])
 
-    def restore_there(self, target: peerclient.Target, page_bytes: int | None) -> None:
-        """Restore (stopped) there, verify, commit: one session for all three."""
+    @contextlib.contextmanager
+    def restore_session(self, target: peerclient.Target) -> Iterator[peerclient.Restoring]:
+        """The target's restore, started and waiting (open it before the freeze). Closed at the
+        end whatever happened: before any rollback, so the target leaves its copy to `peer
+        abort`, and without a restore when the source never said go."""
         d = self.data
-        restoring = target.restore(page_bytes=page_bytes, name=d.get("workload"), stdout=d.get("stdout"),
-                                   address=self.opts.move_address)
+        restoring = target.prepare_restore(name=d.get("workload"), stdout=d.get("stdout"),
+                                           address=self.opts.move_address)
         try:
-            r = restoring.answer()
-            self.begin("verify", target_pid=r.pid, restore_seconds=r.seconds)
-            self.verify(target, seen=r.restored)
-            self.begin("commit")
-            self.commit(target, restoring)
+            yield restoring
         finally:
-            restoring.close()  # before any rollback: the target then leaves its copy to `peer abort`
+            restoring.close()
+
+    def restore_there(self, target: peerclient.Target, restoring: peerclient.Restoring,
+                      page_bytes: int | None) -> None:
+        """Restore (stopped) there, verify, commit: one session for all three."""
+        restoring.go(page_bytes)
+        r = restoring.answer()
+        self.begin("verify", target_pid=r.pid, restore_seconds=r.seconds)
+        self.verify(target, seen=r.restored)
+        self.begin("commit")
+        self.commit(target, restoring)
 
     def verify(self, target: peerclient.Target, ports: bool = True,
                seen: peerclient.Restored | None = None) -> None:
         """seen: the target's status as reported with the restore (saves a round trip)."""
-        info = self.info
-        st = seen if seen is not None else target.status()
-        if not st or not st.alive:
-            raise MigrdError(f"the restored process is not running on {target.name}")
-        if st.cmdline != info.cmdline:
-            raise MigrdError(f"the process on {target.name} runs {list(st.cmdline)!r}, "
-                             f"expected {list(info.cmdline)!r}")
-        missing = {s.port for s in info.listening} - set(st.ports)
-        if ports and missing:
-            raise MigrdError(f"the restored process does not listen on port(s) "
-                             f"{', '.join(map(str, sorted(missing)))} on {target.name}")
+        self.subject.verify(seen if seen is not None else target.status(), target.name, ports)
 
     def commit(self, target: peerclient.Target | None, restoring: peerclient.Restoring | None = None) -> None:
         """Past the point of no return: the target copy runs. Idempotent. restoring: the
@@ -444,7 +458,8 @@ class Migration:
                        phases=s.phases, downtime=s.downtime, dry_run=self.opts.dry_run,
                        dump_seconds=d.get("dump_seconds"), transfer_seconds=d.get("transfer_seconds"),
                        restore_seconds=d.get("restore_seconds"), strategy=d.get("strategy"),
-                       streamed=bool(d.get("streamed")),
+                       streamed=bool(d.get("streamed")), resources=tuple(d.get("resources", ())),
+                       passed_over=tuple(d.get("passed_over", ())),
                        announce_error=d.get("announce_error"))
 
 

@@ -46,6 +46,8 @@ def _socketpair() -> tuple[socket.socket, socket.socket]:
 
 
 READY = b"ready"
+#: The target's complaint when the source's stream stops early: a consequence, never the cause.
+SOURCE_GONE = "the page stream ended in the middle (source gone?)"
 
 
 class Sender:
@@ -152,8 +154,9 @@ class Sender:
                 s.close()
         # A dump that failed because the target's page server gave up only says "the page
         # server doesn't answer"; the target's own message (a full disk, say) is the cause.
+        # When the dump itself failed, the target only saw the stream stop: CRIU's line stands.
         failure = self._target_failure(5.0)
-        if failure and exc is not None and not isinstance(exc, TransportError):
+        if failure and failure != SOURCE_GONE and exc is not None and not isinstance(exc, TransportError):
             raise TransportError(f"{self.talk.conn.where}: receiving the pages failed: {failure}") from exc
 
 
@@ -185,7 +188,7 @@ def serve(criu: Criu, pages: Path, log: Path, compression: str, timeout: float,
                 ours.sendall(data)
                 received += len(data)
         if dobj is not None and not dobj.eof:
-            problem = "the page stream ended in the middle (source gone?)"
+            problem = SOURCE_GONE
     except zstandard.ZstdError as e:
         problem = f"the page stream is not valid zstd ({e})"
     except OSError as e:

@@ -77,6 +77,11 @@ class _StatusAnswer:
 
 
 @dataclass(frozen=True)
+class _Ready:
+    ready: bool
+
+
+@dataclass(frozen=True)
 class _PrecheckRaw:
     problems: tuple[str, ...]
     incoming: str
@@ -90,6 +95,12 @@ class Restoring:
     def __init__(self, target: Target, talk: transport.Conversation) -> None:
         self._target = target
         self._talk = talk
+
+    def wait_ready(self) -> None:
+        self._target.parse(_Ready, self._talk.readline(), "peer restore (ready)")
+
+    def go(self, page_bytes: int | None) -> None:
+        self._talk.send_line(json.dumps({"page_bytes": page_bytes}))
 
     def answer(self) -> RestoreAnswer:
         return self._target.parse(RestoreAnswer, self._talk.readline(), "peer restore")
@@ -157,14 +168,20 @@ class Target:
     def send_images(self, images: Path, remote_dir: str, progress: ProgressFn | None) -> transport.TransferStats:
         return self.conn.send_images(images, remote_dir, progress=progress)
 
-    def restore(self, *, page_bytes: int | None, name: str | None, stdout: str | None,
-                address: str | None) -> Restoring:
-        args = ["restore", self.mid]
-        args += ["--page-bytes", str(page_bytes)] if page_bytes is not None else []
+    def prepare_restore(self, *, name: str | None, stdout: str | None, address: str | None) -> Restoring:
+        """A restore session, started and waiting for `Restoring.go`: open it before the
+        freeze, so SSH and Python start-up on the target are not downtime."""
+        args = ["restore", self.mid, "--await-go"]
         args += ["--name", name] if name else []
         args += ["--stdout", stdout] if stdout else []
         args += ["--address", address] if address else []
-        return Restoring(self, self.conn.converse(self._remote(*args, "--await-commit", "--json")))
+        restoring = Restoring(self, self.conn.converse(self._remote(*args, "--await-commit", "--json")))
+        try:
+            restoring.wait_ready()
+        except BaseException:
+            restoring.close()
+            raise
+        return restoring
 
     def start(self, cmdline: tuple[str, ...], cwd: str, env: dict[str, str], name: str | None) -> StartAnswer:
         spec = {"cmdline": list(cmdline), "cwd": cwd, "env": env, "name": name}

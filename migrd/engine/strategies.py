@@ -81,16 +81,17 @@ class StopCopy(Strategy):
                "whole memory crosses while it is frozen")
 
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
-        run.begin("checkpoint", strategy=self.name)
-        freeze = time.time()
-        ck = run.dump(leave_stopped=False, page_server_fd=None)
-        run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
-                  image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
-        run.release_address()
-        moved = run.send_carried(target)
-        stats = target.send_images(run.images, run.remote_images, progress)
-        run.begin("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
-        run.restore_there(target, page_bytes=None)
+        with run.restore_session(target) as restoring:  # ready before the freeze
+            run.begin("checkpoint", strategy=self.name)
+            freeze = time.time()
+            ck = run.dump(leave_stopped=False, page_server_fd=None)
+            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+                      image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
+            run.release_address()
+            moved = run.send_carried(target)
+            stats = target.send_images(run.images, run.remote_images, progress)
+            run.begin("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
+            run.restore_there(target, restoring, page_bytes=None)
 
 
 class StreamCopy(Strategy):
@@ -113,20 +114,22 @@ class StreamCopy(Strategy):
         return None
 
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
-        run.begin("checkpoint", strategy=self.name, streamed=True)
-        # The target's page server is up (its session and Python started) before the freeze.
-        with target.page_stream(progress, run.info.rss) as pages:
-            freeze = time.time()
-            ck = run.dump(leave_stopped=True, page_server_fd=pages.criu_fd)
-            page_bytes = pages.finish(run.cfg.ssh.op_timeout)
-        run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
-                  image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
-                  nft_tables=run.dump_tables())
-        run.release_address()
-        moved = run.send_carried(target)
-        stats = target.send_images(run.images, run.remote_images, progress)
-        run.begin("restore", bytes=stats.bytes + moved + page_bytes, transfer_seconds=round(stats.seconds, 4))
-        run.restore_there(target, page_bytes=page_bytes)
+        # The target's page server and restore are up (their sessions and Pythons started)
+        # before the freeze.
+        with run.restore_session(target) as restoring:
+            run.begin("checkpoint", strategy=self.name, streamed=True)
+            with target.page_stream(progress, run.info.rss) as pages:
+                freeze = time.time()
+                ck = run.dump(leave_stopped=True, page_server_fd=pages.criu_fd)
+                page_bytes = pages.finish(run.cfg.ssh.op_timeout)
+            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+                      image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
+                      nft_tables=run.dump_tables())
+            run.release_address()
+            moved = run.send_carried(target)
+            stats = target.send_images(run.images, run.remote_images, progress)
+            run.begin("restore", bytes=stats.bytes + moved + page_bytes, transfer_seconds=round(stats.seconds, 4))
+            run.restore_there(target, restoring, page_bytes=page_bytes)
 
 
 class Restart(Strategy):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+from dataclasses import dataclass
 import json
 import os
 import shutil
@@ -20,13 +21,26 @@ from typing import Any
 import psutil
 
 from migrd.engine import checkpoint as cp
-from migrd.adapters import netaddr, private, workloads
+from migrd.adapters import netaddr, private, untrusted, workloads
 from migrd.engine import pagestream
 from migrd.core import precheck
 from migrd.config import Config
 from migrd.adapters.criu import find_criu
 from migrd.errors import ImageError, InputError, MigrdError
 from migrd.engine.manifest import read as read_manifest
+
+
+@dataclass(frozen=True)
+class Go:
+    """The source's word to start a prepared restore."""
+
+    #: Bytes of streamed pages the source sent; None when the pages are in the images.
+    page_bytes: int | None = None
+
+
+def parse_go(line: str) -> Go:
+    return untrusted.build(Go, untrusted.loads(line, InputError, "the source's go line"), InputError,
+                           "the source's go line")
 
 
 def incoming(cfg: Config, mid: str) -> Path:
