@@ -17,14 +17,19 @@ What is measured, per run:
                     (host1 -> host2); after_switch_max_gap_s the longest one after it (post-copy
                     page faults).
   criu_frozen_s     CRIU's own frozen time, from its dump log (first "Seized task" to "Writing
-                    stats"); the manual run also reads it from CRIU's stats-dump file.
+                    stats"); the manual run also reads it from CRIU's stats-dump file (they agree
+                    within 0.2 ms). It is the dump's view: stream-copy's includes the page stream
+                    and leaves out the stopped wait for the restore; post-copy's runs until the
+                    source has served its last page, while the copy already runs there.
   migrd_downtime_s  what migrctl reports (freeze to the copy there running).
   total_s           the migrating command's wall time, measured inside host1 (migrctl's Python
                     start included; the manual script from the dump's start to the restore's end).
   wire_bytes        host1 eth0 received + sent bytes across the move (/proc/net/dev in host1's
                     network namespace): everything the move put on the wire, SSH included.
-  migrd JSON        bytes, phases, and rounds / bytes fetched on demand where the strategy
-                    reports them (kept whole in the row).
+  figures           what a strategy records beyond stop-copy's (its journal on host1 and its
+                    JSON): post-copy's bytes pushed and fetched on demand and when the last page
+                    arrived (seconds after the freeze), pre-copy's rounds. migrctl's JSON is
+                    kept whole in the row (bytes, phases, ...).
   state             the workload checks every 256 KiB chunk of its memory against the CRC of the
                     block it last wrote there, and its count must run on without a gap or repeat
                     and change namespace once.
@@ -50,6 +55,7 @@ import shlex
 import signal
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -384,7 +390,7 @@ class Started:
     base: Path
     pid: int
     start_time: float
-    launcher: Any = None  # the manual pipeline's unshare, waited for after the dump
+    launcher: subprocess.Popen[bytes] | None = None  # the manual pipeline's unshare, waited for after the dump
 
 
 @dataclass
