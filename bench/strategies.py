@@ -457,6 +457,7 @@ class Bench:
         row: dict[str, Any] = {"case": case.name, "method": method.name, "rep": rep, "position": pos,
                                "size_mib": case.size_mib, "rate_mib_s": case.rate, "fill": case.fill}
         poller = None
+        began = time.monotonic()
         try:
             w = method.start(self, case, base)
             self.wait_ready(w, 60 + (case.size_mib or 0) / 8)
@@ -478,6 +479,7 @@ class Bench:
             if poller is not None:
                 poller.stop()
             self.end_all()
+            row["wall_s"] = round(time.monotonic() - began, 2)  # the whole run, to plan sweeps
         return row
 
     def check(self, w: Started, moved: Moved, row: dict[str, Any], poller: CountPoller | None) -> list[str]:
