@@ -76,13 +76,15 @@ class MigrateSettings:
     allow_cgroups: tuple[str, ...] = ()
     #: Seconds a restore waits for the dumped PIDs to be free (zombies are reaped lazily).
     pid_wait: float = 15.0
+    #: Post-copy: seconds after the switch within which every page must have reached the target.
+    lazy_timeout: float = 300.0
     #: The target must have this multiple of the process's RSS free in memory and on disk.
     headroom: float = 1.2
     #: How memory moves, in order of preference: a migration runs the first strategy that can
     #: move the process (`migrctl migrate --strategy` pins one). stream-copy sends the pages
     #: during the dump and needs a workload in its own PID namespace (`migrctl run`) moved
     #: without --tcp-established; stop-copy dumps to disk first and moves anything.
-    strategies: tuple[Literal["stream-copy", "stop-copy"], ...] = ("stream-copy", "stop-copy")
+    strategies: tuple[Literal["stream-copy", "stop-copy", "postcopy"], ...] = ("stream-copy", "stop-copy")
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,7 @@ def _problem(e: yaml.YAMLError) -> str:
 
 
 #: Settings that are durations or periods: zero or less would spin or never wait.
-_POSITIVE = {"ssh.connect_timeout", "ssh.op_timeout", "migrate.pid_wait", "daemon.interval",
+_POSITIVE = {"ssh.connect_timeout", "ssh.op_timeout", "migrate.pid_wait", "migrate.lazy_timeout", "daemon.interval",
              "daemon.peer_stale_after", "daemon.probe_every", "daemon.probe_bytes",
              "daemon.max_decisions_log", "daemon.cpu_speed", "migrate.headroom"}
 

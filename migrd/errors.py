@@ -84,6 +84,14 @@ class InDoubt(MigrdError):
     exit_code = 11
 
 
+class WorkloadLost(MigrdError):
+    """Post-copy only: after the switch the pages stopped arriving (the source's CRIU or the
+    target's lazy-pages daemon died), so the copy there was ended rather than left running on
+    missing memory. The source had been ended at the switch: nothing runs anywhere."""
+
+    exit_code = 13
+
+
 class AgentNotRunning(MigrdError):
     """No migrd agent answers on this host's admin socket."""
 

@@ -4,6 +4,21 @@ set -euo pipefail
 say() { printf 'setup-system: %s\n' "$*" >&2; }
 [ "$(id -u)" = 0 ] || { say "ERROR: must run as root"; exit 1; }
 
+# Post-copy (lazy pages): CRIU asks the kernel for a 4 MiB pipe and, when refused (root here
+# may lack CAP_SYS_RESOURCE), fails later with a misleading "tee: Operation not permitted".
+# This is a system-wide setting; say so, and persist it for the next boot.
+PIPE_MAX=4194304
+current=$(cat /proc/sys/fs/pipe-max-size)
+if [ "$current" -lt $PIPE_MAX ]; then
+    say "raising fs.pipe-max-size $current -> $PIPE_MAX (system-wide; needed by post-copy migration)"
+    sysctl -q -w fs.pipe-max-size=$PIPE_MAX
+fi
+if [ -d /etc/sysctl.d ] && [ ! -e /etc/sysctl.d/60-migrd.conf ]; then
+    say "writing /etc/sysctl.d/60-migrd.conf (fs.pipe-max-size = $PIPE_MAX at boot)"
+    printf '# migrd post-copy migration: CRIU needs 4 MiB pipes\nfs.pipe-max-size = %s\n' $PIPE_MAX \
+        > /etc/sysctl.d/60-migrd.conf
+fi
+
 # iproute2/util-linux: namespaces for the bed; openssh: the transport's peer and scp baseline;
 # iputils-arping: announce a moved service address; nftables: remove the network-lock table
 # CRIU leaves on the source after a move; zstd: image compression.

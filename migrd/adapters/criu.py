@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import re
+import select
+import shlex
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from migrd.adapters import command
+from migrd.adapters import command, private
 from migrd.config import Config
 from migrd.errors import CriuError, MigrdError
 
@@ -29,7 +32,8 @@ FEATURES: dict[str, str] = {
 
 # Lines CRIU prints on every run on hosts where root lacks CAP_SYS_RESOURCE; never the cause.
 _HARMLESS = re.compile(r"Can't setup RLIMIT_NOFILE|Can't keep kdat cache")
-_ERROR = re.compile(r"^\(?\s*[\d.]*\)?\s*Error \(([^)]*)\):\s*(.*)$")
+# "(00.09) Error (file:line): ...", or with the restored task's PID before "Error".
+_ERROR = re.compile(r"^\(?\s*[\d.]*\)?\s*(?:\d+:\s*)?Error \(([^)]*)\):\s*(.*)$")
 
 
 def error_lines(log_text: str) -> list[str]:
@@ -54,6 +58,67 @@ def version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
 
 
+#: The smallest fs.pipe-max-size with which CRIU's lazy-pages page server works: it asks for a
+#: 4 MiB tee pipe, ignores the kernel's refusal, then fails with a misleading errno.
+LAZY_PIPE_SIZE = 4 << 20
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
+
+
+def lazy_unready_reason(features: dict[str, bool], pipe_max_size: int) -> str | None:
+    """Why post-copy (lazy pages) cannot run on a host with these facts; None if it can (pure)."""
+    reasons = []
+    if not features.get("uffd-noncoop"):
+        reasons.append("criu check --feature uffd-noncoop fails (no userfaultfd for lazy pages)")
+    if pipe_max_size < LAZY_PIPE_SIZE:
+        reasons.append(f"fs.pipe-max-size is {pipe_max_size}, CRIU's lazy pages need at least "
+                       f"{LAZY_PIPE_SIZE} (run `make setup`, or sysctl -w fs.pipe-max-size={LAZY_PIPE_SIZE})")
+    return "; ".join(reasons) or None
+
+
+def pipe_max_size() -> int:
+    return int(PIPE_MAX_SIZE.read_text())
+
+
+_UFFD_TOTAL = re.compile(r"(\d+)-\d+: UFFD transferred pages: \((\d+)/(\d+)\)")
+_PF = re.compile(r"(\d+)-\d+: #PF at 0x([0-9a-f]+)")
+_COPY = re.compile(r"(\d+)-\d+: uffd_copy: 0x([0-9a-f]+)/(\d+)")
+
+
+@dataclass(frozen=True)
+class LazyStats:
+    """What a `criu lazy-pages` daemon moved, read from its log (-v4)."""
+
+    #: Pages the daemon copied into the restored tasks (all tasks).
+    copied_pages: int
+    #: Pages the image said would be handled by userfaultfd (all tasks).
+    total_pages: int
+    #: Of copied_pages, those fetched because the restored process touched them.
+    on_demand_pages: int
+    #: Page faults the daemon saw (some are served by a page already on its way, or a zero page).
+    faults: int
+
+
+
+def lazy_stats(log_text: str, page_size: int = 4096) -> LazyStats:
+    """Parse a lazy-pages daemon's log (pure). A copy that starts at an address the task
+    faulted on, one page long, answered that fault; every other copy was pushed ahead."""
+    copied = total = on_demand = faults = 0
+    waiting: set[tuple[str, str]] = set()
+    for line in log_text.splitlines():
+        if m := _PF.search(line):
+            faults += 1
+            waiting.add((m.group(1), m.group(2)))
+        elif m := _COPY.search(line):
+            key = (m.group(1), m.group(2))
+            if key in waiting and int(m.group(3)) == page_size:
+                on_demand += 1
+            waiting.discard(key)
+        elif m := _UFFD_TOTAL.search(line):
+            copied += int(m.group(2))
+            total += int(m.group(3))
+    return LazyStats(copied, total, on_demand, faults)
+
+
 @dataclass(frozen=True)
 class CheckReport:
     path: str
@@ -61,6 +126,8 @@ class CheckReport:
     ok: bool
     message: str
     features: dict[str, bool]
+    #: Why post-copy cannot run here (None: it can).
+    postcopy_unready: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,10 +164,15 @@ class Criu:
     def has_feature(self, name: str) -> bool:
         return self._run(["check", "--feature", name], 60).returncode == 0
 
+    def lazy_unready(self) -> str | None:
+        """Why post-copy cannot run with this CRIU on this host (None: it can)."""
+        return lazy_unready_reason({"uffd-noncoop": self.has_feature("uffd-noncoop")}, pipe_max_size())
+
     def report(self) -> CheckReport:
         ok, msg = self.check()
-        return CheckReport(self.path, self.version(), ok, msg,
-                           {f: self.has_feature(f) for f in FEATURES})
+        features = {f: self.has_feature(f) for f in FEATURES}
+        return CheckReport(self.path, self.version(), ok, msg, features,
+                           lazy_unready_reason(features, pipe_max_size()))
 
     def _fail(self, action: str, log: Path, stderr: bytes) -> CriuError:
         try:
@@ -134,10 +206,11 @@ class Criu:
         return DumpResult(time.monotonic() - t0, log)
 
     def restore(self, images: Path, log: Path, *, tcp_established: bool = False,
-                shell_job: bool = False, leave_stopped: bool = False,
+                shell_job: bool = False, leave_stopped: bool = False, lazy_work: Path | None = None,
                 extra: list[str] | None = None) -> RestoreResult:
         """leave_stopped: every restored task waits in SIGSTOP until someone sends SIGCONT,
-        so a migration can verify a copy before it runs a single instruction."""
+        so a migration can verify a copy before it runs a single instruction. lazy_work: the
+        memory not in images comes from a `lazy_pages` daemon listening in this work directory."""
         pidfile = log.with_suffix(".pid")
         # --manage-cgroups ignore: the restored task joins the cgroup of whoever runs criu (on a
         # bed host, that host's cgroup), instead of the source host's cgroup paths.
@@ -147,6 +220,7 @@ class Criu:
         args += ["--tcp-established"] if tcp_established else []
         args += ["--shell-job"] if shell_job else []
         args += ["--leave-stopped"] if leave_stopped else []
+        args += ["--lazy-pages", "-W", str(lazy_work)] if lazy_work else []
         t0 = time.monotonic()
         cp = self._run(args + (extra or []))
         if cp.returncode != 0:
@@ -175,6 +249,64 @@ class Criu:
         if server.returncode != 0:
             raise self._fail("page-server", log, err)
 
+    def lazy_dump(self, pid: int, images: Path, log: Path, sock_fd: int, *,
+                  tcp_established: bool = False, shell_job: bool = False,
+                  pass_fds: tuple[int, ...] = ()) -> LazyDump:
+        """Start `criu dump --lazy-pages`: it writes every image except the lazily served
+        memory, then serves that memory over the connected socket sock_fd until the target's
+        lazy-pages daemon has it all. The dumped tree is left stopped (never resumed or ended
+        by CRIU once the images are complete: the caller decides)."""
+        signal_dir = private.private_dir(images.parent / (images.name + ".signal"))
+        fifo = signal_dir / "images-ready"
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
+        # CRIU runs its action script after the non-lazy images are flushed and before it
+        # starts serving pages: the one moment the images can be sent (cr-dump.c).
+        script = signal_dir / "action"
+        fd = private.open_private(script, os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(fd, "w") as f:
+            f.write('#!/bin/sh\n[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0\n'
+                    f"printf ready > {shlex.quote(str(fifo))}\n")
+        os.chmod(script, stat.S_IRWXU)  # CRIU executes it
+        ready = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        args = ["dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4",
+                "--network-lock", self.network_lock, "--lazy-pages", "--ps-socket", str(sock_fd),
+                "--leave-stopped", "--action-script", str(script)]
+        args += ["--tcp-established"] if tcp_established else []
+        args += ["--shell-job"] if shell_job else []
+        try:
+            proc = command.spawn([self.path, *args], pass_fds=(*pass_fds, sock_fd), stderr=subprocess.PIPE,
+                                 new_session=False)
+        except BaseException:
+            os.close(ready)
+            raise
+        return LazyDump(self, proc, log, ready, signal_dir)
+
+    def lazy_pages(self, images: Path, work: Path, log: Path, sock_fd: int, timeout: float) -> LazyDaemon:
+        """Start `criu lazy-pages` for images, fetching pages over the connected socket
+        sock_fd from a lazy dump; returns once it listens (a unix socket in work) for
+        `restore --lazy-pages`."""
+        status_r, status_w = os.pipe()
+        try:
+            proc = command.spawn([self.path, "lazy-pages", "--page-server", "--ps-socket", str(sock_fd),
+                                  "--status-fd", str(status_w), "-D", str(images), "-W", str(work),
+                                  "-o", str(log), "-v4"],
+                                 pass_fds=(sock_fd, status_w), stderr=subprocess.PIPE)
+        finally:
+            os.close(status_w)
+        daemon = LazyDaemon(self, proc, log)
+        try:
+            ready, _, _ = select.select([status_r], [], [], timeout)
+            # One byte when it listens; EOF if it died first.
+            if not ready or os.read(status_r, 1) != b"\0":
+                raise daemon.failure(f"not ready within {timeout:g} s" if not ready else None)
+        except BaseException:
+            daemon.kill()
+            raise
+        finally:
+            os.close(status_r)
+        return daemon
+
     def cpuinfo_dump(self, images: Path, log: Path) -> None:
         cp = self._run(["cpuinfo", "dump", "-D", str(images), "-o", str(log)], 60)
         if cp.returncode != 0:
@@ -184,6 +316,109 @@ class Criu:
         cp = self._run(["cpuinfo", "check", "-D", str(images), "-o", str(log)], 60)
         if cp.returncode != 0:
             raise self._fail("cpuinfo check", log, cp.stderr)
+
+
+class LazyDump:
+    """A running `criu dump --lazy-pages` (see Criu.lazy_dump)."""
+
+    def __init__(self, criu: Criu, proc: subprocess.Popen[bytes], log: Path, ready_fd: int,
+                 signal_dir: Path) -> None:
+        self.criu = criu
+        self.proc = proc
+        self.log = log
+        self._ready_fd = ready_fd
+        self._signal_dir = signal_dir
+
+    def _close_fifo(self) -> None:
+        if self._ready_fd >= 0:
+            os.close(self._ready_fd)
+            self._ready_fd = -1
+
+    def _cleanup_signal(self) -> None:
+        """Only once CRIU ended: it runs the action script for later actions too."""
+        self._close_fifo()
+        shutil.rmtree(self._signal_dir, ignore_errors=True)
+
+    def wait_images(self, timeout: float) -> None:
+        """Return once the images (all but the lazy memory) are complete; CRIU's own error if
+        the dump failed first (then CRIU has resumed the tree)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                ready, _, _ = select.select([self._ready_fd], [], [], 0.02)
+                if ready and os.read(self._ready_fd, 16):
+                    return
+                if self.proc.poll() is not None:
+                    self._cleanup_signal()
+                    raise self.criu._fail("dump", self.log, self.proc.stderr.read() if self.proc.stderr else b"")
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise CriuError("dump", [f"images not complete within {timeout:g} s"], self.log)
+        finally:
+            self._close_fifo()
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the end of page serving; CRIU's error if it failed."""
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise CriuError("dump", [f"still serving pages {timeout:g} s on"], self.log) from None
+        finally:
+            self._cleanup_signal()
+        if self.proc.returncode != 0:
+            raise self.criu._fail("dump", self.log, err)
+
+    def served_all(self) -> bool:
+        """CRIU's own word that the lazy transfer finished (after wait())."""
+        try:
+            return "Lazy pages transfer finished successfully" in self.log.read_text(errors="replace")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._cleanup_signal()
+
+
+class LazyDaemon:
+    """A running `criu lazy-pages` (see Criu.lazy_pages)."""
+
+    def __init__(self, criu: Criu, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.criu = criu
+        self.proc = proc
+        self.log = log
+
+    def failure(self, why: str | None = None) -> CriuError:
+        if why is None and self.proc.poll() is not None:
+            return self.criu._fail("lazy-pages", self.log, self.proc.stderr.read() if self.proc.stderr else b"")
+        return CriuError("lazy-pages", [why or "failed"], self.log)
+
+    def failed(self) -> CriuError | None:
+        """Its error if it already ended badly (ended well: every page arrived)."""
+        if self.proc.poll() in (None, 0):
+            return None
+        return self.failure()
+
+    def wait(self, timeout: float) -> LazyStats:
+        """Wait until every page is in the restored tasks; what moved, or CRIU's error."""
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise CriuError("lazy-pages", [f"pages still missing {timeout:g} s on"], self.log) from None
+        if self.proc.returncode != 0:
+            raise self.criu._fail("lazy-pages", self.log, err)
+        # Exit 0: every page still mapped arrived (fewer than total_pages when the process
+        # unmapped some first).
+        return lazy_stats(self.log.read_text(errors="replace"))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 def _works(path: str) -> bool:

@@ -39,9 +39,9 @@ from typing import Any
 import psutil
 
 from migrd.agent import admin, metrics
-from migrd.adapters import exchange, load, private, registry, sdnotify, untrusted, workloads
+from migrd.adapters import exchange, load, private, procinfo, registry, sdnotify, untrusted, workloads
 from migrd.engine import journal, migration as migrate
-from migrd.core import policy, precheck, step
+from migrd.core import binding, policy, precheck, step
 from migrd.config import Config
 from migrd.model import Action, Candidate, Decision, Mode, Peer, Situation
 from migrd.errors import ConfigError, InputError, MigrdError, RegistryError
@@ -420,7 +420,26 @@ class Agent:
                 raise InputError(f"PID {pid} is not a migration candidate on {self.host} (not opted "
                                  f"in, not running here, or gone)")
             d = self._alone(sit, c)
-        return {"decision": decision_dict(d, sit.now), "text": policy.explain(d)}
+        rows = self._resources(d)
+        text = policy.explain(d)
+        if rows:
+            text += ("\nresources (binding, attachment to the host, what the move does):\n"
+                     + "\n".join(f"  {r}" for r in binding.table(rows)))
+        return {"decision": decision_dict(d, sit.now), "text": text,
+                "resources": [dataclasses.asdict(r) for r in rows]}
+
+    def _resources(self, d: Decision) -> tuple[binding.Resource, ...]:
+        """What the decided move would do with each resource of the process (none for stay)."""
+        opts = options_for(d)
+        if opts is None or d.pid is None:
+            return ()
+        try:
+            info = procinfo.inspect(d.pid)
+        except MigrdError:
+            return ()  # gone or not inspectable since the round: nothing to show
+        w = workloads.Registry(self.cfg.state_dir).by_pid(d.pid)
+        shape = binding.MoveShape(mode=opts.mode, carried=binding.carried(info, opts.with_files, w.stdout if w else None))
+        return binding.resources(info, shape)
 
     def op_history(self, req: Request) -> list[dict[str, Any]]:
         why = {r["migration"]["id"]: r["reasons"] for r in self.decisions.records()

@@ -79,6 +79,18 @@ def peer_pages(mid: str, compression: str) -> None:
     peer_mod.pages(load_config(), mid, compression)
 
 
+@peer.command("lazy")
+@click.argument("mid")
+@click.option("--name")
+@click.option("--stdout")
+@click.option("--address")
+def peer_lazy(mid: str, name: str | None, stdout: str | None, address: str | None) -> None:
+    """Post-copy's target side: images, then lazy pages and control, framed on stdin/stdout."""
+    from migrd.engine import lazy
+
+    peer_mod.lazy(load_config(), mid, name, stdout, address, lazy.fd_link())
+
+
 @peer.command("start")
 @click.argument("mid")
 @json_option

@@ -71,14 +71,21 @@ class MoveShape:
     tcp_established: bool = False
 
 
+def carried(info: ProcessInfo, with_files: bool, stdout: str | None) -> tuple[str, ...]:
+    """The open files a move copies to the target: all of them with --with-files, else only a
+    `migrctl run` workload's own log."""
+    held = {f.path for f in info.open_files}
+    return tuple(sorted(held if with_files else ({stdout} & held if stdout else set())))
+
+
 def _files(info: ProcessInfo, shape: MoveShape) -> list[Resource]:
     out = []
-    for f in info.open_files:
-        if f.path in shape.carried:
-            out.append(Resource("file", f.path, Binding.VALUE, Attachment.FASTENED, Mechanism.COPY,
+    for path in sorted({f.path for f in info.open_files}):  # one file, however many fds
+        if path in shape.carried:
+            out.append(Resource("file", path, Binding.VALUE, Attachment.FASTENED, Mechanism.COPY,
                                 "copied to the same path there before the restore; the original stays here"))
         else:
-            out.append(Resource("file", f.path, Binding.IDENTIFIER, Attachment.FASTENED, Mechanism.GLOBAL_REF,
+            out.append(Resource("file", path, Binding.IDENTIFIER, Attachment.FASTENED, Mechanism.GLOBAL_REF,
                                 "reopened at the same path there: a shared filesystem, or a copy put "
                                 "there beforehand (--with-files copies it)"))
     return out

@@ -17,7 +17,7 @@ from migrd.adapters import private, procinfo
 from migrd.engine import manifest as mf
 from migrd.config import Config
 from migrd.engine.subjects import ProcessTree
-from migrd.adapters.criu import Criu, find_criu
+from migrd.adapters.criu import Criu, LazyDump, find_criu
 from migrd.errors import InputError, NotPermitted
 
 @dataclass(frozen=True)
@@ -90,9 +90,42 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
     return Checkpoint(m, images, result.seconds, log)
 
 
+def lazy_checkpoint(cfg: Config, pid: int, images: Path, sock_fd: int, *, tcp_established: bool = False,
+                    criu: Criu | None = None, pass_fds: tuple[int, ...] = (),
+                    timeout: float = 600) -> tuple[Checkpoint, LazyDump]:
+    """Post-copy's dump: every image but the anonymous memory, which the returned running
+    dump serves over sock_fd (Criu.lazy_dump). Returns once the images and manifest are
+    complete; the process stays frozen."""
+    criu = criu or find_criu(cfg)
+    info = procinfo.inspect(pid)
+    created = _prepare_dir(images)
+    log = log_path(cfg, "dump", pid)
+    options = {"tcp_established": tcp_established, "shell_job": not info.session_leader}
+    t0 = time.monotonic()
+    dump = criu.lazy_dump(pid, images, log, sock_fd, pass_fds=pass_fds, **options)
+    try:
+        with failpoints.dying_while("dumping"):
+            dump.wait_images(timeout)
+        seconds = time.monotonic() - t0
+        private.restrict_files(images)
+        failpoints.point("dumped")
+        m = mf.Manifest(
+            format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
+            host=cfg.host or socket.gethostname(), process=info, options=options,
+            files=mf.scan(images),
+        )
+        mf.write(images, m)
+    except BaseException:
+        dump.kill()  # a failed dump resumed the task itself; a killed one leaves it to the caller
+        if created:
+            shutil.rmtree(images, ignore_errors=True)
+        raise
+    return Checkpoint(m, images, seconds, log), dump
+
+
 def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
             pid_wait: float | None = None, leave_stopped: bool = False, hashed: bool = False,
-            streamed: dict[str, int] | None = None):
+            streamed: dict[str, int] | None = None, lazy_work: Path | None = None):
     """Verify the manifest, make sure the PID is free, and restore detached. hashed=True: the
     files' sha256 were checked as they arrived, so only names and sizes are checked again.
     streamed: page images a page server wrote (see manifest.verify)."""
@@ -111,6 +144,7 @@ def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
     log = log_path(cfg, "restore", m.process.pid)
     try:
         return criu.restore(images, log, tcp_established=bool(m.options.get("tcp_established")),
-                            shell_job=bool(m.options.get("shell_job")), leave_stopped=leave_stopped)
+                            shell_job=bool(m.options.get("shell_job")), leave_stopped=leave_stopped,
+                            lazy_work=lazy_work)
     finally:
         private.restrict_files(images)  # CRIU's stats-restore, 0644 less the umask

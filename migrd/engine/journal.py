@@ -23,7 +23,7 @@ from migrd.errors import JournalCorrupt
 #: phase of its own in `summarize`). `rollback`/`rolled_back` can follow any state before the
 #: strategy's point of no return. FINAL states need no recovery.
 STEPS = ("precheck", "checkpoint", "transfer", "restore", "verify", "commit")
-FINAL = ("done", "rolled_back", "refused")
+FINAL = ("done", "rolled_back", "refused", "lost")
 #: States that mark an event, not the start of a phase.
 EVENTS = ("prechecked", "address_released", "resumed", "in_doubt", "target_unclean", "rollback")
 

@@ -49,6 +49,7 @@ from migrd.errors import (
     NotPermitted,
     PrecheckFailed,
     TransportError,
+    WorkloadLost,
 )
 from migrd.model import ProcessInfo
 
@@ -202,8 +203,7 @@ class Migration:
 
     def start(self, info: ProcessInfo, opts: Options, name: str | None, stdout: str | None,
               progress: ProgressFn | None) -> Outcome:
-        carry = sorted({f.path for f in info.open_files} if opts.with_files
-                       else ({stdout} & {f.path for f in info.open_files} if stdout else set()))
+        carry = list(binding.carried(info, opts.with_files, stdout))
         strategy, skipped = strategies.choose(info, opts, self.cfg.migrate.strategies)
         subject = ProcessTree(info)
         shape = binding.MoveShape(mode=opts.mode, carried=tuple(carry), move_address=opts.move_address,
@@ -235,8 +235,8 @@ class Migration:
                 return self.outcome()
             try:
                 strategy.forward(self, target, progress)
-            except InDoubt:
-                raise  # from past the point of no return: recovery finishes it
+            except (InDoubt, WorkloadLost):
+                raise  # from past the point of no return: recovery finishes it, or nothing can
             except BaseException as e:
                 reason = str(e) or type(e).__name__
                 self.rollback(target, reason)

@@ -36,7 +36,7 @@ CHUNK = 1 << 20
 ProgressFn = Callable[[int, int], None]
 
 
-def _socketpair() -> tuple[socket.socket, socket.socket]:
+def socketpair() -> tuple[socket.socket, socket.socket]:
     pair = socket.socketpair()
     for s in pair:
         # Bigger buffers let each pump read a whole page batch at a time.
@@ -76,7 +76,7 @@ class Sender:
         self.total = total
         self.sent = 0
         self.error: str | None = None
-        self._ours, self._criu = _socketpair()
+        self._ours, self._criu = socketpair()
         self._up = threading.Thread(target=self._pump_up, name="pages-up", daemon=True)
         self._down = threading.Thread(target=self._pump_down, name="pages-down", daemon=True)
         self._up.start()
@@ -164,7 +164,7 @@ def serve(criu: Criu, pages: Path, log: Path, compression: str, timeout: float,
           infd: int = 0, outfd: int = 1) -> int:
     """The target half: run a page server writing into pages, feed it what arrives on infd and
     relay its answers to outfd. Returns the page bytes received (uncompressed)."""
-    ours, theirs = _socketpair()
+    ours, theirs = socketpair()
     server = criu.page_server(pages, log, theirs.fileno())
     theirs.close()
 

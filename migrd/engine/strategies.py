@@ -14,13 +14,15 @@ and its iteration driver with named loop limits are the model (phaul/iters.py).
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from migrd.adapters import workloads
+from migrd.adapters import netaddr, workloads
 from migrd.model import ProcessInfo
 
 if TYPE_CHECKING:  # the driver imports this module
@@ -161,8 +163,66 @@ class Restart(Strategy):
         return run.start_locally()
 
 
+class PostCopy(Strategy):
+    """Restore there before the memory arrives: CRIU's lazy pages over SSH (migrd/engine/lazy.py).
+    The point of no return is the resume there; until the last page arrived the copy depends on
+    the source's CRIU serving its memory, and a failure then loses the workload (reported)."""
+
+    name = "postcopy"
+    summary = ("freeze, send only the small images, resume there at once and fetch the memory after: "
+               "downtime nearly flat in memory size, but until the last page arrives the copy needs "
+               "the source")
+    keeps_source_stopped = True
+
+    def unavailable(self, info: ProcessInfo, opts: Options) -> str | None:
+        if opts.mode != "move":
+            return f"it moves, and --mode {opts.mode} keeps or restarts the source"
+        if not info.own_pid_namespace:
+            # The frozen source keeps its PIDs while it serves pages.
+            return "the process is not the init of its own PID namespace (start it with `migrctl run`)"
+        if opts.tcp_established:
+            return "--tcp-established needs the source ended by the dump"
+        from migrd import config
+        from migrd.adapters.criu import find_criu
+
+        return find_criu(config.load()).lazy_unready()
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        from migrd.adapters import untrusted
+        from migrd.engine import lazy
+        from migrd.engine.peerclient import Restored
+        from migrd.errors import PeerProtocolError
+
+        def verify(seen: dict[str, Any]) -> None:
+            st = untrusted.build(Restored, seen, PeerProtocolError, f"{target.name}: peer lazy")
+            if not st.cmdline:
+                # /proc/PID/cmdline reads the copy's stack, whose page may not have arrived:
+                # the images were checked against the manifest, alive and ports still are.
+                st = dataclasses.replace(st, cmdline=run.info.cmdline)
+            run.verify(target, seen=st)
+
+        def dumped() -> dict[str, Any]:
+            tables = run.dump_tables()
+            run.release_address()
+            return {"nft_tables": tables}
+
+        pid, start_time = run.source
+        d = run.data
+        lazy.move(run.cfg, target.conn, pid, start_time, run.images, run.j.id, run.begin, run.j.record,
+                  name=d.get("workload"), stdout=d.get("stdout"), address=run.opts.move_address,
+                  carry=tuple(d.get("carry", ())), pass_fds=(run.lock_fd,), verify=verify, dumped=dumped)
+        # Every page is there: what the driver's commit does after the resume.
+        self.reap_source(run)
+        for table in run.data.get("nft_tables", []):
+            netaddr.nft_delete(table)
+        if d.get("workload"):
+            workloads.Registry(run.cfg.state_dir).remove(d["workload"])
+        shutil.rmtree(run.images, ignore_errors=True)
+        run.j.record("done", outcome="ok")
+
+
 #: The strategies `--strategy` offers, by name.
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy(), PostCopy())}
 #: Every strategy a journal may name (recovery rebuilds it from there).
 ALL: dict[str, Strategy] = {**STRATEGIES, Restart.name: Restart()}
 

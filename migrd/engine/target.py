@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ import psutil
 
 from migrd.engine import checkpoint as cp
 from migrd.adapters import netaddr, private, untrusted, workloads
+from migrd.engine import lazy as lazy_mod
 from migrd.engine import pagestream
+from migrd.engine import receive
 from migrd.core import precheck
 from migrd.config import Config
 from migrd.adapters.criu import find_criu
@@ -154,7 +157,9 @@ def _take_pages(d: Path, images: Path, page_bytes: int) -> dict[str, int]:
 
 
 def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
-            address: str | None, page_bytes: int | None = None) -> dict[str, Any]:
+            address: str | None, page_bytes: int | None = None, lazy_work: Path | None = None) -> dict[str, Any]:
+    """lazy_work: the work directory of the `criu lazy-pages` daemon serving this migration's
+    memory (post-copy)."""
     if name is not None:
         workloads.check_name(name)
     d = incoming(cfg, mid)
@@ -171,7 +176,7 @@ def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
     # `migrctl receive` hashed every file as it wrote it moments ago; hashing again here would
     # add ~0.6 s per GiB of downtime for nothing.
     r = cp.restore(cfg, images, pid_wait=cfg.migrate.pid_wait, leave_stopped=True, hashed=True,
-                   streamed=streamed)
+                   streamed=streamed, lazy_work=lazy_work)
     start_time = psutil.Process(r.pid).create_time()
     _write(d / "restored.json", {"pid": r.pid, "start_time": start_time, "name": name})
     if name:
@@ -181,6 +186,67 @@ def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
             arrived=time.time()))
     return {"pid": r.pid, "seconds": round(r.seconds, 4), "start_time": start_time,
             "restored": status(cfg, mid)["restored"]}
+
+
+def lazy(cfg: Config, mid: str, name: str | None, stdout: str | None, address: str | None,
+         link: lazy_mod.Link) -> None:
+    """Post-copy's target side, driven by the source over one framed channel (see
+    migrd.engine.lazy): receive the images, restore stopped with lazy pages, resume on
+    `commit`, and report when the last page arrived. Anything but a commit (an `abort`, the
+    source's end) ends the copy; a failure of the page transfer after the commit ends it too,
+    since its missing memory would read as zeros."""
+    d = incoming(cfg, mid)
+    private.private_dir(d)
+    images = d / "images"
+    criu = find_criu(cfg)
+    daemon = None
+    committed = False
+    try:
+        sha = _expect(link, "images", cfg.ssh.op_timeout)["images"]
+        receive.receive(link.image_read, images, sha)
+        ours, theirs = pagestream.socketpair()
+        work = private.private_dir(d / "lazy")
+        daemon = criu.lazy_pages(images, work, cp.log_path(cfg, "lazy-pages", mid), theirs.fileno(),
+                                 cfg.ssh.op_timeout)
+        theirs.close()
+        link.attach(ours)
+        link.send_control(restore(cfg, mid, name, stdout, address, lazy_work=work))
+        word = link.control(cfg.ssh.op_timeout) or {}
+        if word.get("do") != "commit":
+            raise InputError(f"no commit from the source ({word.get('do') or 'it went away'}); copy ended")
+        if error := daemon.failed():
+            raise error  # pages missing and no one to fetch them: the copy must never run
+        committed = True
+        link.send_control(finish(cfg, mid, address, cleanup=False))
+        stats = daemon.wait(cfg.migrate.lazy_timeout)
+    except BaseException as e:
+        if daemon is not None:
+            daemon.kill()
+        if committed:
+            rec = _restored(d)
+            if rec:
+                workloads.end(rec["pid"], rec["start_time"])
+        if not link.closed.is_set():
+            with suppress(OSError):
+                link.send_control({"error": str(e) or type(e).__name__, "committed": committed})
+        if committed:
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            abort(cfg, mid, address, [])
+        raise
+    # Every page is here: the copy no longer needs the source, whether or not it still listens.
+    shutil.rmtree(d, ignore_errors=True)
+    with suppress(OSError):
+        link.send_control({"pages_done": round(time.time(), 4), "copied_pages": stats.copied_pages,
+                           "total_pages": stats.total_pages, "on_demand_pages": stats.on_demand_pages,
+                           "faults": stats.faults, "bytes_in": link.pages_in})
+
+
+def _expect(link: lazy_mod.Link, key: str, timeout: float) -> dict[str, Any]:
+    msg = link.control(timeout)
+    if msg is None or key not in msg:
+        raise InputError(f"the source never sent {key} ({link.error or 'session ended'})")
+    return msg
 
 
 def start(cfg: Config, mid: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -236,9 +302,10 @@ def abort(cfg: Config, mid: str, address: str | None, files: list[str]) -> dict[
     return {"aborted": mid, "ended_pid": rec["pid"] if rec else None}
 
 
-def finish(cfg: Config, mid: str, address: str | None) -> dict[str, Any]:
+def finish(cfg: Config, mid: str, address: str | None, cleanup: bool = True) -> dict[str, Any]:
     """Commit on the target: let the restored copy run, announce a moved address, drop the
-    images. Idempotent (recovery may repeat it)."""
+    images (unless cleanup=False: a lazy-pages daemon still reads them). Idempotent (recovery
+    may repeat it)."""
     d = incoming(cfg, mid)
     rec = _restored(d)
     if rec:
@@ -247,7 +314,8 @@ def finish(cfg: Config, mid: str, address: str | None) -> dict[str, Any]:
     if address:
         ifname = netaddr.holder_of(address)
         announce_error = netaddr.announce(address, ifname) if ifname else f"{address} is not on this host"
-    shutil.rmtree(d, ignore_errors=True)
+    if cleanup:
+        shutil.rmtree(d, ignore_errors=True)
     return {"finished": mid, "resumed": rec["pid"] if rec else None, "announce_error": announce_error}
 
 
