@@ -707,7 +707,7 @@ def start_agents(state: BedState, timeout: float = 30.0) -> dict[str, int]:
             raise NotPermitted(f"bed {state.name!r} host {h.name} already runs an agent")
         log_fd = private.open_private(h.dir / "state" / "agent.log", os.O_WRONLY | os.O_APPEND)
         with os.fdopen(log_fd, "ab") as out:
-            p = spawn_in(state, h.name, [sys.executable, "-m", "migrd.daemon"], stdout=out, stderr=out)
+            p = spawn_in(state, h.name, [sys.executable, "-m", "migrd.agent.daemon"], stdout=out, stderr=out)
         private.write_atomic(_agent_file(h), json.dumps(dataclasses.asdict(proc_ref(p.pid))))
         pids[h.name] = p.pid
     deadline = time.monotonic() + timeout
