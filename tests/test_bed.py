@@ -274,7 +274,7 @@ def test_cli_exec_passes_status_and_detaches_into_the_cgroup(bed):
 def test_criu_moves_a_process_from_host1_to_host3(bed, run_in):
     """What migration will do, minus SSH: CRIU runs inside each host, so neither namespace
     ends up in the image, and the restored process lands in the target's namespaces and
-    cgroup. Its /dev/null stdio was opened inside host1 (migrd.hostexec), or dump would fail."""
+    cgroup. Its /dev/null stdio was opened inside host1 (migrbed.hostexec), or dump would fail."""
     from migrd.adapters.criu import find_criu
 
     criu = find_criu(config.Config()).path
