@@ -36,7 +36,7 @@ from migrd.adapters.criu import find_criu
 from migrd.config import Config
 from migrd.core import binding, precheck
 from migrd.engine import checkpoint as cp
-from migrd.engine import failpoints, peerclient, strategies
+from migrd.engine import failpoints, pagestream, peerclient, strategies
 from migrd.engine.journal import FINAL, Journal, all_journals, new_id
 from migrd.engine.manifest import process_from_dict
 from migrd.engine.strategies import Strategy
@@ -151,6 +151,8 @@ class Switch:
     restoring: peerclient.Restoring
     images: transport.ImageSink
     files: peerclient.FilesSink | None
+    #: The page server for pages streamed during the dump (stream-copy).
+    pages: pagestream.Sender | None = None
 
 
 class Migration:
@@ -306,29 +308,40 @@ class Migration:
         return sink.send([Path(p) for p in self.data["carry"]]) if sink is not None else 0
 
     @contextlib.contextmanager
-    def prepare_switch(self, target: peerclient.Target) -> Iterator[Switch]:
+    def prepare_switch(self, target: peerclient.Target, *, pages: bool = False,
+                       progress: ProgressFn | None = None) -> Iterator[Switch]:
         """Everything the target needs after the freeze, started and waiting before it: the
-        restore (`peer restore --await-go`), the image receiver and, when files travel, the
-        files receiver. Their SSH sessions and Python start-ups run in parallel and cost no
-        downtime. Closed at the end whatever happened: before any rollback, so the target
-        leaves its copy to `peer abort`, and without a restore when the source never said go."""
+        restore (`peer restore --await-go`), the image receiver, the files receiver when files
+        travel and the page server when pages stream. Their SSH sessions and Python start-ups
+        run in parallel and cost no downtime. All closed at the end whatever happened: before
+        any rollback, so the target leaves its copy to `peer abort`, and without a restore when
+        the source never said go."""
         d = self.data
-        with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(target.prepare_restore, name=d.get("workload"), stdout=d.get("stdout"),
-                                   address=self.opts.move_address),
-                       pool.submit(target.image_sink, self.remote_images),
-                       pool.submit(target.files_sink) if d["carry"] else None]
-        done = [f for f in futures if f is not None]
-        opened = [f.result() for f in done if f.exception() is None]
-        failed = next((f.exception() for f in done if f.exception() is not None), None)
+        with ThreadPoolExecutor(4) as pool:
+            futures = {
+                "restoring": pool.submit(target.prepare_restore, name=d.get("workload"), stdout=d.get("stdout"),
+                                         address=self.opts.move_address),
+                "images": pool.submit(target.image_sink, self.remote_images),
+                "files": pool.submit(target.files_sink) if d["carry"] else None,
+                "pages": pool.submit(target.page_stream, progress, self.info.rss) if pages else None,
+            }
+        opened = {k: f.result() for k, f in futures.items() if f is not None and f.exception() is None}
+        failed = next((f.exception() for f in futures.values() if f is not None and f.exception() is not None), None)
         try:
             if failed is not None:
                 raise failed
-            restoring, images, *files = opened
-            yield Switch(restoring, images, files[0] if files else None)
+            yield Switch(opened["restoring"], opened["images"], opened.get("files"), opened.get("pages"))
         finally:
-            for session in opened:
+            for session in opened.values():
                 session.close()
+
+    def send_after_freeze(self, switch: Switch, progress: ProgressFn | None) -> tuple[int, transport.TransferStats]:
+        """The carried files and the images, at once on their waiting sessions: (file bytes,
+        image transfer)."""
+        with ThreadPoolExecutor(1) as pool:
+            files = pool.submit(self.send_carried, switch.files)
+            images = switch.images.send(self.images, progress)
+            return files.result(), images
 
     def restore_there(self, target: peerclient.Target, restoring: peerclient.Restoring,
                       page_bytes: int | None) -> None:

@@ -142,6 +142,14 @@ class Sender:
             raise TransportError(f"{self.talk.conn.where}: receiving the pages failed: {failure}")
         return self.sent
 
+    def close(self) -> None:
+        """Tear the stream down (idempotent): the target's page server sees the end and
+        `peer pages` exits; wait for that."""
+        for s in (self._criu, self._ours):
+            with suppress(OSError):
+                s.close()
+        self.talk.close(5.0)
+
     def __enter__(self) -> Sender:
         return self
 

@@ -90,8 +90,7 @@ class StopCopy(Strategy):
             run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
                       image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
             run.release_address()
-            moved = run.send_carried(switch.files)
-            stats = switch.images.send(run.images, progress)
+            moved, stats = run.send_after_freeze(switch, progress)
             run.begin("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
             run.restore_there(target, switch.restoring, page_bytes=None)
 
@@ -118,9 +117,10 @@ class StreamCopy(Strategy):
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
         # The target's page server and restore are up (their sessions and Pythons started)
         # before the freeze.
-        with run.prepare_switch(target) as switch:
+        with run.prepare_switch(target, pages=True, progress=progress) as switch:
             run.begin("checkpoint", strategy=self.name, streamed=True)
-            with target.page_stream(progress, run.info.rss) as pages:
+            assert switch.pages is not None
+            with switch.pages as pages:
                 freeze = time.time()
                 ck = run.dump(leave_stopped=True, page_server_fd=pages.criu_fd)
                 page_bytes = pages.finish(run.cfg.ssh.op_timeout)
@@ -128,8 +128,7 @@ class StreamCopy(Strategy):
                       image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
                       nft_tables=run.dump_tables())
             run.release_address()
-            moved = run.send_carried(switch.files)
-            stats = switch.images.send(run.images, progress)
+            moved, stats = run.send_after_freeze(switch, progress)
             run.begin("restore", bytes=stats.bytes + moved + page_bytes, transfer_seconds=round(stats.seconds, 4))
             run.restore_there(target, switch.restoring, page_bytes=page_bytes)
 
