@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from migrd.adapters import procinfo, transport, workloads
 from migrd.cli.common import load_config
@@ -31,7 +32,7 @@ def main() -> int:
         try:
             moved = lazy.move(cfg, conn, pid, info.start_time, j.dir / "images", j.id, begin, j.record,
                               name=w.name if w else None, stdout=w.stdout if w else None,
-                              carry=(w.stdout,) if w and w.stdout else ())
+                              send_carried=lambda: conn.put_file(Path(w.stdout), w.stdout) if w and w.stdout else 0)
         except WorkloadLost as e:
             print(json.dumps({"lost": str(e), "id": j.id}))
             return 13

@@ -10,9 +10,14 @@ import pytest
 
 from migrd.core import binding
 from migrd.core.binding import Mechanism
+from migrd.config import Config, MigrateSettings
 from migrd.engine import strategies
 from migrd.engine.migration import Options
 from migrd.model import Connection, Listener, OpenFile, ProcessInfo
+
+def prefer(*names: str) -> Config:
+    return Config(migrate=MigrateSettings(strategies=names))
+
 
 INFO = ProcessInfo(pid=42, cmdline=("python3", "srv.py"), exe="/usr/bin/python3.11", cwd="/srv", uid=0,
                    rss=10 << 20, start_time=1.0,
@@ -28,22 +33,22 @@ def by_kind(rs, kind):
 
 
 def test_preference_list_picks_the_first_strategy_that_can_move_the_process():
-    s, skipped = strategies.choose(INFO, Options(target="h2"), ("stream-copy", "stop-copy"))
+    s, skipped = strategies.choose(INFO, Options(target="h2"), prefer("stream-copy", "stop-copy"))
     assert s.name == "stream-copy" and skipped == []
     plain = ProcessInfo(**{**INFO.__dict__, "own_pid_namespace": False})
-    s, skipped = strategies.choose(plain, Options(target="h2"), ("stream-copy", "stop-copy"))
+    s, skipped = strategies.choose(plain, Options(target="h2"), prefer("stream-copy", "stop-copy"))
     assert s.name == "stop-copy" and "own PID namespace" in skipped[0]
-    s, skipped = strategies.choose(INFO, Options(target="h2", tcp_established=True), ("stream-copy", "stop-copy"))
+    s, skipped = strategies.choose(INFO, Options(target="h2", tcp_established=True), prefer("stream-copy", "stop-copy"))
     assert s.name == "stop-copy" and "--tcp-established" in skipped[0]
 
 
 def test_a_pinned_strategy_that_cannot_run_is_refused_with_its_reason():
-    s, skipped = strategies.choose(INFO, Options(target="h2", mode="clone", strategy="stream-copy"), ("stop-copy",))
+    s, skipped = strategies.choose(INFO, Options(target="h2", mode="clone", strategy="stream-copy"), prefer("stop-copy"))
     assert s is None and skipped == ["stream-copy: it moves, and --mode clone keeps or restarts the source"]
 
 
 def test_restart_mode_is_its_own_strategy_whatever_the_preference():
-    s, _ = strategies.choose(INFO, Options(target="h2", mode="restart"), ("stream-copy",))
+    s, _ = strategies.choose(INFO, Options(target="h2", mode="restart"), prefer("stream-copy"))
     assert s.name == "restart" and "restart" not in strategies.STRATEGIES
 
 

@@ -205,7 +205,7 @@ def _criu_of(mid: str, action: str) -> int | None:
 
 
 @pytest.mark.parametrize("who", ["lazy-pages"])
-def test_page_server_killed_after_the_switch_is_reported_never_two_copies(mig, bed, tmp_path, who):
+def test_page_server_killed_after_the_switch_is_reported_never_two_copies(mig, bed, run_in, tmp_path, who):
     """After the resume there, the copy needs the source's CRIU until the last page: killing
     it (or the target's lazy-pages daemon) loses the workload, and says so; the copy there is
     ended rather than left on missing memory, and the source was ended at the switch."""
@@ -213,7 +213,8 @@ def test_page_server_killed_after_the_switch_is_reported_never_two_copies(mig, b
     pid = run_workload(mig, out, PY, "-c", REWRITER, str(out), "256")
     try:
         wait_for(lambda: len(lines(out)) >= 2, timeout=60, what="rewriter to start")
-        proc = bed_spawn(bed, [PY, "-m", "migrd.cli", "migrate", "--json",
+        # Every piece of page traffic held a while: pages are certainly still to come.
+        proc = bed_spawn(bed, ["env", "MIGRD_FAILPOINTS=relay:delay", PY, "-m", "migrd.cli", "migrate", "--json",
                                str(pid), "--to", "host2", "--strategy", "postcopy"])
         state = bed.host("host1").dir / "state"
         j = wait_for(lambda: ([j for j in all_journals(state) if "resumed" in j.merged()] or [None])[0],
@@ -225,5 +226,39 @@ def test_page_server_killed_after_the_switch_is_reported_never_two_copies(mig, b
         assert b"lost" in err
         assert j.last_state() == "lost"
         wait_for(lambda: copies(str(out)) == [], timeout=30, what="no copy anywhere")
+        assert run_in("host2", "find", "/var/lib/migrd/incoming", "-mindepth", "1").stdout == b""
+    finally:
+        end_copies(str(out))
+
+
+def test_migrd_killed_after_the_switch_never_leaves_two_copies(mig, bed, run_in, tmp_path):
+    """migrd itself relays the pages: killed right after the copy there resumed, either every
+    page had arrived (the copy runs on) or the target ends its copy (no page source is left).
+    `migrctl recover` then says which, and nothing of the migration is left on the target."""
+    out = tmp_path / "rounds"
+    pid = run_workload(mig, out, PY, "-c", REWRITER, str(out), "64")
+    try:
+        wait_for(lambda: len(lines(out)) >= 2, timeout=60, what="rewriter to start")
+        r = migrate(mig, pid, env={"MIGRD_FAILPOINTS": "resumed:die"})
+        assert r.returncode in (-9, 137), r.stderr
+        state = bed.host("host1").dir / "state"
+        j = next(j for j in all_journals(state) if j.merged()["request"]["pid"] == pid)
+        assert j.last_state() == "resumed"
+        deadline = time.monotonic() + 60
+        while True:
+            recovered = mig("host1", "-m", "migrd.cli", "recover", "--json")
+            report = [x for x in json.loads(recovered.stdout) if x["id"] == j.id]
+            if report and not report[0]["action"].startswith("skipped") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        action = report[0]["action"]
+        running = copies(str(out))
+        assert len(running) <= 1
+        if action.startswith("lost"):
+            assert running == [] and j.last_state() == "lost"
+        else:
+            assert action == "committed" and len(running) == 1 and j.last_state() == "done", action
+        left = run_in("host2", "find", "/var/lib/migrd/incoming", "-mindepth", "1").stdout
+        assert left == b"", (action, left)
     finally:
         end_copies(str(out))

@@ -7,7 +7,8 @@ signal a migration in flight). Two points inside the checkpoint step reach where
 boundary cannot: `dumping:die` kills the orchestrator while CRIU dumps (CRIU carries on,
 orphaned, holding the migration's lock), `dumped:die` once CRIU finished but before the
 manifest is written. `resumed:error` fails the commit right after the copy on the
-target runs. Unset, they cost one dict lookup.
+target runs. `relay:delay` holds every piece of post-copy page traffic the source relays, so
+that pages are still to come after the switch. Unset, they cost one dict lookup.
 """
 
 from __future__ import annotations

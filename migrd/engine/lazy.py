@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from migrd.adapters import workloads
 from migrd.config import Config
 from migrd.engine import checkpoint as cp
+from migrd.engine import failpoints
 from migrd.engine import receive
 from migrd.engine.pagestream import READY, socketpair
 from migrd.errors import MigrdError, TransportError, WorkloadLost
@@ -174,6 +175,7 @@ class Link:
         assert self._sock is not None
         try:
             while data := self._sock.recv(CHUNK):
+                failpoints.step("relay")  # relay:delay holds each piece: pages still to come
                 self.pages_out += len(data)
                 self.send(PAGES, data)
         except (OSError, TransportError) as e:
@@ -356,6 +358,7 @@ def move(cfg: Config, conn: Connection, pid: int, start_time: float, images: Pat
         src.expect("finished", cfg.ssh.op_timeout)
         resumed = time.time()
         record("resumed", downtime=round(resumed - freeze, 4), resumed=round(resumed, 4))
+        failpoints.step("resumed")  # the copy runs, the memory still comes from here
         done = src.expect("pages_done", cfg.migrate.lazy_timeout)
     except MigrdError as e:
         src.close()

@@ -216,7 +216,7 @@ class Migration:
     def start(self, info: ProcessInfo, opts: Options, name: str | None, stdout: str | None,
               progress: ProgressFn | None) -> Outcome:
         carry = list(binding.carried(info, opts.with_files, stdout))
-        strategy, skipped = strategies.choose(info, opts, self.cfg.migrate.strategies)
+        strategy, skipped = strategies.choose(info, opts, self.cfg)
         subject = ProcessTree(info)
         shape = binding.MoveShape(mode=opts.mode, carried=tuple(carry), move_address=opts.move_address,
                                   tcp_established=opts.tcp_established)
@@ -356,7 +356,7 @@ class Migration:
     def verify(self, target: peerclient.Target, ports: bool = True,
                seen: peerclient.Restored | None = None) -> None:
         """seen: the target's status as reported with the restore (saves a round trip)."""
-        self.subject.verify(seen if seen is not None else target.status(), target.name, ports)
+        self.subject.verify(seen if seen is not None else target.status().restored, target.name, ports)
 
     def commit(self, target: peerclient.Target | None, restoring: peerclient.Restoring | None = None) -> None:
         """Past the point of no return: the target copy runs. Idempotent. restoring: the
@@ -570,6 +570,16 @@ def _recover_one(m: Migration, last: str | None) -> str:
         target = None
     try:
         if m.strategy.point_of_no_return in states:
+            st = target.status() if target is not None else None
+            if st is not None and st.busy:
+                return f"skipped: {m.opts.target} is still settling the post-copy; run recover again"
+            lost = st.lost if st is not None else None
+            if lost is not None:
+                # Post-copy: the pages stopped arriving after the switch, and the target
+                # ended its copy rather than run it on zero-filled memory.
+                m.j.record("lost", reason=lost)
+                target.abort(m.opts.move_address, [])
+                return f"lost: {lost}"
             if target is None:
                 # The target's copy waits, stopped, for our word: finishing here alone would
                 # leave no copy running at all.
@@ -578,7 +588,7 @@ def _recover_one(m: Migration, last: str | None) -> str:
             m.commit(target)
             return "committed"
         if "rollback" not in states and "restore" in states and target is not None:
-            st = target.status()
+            st = target.status().restored
             if st and st.alive:
                 try:
                     m.verify(target, ports=m.opts.mode != "restart", seen=st)

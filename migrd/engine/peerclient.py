@@ -74,9 +74,15 @@ class FinishAnswer:
 
 
 @dataclass(frozen=True)
-class _StatusAnswer:
+class Status:
+    """What the target holds of this migration."""
+
     received: bool
     restored: Restored | None = None
+    #: Why a post-copy's copy was ended after the switch (its pages stopped arriving).
+    lost: str | None = None
+    #: A post-copy is still settling there (fetching pages, or ending its copy).
+    busy: bool = False
 
 
 @dataclass(frozen=True)
@@ -231,8 +237,8 @@ class Target:
         spec = {"cmdline": list(cmdline), "cwd": cwd, "env": env, "name": name}
         return self._call(StartAnswer, ["start", self.mid], spec)
 
-    def status(self) -> Restored | None:
-        return self._call(_StatusAnswer, ["status", self.mid]).restored
+    def status(self) -> Status:
+        return self._call(Status, ["status", self.mid])
 
     def finish(self, address: str | None) -> FinishAnswer:
         return self._call(FinishAnswer, ["finish", self.mid, *(["--address", address] if address else [])])

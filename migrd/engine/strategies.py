@@ -14,6 +14,7 @@ and its iteration driver with named loop limits are the model (phaul/iters.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import signal
@@ -22,7 +23,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from migrd.adapters import netaddr, workloads
+from migrd.adapters import netaddr, untrusted, workloads
+from migrd.adapters.criu import find_criu
+from migrd.config import Config
+from migrd.engine import lazy
+from migrd.engine.peerclient import Restored
+from migrd.errors import MigrdError, PeerProtocolError, WorkloadLost
 from migrd.model import ProcessInfo
 
 if TYPE_CHECKING:  # the driver imports this module
@@ -42,7 +48,7 @@ class Strategy(ABC):
     #: True when the dump leaves the source stopped (not ended) until the commit.
     keeps_source_stopped: ClassVar[bool] = False
 
-    def unavailable(self, info: ProcessInfo, opts: Options) -> str | None:
+    def unavailable(self, info: ProcessInfo, opts: Options, cfg: Config) -> str | None:
         """Why this strategy cannot move `info` with `opts` (None: it can)."""
         return None
 
@@ -103,7 +109,7 @@ class StreamCopy(Strategy):
                "the dump; the source stays stopped (not ended) until the commit")
     keeps_source_stopped = True
 
-    def unavailable(self, info: ProcessInfo, opts: Options) -> str | None:
+    def unavailable(self, info: ProcessInfo, opts: Options, cfg: Config) -> str | None:
         if opts.mode != "move":
             return f"it moves, and --mode {opts.mode} keeps or restarts the source"
         if not info.own_pid_namespace:
@@ -178,7 +184,7 @@ class PostCopy(Strategy):
                "the source")
     keeps_source_stopped = True
 
-    def unavailable(self, info: ProcessInfo, opts: Options) -> str | None:
+    def unavailable(self, info: ProcessInfo, opts: Options, cfg: Config) -> str | None:
         if opts.mode != "move":
             return f"it moves, and --mode {opts.mode} keeps or restarts the source"
         if not info.own_pid_namespace:
@@ -186,17 +192,9 @@ class PostCopy(Strategy):
             return "the process is not the init of its own PID namespace (start it with `migrctl run`)"
         if opts.tcp_established:
             return "--tcp-established needs the source ended by the dump"
-        from migrd import config
-        from migrd.adapters.criu import find_criu
-
-        return find_criu(config.load()).lazy_unready()
+        return find_criu(cfg).lazy_unready()
 
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
-        from migrd.adapters import untrusted
-        from migrd.engine import lazy
-        from migrd.engine.peerclient import Restored
-        from migrd.errors import PeerProtocolError
-
         def verify(seen: dict[str, Any]) -> None:
             st = untrusted.build(Restored, seen, PeerProtocolError, f"{target.name}: peer lazy")
             if not st.cmdline:
@@ -218,6 +216,14 @@ class PostCopy(Strategy):
                       name=d.get("workload"), stdout=d.get("stdout"), address=run.opts.move_address,
                       send_carried=lambda: run.send_carried(sink), pass_fds=(run.lock_fd,), verify=verify,
                       dumped=dumped)
+        except WorkloadLost:
+            with contextlib.suppress(MigrdError):
+                # Its record of the loss, heard; once it has finished ending its copy.
+                deadline = time.monotonic() + run.cfg.ssh.op_timeout
+                while target.status().busy and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                target.abort(run.opts.move_address, [])
+            raise
         finally:
             if sink is not None:
                 sink.close()
@@ -245,15 +251,15 @@ def recorded(name: str | None, streamed: bool) -> Strategy:
     return ALL[name]
 
 
-def choose(info: ProcessInfo, opts: Options, preference: tuple[str, ...]) -> tuple[Strategy | None, list[str]]:
+def choose(info: ProcessInfo, opts: Options, cfg: Config) -> tuple[Strategy | None, list[str]]:
     """The strategy for this move and why the ones before it were passed over. With
-    `opts.strategy` set only that one is tried."""
+    `opts.strategy` set only that one is tried, else migrate.strategies in order."""
     if opts.mode == "restart":
         return ALL["restart"], []
     skipped = []
-    for name in ((opts.strategy,) if opts.strategy else preference):
+    for name in ((opts.strategy,) if opts.strategy else cfg.migrate.strategies):
         s = STRATEGIES[name]
-        why = s.unavailable(info, opts)
+        why = s.unavailable(info, opts, cfg)
         if why is None:
             return s, skipped
         skipped.append(f"{name}: {why}")

@@ -8,6 +8,7 @@ whether the copy here is running, and abort or finish it.
 from __future__ import annotations
 
 import base64
+import fcntl
 import dataclasses
 from dataclasses import dataclass
 import json
@@ -248,6 +249,18 @@ def lazy(cfg: Config, mid: str, name: str | None, stdout: str | None, address: s
     since its missing memory would read as zeros."""
     d = incoming(cfg, mid)
     private.private_dir(d)
+    # Held until this function is done with d: `peer status` reports a post-copy in progress,
+    # so a recovering source waits instead of acting on half-settled state.
+    busy = private.open_private(d / BUSY, os.O_WRONLY)
+    fcntl.flock(busy, fcntl.LOCK_EX)
+    try:
+        _lazy(cfg, mid, name, stdout, address, link, d)
+    finally:
+        os.close(busy)
+
+
+def _lazy(cfg: Config, mid: str, name: str | None, stdout: str | None, address: str | None,
+          link: lazy_mod.Link, d: Path) -> None:
     images = d / "images"
     criu = find_criu(cfg)
     daemon = None
@@ -281,7 +294,11 @@ def lazy(cfg: Config, mid: str, name: str | None, stdout: str | None, address: s
             with suppress(OSError):
                 link.send_control({"error": str(e) or type(e).__name__, "committed": committed})
         if committed:
-            shutil.rmtree(d, ignore_errors=True)
+            # The record stays until the source (or its recovery) has heard of the loss.
+            for entry in os.scandir(d):
+                if entry.name not in ("restored.json", BUSY):
+                    shutil.rmtree(entry.path, ignore_errors=True) if entry.is_dir() else os.unlink(entry.path)
+            _write(d / LOST, {"reason": str(e) or type(e).__name__})
         else:
             abort(cfg, mid, address, [])
         raise
@@ -316,10 +333,35 @@ def _restored(d: Path) -> dict[str, Any] | None:
         return None
 
 
+#: Left by a post-copy whose pages stopped arriving after the switch: the copy was ended.
+LOST = "lost.json"
+#: Locked while `peer lazy` works on the migration's directory.
+BUSY = "lazy.lock"
+
+
+def _busy(d: Path) -> bool:
+    try:
+        fd = os.open(d / BUSY, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def status(cfg: Config, mid: str) -> dict[str, Any]:
     d = incoming(cfg, mid)
     rec = _restored(d)
     out: dict[str, Any] = {"received": (d / "images").is_dir(), "restored": None}
+    try:
+        out["lost"] = json.loads((d / LOST).read_text())["reason"]
+    except FileNotFoundError:
+        pass
+    out["busy"] = _busy(d)
     if rec:
         alive = workloads.same_process(rec["pid"], rec["start_time"])
         info: dict[str, Any] = {"pid": rec["pid"], "alive": alive}
