@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import os
 
 import pytest
 
@@ -91,3 +91,87 @@ def test_auto_estimates_say_how_they_were_reached():
     assert "rounds, then" in est[0].line()
     with pytest.raises(ValueError):
         choice.choose((), situation(1, 0, 1))
+
+
+# --- the wire format: Pusher against serve, over pipes ----------------------------------------
+
+class PipeTalk:
+    """A stand-in for a transport.Conversation: our sends go to serve's stdin, its lines back."""
+
+    class conn:
+        where = "test"
+
+    def __init__(self, to_peer: int, from_peer: int) -> None:
+        self.w = os.fdopen(to_peer, "wb", buffering=0)
+        self.r = os.fdopen(from_peer, "rb")
+
+    def readline(self) -> bytes:
+        return self.r.readline().rstrip(b"\n")
+
+    def send(self, data) -> None:
+        self.w.write(bytes(data))
+
+    def close(self, timeout: float = 0) -> None:
+        self.w.close()
+
+
+def test_pages_cross_by_content_and_the_target_rebuilds_the_dump_exactly(tmp_path, monkeypatch):
+    import hashlib
+    import threading
+
+    from migrd.engine import precopy as pc
+
+    rnd = [os.urandom(pc.PAGE) for _ in range(6)]
+    memory = {0x1000 * i: p for i, p in enumerate(rnd[:4] + [pc.ZERO])}
+    monkeypatch.setattr(pc.memread, "pages", lambda pid: [(a, memoryview(p)) for a, p in sorted(memory.items())])
+    a_in, a_out = os.pipe()
+    b_in, b_out = os.pipe()
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(pc.serve(tmp_path / "t" / "store", tmp_path / "t" / "pages",
+                                                            a_in, b_out)))
+    t.start()
+    pusher = pc.Pusher(PipeTalk(a_out, b_in))
+    r1 = pusher.round([1], 1)
+    assert r1.sent == 4 * pc.PAGE and r1.changed == 5 * pc.PAGE
+    memory[0x1000] = rnd[4]  # one page rewritten while running
+    r2 = pusher.round([1], 2)
+    assert r2.sent == r2.changed == pc.PAGE
+    # The dump: pages already there (moved), one new, a zero page and a short tail.
+    dump = rnd[1] + rnd[0] + rnd[5] + pc.ZERO + rnd[4] + b"tail"
+    (tmp_path / "pages-1.img").write_bytes(dump)
+    f = pc.PageFile("pages-1.img", tmp_path / "pages-1.img", len(dump), hashlib.sha256(dump).hexdigest())
+    final = pusher.final([f])
+    pusher.close()
+    t.join(10)
+    assert final.page_bytes == len(dump) and final.sent == pc.PAGE + 4
+    assert got == {"bytes": len(dump), "files": {"pages-1.img": len(dump)}}
+    assert (tmp_path / "t" / "pages" / "pages-1.img").read_bytes() == dump
+    assert not (tmp_path / "t" / "store").exists()
+
+
+def test_a_rebuilt_image_that_differs_from_the_dump_is_refused(tmp_path):
+    import threading
+
+    from migrd.engine import precopy as pc
+    from migrd.errors import ImageError
+
+    a_in, a_out = os.pipe()
+    b_in, b_out = os.pipe()
+    errors: list = []
+
+    def serve() -> None:
+        try:
+            pc.serve(tmp_path / "store", tmp_path / "pages", a_in, b_out)
+        except ImageError as e:
+            errors.append(str(e))
+        os.close(b_out)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    pusher = pc.Pusher(PipeTalk(a_out, b_in))
+    (tmp_path / "pages-2.img").write_bytes(b"x" * pc.PAGE)
+    f = pc.PageFile("pages-2.img", tmp_path / "pages-2.img", pc.PAGE, "0" * 64)
+    with pytest.raises(Exception):
+        pusher.final([f])
+    t.join(10)
+    assert errors and "sha256 mismatch" in errors[0]

@@ -26,6 +26,8 @@ from migrd.adapters import netaddr, workloads
 from migrd.model import ProcessInfo
 
 if TYPE_CHECKING:  # the driver imports this module
+    from migrd.core.precopy import Decision, Round
+    from migrd.engine.precopy import Pusher
     from migrd.engine.migration import Migration, Options
     from migrd.engine.peerclient import Target
 
@@ -232,8 +234,76 @@ class PostCopy(Strategy):
         run.j.record("done", outcome="ok")
 
 
+class PreCopy(Strategy):
+    """Memory crosses while the workload runs, round after round of what changed, until the
+    stop rule (migrd/core/precopy.py) predicts a short enough freeze; then a dump, of whose
+    pages only those the target lacks cross (migrd/engine/precopy.py: by content, so any
+    kernel will do). The dump ends the source, as stop-copy's does: rollback restores it here."""
+
+    name = "precopy"
+    summary = ("send the memory while it runs, then what changed, then freeze and send only the "
+               "pages the target lacks: the freeze is the dump, a compare and the last changes")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        run.begin("precopy", strategy=self.name)
+        with target.precopy() as pusher:
+            rounds, decision = precopy_rounds(run, pusher)
+            self.switch(run, target, pusher, rounds, decision, progress)
+
+    def switch(self, run: Migration, target: Target, pusher: Pusher, rounds: list[Round],
+               decision: Decision, progress: ProgressFn | None) -> None:
+        """Freeze, dump, and send what the target still lacks: a brief stop-and-copy."""
+        from migrd.engine import precopy as precopy_mod
+
+        figures = {"rounds": len(rounds), "round_sent_bytes": sum(r.sent for r in rounds),
+                   "round_seconds": round(sum(r.seconds for r in rounds), 4),
+                   "stop_reason": decision.reason, "predicted_freeze": decision.predicted_freeze,
+                   "diverging": decision.diverging,
+                   "dirty_rate": round(decision.dirty_rate) if decision.dirty_rate is not None else None}
+        with run.prepare_switch(target) as switch:
+            run.begin("checkpoint", **figures)
+            freeze = time.time()
+            ck = run.dump(leave_stopped=False, page_server_fd=None)
+            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+                      image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
+            run.release_address()
+            rest = run.j.dir / "images.rest"
+            try:
+                files = precopy_mod.split_images(run.images, rest)
+                moved = run.send_carried(switch.files)
+                stats = switch.images.send(rest, progress)
+                final = pusher.final(files)
+            finally:
+                shutil.rmtree(rest, ignore_errors=True)
+            run.begin("restore", bytes=stats.bytes + moved + pusher.wire,
+                      transfer_seconds=round(stats.seconds + final.seconds, 4),
+                      final_page_bytes=final.page_bytes, final_sent_bytes=final.sent, final_wire_bytes=final.wire)
+            run.restore_there(target, switch.restoring, page_bytes=final.page_bytes)
+
+
+def precopy_rounds(run: Migration, pusher: Pusher) -> tuple[list[Round], Decision]:
+    """Rounds while the workload runs, until the stop rule says switch. Each round can be made
+    to fail (or the orchestrator to die) with the failpoint `roundN`."""
+    from migrd.core import choice, precopy
+    from migrd.engine import failpoints
+
+    info = run.info
+    m = run.cfg.migrate
+    limits = precopy.Limits(max_rounds=m.precopy_rounds, downtime_target=m.downtime_target)
+    fixed = choice.precopy_fixed(info.rss, choice.Rates())
+    pids = info.tree_ids or (info.pid,)
+    rounds: list[Round] = []
+    while True:
+        failpoints.point(f"round{len(rounds) + 1}")
+        rounds.append(pusher.round(pids, len(rounds) + 1))
+        decision = precopy.decide(rounds, limits, memory=info.rss, fixed=fixed,
+                                  fallback_bandwidth=precopy.ASSUMED_BANDWIDTH)
+        if decision.stop:
+            return rounds, decision
+
+
 #: The strategies `--strategy` offers, by name.
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy(), PostCopy())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy(), PostCopy(), PreCopy())}
 #: Every strategy a journal may name (recovery rebuilds it from there).
 ALL: dict[str, Strategy] = {**STRATEGIES, Restart.name: Restart()}
 
