@@ -128,7 +128,7 @@ def test_pages_cross_by_content_and_the_target_rebuilds_the_dump_exactly(tmp_pat
     b_in, b_out = os.pipe()
     got: dict = {}
     t = threading.Thread(target=lambda: got.update(pc.serve(tmp_path / "t" / "store", tmp_path / "t" / "pages",
-                                                            a_in, b_out)))
+                                                            None, a_in, b_out)))
     t.start()
     pusher = pc.Pusher(PipeTalk(a_out, b_in))
     r1 = pusher.round([1], 1)
@@ -161,7 +161,7 @@ def test_a_rebuilt_image_that_differs_from_the_dump_is_refused(tmp_path):
 
     def serve() -> None:
         try:
-            pc.serve(tmp_path / "store", tmp_path / "pages", a_in, b_out)
+            pc.serve(tmp_path / "store", tmp_path / "pages", None, a_in, b_out)
         except ImageError as e:
             errors.append(str(e))
         os.close(b_out)

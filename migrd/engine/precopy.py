@@ -32,7 +32,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -232,10 +232,11 @@ class _In:
         return data
 
 
-def serve(store: Path, pages_dir: Path, infd: int = 0, outfd: int = 1) -> dict:
+def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = None,
+          infd: int = 0, outfd: int = 1) -> dict:
     """Receive pages into `store` (one file, indexed by digest in memory) and rebuild the page
-    images into `pages_dir`. Returns what `E` answers, once every image was rebuilt and matched
-    its sha256."""
+    images into `pages_dir`. Once every image was rebuilt and matched its sha256, `record` gets
+    what `E` answers before the answer goes (the source restores as soon as it has it)."""
     private.private_dir(store.parent)
     pool = private.open_private(store, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     index: dict[bytes, int] = {}
@@ -291,6 +292,8 @@ def serve(store: Path, pages_dir: Path, infd: int = 0, outfd: int = 1) -> dict:
                 if files:
                     private.restrict_files(pages_dir)
                 got = {"bytes": sum(files.values()), "files": files}
+                if record is not None:
+                    record(got)
                 answer(got)
                 return got
             else:

@@ -200,8 +200,7 @@ def precopy(cfg: Config, mid: str) -> None:
     from migrd.engine import precopy as precopy_mod
 
     d = incoming(cfg, mid)
-    got = precopy_mod.serve(d / "precopy.store", d / "pages")
-    _write(d / "pages.json", got)
+    precopy_mod.serve(d / "precopy.store", d / "pages", lambda got: _write(d / "pages.json", got))
 
 
 def _take_pages(d: Path, images: Path, page_bytes: int) -> dict[str, int]:
