@@ -155,3 +155,23 @@ def test_failures_in_and_after_the_rounds_leave_exactly_one_copy(mig, bed, tmp_p
         assert not (bed.host("host2").dir / "state" / "incoming" / j.id).exists()
     finally:
         end_copies(str(out))
+
+
+def test_auto_measures_chooses_and_says_what_ran(mig, bed, tmp_path):
+    out = tmp_path / "count"
+    pid = start(mig, out, COUNTER, str(out))
+    try:
+        wait_for(lambda: len(read_counts(out)) >= 3, what="counter")
+        r = mig("host1", "migrate", "--json", pid, "--to", "host2", "--strategy", "auto", timeout=180)
+        assert r.returncode == 0, r.stderr.decode()
+        res = json.loads(r.stdout)
+        names = {"stop-copy", "stream-copy", "postcopy", "precopy"}
+        assert res["strategy"] in names and copies(str(out)) == [res["target_pid"]]
+        assert {e.split(":")[0] for e in res["estimates"]} <= names and len(res["estimates"]) >= 3
+        assert res["downtime"] is not None
+        d = journal(bed, res["id"]).merged()
+        assert d["link_bandwidth"] > 0 and d["sampled_dirty_rate"] >= 0
+        n = len(read_counts(out))
+        wait_for(lambda: len(read_counts(out)) >= n + 3, what="counter to go on")
+    finally:
+        end_copies(str(out))

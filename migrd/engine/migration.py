@@ -99,6 +99,8 @@ class Outcome:
     resources: tuple[dict[str, str], ...] = ()
     #: Strategies passed over before the one that ran, each with why.
     passed_over: tuple[str, ...] = ()
+    #: `--strategy auto`: each candidate's estimated freeze and total time.
+    estimates: tuple[str, ...] = ()
 
 
 ProgressFn = Callable[[int, int], None]
@@ -485,6 +487,7 @@ class Migration:
                        restore_seconds=d.get("restore_seconds"), strategy=d.get("strategy"),
                        streamed=bool(d.get("streamed")), resources=tuple(d.get("resources", ())),
                        passed_over=tuple(d.get("passed_over", ())),
+                       estimates=tuple(d.get("auto_estimates", ())),
                        announce_error=d.get("announce_error"))
 
 

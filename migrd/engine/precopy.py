@@ -215,6 +215,22 @@ class Pusher:
         self.close()
 
 
+def sample_dirty_rate(pids: Iterable[int], seconds: float, stride: int) -> float:
+    """Bytes per second the tasks rewrite, from every `stride`-th page read twice `seconds`
+    apart (a sample: `auto` decides on it before anything is sent)."""
+    def read() -> dict[tuple[int, int], bytes]:
+        return {(pid, addr): digest(page) for pid in pids
+                for n, (addr, page) in enumerate(memread.pages(pid)) if n % stride == 0}
+
+    first = read()
+    start = time.monotonic()
+    time.sleep(seconds)
+    second = read()
+    elapsed = time.monotonic() - start
+    changed = sum(1 for k, h in second.items() if first.get(k) != h)
+    return changed * stride * PAGE / elapsed
+
+
 # --- the target half -----------------------------------------------------------------------
 
 #: A page image's header is a name and two short fields.

@@ -302,8 +302,36 @@ def precopy_rounds(run: Migration, pusher: Pusher) -> tuple[list[Round], Decisio
             return rounds, decision
 
 
+class Auto(Strategy):
+    """Measures, then runs the strategy migrd/core/choice.py picks: the link (a short probe),
+    the rate the workload rewrites its memory (a sample) and its size, against the downtime
+    target and what can run here. The journal then names the strategy that ran (recovery and
+    `history` see that one) with every candidate's estimate."""
+
+    name = "auto"
+    summary = ("measure the link and how fast the workload rewrites its memory, then run the "
+               "strategy whose estimated freeze meets migrate.downtime_target soonest")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        from migrd.core import choice
+        from migrd.engine import precopy as precopy_mod
+
+        info, opts = run.info, run.opts
+        link = target.conn.probe(rounds=3, bulk_bytes=8 << 20, bulk_seconds=0.3)
+        rate = precopy_mod.sample_dirty_rate(info.tree_ids or (info.pid,), 0.25, 8)
+        candidates = [n for n, s in STRATEGIES.items()
+                      if not isinstance(s, Auto) and s.unavailable(info, opts) is None]
+        situation = choice.Situation(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth_bytes_per_s,
+                                     rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target)
+        name, estimates = choice.choose(candidates, situation)
+        run.j.record("auto", strategy=name, auto_estimates=[e.line() for e in estimates],
+                     sampled_dirty_rate=round(rate), link_bandwidth=round(link.bandwidth_bytes_per_s),
+                     link_rtt=round(link.rtt_s, 5))
+        STRATEGIES[name].forward(run, target, progress)
+
+
 #: The strategies `--strategy` offers, by name.
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy(), PostCopy(), PreCopy())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy(), PostCopy(), PreCopy(), Auto())}
 #: Every strategy a journal may name (recovery rebuilds it from there).
 ALL: dict[str, Strategy] = {**STRATEGIES, Restart.name: Restart()}
 
