@@ -175,3 +175,37 @@ def test_auto_measures_chooses_and_says_what_ran(mig, bed, tmp_path):
         wait_for(lambda: len(read_counts(out)) >= n + 3, what="counter to go on")
     finally:
         end_copies(str(out))
+
+
+@pytest.fixture(scope="module")
+def tight_env(bed) -> dict[str, str]:
+    """host1's config with a downtime target no dump can meet: hybrid then switches by post-copy."""
+    import dataclasses
+
+    from migrd import config as config_mod
+
+    etc = bed.host("host1").dir / "etc"
+    cfg = config_mod.parse((etc / "migrd.yaml").read_text())
+    cfg = dataclasses.replace(cfg, migrate=dataclasses.replace(cfg.migrate, downtime_target=0.001))
+    (etc / "tight.yaml").write_text(config_mod.dump(cfg))
+    return {"MIGRD_CONFIG": "/etc/migrd/tight.yaml"}
+
+
+@pytest.mark.parametrize("tight", [False, True], ids=["stop-copy", "postcopy"])
+def test_hybrid_switches_as_the_prediction_says_and_records_it(mig, bed, tmp_path, tight_env, tight):
+    out = tmp_path / "rounds"
+    pid = start(mig, out, REWRITER, str(out), "16", "64")
+    try:
+        wait_for(lambda: len(lines(out)) >= 3, what="rewriter to start")
+        r = mig("host1", "migrate", "--json", pid, "--to", "host2", "--strategy", "hybrid",
+                env=tight_env if tight else None, timeout=180)
+        assert r.returncode == 0, r.stderr.decode()
+        res = json.loads(r.stdout)
+        assert res["strategy"] == "hybrid"
+        assert res["hybrid_switch"] == ("postcopy" if tight else "stop-copy")
+        goes_on(out)
+        assert copies(str(out)) == [res["target_pid"]]
+        hist = json.loads(mig("host1", "history", "--json").stdout)
+        assert any(h["id"] == res["id"] and h["strategy"] == f"hybrid: {res['hybrid_switch']}" for h in hist), hist
+    finally:
+        end_copies(str(out))

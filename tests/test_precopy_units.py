@@ -175,3 +175,13 @@ def test_a_rebuilt_image_that_differs_from_the_dump_is_refused(tmp_path):
         pusher.final([f])
     t.join(10)
     assert errors and "sha256 mismatch" in errors[0]
+
+
+def test_hybrid_switches_to_postcopy_only_when_the_freeze_would_miss_the_target():
+    from migrd.core.precopy import Decision, hybrid_switch
+
+    slow = Decision(True, "diverging", 3.0, 80e6, 50e6, diverging=True)
+    quick = Decision(True, "target met", 0.2, 1e6, 50e6)
+    assert hybrid_switch(slow, Limits(downtime_target=0.5), postcopy_possible=True) == "postcopy"
+    assert hybrid_switch(slow, Limits(downtime_target=0.5), postcopy_possible=False) == "stop-copy"
+    assert hybrid_switch(quick, Limits(downtime_target=0.5), postcopy_possible=True) == "stop-copy"

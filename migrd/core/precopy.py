@@ -153,3 +153,11 @@ def simulate(memory: int, rate: float, bw: float, limits: Limits, fixed: float,
         if d.stop:
             return Simulated(tuple(rounds), d)
         to_send = min(memory, int(rate * seconds))
+
+
+def hybrid_switch(decision: Decision, limits: Limits, postcopy_possible: bool) -> str:
+    """How a hybrid move ends once its rounds stopped: a brief stop-and-copy of what is still
+    dirty when that meets the downtime target (or post-copy cannot run), else post-copy."""
+    if decision.predicted_freeze <= limits.downtime_target or not postcopy_possible:
+        return "stop-copy"
+    return "postcopy"

@@ -281,6 +281,47 @@ class PreCopy(Strategy):
             run.restore_there(target, switch.restoring, page_bytes=final.page_bytes)
 
 
+class Hybrid(PreCopy):
+    """Pre-copy's rounds, then the stop rule's prediction picks the switch: a brief
+    stop-and-copy of what is still dirty (as `precopy`) when it meets the downtime target,
+    else post-copy (`postcopy`). The journal's `hybrid_switch` says which; the source is then
+    ended and brought back as that strategy does it."""
+
+    name = "hybrid"
+    summary = ("pre-copy rounds, then a brief stop-and-copy if the predicted freeze meets the "
+               "downtime target, else post-copy")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        from migrd.core import precopy
+
+        postcopy = ALL["postcopy"]
+        run.begin("precopy", strategy=self.name)
+        with target.precopy() as pusher:
+            rounds, decision = precopy_rounds(run, pusher)
+            limits = precopy.Limits(downtime_target=run.cfg.migrate.downtime_target)
+            way = precopy.hybrid_switch(decision, limits, postcopy.unavailable(run.info, run.opts) is None)
+            run.j.record("switch", hybrid_switch=way, rounds=len(rounds), stop_reason=decision.reason,
+                         predicted_freeze=decision.predicted_freeze)
+            if way == "stop-copy":
+                self.switch(run, target, pusher, rounds, decision, progress)
+                return
+        # Post-copy moves every page itself: what the rounds sent is not used (the lazy-pages
+        # daemon serves pages from the source only).
+        postcopy.forward(run, target, progress)
+
+    def _way(self, run: Migration) -> Strategy:
+        return ALL["postcopy"] if run.data.get("hybrid_switch") == "postcopy" else ALL["precopy"]
+
+    def end_source(self, run: Migration) -> None:
+        self._way(run).end_source(run)
+
+    def reap_source(self, run: Migration) -> None:
+        self._way(run).reap_source(run)
+
+    def bring_back(self, run: Migration, states: list[str]) -> int | None:
+        return self._way(run).bring_back(run, states)
+
+
 def precopy_rounds(run: Migration, pusher: Pusher) -> tuple[list[Round], Decision]:
     """Rounds while the workload runs, until the stop rule says switch. Each round can be made
     to fail (or the orchestrator to die) with the failpoint `roundN`."""
@@ -320,7 +361,7 @@ class Auto(Strategy):
         link = target.conn.probe(rounds=3, bulk_bytes=8 << 20, bulk_seconds=0.3)
         rate = precopy_mod.sample_dirty_rate(info.tree_ids or (info.pid,), 0.25, 8)
         candidates = [n for n, s in STRATEGIES.items()
-                      if not isinstance(s, Auto) and s.unavailable(info, opts) is None]
+                      if not isinstance(s, (Auto, Hybrid)) and s.unavailable(info, opts) is None]
         situation = choice.Situation(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth_bytes_per_s,
                                      rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target)
         name, estimates = choice.choose(candidates, situation)
@@ -331,7 +372,7 @@ class Auto(Strategy):
 
 
 #: The strategies `--strategy` offers, by name.
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy(), PostCopy(), PreCopy(), Auto())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy(), PostCopy(), PreCopy(), Hybrid(), Auto())}
 #: Every strategy a journal may name (recovery rebuilds it from there).
 ALL: dict[str, Strategy] = {**STRATEGIES, Restart.name: Restart()}
 
