@@ -245,7 +245,7 @@ class PreCopy(Strategy):
                "pages the target lacks: the freeze is the dump, a compare and the last changes")
 
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
-        run.begin("precopy", strategy=self.name)
+        run.begin("precopy", strategy=self.name, **dirty_tracking(run))
         with target.precopy() as pusher:
             rounds, decision = precopy_rounds(run, pusher)
             self.switch(run, target, pusher, rounds, decision, progress)
@@ -295,7 +295,7 @@ class Hybrid(PreCopy):
         from migrd.core import precopy
 
         postcopy = ALL["postcopy"]
-        run.begin("precopy", strategy=self.name)
+        run.begin("precopy", strategy=self.name, **dirty_tracking(run))
         with target.precopy() as pusher:
             rounds, decision = precopy_rounds(run, pusher)
             limits = precopy.Limits(downtime_target=run.cfg.migrate.downtime_target)
@@ -320,6 +320,15 @@ class Hybrid(PreCopy):
 
     def bring_back(self, run: Migration, states: list[str]) -> int | None:
         return self._way(run).bring_back(run, states)
+
+
+def dirty_tracking(run: Migration) -> dict[str, Any]:
+    """How the rounds find changed pages, for the journal. Pages are compared by content on
+    every kernel: CRIU's own pre-dump rounds (soft-dirty) are not wired in yet, so a kernel that
+    has soft-dirty is only noted."""
+    from migrd.adapters.criu import find_criu
+
+    return {"kernel_soft_dirty": find_criu(run.cfg).has_feature("mem_dirty_track"), "dirty_tracking": "content"}
 
 
 def precopy_rounds(run: Migration, pusher: Pusher) -> tuple[list[Round], Decision]:
