@@ -84,7 +84,13 @@ class MigrateSettings:
     #: move the process (`migrctl migrate --strategy` pins one). stream-copy sends the pages
     #: during the dump and needs a workload in its own PID namespace (`migrctl run`) moved
     #: without --tcp-established; stop-copy dumps to disk first and moves anything.
-    strategies: tuple[Literal["stream-copy", "stop-copy", "postcopy"], ...] = ("stream-copy", "stop-copy")
+    strategies: tuple[Literal["stream-copy", "stop-copy", "postcopy", "precopy", "hybrid", "auto"], ...] = (
+        "stream-copy", "stop-copy")
+    #: Seconds a workload may be frozen: pre-copy switches once its predicted freeze meets this,
+    #: and `auto` prefers the strategies whose estimated freeze does.
+    downtime_target: float = 0.5
+    #: Pre-copy: rounds while the workload runs at most (the first, full one included).
+    precopy_rounds: int = 8
 
 
 @dataclass(frozen=True)
@@ -235,7 +241,8 @@ def _problem(e: yaml.YAMLError) -> str:
 
 
 #: Settings that are durations or periods: zero or less would spin or never wait.
-_POSITIVE = {"ssh.connect_timeout", "ssh.op_timeout", "migrate.pid_wait", "migrate.lazy_timeout", "daemon.interval",
+_POSITIVE = {"ssh.connect_timeout", "ssh.op_timeout", "migrate.pid_wait", "migrate.lazy_timeout",
+             "migrate.downtime_target", "migrate.precopy_rounds", "daemon.interval",
              "daemon.peer_stale_after", "daemon.probe_every", "daemon.probe_bytes",
              "daemon.max_decisions_log", "daemon.cpu_speed", "migrate.headroom"}
 

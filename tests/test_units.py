@@ -145,7 +145,7 @@ def test_config_defaults_and_round_trip():
         ("hosts: 3\n", r"'hosts' \(line 1\): expected a list"),
         ("host: [\n", r"line \d+: not valid YAML"),
         ("migrate:\n  strategies: [lazy]\n",
-         r"'migrate.strategies\[0\]' \(line 2\): expected one of stream-copy, stop-copy, postcopy, got 'lazy'"),
+         r"'migrate.strategies\[0\]' \(line 2\): expected one of stream-copy, stop-copy, postcopy, precopy, hybrid, auto, got 'lazy'"),
         ("ssh:\n  compression: gzip\n", r"'ssh.compression' \(line 2\): expected one of none, zstd"),
     ],
 )

@@ -77,7 +77,7 @@ def migrate(pid: str, target: str, strategy: str | None, mode: str, with_files: 
         down = f", downtime {o.downtime:.2f} s" if o.downtime is not None else ""
         return (f"migrated PID {o.pid} from {o.source} to {o.target} (now PID {o.target_pid}), "
                 f"mode {o.mode}, strategy {o.strategy}, {human_bytes(o.bytes)} moved{down}\n"
-                f"  {phases}\n  id {o.id}")
+                f"  {phases}\n  id {o.id}" + "".join(f"\n  estimate {e}" for e in o.estimates))
 
     emit(out, as_json, human)
 

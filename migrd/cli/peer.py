@@ -79,6 +79,14 @@ def peer_pages(mid: str, compression: str) -> None:
     peer_mod.pages(load_config(), mid, compression)
 
 
+@peer.command("precopy")
+@click.argument("mid")
+def peer_precopy(mid: str) -> None:
+    """Pre-copy's target side: pages by content on stdin while the workload runs there, then
+    the dump's page images as pages and digests; rebuilds them for `peer restore`."""
+    peer_mod.precopy(load_config(), mid)
+
+
 @peer.command("lazy")
 @click.argument("mid")
 @click.option("--name")

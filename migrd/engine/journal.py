@@ -175,7 +175,10 @@ def summarize(j: Journal) -> Summary:
             "outcome": outcome, "reason": data.get("reason"),
             "started": recs[0].time if recs else 0.0, "phases": phases,
             "bytes": data.get("bytes", 0), "downtime": data.get("downtime"),
-            "target_pid": data.get("target_pid"), "strategy": data.get("strategy"),
+            "target_pid": data.get("target_pid"),
+            # A hybrid move says how it switched.
+            "strategy": (f"{data['strategy']}: {data['hybrid_switch']}" if data.get("hybrid_switch")
+                         else data.get("strategy")),
         }, JournalCorrupt, str(j.path))
     except JournalCorrupt as e:
         return Summary(id=j.id, pid=None, name=None, source=None, target=None, mode=None,

@@ -99,6 +99,10 @@ class Outcome:
     resources: tuple[dict[str, str], ...] = ()
     #: Strategies passed over before the one that ran, each with why.
     passed_over: tuple[str, ...] = ()
+    #: `--strategy auto`: each candidate's estimated freeze and total time.
+    estimates: tuple[str, ...] = ()
+    #: `--strategy hybrid`: how it switched ("stop-copy" or "postcopy").
+    hybrid_switch: str | None = None
 
 
 ProgressFn = Callable[[int, int], None]
@@ -498,6 +502,7 @@ class Migration:
                        restore_seconds=d.get("restore_seconds"), strategy=d.get("strategy"),
                        streamed=bool(d.get("streamed")), resources=tuple(d.get("resources", ())),
                        passed_over=tuple(d.get("passed_over", ())),
+                       estimates=tuple(d.get("auto_estimates", ())), hybrid_switch=d.get("hybrid_switch"),
                        announce_error=d.get("announce_error"))
 
 

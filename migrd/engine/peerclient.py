@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from migrd.adapters import transport, untrusted
 from migrd.core.precheck import Request
-from migrd.engine import pagestream
+from migrd.engine import pagestream, precopy
 from migrd.engine.manifest import sha256_file
 from migrd.config import Config
 from migrd.errors import MigrdError, PeerProtocolError, TransportError
@@ -211,6 +211,10 @@ class Target:
         talk = self.conn.converse(self._remote("pages", self.mid, "--compression", compression))
         return pagestream.Sender(talk, compression, level=self.conn.tuning.zstd_level,
                                  progress=progress, total=total)
+
+    def precopy(self) -> precopy.Pusher:
+        """The target's pre-copy store for this migration, running (`peer precopy`)."""
+        return precopy.Pusher(self.conn.converse(self._remote("precopy", self.mid)))
 
     def files_sink(self) -> FilesSink:
         return FilesSink(self, self.conn.converse(self._remote("files", "--json")))

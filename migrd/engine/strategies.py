@@ -32,6 +32,8 @@ from migrd.errors import MigrdError, PeerProtocolError, WorkloadLost
 from migrd.model import ProcessInfo
 
 if TYPE_CHECKING:  # the driver imports this module
+    from migrd.core.precopy import Decision, Round
+    from migrd.engine.precopy import Pusher
     from migrd.engine.migration import Migration, Options
     from migrd.engine.peerclient import Target
 
@@ -237,8 +239,154 @@ class PostCopy(Strategy):
         run.j.record("done", outcome="ok")
 
 
+class PreCopy(Strategy):
+    """Memory crosses while the workload runs, round after round of what changed, until the
+    stop rule (migrd/core/precopy.py) predicts a short enough freeze; then a dump, of whose
+    pages only those the target lacks cross (migrd/engine/precopy.py: by content, so any
+    kernel will do). The dump ends the source, as stop-copy's does: rollback restores it here."""
+
+    name = "precopy"
+    summary = ("send the memory while it runs, then what changed, then freeze and send only the "
+               "pages the target lacks: the freeze is the dump, a compare and the last changes")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        run.begin("precopy", strategy=self.name, **dirty_tracking(run))
+        with target.precopy() as pusher:
+            rounds, decision = precopy_rounds(run, pusher)
+            self.switch(run, target, pusher, rounds, decision, progress)
+
+    def switch(self, run: Migration, target: Target, pusher: Pusher, rounds: list[Round],
+               decision: Decision, progress: ProgressFn | None) -> None:
+        """Freeze, dump, and send what the target still lacks: a brief stop-and-copy."""
+        from migrd.engine import precopy as precopy_mod
+
+        figures = {"rounds": len(rounds), "round_sent_bytes": sum(r.sent for r in rounds),
+                   "round_seconds": round(sum(r.seconds for r in rounds), 4),
+                   "stop_reason": decision.reason, "predicted_freeze": decision.predicted_freeze,
+                   "diverging": decision.diverging,
+                   "dirty_rate": round(decision.dirty_rate) if decision.dirty_rate is not None else None}
+        with run.prepare_switch(target) as switch:
+            run.begin("checkpoint", **figures)
+            freeze = time.time()
+            ck = run.dump(leave_stopped=False, page_server_fd=None)
+            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+                      image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
+            run.release_address()
+            rest = run.j.dir / "images.rest"
+            try:
+                files = precopy_mod.split_images(run.images, rest)
+                moved = run.send_carried(switch.files)
+                stats = switch.images.send(rest, progress)
+                final = pusher.final(files)
+            finally:
+                shutil.rmtree(rest, ignore_errors=True)
+            run.begin("restore", bytes=stats.bytes + moved + pusher.wire,
+                      transfer_seconds=round(stats.seconds + final.seconds, 4),
+                      final_page_bytes=final.page_bytes, final_sent_bytes=final.sent, final_wire_bytes=final.wire)
+            run.restore_there(target, switch.restoring, page_bytes=final.page_bytes)
+
+
+class Hybrid(PreCopy):
+    """Pre-copy's rounds, then the stop rule's prediction picks the switch: a brief
+    stop-and-copy of what is still dirty (as `precopy`) when it meets the downtime target,
+    else post-copy (`postcopy`). The journal's `hybrid_switch` says which; the source is then
+    ended and brought back as that strategy does it."""
+
+    name = "hybrid"
+    summary = ("pre-copy rounds, then a brief stop-and-copy if the predicted freeze meets the "
+               "downtime target, else post-copy")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        from migrd.core import precopy
+
+        postcopy = ALL["postcopy"]
+        run.begin("precopy", strategy=self.name, **dirty_tracking(run))
+        with target.precopy() as pusher:
+            rounds, decision = precopy_rounds(run, pusher)
+            limits = precopy.Limits(downtime_target=run.cfg.migrate.downtime_target)
+            way = precopy.hybrid_switch(decision, limits, postcopy.unavailable(run.info, run.opts) is None)
+            run.j.record("switch", hybrid_switch=way, rounds=len(rounds), stop_reason=decision.reason,
+                         predicted_freeze=decision.predicted_freeze)
+            if way == "stop-copy":
+                self.switch(run, target, pusher, rounds, decision, progress)
+                return
+        # Post-copy moves every page itself: what the rounds sent is not used (the lazy-pages
+        # daemon serves pages from the source only).
+        postcopy.forward(run, target, progress)
+
+    def _way(self, run: Migration) -> Strategy:
+        return ALL["postcopy"] if run.data.get("hybrid_switch") == "postcopy" else ALL["precopy"]
+
+    def end_source(self, run: Migration) -> None:
+        self._way(run).end_source(run)
+
+    def reap_source(self, run: Migration) -> None:
+        self._way(run).reap_source(run)
+
+    def bring_back(self, run: Migration, states: list[str]) -> int | None:
+        return self._way(run).bring_back(run, states)
+
+
+def dirty_tracking(run: Migration) -> dict[str, Any]:
+    """How the rounds find changed pages, for the journal. Pages are compared by content on
+    every kernel: CRIU's own pre-dump rounds (soft-dirty) are not wired in yet, so a kernel that
+    has soft-dirty is only noted."""
+    from migrd.adapters.criu import find_criu
+
+    return {"kernel_soft_dirty": find_criu(run.cfg).has_feature("mem_dirty_track"), "dirty_tracking": "content"}
+
+
+def precopy_rounds(run: Migration, pusher: Pusher) -> tuple[list[Round], Decision]:
+    """Rounds while the workload runs, until the stop rule says switch. Each round can be made
+    to fail (or the orchestrator to die) with the failpoint `roundN`."""
+    from migrd.core import choice, precopy
+    from migrd.engine import failpoints
+
+    info = run.info
+    m = run.cfg.migrate
+    limits = precopy.Limits(max_rounds=m.precopy_rounds, downtime_target=m.downtime_target)
+    fixed = choice.precopy_fixed(info.rss, choice.Rates())
+    pids = info.tree_ids or (info.pid,)
+    rounds: list[Round] = []
+    while True:
+        failpoints.point(f"round{len(rounds) + 1}")
+        rounds.append(pusher.round(pids, len(rounds) + 1))
+        decision = precopy.decide(rounds, limits, memory=info.rss, fixed=fixed,
+                                  fallback_bandwidth=precopy.ASSUMED_BANDWIDTH)
+        if decision.stop:
+            return rounds, decision
+
+
+class Auto(Strategy):
+    """Measures, then runs the strategy migrd/core/choice.py picks: the link (a short probe),
+    the rate the workload rewrites its memory (a sample) and its size, against the downtime
+    target and what can run here. The journal then names the strategy that ran (recovery and
+    `history` see that one) with every candidate's estimate."""
+
+    name = "auto"
+    summary = ("measure the link and how fast the workload rewrites its memory, then run the "
+               "strategy whose estimated freeze meets migrate.downtime_target soonest")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        from migrd.core import choice
+        from migrd.engine import precopy as precopy_mod
+
+        info, opts = run.info, run.opts
+        link = target.conn.probe(rounds=3, bulk_bytes=8 << 20, bulk_seconds=0.3)
+        rate = precopy_mod.sample_dirty_rate(info.tree_ids or (info.pid,), 0.25, 8)
+        candidates = [n for n, s in STRATEGIES.items()
+                      if not isinstance(s, (Auto, Hybrid)) and s.unavailable(info, opts) is None]
+        situation = choice.Situation(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth_bytes_per_s,
+                                     rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target)
+        name, estimates = choice.choose(candidates, situation)
+        run.j.record("auto", strategy=name, auto_estimates=[e.line() for e in estimates],
+                     sampled_dirty_rate=round(rate), link_bandwidth=round(link.bandwidth_bytes_per_s),
+                     link_rtt=round(link.rtt_s, 5))
+        STRATEGIES[name].forward(run, target, progress)
+
+
 #: The strategies `--strategy` offers, by name.
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy(), PostCopy())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy(), PostCopy(), PreCopy(), Hybrid(), Auto())}
 #: Every strategy a journal may name (recovery rebuilds it from there).
 ALL: dict[str, Strategy] = {**STRATEGIES, Restart.name: Restart()}
 
