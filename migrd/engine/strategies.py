@@ -304,7 +304,7 @@ class Hybrid(PreCopy):
         with target.precopy() as pusher:
             rounds, decision = precopy_rounds(run, pusher)
             limits = precopy.Limits(downtime_target=run.cfg.migrate.downtime_target)
-            way = precopy.hybrid_switch(decision, limits, postcopy.unavailable(run.info, run.opts) is None)
+            way = precopy.hybrid_switch(decision, limits, postcopy.unavailable(run.info, run.opts, run.cfg) is None)
             run.j.record("switch", hybrid_switch=way, rounds=len(rounds), stop_reason=decision.reason,
                          predicted_freeze=decision.predicted_freeze)
             if way == "stop-copy":
@@ -375,7 +375,7 @@ class Auto(Strategy):
         link = target.conn.probe(rounds=3, bulk_bytes=8 << 20, bulk_seconds=0.3)
         rate = precopy_mod.sample_dirty_rate(info.tree_ids or (info.pid,), 0.25, 8)
         candidates = [n for n, s in STRATEGIES.items()
-                      if not isinstance(s, (Auto, Hybrid)) and s.unavailable(info, opts) is None]
+                      if not isinstance(s, (Auto, Hybrid)) and s.unavailable(info, opts, run.cfg) is None]
         situation = choice.Situation(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth_bytes_per_s,
                                      rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target)
         name, estimates = choice.choose(candidates, situation)
