@@ -19,6 +19,7 @@ from migrd.config import Config
 from migrd.engine.subjects import ProcessTree
 from migrd.adapters import criu as criu_mod
 from migrd.adapters.criu import Criu, LazyDump, find_criu
+from migrd.model import ProcessInfo
 from migrd.errors import InputError, NotPermitted
 
 @dataclass(frozen=True)
@@ -83,14 +84,7 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
         with failpoints.dying_while("dumping"):
             result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
                                pass_fds=pass_fds, page_server_fd=page_server_fd, as_user=as_user, **options)
-        private.restrict_files(images)
-        failpoints.point("dumped")
-        m = mf.Manifest(
-            format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
-            host=cfg.host or socket.gethostname(), process=info, options=options,
-            files=mf.scan(images),
-        )
-        mf.write(images, m)
+        m = _seal(cfg, criu, images, info, options)
     except BaseException:
         # CRIU resumes the task when a dump fails; leave no half-written checkpoint behind.
         if created:
@@ -100,6 +94,17 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
                 child.unlink()
         raise
     return Checkpoint(m, images, result.seconds, log)
+
+
+def _seal(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: dict[str, bool]) -> mf.Manifest:
+    """After CRIU wrote the images: make them root's only and write the manifest."""
+    private.restrict_files(images)
+    failpoints.point("dumped")
+    m = mf.Manifest(format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
+                    host=cfg.host or socket.gethostname(), process=info, options=options,
+                    files=mf.scan(images))
+    mf.write(images, m)
+    return m
 
 
 def lazy_checkpoint(cfg: Config, pid: int, images: Path, sock_fd: int, *, tcp_established: bool = False,
@@ -112,21 +117,14 @@ def lazy_checkpoint(cfg: Config, pid: int, images: Path, sock_fd: int, *, tcp_es
     info = procinfo.inspect(pid)
     created = _prepare_dir(images)
     log = log_path(cfg, "dump", pid)
-    options = {"tcp_established": tcp_established, "shell_job": not info.session_leader}
+    options = ProcessTree(info).criu_options(tcp_established)
     t0 = time.monotonic()
     dump = criu.lazy_dump(pid, images, log, sock_fd, pass_fds=pass_fds, **options)
     try:
         with failpoints.dying_while("dumping"):
             dump.wait_images(timeout)
         seconds = time.monotonic() - t0
-        private.restrict_files(images)
-        failpoints.point("dumped")
-        m = mf.Manifest(
-            format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
-            host=cfg.host or socket.gethostname(), process=info, options=options,
-            files=mf.scan(images),
-        )
-        mf.write(images, m)
+        m = _seal(cfg, criu, images, info, options)
     except BaseException:
         dump.kill()  # a failed dump resumed the task itself; a killed one leaves it to the caller
         if created:

@@ -48,7 +48,7 @@ from migrd.config import Config
 from migrd.engine import checkpoint as cp
 from migrd.engine import failpoints
 from migrd.engine import receive
-from migrd.engine.pagestream import READY, socketpair
+from migrd.engine.pagestream import READY, await_ready, socketpair
 from migrd.errors import MigrdError, TransportError, WorkloadLost
 
 if TYPE_CHECKING:  # the target side must not pay for importing paramiko
@@ -218,14 +218,7 @@ class Source:
     side runs (its `ready`). Hand criu_fd to Criu.lazy_dump."""
 
     def __init__(self, talk: Conversation) -> None:
-        try:
-            line = talk.readline()
-        except BaseException:
-            talk.close(5.0)
-            raise
-        if line != READY:
-            talk.close(5.0)
-            raise TransportError(f"{talk.conn.where}: peer lazy said {line[:60]!r}, expected {READY!r}")
+        await_ready(talk, "peer lazy")
         self.talk = talk
         self._ours, self._criu = socketpair()
         self.link = Link(self._recv, talk.send)

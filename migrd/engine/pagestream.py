@@ -50,6 +50,19 @@ READY = b"ready"
 SOURCE_GONE = "the page stream ended in the middle (source gone?)"
 
 
+def await_ready(talk: Conversation, what: str) -> None:
+    """Wait for a target-side session's `ready` line (its Python started, its config read);
+    close it and raise if anything else comes."""
+    try:
+        line = talk.readline()
+    except BaseException:
+        talk.close(5.0)
+        raise
+    if line != READY:
+        talk.close(5.0)
+        raise TransportError(f"{talk.conn.where}: {what} said {line[:60]!r}, expected {READY!r}")
+
+
 class Sender:
     """The source half. Hand `criu_fd` to `criu dump --page-server --ps-socket`; after the
     dump, `finish()` returns the page bytes sent once the target's page server has them all.
@@ -61,14 +74,7 @@ class Sender:
 
     def __init__(self, talk: Conversation, compression: str, level: int = 1,
                  progress: ProgressFn | None = None, total: int = 0) -> None:
-        try:
-            line = talk.readline()
-        except BaseException:
-            talk.close(5.0)
-            raise
-        if line != READY:
-            talk.close(5.0)
-            raise TransportError(f"{talk.conn.where}: peer pages said {line[:60]!r}, expected {READY!r}")
+        await_ready(talk, "peer pages")
         self.talk = talk
         self.compression = compression
         self.level = level

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from migrd.adapters import memread, private, untrusted
 from migrd.core.precopy import Round
 from migrd.engine import manifest as mf
+from migrd.engine import pagestream
 from migrd.errors import ImageError, PeerProtocolError
 
 if TYPE_CHECKING:  # the target side must not pay for importing paramiko
@@ -49,7 +50,6 @@ PAGE = 4096
 ZERO = bytes(PAGE)
 DIGEST = 20
 BATCH = 1 << 20
-READY = b"ready"
 _U32 = struct.Struct(">I")
 
 
@@ -107,14 +107,7 @@ class Pusher:
 
     def __init__(self, talk: Conversation) -> None:
         self.talk = talk
-        try:
-            line = talk.readline()
-        except BaseException:
-            talk.close(5.0)
-            raise
-        if line != READY:
-            talk.close(5.0)
-            raise PeerProtocolError(f"{talk.conn.where}: peer precopy said {line[:60]!r}, expected {READY!r}")
+        pagestream.await_ready(talk, "peer precopy")
         #: Digests of the pages the target holds.
         self.known: set[bytes] = {ZERO_DIGEST}
         #: (task, address) -> digest of the page when last read.
@@ -278,7 +271,7 @@ def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = 
             raise ImageError("the source named a page this host never received")
         return os.pread(pool, PAGE, at)
 
-    out.write(READY + b"\n")
+    out.write(pagestream.READY + b"\n")
     files: dict[str, int] = {}
     try:
         while True:

@@ -58,6 +58,19 @@ class Strategy(ABC):
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
         """Every phase from the checkpoint through the commit."""
 
+    @staticmethod
+    def source_stays_unavailable(info: ProcessInfo, opts: Options) -> str | None:
+        """Why the source cannot wait stopped (not ended) until the commit."""
+        if opts.mode != "move":
+            return f"it moves, and --mode {opts.mode} keeps or restarts the source"
+        if not info.own_pid_namespace:
+            # A stopped source keeps its PIDs: a clash on hosts that share one PID space.
+            return "the process is not the init of its own PID namespace (start it with `migrctl run`)"
+        if opts.tcp_established:
+            # The stopped source's sockets would stay in repair mode behind CRIU's network lock.
+            return "--tcp-established needs the source ended by the dump"
+        return None
+
     def end_source(self, run: Migration) -> None:
         """At the commit, before the target's copy runs: make sure the source cannot run."""
         if self.keeps_source_stopped and run.opts.mode == "move":
@@ -112,15 +125,7 @@ class StreamCopy(Strategy):
     keeps_source_stopped = True
 
     def unavailable(self, info: ProcessInfo, opts: Options, cfg: Config) -> str | None:
-        if opts.mode != "move":
-            return f"it moves, and --mode {opts.mode} keeps or restarts the source"
-        if not info.own_pid_namespace:
-            # A stopped source keeps its PIDs: a clash on hosts that share one PID space.
-            return "the process is not the init of its own PID namespace (start it with `migrctl run`)"
-        if opts.tcp_established:
-            # The stopped source's sockets would stay in repair mode behind CRIU's network lock.
-            return "--tcp-established needs the source ended by the dump"
-        return None
+        return self.source_stays_unavailable(info, opts)
 
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
         # The target's page server and restore are up (their sessions and Pythons started)
@@ -187,14 +192,7 @@ class PostCopy(Strategy):
     keeps_source_stopped = True
 
     def unavailable(self, info: ProcessInfo, opts: Options, cfg: Config) -> str | None:
-        if opts.mode != "move":
-            return f"it moves, and --mode {opts.mode} keeps or restarts the source"
-        if not info.own_pid_namespace:
-            # The frozen source keeps its PIDs while it serves pages.
-            return "the process is not the init of its own PID namespace (start it with `migrctl run`)"
-        if opts.tcp_established:
-            return "--tcp-established needs the source ended by the dump"
-        return find_criu(cfg).lazy_unready()
+        return self.source_stays_unavailable(info, opts) or find_criu(cfg).lazy_unready()
 
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
         def verify(seen: dict[str, Any]) -> None:
