@@ -49,10 +49,10 @@ class State:
     annotations: dict[str, str]
 
 
-def config(name: str, args: list[str], *, image: str, criu_config: Path, migratable: bool,
+def config(name: str, args: list[str], *, image: str, criu_config: Path, migratable: bool, cgroup: str,
            cwd: str = "/", env: tuple[str, ...] = ()) -> dict[str, Any]:
     """A bundle's config.json (pure): the host's network namespace (no address of its own to
-    move), private PID, mount, IPC and UTS namespaces, a writable rootfs."""
+    move), private PID, mount, IPC and UTS namespaces, a writable rootfs, the cgroup `cgroup`."""
     caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
     annotations = {IMAGE: image, CRIU_CONFIG: str(criu_config)}
     if migratable:
@@ -81,6 +81,7 @@ def config(name: str, args: list[str], *, image: str, criu_config: Path, migrata
         ],
         "annotations": annotations,
         "linux": {
+            "cgroupsPath": cgroup,
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
             "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],

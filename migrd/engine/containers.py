@@ -48,6 +48,11 @@ def bundle_of(cfg: Config, name: str) -> Path:
     return cfg.state_dir / "containers" / name
 
 
+def cgroup_of(cfg: Config, name: str) -> str:
+    """Its cgroup: per host, since hosts may share one cgroup tree (the bed's do)."""
+    return f"/migrd/{cfg.host or socket.gethostname()}/{name}"
+
+
 def image_root(image: str) -> Path:
     check_name(image)
     return runc.IMAGES / image / "rootfs"
@@ -75,7 +80,8 @@ def create(cfg: Config, name: str, args: list[str], image: str = "busybox", migr
     try:
         rootfs.copy_image(image_root(image), bundle / "rootfs")
         private.write_atomic(bundle / "criu.conf", "")
-        spec = runc.config(name, args, image=image, criu_config=bundle / "criu.conf", migratable=migratable)
+        spec = runc.config(name, args, image=image, criu_config=bundle / "criu.conf", migratable=migratable,
+                           cgroup=cgroup_of(cfg, name))
         private.write_atomic(bundle / "config.json", json.dumps(spec, indent=1))
         return rt.run(name, bundle)
     except BaseException:
@@ -177,6 +183,7 @@ def restore(cfg: Config, images: Path, *, leave_stopped: bool, hashed: bool = Fa
                 raise ImageError(f"container {c.name}: rootfs changes not applied: {'; '.join(wrong[:3])}")
             config = dict(c.config)
             config["annotations"] = {**config.get("annotations", {}), runc.CRIU_CONFIG: str(bundle / "criu.conf")}
+            config["linux"] = {**config.get("linux", {}), "cgroupsPath": cgroup_of(cfg, c.name)}
             private.write_atomic(bundle / "config.json", json.dumps(config, indent=1))
         # A restore that waits for the commit leaves the tasks stopped; `resume` empties this.
         private.write_atomic(bundle / "criu.conf", "leave-stopped\n" if leave_stopped else "")
