@@ -63,10 +63,6 @@ def changes(base: Mapping[str, Entry], now: Mapping[str, Entry]) -> tuple[Change
     return tuple(out)
 
 
-def data_bytes(chs: tuple[Change, ...]) -> int:
-    return sum(c.size for c in chs if c.kind == "file" and c.change != "deleted")
-
-
 def safe_path(path: str) -> bool:
     """A change's path from another host: relative, no `..`, no empty or dot parts."""
     parts = path.split("/")

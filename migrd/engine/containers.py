@@ -49,8 +49,9 @@ def bundle_of(cfg: Config, name: str) -> Path:
 
 
 def cgroup_of(cfg: Config, name: str) -> str:
-    """Its cgroup: per host, since hosts may share one cgroup tree (the bed's do)."""
-    return f"/migrd/{cfg.host or socket.gethostname()}/{name}"
+    """Its cgroup: per host, since hosts may share one cgroup tree (the bed's do). One level,
+    so that `runc delete` leaves no empty parent behind."""
+    return f"/migrd-{cfg.host or socket.gethostname()}-{name}"
 
 
 def image_root(image: str) -> Path:
