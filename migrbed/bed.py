@@ -624,6 +624,7 @@ def _teardown(state: BedState) -> None:
         attempt(stop, h.sshd)
         attempt(stop, h.holder)
     for h in state.hosts:
+        attempt(_remove_containers, h)
         attempt(cgroup.remove, h.cgroup)  # also kills whatever `bed exec` left running
     attempt(cgroup.remove, state.cgroup)
     for ns in [*(h.netns for h in state.hosts), state.bridge_netns]:
@@ -641,6 +642,17 @@ def _teardown(state: BedState) -> None:
         state.dir.rmdir()
     except OSError:
         pass  # something we did not put there: leave it
+
+
+def _remove_containers(h: HostState) -> None:
+    """End the runc containers of a host: they live in cgroups of their own (runc makes
+    them), outside the host's, so removing the host's cgroup would miss them."""
+    root = h.dir / "state" / "runc"
+    runc = shutil.which("runc")
+    if runc is None or not root.is_dir():
+        return
+    for name in command.run([runc, "--root", str(root), "list", "-q"]).stdout.decode().split():
+        command.run([runc, "--root", str(root), "delete", "--force", name], check=False)
 
 
 # ---- using a bed -----------------------------------------------------------------------------

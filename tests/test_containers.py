@@ -141,3 +141,33 @@ def test_rollback_when_the_target_restore_fails(mig, bed, container, run_in):
         assert not (bed.host("host2").dir / "state" / "containers" / name).exists()
     finally:
         run_in("host2", "rmdir", f"/var/lib/migrd/runc/{name}", check=False)
+
+
+#: failpoint -> (where the one copy runs after, what `migrctl recover` reports after a crash)
+FAILPOINTS = {
+    ("restore", "error"): ("host1", None),
+    ("dumped", "die"): ("host1", "rolled back"),
+    ("transfer", "die"): ("host1", "rolled back"),
+    ("restore", "die"): ("host1", "rolled back"),
+    ("verify", "die"): ("host2", "rolled forward"),
+    ("commit", "die"): ("host2", "committed"),
+}
+
+
+@pytest.mark.parametrize("point,kind", list(FAILPOINTS), ids=[f"{p}-{k}" for p, k in FAILPOINTS])
+def test_container_failpoints_leave_exactly_one_copy(mig, bed, run_in, container, point, kind):
+    where, recovered = FAILPOINTS[point, kind]
+    name, marker = container()
+    r = run_in("host1", "env", f"MIGRD_FAILPOINTS={point}:{kind}", PY, "-m", "migrd.cli", "migrate",
+               "--container", name, "--to", "host2", check=False, timeout=120)
+    if kind == "die":
+        assert r.returncode in (-9, 137), r.stderr
+        report = jrun(mig, "host1", "recover")
+        assert [x["action"] for x in report if "from" in x][-1].startswith(recovered), report
+    else:
+        assert r.returncode == 1 and f"failpoint {point}:error".encode() in r.stderr, r.stderr
+    wait_for(lambda: running_on(bed, name) == [where], timeout=30, what=f"the container running on {where}")
+    wait_for(lambda: len(copies(marker)) == 1, timeout=30, what="exactly one copy")
+    continues(bed, where, name, 3)
+    other = "host2" if where == "host1" else "host1"
+    assert not (bed.host(other).dir / "state" / "containers" / name).exists()

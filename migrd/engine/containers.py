@@ -169,7 +169,6 @@ def restore(cfg: Config, images: Path, *, leave_stopped: bool, hashed: bool = Fa
     if c is None:
         raise ImageError(f"{images} holds no container")
     bundle = bundle_of(cfg, c.name)
-    rt = runtime(cfg)
     if fresh_bundle:
         if bundle.exists():
             raise ContainerError(f"a bundle for container {c.name} exists here already ({bundle})")
@@ -186,19 +185,32 @@ def restore(cfg: Config, images: Path, *, leave_stopped: bool, hashed: bool = Fa
             config["annotations"] = {**config.get("annotations", {}), runc.CRIU_CONFIG: str(bundle / "criu.conf")}
             config["linux"] = {**config.get("linux", {}), "cgroupsPath": cgroup_of(cfg, c.name)}
             private.write_atomic(bundle / "config.json", json.dumps(config, indent=1))
-        # A restore that waits for the commit leaves the tasks stopped; `resume` empties this.
-        private.write_atomic(bundle / "criu.conf", "leave-stopped\n" if leave_stopped else "")
-        seconds = rt.restore(c.name, bundle, images, images.parent / "runc-work",
+        return _runc_restore(cfg, c.name, images, leave_stopped=leave_stopped,
                              tcp_established=bool(m.options.get("tcp_established")))
-        st = rt.state(c.name)
-        if st is None or not st.pid:
-            raise ContainerError(f"container {c.name} is not there after its restore")
     except BaseException:
         if fresh_bundle:
             remove(cfg, c.name)
         raise
     finally:
         private.restrict_files(images)
+
+
+def restore_unverified(cfg: Config, c: ContainerInfo, images: Path, tcp_established: bool) -> int:
+    """A rollback after a crash between runc's dump and the manifest: these images never left
+    this host and the bundle is as the dump left it, so runc may read them unverified."""
+    return _runc_restore(cfg, c.name, images, leave_stopped=False, tcp_established=tcp_established)[0]
+
+
+def _runc_restore(cfg: Config, name: str, images: Path, *, leave_stopped: bool,
+                  tcp_established: bool) -> tuple[int, float]:
+    bundle = bundle_of(cfg, name)
+    rt = runtime(cfg)
+    # A restore that waits for the commit leaves the tasks stopped; `resume` empties this.
+    private.write_atomic(bundle / "criu.conf", "leave-stopped\n" if leave_stopped else "")
+    seconds = rt.restore(name, bundle, images, images.parent / "runc-work", tcp_established=tcp_established)
+    st = rt.state(name)
+    if st is None or not st.pid:
+        raise ContainerError(f"container {name} is not there after its restore")
     return st.pid, seconds
 
 

@@ -238,7 +238,9 @@ class RuncContainer(Subject):
     def restore_local(self, cfg: Config, images: Path, tcp_established: bool) -> int:
         from migrd.engine import containers
 
-        return containers.restore(cfg, images, leave_stopped=False, fresh_bundle=False)[0]
+        if (images / "manifest.json").exists():
+            return containers.restore(cfg, images, leave_stopped=False, fresh_bundle=False)[0]
+        return containers.restore_unverified(cfg, self.container, images, tcp_established)
 
     def after_commit(self, cfg: Config) -> None:
         from migrd.engine import containers
