@@ -403,5 +403,7 @@ class ContainerInfo:
     bundle: str
     #: The bundle's config.json as the container runs it (it travels with the images).
     config: dict[str, Any]
-    #: The annotation io.migrd.migratable=true is set.
+    #: The annotation (runc) or label (Podman) io.migrd.migratable=true is set.
     migratable: bool = False
+    #: The runtime's ID of the image (Podman: restoring an exported checkpoint needs it there).
+    image_id: str = ""

@@ -13,8 +13,27 @@ IMAGES=${MIGRD_IMAGES:-/var/cache/migrd/images}
 dest=$IMAGES/busybox
 version=$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: *//p')
 [ -n "$version" ] && [ "$version" != "(none)" ] || { say "ERROR: no busybox-static package in apt's lists"; exit 1; }
+# The same image for Podman, as one archive every host loads (so its image ID is the same on
+# every host: restoring an exported checkpoint needs the very image ID). Built in a throwaway
+# storage, never the system's.
+podman_archive() {
+    command -v podman >/dev/null || return 0
+    [ -f "$dest/podman.tar" ] && return 0
+    local tmp
+    tmp=$(mktemp -d /tmp/migrd-podman-image.XXXXXX)
+    local pm=(podman --root "$tmp/storage" --runroot "$tmp/run" --tmpdir "$tmp/tmp" --cgroup-manager cgroupfs
+              --events-backend file)
+    tar -C "$dest/rootfs" -c . | "${pm[@]}" import -q - localhost/migrd-busybox:latest >/dev/null
+    "${pm[@]}" save -q -o "$dest/podman.tar.new" localhost/migrd-busybox:latest
+    chmod 0600 "$dest/podman.tar.new"
+    mv "$dest/podman.tar.new" "$dest/podman.tar"
+    "${pm[@]}" rmi -a -f >/dev/null 2>&1 || true
+    rm -rf "$tmp"
+    say "image busybox for podman: $dest/podman.tar"
+}
+
 if [ -f "$dest/stamp" ] && [ "$(cat "$dest/stamp")" = "busybox-static $version" ]; then
-    say "image busybox present ($dest, busybox-static $version)"; exit 0
+    say "image busybox present ($dest, busybox-static $version)"; podman_archive; exit 0
 fi
 
 umask 077
@@ -46,3 +65,4 @@ chmod 0600 "$dest.new/stamp"
 rm -rf "$dest"
 mv "$dest.new" "$dest"
 say "built image busybox ($dest/rootfs, busybox-static $version)"
+podman_archive

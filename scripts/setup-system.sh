@@ -25,10 +25,11 @@ fi
 # vagrant: `vagrant validate` of the multi-VM bed in the test suite.
 # etcd-server: the optional load registry (daemon.registry: etcd); the tests and `bed up
 # --registry etcd` start their own etcd process, so the package's system service stays off.
-# runc: container migration. Installed without recommends: runc recommends Debian 12's criu,
-# which cannot dump on this kernel (install-criu.sh provides a working one).
+# runc, podman: container migration. Installed without recommends: runc recommends Debian 12's
+# criu, which cannot dump on this kernel (install-criu.sh provides a working one); podman's
+# default runtime crun cannot checkpoint, migrd runs its containers with runc.
 pkgs=(iproute2 util-linux procps openssh-server openssh-client iputils-arping zstd nftables vagrant
-      etcd-server python3 python3-venv ca-certificates make runc)
+      etcd-server python3 python3-venv ca-certificates make runc podman)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,7 +9,7 @@ from datetime import datetime
 import click
 
 from migrd.core import binding
-from migrd.engine import containers
+from migrd.engine import containers, podman
 from migrd.engine import journal as journal_mod
 from migrd.engine import migration as mig
 from migrd.engine.strategies import STRATEGIES
@@ -22,8 +22,8 @@ from migrd.cli.common import emit, human_bytes, json_option, load_config, requir
 
 @click.command()
 @click.argument("pid", required=False)
-@click.option("--container", metavar="NAME", help="Move the runc container NAME instead of a process (stop-copy, "
-              "its rootfs changes included).")
+@click.option("--container", metavar="NAME", help="Move the runc or Podman container NAME instead of a process "
+              "(stop-copy, its rootfs changes included).")
 @click.option("--to", "target", required=True, metavar="HOST", help="Target host (a name from the config's hosts).")
 @click.option("--strategy", type=click.Choice(list(STRATEGIES)), default=None,
               help="How memory moves (default: the first of migrate.strategies that can move it). "
@@ -124,7 +124,7 @@ def ps(as_json: bool) -> None:
     """List the migratable workloads on this host, with the agent's view when it runs.
 
     Without an agent: the workloads started here with `migrctl run`, and the containers runc
-    runs here (state_dir/runc). With one: also every
+    and Podman run here (state_dir/runc, state_dir/podman). With one: also every
     other candidate its opt-in rules allow, and for each what the policy would do with it
     alone (action, target, expected gain, the deciding reason).
     """
@@ -132,7 +132,7 @@ def ps(as_json: bool) -> None:
     rows = [{"kind": "process", "name": w.name, "pid": w.pid, "alive": w.alive(), "command": " ".join(w.cmdline),
              "log": w.stdout} for w in workloads.Registry(cfg.state_dir).all()]
     rows += [{**c, "command": f"container ({c['runtime']}, image {c['image']})", "log": None}
-             for c in containers.listing(cfg)]
+             for c in containers.listing(cfg) + podman.listing(cfg)]
     scored = ask_if_running(cfg, "ps")
     if scored is not None:
         by_pid = {r["pid"]: r for r in rows}

@@ -24,6 +24,8 @@ class ContainerAsk:
     runtime: str
     image: str
     image_digest: str
+    #: The runtime's image ID, when restoring needs the very same one (Podman).
+    image_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class ContainerFacts:
     runtime_message: str = ""
     #: The image's digest there (None: no such image).
     image_digest: str | None = None
+    #: The runtime's ID of that image there (None: not there), asked when the source gave one.
+    image_id: str | None = None
     #: The name is held there by a container or a bundle.
     name_taken: bool = False
     loopback_up: bool = True
@@ -142,6 +146,8 @@ def _container_problems(ask: ContainerAsk | None, facts: ContainerFacts | None) 
         out.append(f"image {ask.image} is not on the target (run `make setup` there)")
     elif facts.image_digest != ask.image_digest:
         out.append(f"image {ask.image} on the target differs from the source's")
+    elif ask.image_id and facts.image_id != ask.image_id:
+        out.append(f"{ask.runtime}'s image {ask.image} on the target has another ID than the source's")
     if facts.name_taken:
         out.append(f"a container named {ask.name} exists on the target")
     if not facts.loopback_up:

@@ -25,7 +25,7 @@ from migrd.core import rootfs as rootfs_core
 from migrd.engine import checkpoint as cp
 from migrd.engine import failpoints
 from migrd.engine import manifest as mf
-from migrd.errors import ContainerError, ImageError, InputError
+from migrd.errors import ContainerError, ImageError, InputError, MigrdError
 from migrd.model import ContainerInfo, ProcessInfo
 
 RUNTIME = "runc"
@@ -91,6 +91,13 @@ def create(cfg: Config, name: str, args: list[str], image: str = "busybox", migr
         raise
 
 
+def exists(cfg: Config, name: str) -> bool:
+    try:
+        return runtime(cfg).state(name) is not None
+    except MigrdError:
+        return False
+
+
 def remove(cfg: Config, name: str) -> None:
     """End the container and drop its bundle (idempotent)."""
     runtime(cfg).remove(name)
@@ -124,7 +131,7 @@ def listing(cfg: Config) -> list[dict[str, Any]]:
     """This host's containers for `migrctl ps`."""
     try:
         states = runtime(cfg).list()
-    except ContainerError:
+    except MigrdError:
         return []
     return [{"kind": "container", "runtime": RUNTIME, "name": s.name, "pid": s.pid, "status": s.status,
              "alive": s.status == "running", "image": s.annotations.get(runc.IMAGE),

@@ -40,7 +40,7 @@ from migrd.engine import failpoints, peerclient, strategies
 from migrd.engine.journal import FINAL, Journal, all_journals, new_id
 from migrd.engine.manifest import process_from_dict
 from migrd.engine.strategies import Strategy
-from migrd.engine.subjects import SUBJECTS, ProcessTree, RuncContainer, Subject
+from migrd.engine.subjects import SUBJECTS, PodmanContainer, ProcessTree, RuncContainer, Subject
 from migrd.errors import (
     ConfigError,
     InDoubt,
@@ -522,18 +522,22 @@ def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = 
 
 def migrate_container(cfg: Config, name: str, opts: Options, progress: ProgressFn | None = None) -> Outcome:
     """Move (or check, with dry_run) the runc container NAME."""
-    from migrd.engine import containers
+    from migrd.engine import containers, podman
 
     _check_request(cfg, opts)
     if opts.with_files:
         raise InputError("--with-files is for processes: a container's files travel as its rootfs changes")
-    container, info = containers.describe(cfg, name)
-    subject = RuncContainer(info, container)
-    why = "annotation io.migrd.migratable=true" if container.migratable else precheck.opt_in(
+    if containers.exists(cfg, name) or not podman.exists(cfg, name):
+        container, info = containers.describe(cfg, name)
+        subject: RuncContainer = RuncContainer(info, container)
+    else:
+        container, info = podman.describe(cfg, name)
+        subject = PodmanContainer(info, container)
+    why = "io.migrd.migratable=true" if container.migratable else precheck.opt_in(
         cfg.migrate, info, str(info.uid), _cgroups(info.pid), False)
     if why is None:
-        raise NotPermitted(f"container {name} is not opted in to migration: set the annotation "
-                           f"io.migrd.migratable=true, or allow it in migrate.allow_users, "
+        raise NotPermitted(f"container {name} is not opted in to migration: set the annotation (runc) "
+                           f"or label (Podman) io.migrd.migratable=true, or allow it in migrate.allow_users, "
                            f"allow_commands or allow_cgroups")
     j = Journal(cfg.state_dir / "migrations" / new_id())
     fd = j.lock()

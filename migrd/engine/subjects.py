@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from migrd.core import binding
-from migrd.core.precheck import ContainerAsk, Request
+from migrd.core.precheck import ContainerAsk, ContainerFacts, Request
 from migrd.errors import JournalCorrupt, MigrdError
 from migrd.model import ContainerInfo, ProcessInfo
 
@@ -92,6 +92,11 @@ class Subject(ABC):
     @staticmethod
     def committed_there(cfg: Config, restored: dict[str, Any]) -> None:
         """The commit on the target, before the copy is resumed."""
+
+    @staticmethod
+    def target_facts(cfg: Config, ask: ContainerAsk) -> ContainerFacts:
+        """A container's facts here for the precheck (only container subjects are asked)."""
+        return ContainerFacts(runtime_ok=False, runtime_message="not a container runtime")
 
     @staticmethod
     def ended_there(cfg: Config, restored: dict[str, Any]) -> None:
@@ -179,17 +184,17 @@ class RuncContainer(Subject):
         return self._info
 
     def label(self) -> str:
-        return f"container {self.container.name} (runc, init PID {self._info.pid})"
+        return f"container {self.container.name} ({self.kind}, init PID {self._info.pid})"
 
     def resources(self, shape: binding.MoveShape) -> tuple[binding.Resource, ...]:
         c = self.container
         B, A, M = binding.Binding, binding.Attachment, binding.Mechanism
         return (
             binding.Resource("memory", f"{self._info.rss} bytes resident (init)", B.IDENTIFIER, A.UNATTACHED,
-                             M.MOVE, "checkpointed by runc with CRIU and restored there"),
+                             M.MOVE, f"checkpointed by {self.kind} with CRIU and restored there"),
             binding.Resource("image", c.image, B.VALUE, A.FIXED, M.REBIND,
                              "the same image there, checked by content"),
-            binding.Resource("rootfs changes", f"{c.bundle}/rootfs", B.VALUE, A.FASTENED, M.COPY,
+            binding.Resource("rootfs changes", f"container {c.name}", B.VALUE, A.FASTENED, M.COPY,
                              "added, modified and deleted files carried with the images, by sha256"),
             binding.Resource("pids", "the container's PID namespace", B.IDENTIFIER, A.UNATTACHED, M.REBIND,
                              "a new PID namespace there, the same PIDs inside"),
@@ -227,7 +232,7 @@ class RuncContainer(Subject):
         c = self.container
         # Its files and PIDs live in its own rootfs and PID namespace, not the host's.
         return dataclasses.replace(req, tree_ids=(), files=(), identities={},
-                                   container=ContainerAsk(c.name, c.runtime, c.image, c.image_digest))
+                                   container=ContainerAsk(c.name, c.runtime, c.image, c.image_digest, c.image_id))
 
     def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
              tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
@@ -266,6 +271,77 @@ class RuncContainer(Subject):
 
         containers.remove(cfg, restored["container"])
 
+    @staticmethod
+    def target_facts(cfg: Config, ask: ContainerAsk) -> ContainerFacts:
+        from migrd.adapters import netaddr
+        from migrd.engine import containers
+
+        try:
+            rt = containers.runtime(cfg)
+            ok, msg = rt.works()
+            taken = rt.state(ask.name) is not None or containers.bundle_of(cfg, ask.name).exists()
+        except MigrdError as e:
+            return ContainerFacts(runtime_ok=False, runtime_message=str(e))
+        return ContainerFacts(runtime_ok=ok, runtime_message=msg, image_digest=containers.image_digest(ask.image),
+                              name_taken=taken, loopback_up=netaddr.loopback_up())
+
+
+class PodmanContainer(RuncContainer):
+    """A Podman container (run by runc): its exported checkpoint plus migrd's own rootfs diff,
+    since Podman's export loses files modified in place (migrd/engine/podman.py)."""
+
+    kind = "podman"
+
+    def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
+             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
+        from migrd.engine import podman
+
+        return podman.checkpoint(cfg, self.container, self._info, images, tcp_established=tcp_established)
+
+    def restore_local(self, cfg: Config, images: Path, tcp_established: bool) -> int:
+        from migrd.engine import podman
+
+        return podman.restore_local(cfg, self.container, tcp_established)
+
+    def after_commit(self, cfg: Config) -> None:
+        from migrd.engine import podman
+
+        podman.remove(cfg, self.container.name)
+
+    @staticmethod
+    def restore_there(cfg: Config, images: Path, m: Manifest, *, hashed: bool,
+                      streamed: dict[str, int] | None, lazy_work: Path | None) -> tuple[int, float]:
+        from migrd.engine import podman
+
+        return podman.restore(cfg, images, hashed=hashed)
+
+    @staticmethod
+    def committed_there(cfg: Config, restored: dict[str, Any]) -> None:
+        from migrd.engine import podman
+
+        podman.resume(cfg, restored["container"])
+
+    @staticmethod
+    def ended_there(cfg: Config, restored: dict[str, Any]) -> None:
+        from migrd.engine import podman
+
+        podman.remove(cfg, restored["container"])
+
+    @staticmethod
+    def target_facts(cfg: Config, ask: ContainerAsk) -> ContainerFacts:
+        from migrd.adapters import netaddr
+        from migrd.engine import containers, podman
+
+        try:
+            pm = podman.runtime(cfg)
+            ok, msg = pm.works()
+            taken = pm.state(ask.name) is not None
+            image_id = podman.ensure_image(pm, ask.image)
+        except MigrdError as e:
+            return ContainerFacts(runtime_ok=False, runtime_message=str(e))
+        return ContainerFacts(runtime_ok=ok, runtime_message=msg, image_digest=containers.image_digest(ask.image),
+                              image_id=image_id, name_taken=taken, loopback_up=netaddr.loopback_up())
+
 
 #: Subjects by kind (the journal and manifest record the kind).
-SUBJECTS: dict[str, type[Subject]] = {s.kind: s for s in (ProcessTree, RuncContainer)}
+SUBJECTS: dict[str, type[Subject]] = {s.kind: s for s in (ProcessTree, RuncContainer, PodmanContainer)}

@@ -120,16 +120,10 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
 
 
 def _container_facts(cfg: Config, ask: precheck.ContainerAsk) -> precheck.ContainerFacts:
-    from migrd.engine import containers
-
-    try:
-        rt = containers.runtime(cfg)
-        ok, msg = rt.works()
-        taken = rt.state(ask.name) is not None or containers.bundle_of(cfg, ask.name).exists()
-    except MigrdError as e:
-        return precheck.ContainerFacts(runtime_ok=False, runtime_message=str(e))
-    return precheck.ContainerFacts(runtime_ok=ok, runtime_message=msg, image_digest=containers.image_digest(ask.image),
-                                   name_taken=taken, loopback_up=netaddr.loopback_up())
+    subject = SUBJECTS.get(ask.runtime)
+    if subject is None:
+        return precheck.ContainerFacts(runtime_ok=False, runtime_message=f"unknown runtime {ask.runtime!r}")
+    return subject.target_facts(cfg, ask)
 
 
 def run_precheck(cfg: Config, raw: Any) -> dict[str, Any]:
