@@ -82,3 +82,16 @@ def test_container_moves_by_stop_copy_only():
     s, skipped = strategies.choose(INFO, Options(target="h2", mode="clone"), ("stop-copy",),
                                    refuses=lambda n: subject.refuses(n, "clone"))
     assert s is None and "--mode clone" in skipped[0]
+
+
+def test_podman_needs_the_very_image_id_there():
+    from migrd.engine.subjects import PodmanContainer
+
+    ct = dataclasses.replace(CT, runtime="podman", image_id="abc")
+    req = PodmanContainer(INFO, ct).precheck_request(REQ)
+    assert req.container == precheck.ContainerAsk("web", "podman", "busybox", "d1", "abc")
+    same = precheck.ContainerFacts(runtime_ok=True, image_digest="d1", image_id="abc")
+    assert precheck.evaluate(req, dataclasses.replace(FACTS, container=same)) == []
+    other = dataclasses.replace(same, image_id="def")
+    assert precheck.evaluate(req, dataclasses.replace(FACTS, container=other)) == [
+        "podman's image busybox on the target has another ID than the source's"]

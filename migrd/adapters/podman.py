@@ -139,7 +139,9 @@ class Podman:
     def remove(self, name: str) -> None:
         """End and delete the container (idempotent)."""
         self._run("rm", "-f", name)
-        self.criu_config(name).unlink(missing_ok=True)
+        conf = self.criu_config(name)
+        if conf.is_file():  # only ours: never something else found at that path
+            conf.unlink()
 
 
 def find_podman(home: Path, criu: Criu) -> Podman:

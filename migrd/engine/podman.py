@@ -142,7 +142,11 @@ def restore(cfg: Config, images: Path, *, hashed: bool) -> tuple[int, float]:
     if ensure_image(pm, c.image) != c.image_id or containers.image_digest(c.image) != c.image_digest:
         raise ContainerError(f"podman image {c.image} here is missing or differs from the source's")
     try:
-        private.write_atomic(pm.criu_config(c.name), "leave-stopped\n")
+        try:
+            private.write_atomic(pm.criu_config(c.name), "leave-stopped\n")
+        except OSError as e:
+            raise ContainerError(f"cannot prepare the restore of container {c.name}: "
+                                 f"{pm.criu_config(c.name)}: {e.strerror}") from None
         seconds = pm.restore(c.name, images / ARCHIVE, tcp_established=bool(m.options.get("tcp_established")))
         merged = pm.mount(c.name)
         try:
