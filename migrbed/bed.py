@@ -618,6 +618,7 @@ def _teardown(state: BedState) -> None:
             errors.append(str(e))
 
     for h in state.hosts:
+        attempt(_remove_containers, h)  # while the host's mount namespace still exists
         attempt(stop_agent, h)
     attempt(stop_registry, state)
     for h in state.hosts:
@@ -641,6 +642,24 @@ def _teardown(state: BedState) -> None:
         state.dir.rmdir()
     except OSError:
         pass  # something we did not put there: leave it
+
+
+def _remove_containers(h: HostState) -> None:
+    """End the runc and Podman containers of a host: they live in cgroups of their own (the
+    runtimes make them), outside the host's, so removing the host's cgroup would miss them.
+    Podman's run inside the host's mount namespace (its overlay mounts are there)."""
+    root = h.dir / "state" / "runc"
+    runc = shutil.which("runc")
+    if runc is not None and root.is_dir():
+        for name in command.run([runc, "--root", str(root), "list", "-q"]).stdout.decode().split():
+            command.run([runc, "--root", str(root), "delete", "--force", name], check=False)
+    podman = shutil.which("podman")
+    home = Path("/var/lib/migrd/podman")  # as the host sees its state_dir
+    if podman is not None and (h.dir / "state" / "podman").is_dir() and alive(h.holder):
+        command.run(["nsenter", f"--mount={h.mount_ns}", "--", podman, "--root", str(home / "storage"),
+                     "--runroot", str(home / "run"), "--tmpdir", str(home / "tmp"), "--cgroup-manager",
+                     "cgroupfs", "--events-backend", "file", "--runtime", "runc", "rm", "-a", "-f"],
+                    check=False, timeout=120)
 
 
 # ---- using a bed -----------------------------------------------------------------------------

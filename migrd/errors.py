@@ -100,3 +100,8 @@ class AgentNotRunning(MigrdError):
 
 class RegistryError(MigrdError):
     """The etcd load registry cannot be reached, or refused a request."""
+
+
+class ContainerError(MigrdError):
+    """A container runtime (runc) refused or failed: no such container, name taken, runtime
+    missing. A failed checkpoint or restore is a CriuError (CRIU's own line comes first)."""

@@ -388,3 +388,22 @@ class ProcessInfo:
     #: Device nodes it has open (/dev/null, a tty, ...), every process of the tree.
     devices: tuple[str, ...] = ()
 
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """A container as migrd moves it: the runtime's name for it, its bundle and the image its
+    rootfs started from (found on the target by content, never copied)."""
+
+    name: str
+    runtime: str
+    image: str
+    #: sha256 over the image tree's listing and contents (migrd.engine.containers.image_digest).
+    image_digest: str
+    bundle: str
+    #: The bundle's config.json as the container runs it (it travels with the images).
+    config: dict[str, Any]
+    #: The annotation (runc) or label (Podman) io.migrd.migratable=true is set.
+    migratable: bool = False
+    #: The runtime's ID of the image (Podman: restoring an exported checkpoint needs it there).
+    image_id: str = ""

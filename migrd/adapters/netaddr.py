@@ -37,6 +37,11 @@ def interface_for(cidr: str) -> str | None:
     return next((ifname for ifname, a in _addrs() if a.ip in net and a.ip != parse_cidr(cidr).ip), None)
 
 
+def loopback_up() -> bool:
+    out = json.loads(command.run(["ip", "-j", "link", "show", "lo"], check=False).stdout or b"[]")
+    return bool(out) and "UP" in out[0].get("flags", [])
+
+
 def add(cidr: str, ifname: str) -> None:
     command.run(["ip", "addr", "add", cidr, "dev", ifname])
 

@@ -38,6 +38,7 @@ COMMANDS = {
     "restore": "checkpoint:restore",
     "migrate": "migrate:migrate",
     "run": "migrate:run",
+    "container": "container:container",
     "ps": "migrate:ps",
     "history": "migrate:history",
     "recover": "migrate:recover",

@@ -9,6 +9,7 @@ from datetime import datetime
 import click
 
 from migrd.core import binding
+from migrd.engine import containers, podman
 from migrd.engine import journal as journal_mod
 from migrd.engine import migration as mig
 from migrd.engine.strategies import STRATEGIES
@@ -20,7 +21,9 @@ from migrd.cli.common import emit, human_bytes, json_option, load_config, requir
 
 
 @click.command()
-@click.argument("pid")
+@click.argument("pid", required=False)
+@click.option("--container", metavar="NAME", help="Move the runc or Podman container NAME instead of a process "
+              "(stop-copy, its rootfs changes included).")
 @click.option("--to", "target", required=True, metavar="HOST", help="Target host (a name from the config's hosts).")
 @click.option("--strategy", type=click.Choice(list(STRATEGIES)), default=None,
               help="How memory moves (default: the first of migrate.strategies that can move it). "
@@ -33,9 +36,9 @@ from migrd.cli.common import emit, human_bytes, json_option, load_config, requir
 @click.option("--tcp-established", is_flag=True, help="Keep established TCP connections (use with --move-address).")
 @click.option("--dry-run", is_flag=True, help="Run every precheck on both hosts, change nothing.")
 @json_option
-def migrate(pid: str, target: str, strategy: str | None, mode: str, with_files: bool,
+def migrate(pid: str | None, container: str | None, target: str, strategy: str | None, mode: str, with_files: bool,
             move_address: str | None, tcp_established: bool, dry_run: bool, as_json: bool) -> None:
-    """Move process PID from this host to HOST.
+    """Move process PID (or --container NAME) from this host to HOST.
 
     \b
     Steps (each journaled before it starts, so `migrd recover` can finish or undo it):
@@ -52,7 +55,11 @@ def migrate(pid: str, target: str, strategy: str | None, mode: str, with_files: 
     Example:
       migrctl run --name job -- python3 job.py      # a workload that can move anywhere
       migrctl migrate 4242 --to host2
+      migrctl container run web -- sh -c 'while :; do date >> /data/log; sleep 1; done'
+      migrctl migrate --container web --to host2
     """
+    if (pid is None) == (container is None):
+        raise click.UsageError("give a PID or --container NAME (one of them)")
     require_root("migrctl migrate")
     cfg = load_config()
     opts = mig.Options(target=target, mode=mode, strategy=strategy, with_files=with_files,
@@ -62,20 +69,23 @@ def migrate(pid: str, target: str, strategy: str | None, mode: str, with_files: 
         signal.signal(sig, lambda *_: mig.STOP.set())
     progress = Progress(f"sending to {target}", enabled=False if as_json else None)
     try:
-        out = mig.migrate(cfg, parse_pid(pid), opts, progress=progress)
+        out = (mig.migrate_container(cfg, container, opts, progress=progress) if container is not None
+               else mig.migrate(cfg, parse_pid(pid), opts, progress=progress))
     finally:
         progress.close()
+
+    what = f"container {container}" if container is not None else "PID"
 
     def human(o: mig.Outcome) -> str:
         if o.dry_run:
             rows = binding.table(tuple(binding.from_dict(r) for r in o.resources))
-            return (f"dry run {o.id}: PID {o.pid} can migrate from {o.source} to {o.target} "
+            return (f"dry run {o.id}: {what} {o.pid} can migrate from {o.source} to {o.target} "
                     f"with {o.strategy}\n" + "".join(f"  {why} (passed over)\n" for why in o.passed_over)
                     + "  resources (binding, attachment to the host, what the move does):\n"
                     + "\n".join(f"    {r}" for r in rows))
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in o.phases.items())
         down = f", downtime {o.downtime:.2f} s" if o.downtime is not None else ""
-        return (f"migrated PID {o.pid} from {o.source} to {o.target} (now PID {o.target_pid}), "
+        return (f"migrated {what} {o.pid} from {o.source} to {o.target} (now PID {o.target_pid}), "
                 f"mode {o.mode}, strategy {o.strategy}, {human_bytes(o.bytes)} moved{down}\n"
                 f"  {phases}\n  id {o.id}" + "".join(f"\n  estimate {e}" for e in o.estimates))
 
@@ -113,13 +123,16 @@ def run(name: str | None, user: str | None, command: tuple[str, ...], as_json: b
 def ps(as_json: bool) -> None:
     """List the migratable workloads on this host, with the agent's view when it runs.
 
-    Without an agent: the workloads started here with `migrctl run`. With one: also every
+    Without an agent: the workloads started here with `migrctl run`, and the containers runc
+    and Podman run here (state_dir/runc, state_dir/podman). With one: also every
     other candidate its opt-in rules allow, and for each what the policy would do with it
     alone (action, target, expected gain, the deciding reason).
     """
     cfg = load_config()
-    rows = [{"name": w.name, "pid": w.pid, "alive": w.alive(), "command": " ".join(w.cmdline),
+    rows = [{"kind": "process", "name": w.name, "pid": w.pid, "alive": w.alive(), "command": " ".join(w.cmdline),
              "log": w.stdout} for w in workloads.Registry(cfg.state_dir).all()]
+    rows += [{**c, "command": f"container ({c['runtime']}, image {c['image']})", "log": None}
+             for c in containers.listing(cfg) + podman.listing(cfg)]
     scored = ask_if_running(cfg, "ps")
     if scored is not None:
         by_pid = {r["pid"]: r for r in rows}

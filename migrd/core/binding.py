@@ -91,7 +91,7 @@ def _files(info: ProcessInfo, shape: MoveShape) -> list[Resource]:
     return out
 
 
-def _network(info: ProcessInfo, shape: MoveShape) -> list[Resource]:
+def network(info: ProcessInfo, shape: MoveShape) -> list[Resource]:
     out = []
     address = shape.move_address.split("/")[0] if shape.move_address else None
     for s in info.listening:
@@ -142,7 +142,7 @@ def resources(info: ProcessInfo, shape: MoveShape) -> tuple[Resource, ...]:
                    else Resource("pids", ids, Binding.IDENTIFIER, Attachment.FIXED, Mechanism.MOVE,
                                  "the same PIDs there, which must be free (the precheck checks)"))
     out += _files(info, shape)
-    out += _network(info, shape)
+    out += network(info, shape)
     out += [Resource("device", d, Binding.TYPE, Attachment.FIXED, Mechanism.REBIND,
                      "the same device node there") for d in info.devices]
     return tuple(out)

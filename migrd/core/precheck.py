@@ -17,6 +17,31 @@ MODES = ("move", "clone", "restart")
 
 
 @dataclass(frozen=True)
+class ContainerAsk:
+    """A container's part of a precheck request."""
+
+    name: str
+    runtime: str
+    image: str
+    image_digest: str
+    #: The runtime's image ID, when restoring needs the very same one (Podman).
+    image_id: str = ""
+
+
+@dataclass(frozen=True)
+class ContainerFacts:
+    runtime_ok: bool
+    runtime_message: str = ""
+    #: The image's digest there (None: no such image).
+    image_digest: str | None = None
+    #: The runtime's ID of that image there (None: not there), asked when the source gave one.
+    image_id: str | None = None
+    #: The name is held there by a container or a bundle.
+    name_taken: bool = False
+    loopback_up: bool = True
+
+
+@dataclass(frozen=True)
 class Request:
     """What the source asks the target to check (sent as JSON)."""
 
@@ -39,6 +64,8 @@ class Request:
     cpuinfo: str | None = None
     #: path -> identity here, for the open files whose identity could be taken.
     identities: dict[str, FileIdentity] = field(default_factory=dict)
+    #: Set when the subject is a container.
+    container: ContainerAsk | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +89,7 @@ class TargetFacts:
     address_present: bool = False
     address_interface: str | None = None
     incoming_exists: bool = False
+    container: ContainerFacts | None = None
 
 
 def opt_in(settings: MigrateSettings, info: ProcessInfo, user: str, cgroups: list[str],
@@ -106,9 +134,30 @@ def not_to_copy(req: Request, facts: TargetFacts) -> tuple[str, ...]:
                  if same_inode(req.identities.get(p), facts.identities.get(p)))
 
 
+def _container_problems(ask: ContainerAsk | None, facts: ContainerFacts | None) -> list[str]:
+    if ask is None:
+        return []
+    if facts is None:
+        return [f"the target did not check container {ask.name}"]
+    out = []
+    if not facts.runtime_ok:
+        out.append(f"{ask.runtime} does not work with CRIU on the target: {facts.runtime_message}")
+    if facts.image_digest is None:
+        out.append(f"image {ask.image} is not on the target (run `make setup` there)")
+    elif facts.image_digest != ask.image_digest:
+        out.append(f"image {ask.image} on the target differs from the source's")
+    elif ask.image_id and facts.image_id != ask.image_id:
+        out.append(f"{ask.runtime}'s image {ask.image} on the target has another ID than the source's")
+    if facts.name_taken:
+        out.append(f"a container named {ask.name} exists on the target")
+    if not facts.loopback_up:
+        out.append("the loopback interface is down on the target (CRIU's TCP repair check needs it)")
+    return out
+
+
 def evaluate(req: Request, facts: TargetFacts) -> list[str]:
     """Every reason the migration would fail on this target; empty means go."""
-    problems: list[str] = []
+    problems: list[str] = _container_problems(req.container, facts.container)
     needs_criu = req.mode in ("move", "clone")
     if needs_criu and not facts.criu_ok:
         problems.append(f"CRIU does not work on the target: {facts.criu_message}")

@@ -18,7 +18,8 @@ from typing import Any
 
 from migrd.adapters import private, untrusted
 from migrd.errors import ImageError, MigrdError
-from migrd.model import ProcessInfo
+from migrd.core.rootfs import Change
+from migrd.model import ContainerInfo, ProcessInfo
 
 NAME = "manifest.json"
 FORMAT = 1
@@ -41,6 +42,13 @@ class Manifest:
     #: CRIU options the dump used that restore must repeat (tcp_established, shell_job, ...).
     options: dict[str, Any]
     files: dict[str, FileEntry]
+    #: What the images hold (migrd.engine.subjects.SUBJECTS): a process tree or a container.
+    subject: str = "process"
+    #: For a container: which one, its bundle's config and image.
+    container: ContainerInfo | None = None
+    #: For a container: what its rootfs changed against the image, each file's content in an
+    #: image file (Change.blob) with its size and sha256.
+    rootfs: tuple[Change, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -40,7 +40,7 @@ from migrd.engine import failpoints, pagestream, peerclient, strategies
 from migrd.engine.journal import FINAL, Journal, all_journals, new_id
 from migrd.engine.manifest import process_from_dict
 from migrd.engine.strategies import Strategy
-from migrd.engine.subjects import SUBJECTS, ProcessTree, Subject
+from migrd.engine.subjects import SUBJECTS, PodmanContainer, ProcessTree, RuncContainer, Subject
 from migrd.errors import (
     ConfigError,
     InDoubt,
@@ -186,7 +186,11 @@ class Migration:
 
     @property
     def subject(self) -> Subject:
-        return SUBJECTS[self.data.get("subject", ProcessTree.kind)](self.info)
+        d = self.data
+        kind = d.get("subject", ProcessTree.kind)
+        if kind not in SUBJECTS:
+            raise JournalCorrupt(f"{self.j.path}: unknown subject {kind!r}")
+        return SUBJECTS[kind].from_record(self.info, d)
 
     @property
     def strategy(self) -> Strategy:
@@ -217,15 +221,17 @@ class Migration:
         if STOP.is_set() and step != "commit":
             raise MigrdError(f"interrupted (SIGTERM/SIGINT) before {step}; rolled back")
 
-    def start(self, info: ProcessInfo, opts: Options, name: str | None, stdout: str | None,
+    def start(self, subject: Subject, opts: Options, name: str | None, stdout: str | None,
               progress: ProgressFn | None) -> Outcome:
+        info = subject.info
         carry = list(binding.carried(info, opts.with_files, stdout))
-        strategy, skipped = strategies.choose(info, opts, self.cfg)
-        subject = ProcessTree(info)
+        strategy, skipped = strategies.choose(info, opts, self.cfg,
+                                              refuses=lambda s: subject.refuses(s, opts.mode))
         shape = binding.MoveShape(mode=opts.mode, carried=tuple(carry), move_address=opts.move_address,
                                   tcp_established=opts.tcp_established)
         self.j.record("precheck", source=_source_name(self.cfg), options=asdict(opts), workload=name,
                       stdout=stdout, carry=carry, process=asdict(info), subject=subject.kind,
+                      **subject.record(),
                       resources=[asdict(r) for r in subject.resources(shape)],
                       strategy=strategy.name if strategy else None, passed_over=skipped,
                       request={"pid": info.pid, "start_time": info.start_time,
@@ -233,7 +239,7 @@ class Migration:
         if strategy is None:
             reason = "no strategy can move it: " + "; ".join(skipped)
             self.j.record("refused", reason=reason)
-            raise PrecheckFailed(f"cannot migrate PID {info.pid} to {opts.target}: {reason}")
+            raise PrecheckFailed(f"cannot migrate {subject.label()} to {opts.target}: {reason}")
         try:
             target = peerclient.connect(self.cfg, opts.target, self.j.id)
         except MigrdError as e:
@@ -283,7 +289,7 @@ class Migration:
             with_files=opts.with_files, move_address=opts.move_address,
             headroom=self.cfg.migrate.headroom, cpuinfo=cpuinfo,
             identities={f.path: f.identity for f in info.open_files if f.identity})
-        resp = target.precheck(req)
+        resp = target.precheck(subject.precheck_request(req))
         problems = local + list(resp.problems)
         if problems:
             self.j.record("refused", reason="; ".join(problems))
@@ -296,9 +302,9 @@ class Migration:
 
     def dump(self, *, leave_stopped: bool, page_server_fd: int | None) -> cp.Checkpoint:
         opts = self.opts
-        return cp.checkpoint(self.cfg, self.info.pid, self.images, leave_running=opts.mode == "clone",
-                             leave_stopped=leave_stopped, tcp_established=opts.tcp_established,
-                             pass_fds=(self.lock_fd,), page_server_fd=page_server_fd)
+        return self.subject.dump(self.cfg, self.images, leave_running=opts.mode == "clone",
+                                 leave_stopped=leave_stopped, tcp_established=opts.tcp_established,
+                                 pass_fds=(self.lock_fd,), page_server_fd=page_server_fd)
 
     def release_address(self) -> None:
         """A moved address leaves this host before the target restores (one holder at a time)."""
@@ -395,6 +401,7 @@ class Migration:
         failpoints.step("resumed")
         strategy.reap_source(self)
         if opts.mode in ("move", "restart"):
+            self.subject.after_commit(self.cfg)
             for table in d.get("nft_tables", []):
                 netaddr.nft_delete(table)
             if d.get("workload"):
@@ -457,15 +464,7 @@ class Migration:
         """Bring the dumped source back from its own images."""
         d = self.data
         try:
-            if (self.images / "manifest.json").exists():
-                r = cp.restore(self.cfg, self.images)
-            else:
-                # The orchestrator died between CRIU's dump and writing the manifest; these
-                # images never left this host, so CRIU may read them unverified.
-                info = self.info
-                log = cp.log_path(self.cfg, "restore", info.pid)
-                r = find_criu(self.cfg).restore(self.images, log, tcp_established=self.opts.tcp_established,
-                                                shell_job=not info.session_leader)
+            pid = self.subject.restore_local(self.cfg, self.images, self.opts.tcp_established)
         except MigrdError as e:
             keep = self.j.dir / "images.kept"
             if self.images.exists():
@@ -476,9 +475,9 @@ class Migration:
         if d.get("workload"):
             info = self.info
             reg = workloads.Registry(self.cfg.state_dir)
-            reg.add(workloads.Workload(d["workload"], r.pid, psutil.Process(r.pid).create_time(),
+            reg.add(workloads.Workload(d["workload"], pid, psutil.Process(pid).create_time(),
                                       info.cmdline, info.cwd, d.get("stdout") or "", self.cfg.host))
-        return r.pid
+        return pid
 
     def start_locally(self) -> int:
         """Restart mode's way back: the command starts fresh here."""
@@ -506,7 +505,7 @@ class Migration:
                        announce_error=d.get("announce_error"))
 
 
-def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = None) -> Outcome:
+def _check_request(cfg: Config, opts: Options) -> None:
     if opts.mode not in precheck.MODES:
         raise InputError(f"unknown mode {opts.mode!r} (known: {', '.join(precheck.MODES)})")
     if opts.strategy is not None and opts.strategy not in strategies.STRATEGIES:
@@ -514,6 +513,10 @@ def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = 
     if opts.target == cfg.host:
         raise InputError(f"{opts.target} is this host; choose another target")
     cfg.peer(opts.target)  # unknown host -> InputError before anything else
+
+
+def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = None) -> Outcome:
+    _check_request(cfg, opts)
     info = procinfo.inspect(pid)
     reg = workloads.Registry(cfg.state_dir)
     w = reg.by_pid(pid)
@@ -529,8 +532,36 @@ def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = 
     fd = j.lock()
     assert fd is not None
     try:
-        return Migration(cfg, j, fd).start(info, opts, w.name if w else None,
+        return Migration(cfg, j, fd).start(ProcessTree(info), opts, w.name if w else None,
                                             w.stdout if w else None, progress)
+    finally:
+        os.close(fd)
+
+
+def migrate_container(cfg: Config, name: str, opts: Options, progress: ProgressFn | None = None) -> Outcome:
+    """Move (or check, with dry_run) the runc container NAME."""
+    from migrd.engine import containers, podman
+
+    _check_request(cfg, opts)
+    if opts.with_files:
+        raise InputError("--with-files is for processes: a container's files travel as its rootfs changes")
+    if containers.exists(cfg, name) or not podman.exists(cfg, name):
+        container, info = containers.describe(cfg, name)
+        subject: RuncContainer = RuncContainer(info, container)
+    else:
+        container, info = podman.describe(cfg, name)
+        subject = PodmanContainer(info, container)
+    why = "io.migrd.migratable=true" if container.migratable else precheck.opt_in(
+        cfg.migrate, info, str(info.uid), _cgroups(info.pid), False)
+    if why is None:
+        raise NotPermitted(f"container {name} is not opted in to migration: set the annotation (runc) "
+                           f"or label (Podman) io.migrd.migratable=true, or allow it in migrate.allow_users, "
+                           f"allow_commands or allow_cgroups")
+    j = Journal(cfg.state_dir / "migrations" / new_id())
+    fd = j.lock()
+    assert fd is not None
+    try:
+        return Migration(cfg, j, fd).start(subject, opts, None, None, progress)
     finally:
         os.close(fd)
 

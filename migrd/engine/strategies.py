@@ -397,15 +397,18 @@ def recorded(name: str | None, streamed: bool) -> Strategy:
     return ALL[name]
 
 
-def choose(info: ProcessInfo, opts: Options, cfg: Config) -> tuple[Strategy | None, list[str]]:
+def choose(info: ProcessInfo, opts: Options, cfg: Config,
+           refuses: Callable[[str], str | None] = lambda name: None) -> tuple[Strategy | None, list[str]]:
     """The strategy for this move and why the ones before it were passed over. With
-    `opts.strategy` set only that one is tried, else migrate.strategies in order."""
+    `opts.strategy` set only that one is tried, else migrate.strategies in order. refuses: the
+    subject's own word on a strategy (Subject.refuses), asked first."""
     if opts.mode == "restart":
-        return ALL["restart"], []
+        why = refuses("restart")
+        return (ALL["restart"], []) if why is None else (None, [f"restart: {why}"])
     skipped = []
     for name in ((opts.strategy,) if opts.strategy else cfg.migrate.strategies):
         s = STRATEGIES[name]
-        why = s.unavailable(info, opts, cfg)
+        why = refuses(name) or s.unavailable(info, opts, cfg)
         if why is None:
             return s, skipped
         skipped.append(f"{name}: {why}")

@@ -32,6 +32,7 @@ from migrd.config import Config
 from migrd.adapters.criu import find_criu
 from migrd.errors import ImageError, InputError, MigrdError
 from migrd.engine.manifest import read as read_manifest
+from migrd.engine.subjects import SUBJECTS, Subject
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,15 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
         address_present=bool(req.move_address and netaddr.holder_of(req.move_address)),
         address_interface=netaddr.interface_for(req.move_address) if req.move_address else None,
         incoming_exists=incoming(cfg, req.id).exists(),
+        container=_container_facts(cfg, req.container) if req.container else None,
     )
+
+
+def _container_facts(cfg: Config, ask: precheck.ContainerAsk) -> precheck.ContainerFacts:
+    subject = SUBJECTS.get(ask.runtime)
+    if subject is None:
+        return precheck.ContainerFacts(runtime_ok=False, runtime_message=f"unknown runtime {ask.runtime!r}")
+    return subject.target_facts(cfg, ask)
 
 
 def run_precheck(cfg: Config, raw: Any) -> dict[str, Any]:
@@ -236,17 +245,26 @@ def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
     # any progress, whatever fails before the commit.
     # `migrctl receive` hashed every file as it wrote it moments ago; hashing again here would
     # add ~0.6 s per GiB of downtime for nothing.
-    r = cp.restore(cfg, images, pid_wait=cfg.migrate.pid_wait, leave_stopped=True, hashed=True,
-                   streamed=streamed, lazy_work=lazy_work)
-    start_time = psutil.Process(r.pid).create_time()
-    _write(d / "restored.json", {"pid": r.pid, "start_time": start_time, "name": name})
+    m = read_manifest(images)
+    pid, seconds = _subject(m.subject).restore_there(cfg, images, m, hashed=True, streamed=streamed,
+                                                      lazy_work=lazy_work)
+    start_time = psutil.Process(pid).create_time()
+    _write(d / "restored.json", {"pid": pid, "start_time": start_time, "name": name, "subject": m.subject,
+                                 "container": m.container.name if m.container else None})
     if name:
-        m = read_manifest(images)
         workloads.Registry(cfg.state_dir).add(workloads.Workload(
-            name, r.pid, start_time, m.process.cmdline, m.process.cwd, stdout or "", cfg.host,
+            name, pid, start_time, m.process.cmdline, m.process.cwd, stdout or "", cfg.host,
             arrived=time.time()))
-    return {"pid": r.pid, "seconds": round(r.seconds, 4), "start_time": start_time,
+    return {"pid": pid, "seconds": round(seconds, 4), "start_time": start_time,
             "restored": status(cfg, mid)["restored"]}
+
+
+def _subject(kind: str | None) -> type[Subject]:
+    """The subject a manifest or restore record names (records before subjects: a process)."""
+    subject = SUBJECTS.get(kind or "process")
+    if subject is None:
+        raise ImageError(f"the images hold an unknown kind of subject {kind!r}")
+    return subject
 
 
 def lazy(cfg: Config, mid: str, name: str | None, stdout: str | None, address: str | None,
@@ -391,6 +409,7 @@ def abort(cfg: Config, mid: str, address: str | None, files: list[str]) -> dict[
     rec = _restored(d)
     if rec:
         workloads.end(rec["pid"], rec["start_time"])  # SIGKILL: the copy is stopped, never ran
+        _subject(rec.get("subject")).ended_there(cfg, rec)
         if rec.get("name"):
             w = workloads.Registry(cfg.state_dir).get(rec["name"])
             if w and w.pid == rec["pid"]:
@@ -411,6 +430,7 @@ def finish(cfg: Config, mid: str, address: str | None, cleanup: bool = True) -> 
     d = incoming(cfg, mid)
     rec = _restored(d)
     if rec:
+        _subject(rec.get("subject")).committed_there(cfg, rec)
         workloads.resume(rec["pid"], rec["start_time"])
     announce_error = None
     if address:
