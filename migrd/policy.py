@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -226,11 +226,12 @@ def sample_level(h: HostLoad, cfg: PolicyConfig) -> Level:
     return Level.LOW if _is_low(h, cfg) else Level.NORMAL
 
 
-def _held_for(history: Sequence[HostLoad], cond) -> float:
-    """How long `cond` has held without a break, ending at the latest sample."""
+def _held_for(history: Sequence[HostLoad], cond: Callable[[HostLoad, PolicyConfig], bool],
+              cfg: PolicyConfig) -> float:
+    """How long `cond(sample, cfg)` has held without a break, ending at the latest sample."""
     since = None
     for h in reversed(history):
-        if not cond(h):
+        if not cond(h, cfg):
             break
         since = h.time
     return history[-1].time - since if since is not None else -1.0
@@ -242,9 +243,10 @@ def _bounds(w: Watermarks) -> str:
 
 
 def _describe_measures(h: HostLoad, cfg: PolicyConfig) -> str:
-    # Every classify says this, every round: the watermarks' text is formatted once.
-    marks = _marks(cfg)
-    return ", ".join(f"{k} {v:.2f} {_bounds(marks[k])}" for k, v in measures(h).items())
+    # Every classify says this, every round: one format, the watermarks' text formatted once.
+    cap = h.cpu_capacity
+    return (f"load {h.loadavg[0] / cap:.2f} {_bounds(cfg.load)}, util {h.cpu_util:.2f} {_bounds(cfg.util)}, "
+            f"run_queue {h.run_queue / cap:.2f} {_bounds(cfg.run_queue)}")
 
 
 def classify(
@@ -261,8 +263,8 @@ def classify(
         raise InputError("the policy needs at least one load sample of this host")
     latest = history[-1]
     now = _describe_measures(latest, cfg)
-    high_for = _held_for(history, lambda h: _is_high(h, cfg))
-    low_for = _held_for(history, lambda h: _is_low(h, cfg))
+    high_for = _held_for(history, _is_high, cfg)
+    low_for = _held_for(history, _is_low, cfg)
     if high_for >= cfg.hold_s:
         return Level.HIGH, (f"overloaded for {high_for:.0f} s (>= hold {cfg.hold_s:g} s): {now}",)
     if low_for >= cfg.hold_s:
