@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     ap.add_argument("--duration", type=float, default=3600.0, help="simulated seconds per point")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--probe", default="fingers", choices=["all", "fingers", "random"])
+    ap.add_argument("--probe", default="fingers", help="all, fingers, random or random:D")
     ap.add_argument("--policy", nargs="+", default=list(POLICIES))
     ap.add_argument("--out", type=Path, default=RESULTS / "sim.json")
     ap.add_argument("--plot", type=Path, nargs="+", metavar="JSON",

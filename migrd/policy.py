@@ -60,6 +60,11 @@ class Watermarks:
     high: float
     low: float
 
+    @functools.cached_property
+    def text(self) -> str:
+        """For reasons; every round states the marks (cached on the instance: not a field)."""
+        return f"(low {self.low:g}, high {self.high:g})"
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -237,16 +242,11 @@ def _held_for(history: Sequence[HostLoad], cond: Callable[[HostLoad, PolicyConfi
     return history[-1].time - since if since is not None else -1.0
 
 
-@functools.lru_cache(maxsize=64)
-def _bounds(w: Watermarks) -> str:
-    return f"(low {w.low:g}, high {w.high:g})"
-
-
 def _describe_measures(h: HostLoad, cfg: PolicyConfig) -> str:
     # Every classify says this, every round: one format, the watermarks' text formatted once.
     cap = h.cpu_capacity
-    return (f"load {h.loadavg[0] / cap:.2f} {_bounds(cfg.load)}, util {h.cpu_util:.2f} {_bounds(cfg.util)}, "
-            f"run_queue {h.run_queue / cap:.2f} {_bounds(cfg.run_queue)}")
+    return (f"load {h.loadavg[0] / cap:.2f} {cfg.load.text}, util {h.cpu_util:.2f} {cfg.util.text}, "
+            f"run_queue {h.run_queue / cap:.2f} {cfg.run_queue.text}")
 
 
 def classify(

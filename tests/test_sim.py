@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from migrd import step
+from migrd import peerset, step
 from migrd.sim import SimConfig, engine, probe, run, workload
 
 SMALL = SimConfig(hosts=20, load=0.9, seed=5, duration=300.0)
@@ -99,14 +99,30 @@ def test_heavy_tailed_lifetimes():
 
 
 def test_probe_sets():
+    """The agent's peer choice (migrd.peerset), as the simulator uses it."""
     names = [f"h{i:04d}" for i in range(1000)]
-    f = probe.fingers(names)
-    assert all(i not in s and len(set(s)) == len(s) for i, s in enumerate(f))
+    ring = peerset.Ring(names)
+    f = [ring.fingers(n) for n in names]
+    assert all(n not in s and len(set(s)) == len(s) for n, s in zip(names, f))
     assert 6 <= sum(map(len, f)) / len(f) <= 14  # ~ log2 1000 = 10
-    assert probe.fingers(names) == f  # from the names alone
+    assert peerset.Ring(list(reversed(names))).fingers("h0007") == f[7]  # from the names alone
     p = probe.Prober("random", names, random.Random(1))
     picks = p.peers(7)
-    assert len(picks) == probe.fanout(1000) == 10 and 7 not in picks and all(0 <= j < 1000 for j in picks)
+    assert len(picks) == peerset.fanout(1000) == 10 and 7 not in picks and all(0 <= j < 1000 for j in picks)
+    assert len(set(picks)) == 10 and p.peers(7) != picks  # drawn afresh each round
+    assert probe.Prober("fingers", names, random.Random(1)).peers(7) == [names.index(n) for n in f[7]]
+    assert len(probe.Prober("random:3", names, random.Random(1)).peers(7)) == 3
+
+
+def test_probe_setting_parses():
+    assert peerset.Probe.parse("all") == peerset.Probe("all")
+    assert peerset.Probe.parse("random:4") == peerset.Probe("random", 4) and str(peerset.Probe("random", 4)) == "random:4"
+    for bad in ("chord", "random:0", "random:x", "fingers:3", ""):
+        with pytest.raises(ValueError):
+            peerset.Probe.parse(bad)
+    others = ["b", "c", "d"]
+    assert peerset.PeerSet(peerset.Probe("all"), "a", others).this_round(random.Random(1)) == others
+    assert len(peerset.PeerSet(peerset.Probe("random", 9), "a", others).this_round(random.Random(1))) == 3
 
 
 def test_cli_json(tmp_path):

@@ -47,8 +47,9 @@ Example:
 @click.option("--duration", type=float, default=3600.0, show_default=True,
               help="Simulated seconds of cluster time.")
 @click.option("--interval", type=float, default=5.0, show_default=True, help="Seconds between a host's rounds.")
-@click.option("--probe", type=click.Choice(["all", "fingers", "random"]), default="fingers",
-              show_default=True, help="Which peers a host reads each round.")
+@click.option("--probe", default="fingers", show_default=True,
+              help="Which peers a host reads each round: all, fingers, random or random:D "
+                   "(the agent's daemon.probe).")
 @click.option("--strategy", type=click.Choice(["streamed", "staged"]), default="streamed",
               show_default=True, help="Migration cost model (dump, copy, restore rates).")
 @click.option("--host-cooldown", type=float, default=None,

@@ -28,7 +28,8 @@ from ..errors import InputError
 from ..load import HostLoad, ProcessLoad
 from ..policy import Candidate, Mode, Peer, PolicyConfig
 from . import policies, workload
-from .probe import PROBES, Prober
+from ..peerset import Probe
+from .probe import Prober
 from .workload import Job, SimHost, Strategy
 
 #: Policy name -> migrd daemon.mode, for the policies that run migrd's own step.
@@ -63,8 +64,10 @@ class SimConfig:
             raise InputError(f"--load {self.load}: give the offered load as a fraction, e.g. 0.8")
         if self.duration <= 0 or self.interval <= 0:
             raise InputError("--duration and --interval must be > 0 seconds")
-        if self.probe not in PROBES:
-            raise InputError(f"--probe {self.probe!r}: one of {', '.join(PROBES)}")
+        try:
+            Probe.parse(self.probe)
+        except ValueError as e:
+            raise InputError(f"--probe {e}") from None
         if self.strategy not in workload.STRATEGIES:
             raise InputError(f"--strategy {self.strategy!r}: one of {', '.join(workload.STRATEGIES)}")
 
