@@ -244,59 +244,67 @@ class Simulation:
 
     # --- processor sharing ------------------------------------------------------------------
 
-    def _advance(self, h: _Host, t: float) -> None:
-        dt = t - h.t_last
-        if dt > 0:
-            n = len(h.jobs)
-            h.served += h.rate * dt
-            h.area_n += n * dt
-            h.area_busy += min(n, h.cpus) * dt
-            h.t_last = t
-
     def _catch_up(self, h: _Host, t: float) -> None:
         """Play out h's own arrivals and completions up to time t, in time order (an arrival
-        first on a tie), and advance it to t."""
+        first on a tie), and advance it to t (its virtual time and its
+        load areas). Written out, attributes in locals: most of the time of a run is here."""
         arrivals, k = h.arrivals, h.next_arrival
         n_arr = len(arrivals)
-        heap, jobs, cpus = h.heap, h.jobs, h.cpus
+        heap, jobs, cpus, speed = h.heap, h.jobs, h.cpus, h.speed
+        served, rate, t_last, area_n, area_busy = h.served, h.rate, h.t_last, h.area_n, h.area_busy
+        slowdowns, home_speed = self.slowdowns, self.home_speed
+        n = len(jobs)
+        t_a = arrivals[k].arrival if k < n_arr else math.inf
         while True:
-            t_a = arrivals[k].arrival if k < n_arr else math.inf
             while heap:
                 fin, jid = heap[0]
                 j = jobs.get(jid)
                 if j is not None and j.finish_s == fin:
                     break
                 heapq.heappop(heap)  # it left, or left and came back with another finish
-            t_d = h.t_last + (heap[0][0] - h.served) / h.rate if heap else math.inf
+            t_d = t_last + (heap[0][0] - served) / rate if heap else math.inf
             if t_a <= t_d:
                 if t_a > t:
                     break
-                self._advance(h, t_a)
+                dt = t_a - t_last
+                if dt > 0:
+                    served += rate * dt
+                    area_n += n * dt
+                    area_busy += (n if n < cpus else cpus) * dt
+                    t_last = t_a
                 job = arrivals[k]
                 k += 1
+                t_a = arrivals[k].arrival if k < n_arr else math.inf
                 j = _Job(job)
-                j.finish_s = h.served + job.work
+                j.finish_s = served + job.work
                 jobs[job.id] = j
                 h.mem_used += job.rss
                 heapq.heappush(heap, (j.finish_s, job.id))
+                n += 1
             else:
                 if t_d > t:
                     break
-                dt = t_d - h.t_last
-                n = len(jobs)
+                dt = t_d - t_last
                 if dt > 0:
-                    h.area_n += n * dt
-                    h.area_busy += min(n, cpus) * dt
-                    h.t_last = t_d
+                    area_n += n * dt
+                    area_busy += (n if n < cpus else cpus) * dt
+                    t_last = t_d
                 fin, jid = heapq.heappop(heap)
-                h.served = max(h.served, fin)
+                if fin > served:
+                    served = fin
                 job = jobs.pop(jid).job
                 h.mem_used -= job.rss
-                self.slowdowns.append((h.t_last - job.arrival) * self.home_speed[job.home] / job.work)
-            n = len(jobs)
-            h.rate = h.speed * min(1.0, cpus / n) if n else 0.0
+                slowdowns.append((t_last - job.arrival) * home_speed[job.home] / job.work)
+                n -= 1
+            rate = (speed if n <= cpus else speed * (cpus / n)) if n else 0.0
+        dt = t - t_last
+        if dt > 0:
+            served += rate * dt
+            area_n += n * dt
+            area_busy += (n if n < cpus else cpus) * dt
+            t_last = t
         h.next_arrival = k
-        self._advance(h, t)
+        h.served, h.rate, h.t_last, h.area_n, h.area_busy = served, rate, t_last, area_n, area_busy
 
     def _join(self, j: _Job, h: _Host, t: float) -> None:
         """A migrated job resumes on h at t."""
@@ -337,21 +345,26 @@ class Simulation:
     def _bandwidth(self, a: SimHost, b: SimHost) -> float:
         return min(a.nic, b.nic, self.strategy.wire_bps)
 
-    def _peers(self, h: _Host) -> list[_Host]:
+    def _peers(self, h: _Host) -> list[int]:
         """The probed peers, plus any that offered to take work (an asked host reads its asker)."""
         idx = self.prober.peers(h.i)
         if h.state.offers:
             idx = [*idx, *(j for j in (self.index[o] for o in sorted(h.state.offers)) if j not in idx)]
         self.reads += len(idx)
-        return [p for p in (self.hosts[j] for j in idx) if p.snapshot is not None]
+        return idx
 
-    def _views(self, viewer: _Host, peers: list[_Host]) -> tuple[Peer, ...]:
+    def _views(self, viewer: _Host, idx: list[int]) -> tuple[Peer, ...]:
+        """What viewer reads of the peers idx: their last snapshots (none yet: not a peer)."""
         out = []
-        for p in peers:
-            bw = self._bandwidth(viewer.spec, p.spec)
+        hosts, nic, wire = self.hosts, viewer.spec.nic, self.strategy.wire_bps
+        for j in idx:
+            p = hosts[j]
+            if p.snapshot is None:
+                continue
+            bw = min(nic, p.spec.nic, wire)
             v = p.views.get(bw)
             if v is None:
-                v = p.views[bw] = Peer(p.snapshot, Link(p.spec.rtt_s, bw))  # type: ignore[arg-type]
+                v = p.views[bw] = Peer(p.snapshot, Link(p.spec.rtt_s, bw))
             out.append(v)
         return tuple(out)
 
@@ -385,7 +398,8 @@ class Simulation:
                 asked = self.hosts[self.index[out.ask]]
                 asked.state = asked.state.offered(h.spec.name, t)
         elif self.policy != "none":
-            choice = self._baseline(h, [p.snapshot for p in peers], t)  # type: ignore[misc]
+            snaps = [p.snapshot for p in (self.hosts[j] for j in peers) if p.snapshot is not None]
+            choice = self._baseline(h, snaps, t)
             if choice is not None:
                 h.last_move_at = t
                 busy_until = self._move(h, choice[0], choice[1], t)
