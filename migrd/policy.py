@@ -79,8 +79,10 @@ class PolicyConfig:
     run_queue: Watermarks = Watermarks(high=1.5, low=0.5)
     #: A level is entered only after its condition held this long (seconds).
     hold_s: float = 30.0
-    #: Minimum time between two moves decided by one host.
-    host_cooldown_s: float = 60.0
+    #: Minimum time between two moves decided by one host. Three rounds at the default interval:
+    #: a move shows in the target's snapshot (utilization, run queue) before this host decides
+    #: again. Longer costs balance: docs/sim.md, "What limits migrd".
+    host_cooldown_s: float = 15.0
     #: A process that moved is not moved again for this long.
     process_cooldown_s: float = 300.0
     # -- which

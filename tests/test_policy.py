@@ -200,7 +200,7 @@ for rule, (ok_kw, ok_cfg, no_kw, no_cfg, result) in {
     "process_cooldown_s": (dict(cands=[cand(10, last_migrated=NOW - 300.0)]), CFG,
                            dict(cands=[cand(10, last_migrated=NOW - 299.999)]), CFG,
                            (Action.MIGRATE, 10, "b")),
-    "host_cooldown_s": (dict(last_move_at=NOW - 60.0), CFG, dict(last_move_at=NOW - 59.999), CFG,
+    "host_cooldown_s": (dict(last_move_at=NOW - 15.0), CFG, dict(last_move_at=NOW - 14.999), CFG,
                         (Action.MIGRATE, 10, "b")),
     "min_free_memory": (dict(peers=[peer("b", 0.1, mem_available=MEM)]), CFG,
                         dict(peers=[peer("b", 0.1, mem_available=MEM - 1)]), CFG,

@@ -67,17 +67,17 @@ def test_migrd_policies_call_the_agents_round(monkeypatch):
 
 
 def test_policies_ordering_fixed_seed():
-    """40 hosts at 90 % offered load for 15 simulated minutes (seed 2): migrd's offload policy
-    has the lowest mean slowdown, at least 20 % below no migration, and fewer migrations per job
-    than every rule without its cost model."""
+    """40 hosts at 90 % offered load for 15 simulated minutes (seed 2), migrd's defaults: the
+    issue's aims. migrd's offload policy is at least 30 % below no migration and below the
+    MOSIX-style rule, with fewer migrations per job than every rule without its cost model."""
     cfg = SimConfig(hosts=40, load=0.9, seed=2, duration=900.0)
     r = run(cfg, ("none", "random", "least_loaded", "mosix", "migrd"))
     sd = {n: x.mean_slowdown for n, x in r.items()}
-    assert min(sd, key=sd.__getitem__) == "migrd", sd
-    assert sd["migrd"] <= 0.8 * sd["none"], sd
+    assert sd["migrd"] <= 0.7 * sd["none"] and sd["migrd"] < sd["mosix"] and sd["migrd"] < sd["random"], sd
     assert sd["random"] < sd["none"] and sd["least_loaded"] < sd["none"], sd
     mig = {n: x.migrations_per_job for n, x in r.items()}
     assert mig["none"] == 0 and all(mig["migrd"] < mig[n] for n in ("random", "least_loaded", "mosix")), mig
+    assert r["migrd"].ping_pong == 0
 
 
 def test_migration_downtime_calibration():

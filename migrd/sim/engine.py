@@ -73,7 +73,7 @@ class SimConfig:
 
 
 class _Job:
-    __slots__ = ("job", "finish_s", "arrived_here", "remaining")
+    __slots__ = ("job", "finish_s", "arrived_here", "remaining", "left")
 
     def __init__(self, job: Job, arrived_here: float | None = None) -> None:
         self.job = job
@@ -83,6 +83,8 @@ class _Job:
         self.arrived_here = arrived_here
         #: Reference CPU-seconds left (kept while in flight).
         self.remaining = job.work
+        #: The hosts it was moved away from (a move back to one is ping-pong).
+        self.left: tuple[int, ...] = ()
 
 
 class _Host:
@@ -126,6 +128,8 @@ class Result:
     migrations_per_job: float
     bytes_moved: int
     herd_events: int
+    #: Migrations that took a job back to a host it had been moved away from.
+    ping_pong: int
     idle_hosts: float
     peer_reads_per_round: float
     policy_rounds: int
@@ -194,7 +198,7 @@ class Simulation:
         self.seq = 0
         self.in_flight: dict[int, _Job] = {}
         self.slowdowns: list[float] = []
-        self.migrations = self.bytes_moved = self.rounds = self.reads = 0
+        self.migrations = self.bytes_moved = self.rounds = self.reads = self.ping_pong = 0
         self.herds: Counter = Counter()
         self.idle_area = 0.0
         phases = random.Random(f"{cfg.seed}:phases")
@@ -228,6 +232,7 @@ class Simulation:
             p99_slowdown=_percentile(self.slowdowns, 0.99),
             migrations=self.migrations, migrations_per_job=self.migrations / max(n, 1),
             bytes_moved=self.bytes_moved, herd_events=sum(1 for c in self.herds.values() if c > 1),
+            ping_pong=self.ping_pong,
             idle_hosts=self.idle_area / max(self.rounds, 1),
             peer_reads_per_round=self.reads / max(self.rounds, 1), policy_rounds=self.rounds,
             wall_s=time.perf_counter() - began, cpu_s=time.process_time() - cpu, jobs_on_hosts=on_hosts,
@@ -435,6 +440,8 @@ class Simulation:
         there = self.hosts[ti]
         j = self._leave(h, jid)
         self.in_flight[jid] = j
+        self.ping_pong += ti in j.left
+        j.left += (h.i,)
         down = self.strategy.downtime(j.job.rss, self._bandwidth(h.spec, there.spec), there.spec.rtt_s)
         self._push(t + down, MOVED, jid, ti)
         self.migrations += 1
