@@ -357,18 +357,21 @@ class _Search:
 
 def _eligible(sit: Situation, cfg: PolicyConfig) -> tuple[list[Candidate], list[str]]:
     ok: list[Candidate] = []
+    # Counted by kind, the text formatted once: a busy host has hundreds of candidates.
     skipped: Counter = Counter()
     for c in sorted(sit.candidates, key=lambda c: c.proc.pid):
         if not c.opted_in:
-            skipped["not opted in"] += 1
+            skipped[0] += 1
         elif c.last_migrated is not None and sit.now - c.last_migrated < cfg.process_cooldown_s:
-            skipped[f"in migration cooldown (< {cfg.process_cooldown_s:g} s since last move)"] += 1
+            skipped[1] += 1
         elif c.proc.age_s < cfg.min_age_s:
-            skipped[f"younger than {cfg.min_age_s:g} s"] += 1
+            skipped[2] += 1
         else:
             ok.append(c)
+    why = ("not opted in", f"in migration cooldown (< {cfg.process_cooldown_s:g} s since last move)",
+           f"younger than {cfg.min_age_s:g} s")
     reasons = [f"{len(ok)} of {len(sit.candidates)} processes eligible"]
-    reasons += [f"{n} {why}" for why, n in sorted(skipped.items())]
+    reasons += [f"{n} {w}" for w, n in sorted((why[k], n) for k, n in skipped.items())]
     return ok, reasons
 
 
