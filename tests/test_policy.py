@@ -183,6 +183,11 @@ SCENARIOS: dict[str, tuple[dict, PolicyConfig, tuple[Action, int | None, str | N
     "consolidate needs this host lightly loaded": (
         dict(local=0.8, mode=Mode.CONSOLIDATE, peers=[peer("b", 0.5)], cands=[cand(10, share=0.2)]),
         CFG, (Action.STAY, None, None)),
+    # NORMAL (0.6 per CPU, between the watermarks), and b would be a fine packing target
+    # (busier, not HIGH, under the ceiling after): only the LOW requirement says stay.
+    "consolidate needs this host LOW, not merely NORMAL": (
+        dict(local=0.6, mode=Mode.CONSOLIDATE, peers=[peer("b", 0.625)], cands=[cand(10, share=0.1)]),
+        CFG, (Action.STAY, None, None)),
     "equal processes: the lower PID goes": (
         dict(peers=[peer("b", 0.1)], cands=[cand(11), cand(10)]),
         CFG, (Action.MIGRATE, 10, "b")),
