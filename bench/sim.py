@@ -92,7 +92,8 @@ def tables(points: list[dict]) -> str:
                 cells.append(f"{r['mean_slowdown']:.2f} ({r['p99_slowdown']:.0f}) / "
                              f"{r['migrations_per_job']:.4f} / {r['herd_events']}")
                 none = p["policies"].get("none")
-                change = f"{r['mean_slowdown'] / none['mean_slowdown'] - 1:+.0%}, " if none else ""
+                pct = round(100 * (r['mean_slowdown'] / none['mean_slowdown'] - 1)) if none else None
+                change = "" if pct is None else f"{pct:+d} %, " if pct else "0 %, "
                 more.append(f"{change}{r['bytes_moved'] / 1e9:.0f} GB, idle {r['idle_hosts']:.0%}")
             first.append(f"| {name} | " + " | ".join(cells) + " |")
             second.append(f"| {name} | " + " | ".join(more) + " |")
