@@ -7,6 +7,7 @@ matplotlib (`pip install -e '.[bench]'`); without it only the JSON is written.
 
 Run: .venv/bin/python bench/sim.py [--hosts 100 1000] [--loads 0.5 0.7 0.9] [--duration 3600]
      .venv/bin/python bench/sim.py --plot bench/results/sim-100.json bench/results/sim-1000.json
+     .venv/bin/python bench/sim.py --table bench/results/sim-100.json   (Markdown for docs/sim.md)
 Pure computation, no root.
 """
 
@@ -68,20 +69,57 @@ def plot(points: list[dict], png: Path) -> bool:
     return True
 
 
+def tables(points: list[dict]) -> str:
+    """Markdown for docs/sim.md, one pair of tables per cluster size: mean slowdown (p99) /
+    migrations per job / herd events; then the mean's change against `none`, bytes moved and
+    idle host-rounds."""
+    out = []
+    for n in sorted({p["hosts"] for p in points}):
+        pts = sorted((p for p in points if p["hosts"] == n), key=lambda p: p["load"])
+        head = "| policy | " + " | ".join(f"load {p['load']:g}" for p in pts) + " |"
+        rule = "| --- |" + " --- |" * len(pts)
+        names = list(pts[0]["policies"])
+        first = [f"N = {n}", "", head, rule]
+        second = [head, rule]
+        for name in names:
+            cells, more = [], []
+            for p in pts:
+                r = p["policies"].get(name)
+                if r is None:
+                    cells.append("")
+                    more.append("")
+                    continue
+                cells.append(f"{r['mean_slowdown']:.2f} ({r['p99_slowdown']:.0f}) / "
+                             f"{r['migrations_per_job']:.4f} / {r['herd_events']}")
+                none = p["policies"].get("none")
+                pct = round(100 * (r['mean_slowdown'] / none['mean_slowdown'] - 1)) if none else None
+                change = "" if pct is None else f"{pct:+d} %, " if pct else "0 %, "
+                more.append(f"{change}{r['bytes_moved'] / 1e9:.0f} GB, idle {r['idle_hosts']:.0%}")
+            first.append(f"| {name} | " + " | ".join(cells) + " |")
+            second.append(f"| {name} | " + " | ".join(more) + " |")
+        out += [*first, "", *second, ""]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     ap.add_argument("--duration", type=float, default=3600.0, help="simulated seconds per point")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--probe", default="fingers", choices=["all", "fingers", "random"])
+    ap.add_argument("--probe", default="fingers", help="all, fingers, random or random:D")
     ap.add_argument("--policy", nargs="+", default=list(POLICIES))
     ap.add_argument("--out", type=Path, default=RESULTS / "sim.json")
     ap.add_argument("--plot", type=Path, nargs="+", metavar="JSON",
                     help="only draw the PNG (next to --out) from these earlier results")
+    ap.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                    help="only print these earlier results as Markdown tables (docs/sim.md)")
     a = ap.parse_args()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     png = a.out.with_suffix(".png")
+    if a.table:
+        print(tables([p for f in a.table for p in json.loads(f.read_text())["points"]]))
+        return
     if a.plot:
         points = [p for f in a.plot for p in json.loads(f.read_text())["points"]]
         print(f"wrote {png}" if plot(points, png) else "no PNG")

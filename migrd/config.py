@@ -140,6 +140,10 @@ class DaemonSettings:
     mode: str = "offload"
     #: A peer's snapshot older than this (seconds) is ignored.
     peer_stale_after: float = 20.0
+    #: Whose load a round reads (not the link probe below): all (every peer), fingers (a Chord
+    #: finger set over a hash ring of the host names, ~log2 N peers, the same every round) or
+    #: random[:D] (D peers drawn afresh each round, default ceil(log2 N)). migrd.core.peerset.
+    probe: str = "all"
     #: Seconds between two link probes (RTT + a small bulk write) of each peer.
     probe_every: float = 300.0
     #: Bytes of the bulk write of a link probe.

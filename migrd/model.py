@@ -6,9 +6,10 @@ the policy or the cost model."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 # --------------------------------------------------------------------------- Load snapshots (what agents exchange)
@@ -128,9 +129,10 @@ class Site:
     cpu_price: float
 
 
-@dataclass(frozen=True)
-class Work:
-    """What is left of one process, as seen on its current host."""
+class Work(NamedTuple):
+    """What is left of one process, as seen on its current host. A NamedTuple (immutable like
+    the dataclasses here, a third of their construction time): the policy prices every
+    candidate of a busy host every round."""
 
     #: Expected remaining life (wall seconds at the current host's pace).
     remaining_s: float
@@ -192,6 +194,11 @@ class Watermarks:
     high: float
     low: float
 
+    @functools.cached_property
+    def text(self) -> str:
+        """For reasons; every round states the marks (cached on the instance: not a field)."""
+        return f"(low {self.low:g}, high {self.high:g})"
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -206,8 +213,10 @@ class PolicyConfig:
     run_queue: Watermarks = Watermarks(high=1.5, low=0.5)
     #: A level is entered only after its condition held this long (seconds).
     hold_s: float = 30.0
-    #: Minimum time between two moves decided by one host.
-    host_cooldown_s: float = 60.0
+    #: Minimum time between two moves decided by one host. Three rounds at the default interval:
+    #: a move shows in the target's snapshot (utilization, run queue) before this host decides
+    #: again. Longer costs balance: docs/sim.md, "What limits migrd".
+    host_cooldown_s: float = 15.0
     #: A process that moved is not moved again for this long.
     process_cooldown_s: float = 300.0
     # -- which

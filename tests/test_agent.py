@@ -23,6 +23,7 @@ from migrd import config as config_mod
 from migrd.adapters import exchange, sdnotify
 from migrd.engine import migration as migrate
 from migrd.core import step as step_mod
+from migrd.core import peerset
 from migrd.config import Config, DaemonSettings, HostEntry
 from migrd.model import Action, Decision, Level, Link, Mode, PolicyConfig
 from migrd.errors import AgentNotRunning, ConfigError, InputError, MigrdError
@@ -128,7 +129,9 @@ def test_check_settings_names_the_key():
     for daemon, key in [(DaemonSettings(mode="push"), "daemon.mode"),
                         (DaemonSettings(load_source="cgroup"), "daemon.cgroup_dirs"),
                         (DaemonSettings(load_source="magic"), "daemon.load_source"),
-                        (DaemonSettings(interval=0), "daemon.interval")]:
+                        (DaemonSettings(interval=0), "daemon.interval"),
+                        (DaemonSettings(probe="random:0"), "daemon.probe"),
+                        (DaemonSettings(probe="chord"), "daemon.probe")]:
         with pytest.raises(ConfigError, match=key):
             agent_mod.check_settings(Config(daemon=daemon))
 
@@ -236,6 +239,37 @@ def test_fill_mode_waits_for_an_offer(make_agent):
     d = a.round()
     assert d.mode is Mode.FILL and d.action is Action.MIGRATE and d.target == "b"
     assert a.handle({"op": "status"})["offers"] == []
+
+
+def test_round_reads_only_its_probe_set(tmp_path, monkeypatch):
+    """daemon.probe fingers: the SSH registry polls only this host's finger set (plus a peer
+    that offered to take work), and only those peers reach the policy."""
+    names = [f"h{i:02d}" for i in range(32)]
+    cfg = Config(host="h00", state_dir=tmp_path / "state",
+                 hosts=tuple(HostEntry(n, f"198.18.0.{i + 1}") for i, n in enumerate(names)),
+                 policy=PolicyConfig(hold_s=0.0),
+                 daemon=DaemonSettings(probe="fingers", socket=tmp_path / "run" / "s.sock"))
+    a = agent_mod.Agent(cfg, env={})
+    a.source = FakeSource(2.0)
+    polled: list[str] = []
+
+    class Counting(FakeReader):
+        def poll(self, now: float) -> None:
+            polled.append(self.view.name)
+            super().poll(now)
+
+    a.peers.readers = {n: Counting(view(n, 0.1)) for n in names[1:]}
+    a._candidates = lambda: (cand(101, age=1.0),)  # type: ignore[method-assign]
+    fingers = peerset.Ring(names).fingers("h00")
+    assert 3 <= len(fingers) <= 8  # ~ log2 32
+    a.round()
+    assert sorted(polled) == sorted(fingers)
+    assert sorted(p.load.host for p in a.situation.peers) == sorted(fingers)
+    asker = next(n for n in names[1:] if n not in fingers)
+    a.handle({"op": "offer", "requester": asker})
+    polled.clear()
+    a.round()
+    assert sorted(polled) == sorted([*fingers, asker])
 
 
 def test_consolidate_packs_onto_a_busier_peer(make_agent):

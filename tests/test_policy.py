@@ -192,6 +192,11 @@ SCENARIOS: dict[str, tuple[dict, PolicyConfig, tuple[Action, int | None, str | N
     "consolidate needs this host lightly loaded": (
         dict(local=0.8, mode=Mode.CONSOLIDATE, peers=[peer("b", 0.5)], cands=[cand(10, share=0.2)]),
         CFG, (Action.STAY, None, None)),
+    # NORMAL (0.6 per CPU, between the watermarks), and b would be a fine packing target
+    # (busier, not HIGH, under the ceiling after): only the LOW requirement says stay.
+    "consolidate needs this host LOW, not merely NORMAL": (
+        dict(local=0.6, mode=Mode.CONSOLIDATE, peers=[peer("b", 0.625)], cands=[cand(10, share=0.1)]),
+        CFG, (Action.STAY, None, None)),
     "equal processes: the lower PID goes": (
         dict(peers=[peer("b", 0.1)], cands=[cand(11), cand(10)]),
         CFG, (Action.MIGRATE, 10, "b")),
@@ -209,7 +214,7 @@ for rule, (ok_kw, ok_cfg, no_kw, no_cfg, result) in {
     "process_cooldown_s": (dict(cands=[cand(10, last_migrated=NOW - 300.0)]), CFG,
                            dict(cands=[cand(10, last_migrated=NOW - 299.999)]), CFG,
                            (Action.MIGRATE, 10, "b")),
-    "host_cooldown_s": (dict(last_move_at=NOW - 60.0), CFG, dict(last_move_at=NOW - 59.999), CFG,
+    "host_cooldown_s": (dict(last_move_at=NOW - 15.0), CFG, dict(last_move_at=NOW - 14.999), CFG,
                         (Action.MIGRATE, 10, "b")),
     "min_free_memory": (dict(peers=[peer("b", 0.1, mem_available=MEM)]), CFG,
                         dict(peers=[peer("b", 0.1, mem_available=MEM - 1)]), CFG,

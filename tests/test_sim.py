@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from migrd.core import step
+from migrd.core import peerset, step
 from migrd.sim import SimConfig, engine, probe, run, workload
 
 SMALL = SimConfig(hosts=20, load=0.9, seed=5, duration=300.0)
@@ -67,17 +67,17 @@ def test_migrd_policies_call_the_agents_round(monkeypatch):
 
 
 def test_policies_ordering_fixed_seed():
-    """40 hosts at 90 % offered load for 15 simulated minutes (seed 2): migrd's offload policy
-    has the lowest mean slowdown, at least 20 % below no migration, and fewer migrations per job
-    than every rule without its cost model."""
+    """40 hosts at 90 % offered load for 15 simulated minutes (seed 2), migrd's defaults: the
+    issue's aims. migrd's offload policy is at least 30 % below no migration and below the
+    MOSIX-style rule, with fewer migrations per job than every rule without its cost model."""
     cfg = SimConfig(hosts=40, load=0.9, seed=2, duration=900.0)
     r = run(cfg, ("none", "random", "least_loaded", "mosix", "migrd"))
     sd = {n: x.mean_slowdown for n, x in r.items()}
-    assert min(sd, key=sd.__getitem__) == "migrd", sd
-    assert sd["migrd"] <= 0.8 * sd["none"], sd
+    assert sd["migrd"] <= 0.7 * sd["none"] and sd["migrd"] < sd["mosix"] and sd["migrd"] < sd["random"], sd
     assert sd["random"] < sd["none"] and sd["least_loaded"] < sd["none"], sd
     mig = {n: x.migrations_per_job for n, x in r.items()}
     assert mig["none"] == 0 and all(mig["migrd"] < mig[n] for n in ("random", "least_loaded", "mosix")), mig
+    assert r["migrd"].ping_pong == 0
 
 
 def test_migration_downtime_calibration():
@@ -99,14 +99,30 @@ def test_heavy_tailed_lifetimes():
 
 
 def test_probe_sets():
+    """The agent's peer choice (migrd.peerset), as the simulator uses it."""
     names = [f"h{i:04d}" for i in range(1000)]
-    f = probe.fingers(names)
-    assert all(i not in s and len(set(s)) == len(s) for i, s in enumerate(f))
+    ring = peerset.Ring(names)
+    f = [ring.fingers(n) for n in names]
+    assert all(n not in s and len(set(s)) == len(s) for n, s in zip(names, f))
     assert 6 <= sum(map(len, f)) / len(f) <= 14  # ~ log2 1000 = 10
-    assert probe.fingers(names) == f  # from the names alone
+    assert peerset.Ring(list(reversed(names))).fingers("h0007") == f[7]  # from the names alone
     p = probe.Prober("random", names, random.Random(1))
     picks = p.peers(7)
-    assert len(picks) == probe.fanout(1000) == 10 and 7 not in picks and all(0 <= j < 1000 for j in picks)
+    assert len(picks) == peerset.fanout(1000) == 10 and 7 not in picks and all(0 <= j < 1000 for j in picks)
+    assert len(set(picks)) == 10 and p.peers(7) != picks  # drawn afresh each round
+    assert probe.Prober("fingers", names, random.Random(1)).peers(7) == [names.index(n) for n in f[7]]
+    assert len(probe.Prober("random:3", names, random.Random(1)).peers(7)) == 3
+
+
+def test_probe_setting_parses():
+    assert peerset.Probe.parse("all") == peerset.Probe("all")
+    assert peerset.Probe.parse("random:4") == peerset.Probe("random", 4) and str(peerset.Probe("random", 4)) == "random:4"
+    for bad in ("chord", "random:0", "random:x", "fingers:3", ""):
+        with pytest.raises(ValueError):
+            peerset.Probe.parse(bad)
+    others = ["b", "c", "d"]
+    assert peerset.PeerSet(peerset.Probe("all"), "a", others).this_round(random.Random(1)) == others
+    assert len(peerset.PeerSet(peerset.Probe("random", 9), "a", others).this_round(random.Random(1))) == 3
 
 
 def test_cli_json(tmp_path):

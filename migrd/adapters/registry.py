@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any, Callable, Protocol, TypeVar
 
 import etcd3gw
@@ -43,6 +44,7 @@ from etcd3gw.lease import Lease
 
 from migrd.adapters import exchange, transport
 from migrd.config import Config
+from migrd.core.peerset import PeerSet, Probe
 from migrd.model import Link
 from migrd.errors import ConfigError, MigrdError, RegistryError
 from migrd.adapters.exchange import PeerView, Snapshot
@@ -64,10 +66,12 @@ class PeerSource(Protocol):
     def publish(self, snap: Snapshot) -> None:
         """Make this host's snapshot visible to its peers; never raises."""
 
-    def poll(self, now: float) -> None:
-        """Refresh the peers' snapshots (and now and then their links); never raises."""
+    def poll(self, now: float, also: Collection[str] = ()) -> frozenset[str]:
+        """Refresh the snapshots (and now and then the links) of this round's probe set
+        (`daemon.probe`) and of the peers in `also`; return whose were read. Never raises."""
 
-    def views(self) -> list[PeerView]: ...
+    def views(self) -> list[PeerView]:
+        """Every peer's last view, read this round or earlier."""
 
     def full_targets(self) -> frozenset[str]:
         """Peers whose reservation slots were all taken at the last poll: not worth choosing."""
@@ -103,6 +107,15 @@ def peer_names(cfg: Config, host: str) -> list[str]:
     return [h.name for h in cfg.hosts if h.name != host]
 
 
+def peer_set(cfg: Config, host: str) -> PeerSet:
+    return PeerSet(Probe.parse(cfg.daemon.probe), host, peer_names(cfg, host))
+
+
+def to_read(peers: PeerSet, rng: random.Random, also: Collection[str]) -> frozenset[str]:
+    """This round's probe set plus the peers in `also` that are known (an asker is read)."""
+    return frozenset(peers.this_round(rng)) | (frozenset(also) & frozenset(peers.others))
+
+
 # --------------------------------------------------------------------------- ssh
 
 
@@ -112,17 +125,25 @@ class SshPeers:
     def __init__(self, cfg: Config, host: str) -> None:
         self.cfg = cfg
         self.readers = {n: exchange.PeerReader(cfg, n) for n in peer_names(cfg, host)}
+        self.peers = peer_set(cfg, host)
+        self.rng = random.Random()
         self._errors: dict[str, int] = {}
 
     def publish(self, snap: Snapshot) -> None:
         exchange.publish(self.cfg.state_dir, snap)
 
-    def poll(self, now: float) -> None:
+    def poll(self, now: float, also: Collection[str] = ()) -> frozenset[str]:
+        read = to_read(self.peers, self.rng, also)
         for name, r in self.readers.items():
+            if name not in read:
+                if self.peers.fixed is None:
+                    r.close()  # random: sessions to the peers drawn last round only
+                continue
             before = r.view.failures
             r.poll(now)
             if r.view.failures > before:
                 self._errors[name] = self._errors.get(name, 0) + 1
+        return read
 
     def views(self) -> list[PeerView]:
         return [r.view for r in self.readers.values()]
@@ -218,6 +239,8 @@ class EtcdRegistry:
         self.client = EtcdClient(e.endpoints, e.timeout)
         self._keeper_client = EtcdClient(e.endpoints, e.timeout)
         self._views = {n: PeerView(n) for n in peer_names(cfg, host)}
+        self.peers = peer_set(cfg, host)
+        self.rng = random.Random()
         self._full: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self._session: Lease | None = None  # holds this host's load key
@@ -299,7 +322,8 @@ class EtcdRegistry:
         except RegistryError as e:
             self._failed(e)
 
-    def poll(self, now: float) -> None:
+    def poll(self, now: float, also: Collection[str] = ()) -> frozenset[str]:
+        read = to_read(self.peers, self.rng, also)
         try:  # one range over the whole prefix: every load key and every reservation
             rows = self.client.call(lambda c: c.get_prefix(self.prefix))
             self._ok()
@@ -308,7 +332,7 @@ class EtcdRegistry:
             self._full = frozenset()
             for v in self._views.values():
                 v.snapshot, v.error = None, f"registry unreachable: {e}"
-            return
+            return read
         found: dict[str, Snapshot] = {}
         slots: dict[str, int] = {}
         for value, meta in rows:
@@ -326,10 +350,11 @@ class EtcdRegistry:
             v.snapshot = found.get(v.name)
             if v.snapshot is None:
                 v.error = "no load key in etcd (its agent is down or its lease expired)"
-            elif v.link is None or now - v.probed_at >= self.cfg.daemon.probe_every:
-                self._probe(v, now)
+            elif v.name in read and (v.link is None or now - v.probed_at >= self.cfg.daemon.probe_every):
+                self._probe(v, now)  # links only of the peers the round reads
             else:
                 v.error = None
+        return read
 
     def _probe(self, v: PeerView, now: float) -> None:
         if now < v.retry_at:

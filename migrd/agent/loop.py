@@ -43,7 +43,7 @@ import psutil
 from migrd.agent import admin, metrics
 from migrd.adapters import exchange, load, private, procinfo, registry, sdnotify, untrusted, workloads
 from migrd.engine import journal, migration as migrate
-from migrd.core import binding, costmodel, policy, precheck, step
+from migrd.core import binding, costmodel, peerset, policy, precheck, step
 from migrd.config import Config
 from migrd.model import Action, Candidate, Decision, Mode, Peer, Situation
 from migrd.errors import ConfigError, InputError, MigrdError, RegistryError
@@ -67,6 +67,10 @@ def check_settings(cfg: Config) -> None:
         raise ConfigError(f"{where} 'daemon.cgroup_dirs': load_source cgroup needs this host's cgroup dirs")
     if d.interval <= 0:
         raise ConfigError(f"{where} 'daemon.interval': must be > 0, not {d.interval}")
+    try:
+        peerset.Probe.parse(d.probe)
+    except ValueError as e:
+        raise ConfigError(f"{where} 'daemon.probe': {e}") from None
     if d.registry == "etcd":
         if d.etcd.ttl < 2:
             raise ConfigError(f"{where} 'daemon.etcd.ttl': must be >= 2 seconds, not {d.etcd.ttl}")
@@ -278,9 +282,11 @@ class Agent:
     def round(self) -> Decision:
         sample = self.source.sample()
         now = sample.time
-        self.peers.poll(now)
+        # This round's probe set (daemon.probe), and any peer that offered to take work.
+        read = self.peers.poll(now, tuple(self.state.offers))
         views = self.peers.views()
-        peers = usable_peers(views, now, self.cfg.daemon.peer_stale_after, self.peers.full_targets())
+        peers = usable_peers((v for v in views if v.name in read), now, self.cfg.daemon.peer_stale_after,
+                             self.peers.full_targets())
         candidates = self._candidates()
         with self.lock:  # offers arrive from the admin thread
             out = step.step(self.state, step.Inputs(sample, peers, candidates, self.paused), self.settings)

@@ -30,7 +30,8 @@ its job for the STRATEGY's downtime, calibrated on the bed (README).
 \b
 Metrics per policy: mean and p99 slowdown (response time / the job's time alone on the host
 it was submitted to, completed jobs), migrations per job, bytes moved, herd events (two or
-more moves decided onto one target from the same snapshot of it), the fraction of host-rounds
+more moves decided onto one target from the same snapshot of it), ping-pong ("back": moves of
+a job back to a host it had been moved away from), the fraction of host-rounds
 with no job, and snapshot reads per round (--probe: all peers, a Chord finger set, or
 ceil(log2 N) random peers per round).
 
@@ -47,12 +48,13 @@ Example:
 @click.option("--duration", type=float, default=3600.0, show_default=True,
               help="Simulated seconds of cluster time.")
 @click.option("--interval", type=float, default=5.0, show_default=True, help="Seconds between a host's rounds.")
-@click.option("--probe", type=click.Choice(["all", "fingers", "random"]), default="fingers",
-              show_default=True, help="Which peers a host reads each round.")
+@click.option("--probe", default="fingers", show_default=True,
+              help="Which peers a host reads each round: all, fingers, random or random:D "
+                   "(the agent's daemon.probe).")
 @click.option("--strategy", type=click.Choice(["streamed", "staged"]), default="streamed",
               show_default=True, help="Migration cost model (dump, copy, restore rates).")
 @click.option("--host-cooldown", type=float, default=None,
-              help="policy.host_cooldown_s for every policy (default: migrd's, 60 s).")
+              help="policy.host_cooldown_s for every policy (default: migrd's, 15 s).")
 @click.option("--policy", "names", multiple=True,
               help="Run only these policies (repeatable; default: all).")
 @json_option
@@ -81,9 +83,9 @@ def _table(out: dict[str, Any]) -> str:
     lines = [f"{c['hosts']} hosts, load {c['load']:g}, seed {c['seed']}, {c['duration']:g} s, "
              f"probe {c['probe']}, {c['strategy']} migrations, host cooldown {c['host_cooldown_s']:g} s",
              f"{'policy':<18} {'mean sd':>8} {'p99 sd':>8} {'mig/job':>8} {'GB moved':>9} "
-             f"{'herds':>6} {'idle':>6} {'reads':>6} {'cpu s':>6}"]
+             f"{'herds':>6} {'back':>5} {'idle':>6} {'reads':>6} {'cpu s':>6}"]
     for name, r in out["policies"].items():
         lines.append(f"{name:<18} {r['mean_slowdown']:8.2f} {r['p99_slowdown']:8.1f} "
-                     f"{r['migrations_per_job']:8.4f} {r['bytes_moved'] / 1e9:9.1f} {r['herd_events']:6d} "
+                     f"{r['migrations_per_job']:8.4f} {r['bytes_moved'] / 1e9:9.1f} {r['herd_events']:6d} {r['ping_pong']:5d} "
                      f"{r['idle_hosts']:6.1%} {r['peer_reads_per_round']:6.1f} {r['cpu_s']:6.1f}")
     return "\n".join(lines)

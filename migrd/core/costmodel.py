@@ -36,6 +36,7 @@ Bytes sent per action:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 from dataclasses import dataclass
 
 from migrd.model import Action, Candidate, Estimate, HostLoad, Link, PolicyConfig, Site, Work
@@ -84,8 +85,7 @@ def _pace(w: Work, k_here: float, k_there: float) -> float:
     return (1.0 - w.busy) + w.busy * k_here / k_there
 
 
-@dataclass(frozen=True)
-class Stay:
+class Stay(NamedTuple):
     time_s: float
     cost: float
     score: float

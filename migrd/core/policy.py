@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from migrd.core import costmodel
@@ -89,25 +89,22 @@ def sample_level(h: HostLoad, cfg: PolicyConfig) -> Level:
     return Level.LOW if _is_low(h, cfg) else Level.NORMAL
 
 
-def _held_for(history: Sequence[HostLoad], cond) -> float:
-    """How long `cond` has held without a break, ending at the latest sample."""
+def _held_for(history: Sequence[HostLoad], cond: Callable[[HostLoad, PolicyConfig], bool],
+              cfg: PolicyConfig) -> float:
+    """How long `cond(sample, cfg)` has held without a break, ending at the latest sample."""
     since = None
     for h in reversed(history):
-        if not cond(h):
+        if not cond(h, cfg):
             break
         since = h.time
     return history[-1].time - since if since is not None else -1.0
 
 
-@functools.lru_cache(maxsize=64)
-def _bounds(w: Watermarks) -> str:
-    return f"(low {w.low:g}, high {w.high:g})"
-
-
 def _describe_measures(h: HostLoad, cfg: PolicyConfig) -> str:
-    # Every classify says this, every round: the watermarks' text is formatted once.
-    marks = _marks(cfg)
-    return ", ".join(f"{k} {v:.2f} {_bounds(marks[k])}" for k, v in measures(h).items())
+    # Every classify says this, every round: one format, the watermarks' text formatted once.
+    cap = h.cpu_capacity
+    return (f"load {h.loadavg[0] / cap:.2f} {cfg.load.text}, util {h.cpu_util:.2f} {cfg.util.text}, "
+            f"run_queue {h.run_queue / cap:.2f} {cfg.run_queue.text}")
 
 
 def classify(
@@ -124,8 +121,8 @@ def classify(
         raise InputError("the policy needs at least one load sample of this host")
     latest = history[-1]
     now = _describe_measures(latest, cfg)
-    high_for = _held_for(history, lambda h: _is_high(h, cfg))
-    low_for = _held_for(history, lambda h: _is_low(h, cfg))
+    high_for = _held_for(history, _is_high, cfg)
+    low_for = _held_for(history, _is_low, cfg)
     if high_for >= cfg.hold_s:
         return Level.HIGH, (f"overloaded for {high_for:.0f} s (>= hold {cfg.hold_s:g} s): {now}",)
     if low_for >= cfg.hold_s:
@@ -216,18 +213,21 @@ class _Search:
 
 def _eligible(sit: Situation, cfg: PolicyConfig) -> tuple[list[Candidate], list[str]]:
     ok: list[Candidate] = []
+    # Counted by kind, the text formatted once: a busy host has hundreds of candidates.
     skipped: Counter = Counter()
     for c in sorted(sit.candidates, key=lambda c: c.proc.pid):
         if not c.opted_in:
-            skipped["not opted in"] += 1
+            skipped[0] += 1
         elif c.last_migrated is not None and sit.now - c.last_migrated < cfg.process_cooldown_s:
-            skipped[f"in migration cooldown (< {cfg.process_cooldown_s:g} s since last move)"] += 1
+            skipped[1] += 1
         elif c.proc.age_s < cfg.min_age_s:
-            skipped[f"younger than {cfg.min_age_s:g} s"] += 1
+            skipped[2] += 1
         else:
             ok.append(c)
+    why = ("not opted in", f"in migration cooldown (< {cfg.process_cooldown_s:g} s since last move)",
+           f"younger than {cfg.min_age_s:g} s")
     reasons = [f"{len(ok)} of {len(sit.candidates)} processes eligible"]
-    reasons += [f"{n} {why}" for why, n in sorted(skipped.items())]
+    reasons += [f"{n} {w}" for w, n in sorted((why[k], n) for k, n in skipped.items())]
     return ok, reasons
 
 

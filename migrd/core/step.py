@@ -78,15 +78,18 @@ def keep_history(history: Sequence[HostLoad], sample: HostLoad, keep_s: float) -
     return kept[first:]
 
 
+_OWN_MODE = {m.value: None if m is Mode.FILL else m for m in Mode}
+
+
 def own_mode(configured: str) -> Mode | None:
     """The mode this host decides in on its own (fill: none, it waits to be asked)."""
-    return None if configured == Mode.FILL.value else Mode(configured)
+    return _OWN_MODE[configured]
 
 
 def fill_source(configured: str, local: HostLoad, peers: Sequence[Peer], cfg: PolicyConfig,
                 level: Level) -> str | None:
     """Fill mode: which busy peer a lightly loaded host asks for work (None: nobody)."""
-    if configured != Mode.FILL.value or level is not Level.LOW:
+    if level is not Level.LOW or configured != Mode.FILL.value:
         return None
     return policy.pick_fill_source(local, peers, cfg)
 
@@ -98,6 +101,8 @@ def waiting_decision(level: Level, reasons: Sequence[str], host: str) -> Decisio
 
 def take_offer(offers: Mapping[str, float], now: float) -> tuple[str | None, dict[str, float]]:
     """The oldest live offer's requester (None: none), and the live offers left after it."""
+    if not offers:
+        return None, {}
     live = {h: t for h, t in offers.items() if now - t <= OFFER_TTL}
     requester = min(live, key=live.__getitem__) if live else None
     return requester, {h: t for h, t in live.items() if h != requester}

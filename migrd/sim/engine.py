@@ -19,14 +19,15 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from migrd.core import step
+from migrd.core.peerset import Probe
 from migrd.model import Candidate, HostLoad, Link, Mode, Peer, PolicyConfig, ProcessLoad
 from migrd.errors import InputError
 from migrd.sim import policies, workload
-from migrd.sim.probe import PROBES, Prober
+from migrd.sim.probe import Prober
 from migrd.sim.workload import Job, SimHost, Strategy
 
 #: Policy name -> migrd daemon.mode, for the policies that run migrd's own step.
@@ -38,7 +39,7 @@ LOADAVG_S = 60.0
 #: Memory a simulated host keeps for itself.
 RESERVED = 512 * workload.MB
 
-ARRIVE, MOVED, DONE, ROUND = 0, 1, 2, 3
+MOVED, ROUND = 0, 1
 
 
 @dataclass(frozen=True)
@@ -61,48 +62,57 @@ class SimConfig:
             raise InputError(f"--load {self.load}: give the offered load as a fraction, e.g. 0.8")
         if self.duration <= 0 or self.interval <= 0:
             raise InputError("--duration and --interval must be > 0 seconds")
-        if self.probe not in PROBES:
-            raise InputError(f"--probe {self.probe!r}: one of {', '.join(PROBES)}")
+        try:
+            Probe.parse(self.probe)
+        except ValueError as e:
+            raise InputError(f"--probe {e}") from None
         if self.strategy not in workload.STRATEGIES:
             raise InputError(f"--strategy {self.strategy!r}: one of {', '.join(workload.STRATEGIES)}")
 
 
-@dataclass
 class _Job:
-    job: Job
-    #: The host's virtual service at which it completes (while on a host).
-    finish_s: float = 0.0
-    #: Host index, or -1 while in flight.
-    host: int = -1
-    arrived_here: float | None = None
-    #: Reference CPU-seconds left (kept while in flight).
-    remaining: float = 0.0
+    __slots__ = ("job", "finish_s", "arrived_here", "remaining", "left")
+
+    def __init__(self, job: Job, arrived_here: float | None = None) -> None:
+        self.job = job
+        #: The host's virtual service at which it completes (while on a host).
+        self.finish_s = 0.0
+        #: When it arrived by migration (the process cooldown), None if never moved.
+        self.arrived_here = arrived_here
+        #: Reference CPU-seconds left (kept while in flight).
+        self.remaining = job.work
+        #: The hosts it was moved away from (a move back to one is ping-pong).
+        self.left: tuple[int, ...] = ()
 
 
-@dataclass
 class _Host:
-    i: int
-    spec: SimHost
-    settings: step.Settings | None
-    jobs: dict[int, _Job] = field(default_factory=dict)
-    heap: list[tuple[float, int]] = field(default_factory=list)
-    #: Service each job on it has received since t = 0 (processor sharing's virtual time).
-    served: float = 0.0
-    rate: float = 0.0
-    t_last: float = 0.0
-    epoch: int = 0
-    mem_used: int = 0
-    loadavg: float = 0.0
-    area_n: float = 0.0
-    area_busy: float = 0.0
-    t_sample: float = 0.0
-    snapshot: HostLoad | None = None
-    #: Publications of its snapshot so far (a herd is several moves decided on one of them).
-    version: int = 0
-    #: This host as a Peer, by the bandwidth of the path to it (cached per publication).
-    views: dict[float, Peer] = field(default_factory=dict)
-    state: step.State = field(default_factory=step.State)
-    last_move_at: float | None = None
+    """One simulated host. It is advanced lazily: its own arrivals and completions touch no one
+    else, so they are played out only when something looks at it (its round, a migration
+    arriving, the end of the run), not through the global event queue."""
+
+    __slots__ = ("i", "spec", "cpus", "speed", "settings", "arrivals", "next_arrival", "jobs", "heap",
+                 "served", "rate", "t_last", "mem_used", "loadavg", "area_n", "area_busy", "t_sample",
+                 "snapshot", "version", "views", "state", "last_move_at")
+
+    def __init__(self, i: int, spec: SimHost, settings: step.Settings | None, arrivals: list[Job]) -> None:
+        self.i, self.spec, self.settings = i, spec, settings
+        self.cpus, self.speed = spec.cpus, spec.speed
+        #: The jobs submitted to it, in time order, and the next one to arrive.
+        self.arrivals, self.next_arrival = arrivals, 0
+        self.jobs: dict[int, _Job] = {}
+        #: (finish_s, job id); entries of jobs that left are dropped when they reach the top.
+        self.heap: list[tuple[float, int]] = []
+        #: Service each job on it has received since t = 0 (processor sharing's virtual time).
+        self.served = self.rate = self.t_last = 0.0
+        self.mem_used = 0
+        self.loadavg = self.area_n = self.area_busy = self.t_sample = 0.0
+        self.snapshot: HostLoad | None = None
+        #: Publications of its snapshot so far (a herd is several moves decided on one of them).
+        self.version = 0
+        #: This host as a Peer, by the bandwidth of the path to it (cached per publication).
+        self.views: dict[float, Peer] = {}
+        self.state = step.State()
+        self.last_move_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,8 @@ class Result:
     migrations_per_job: float
     bytes_moved: int
     herd_events: int
+    #: Migrations that took a job back to a host it had been moved away from.
+    ping_pong: int
     idle_hosts: float
     peer_reads_per_round: float
     policy_rounds: int
@@ -134,6 +146,32 @@ def _percentile(xs: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
+class _OnDemand(Sequence):
+    """A round's peers or candidates, built the first time the policy looks at them. Most
+    rounds end before (this host is not overloaded, or is in its cooldown); the agent lists
+    its processes and peers every round anyway, the simulator need not build them to match."""
+
+    __slots__ = ("_make", "_items")
+
+    def __init__(self, make: Callable[[], tuple]) -> None:
+        self._make: Callable[[], tuple] | None = make
+        self._items: tuple = ()
+
+    def _get(self) -> tuple:
+        if self._make is not None:
+            self._items, self._make = self._make(), None
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._get()[i]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._get())
+
+
 class Simulation:
     """One policy over one workload. `run()` once."""
 
@@ -143,20 +181,24 @@ class Simulation:
         self.cfg, self.policy, self.arrivals = cfg, policy, arrivals
         self.strategy: Strategy = workload.STRATEGIES[cfg.strategy]
         mode = MIGRD_MODES.get(policy)
-        self.hosts = [_Host(i, h, step.Settings(h.name, mode, cfg.interval, cfg.policy) if mode else None)
-                      for i, h in enumerate(cluster)]
+        by_host: list[list[Job]] = [[] for _ in cluster]
+        for job in arrivals:
+            by_host[job.home].append(job)
+        self.hosts = [_Host(i, h, step.Settings(h.name, mode, cfg.interval, cfg.policy) if mode else None,
+                            by_host[i]) for i, h in enumerate(cluster)]
         self.index = {h.name: i for i, h in enumerate(cluster)}
+        self.home_speed = [h.speed for h in cluster]
         # Separate streams so the policies' choices never shift the workload or the phases.
         self.rng = random.Random(f"{cfg.seed}:{policy}")
         self.prober = Prober(cfg.probe, [h.name for h in cluster], random.Random(f"{cfg.seed}:probe"))
+        #: Rounds and migration arrivals: (time, seq, kind, host or job, target).
         self.events: list[tuple[float, int, int, int, int]] = []
         self.seq = 0
-        self.live: dict[int, _Job] = {}
+        self.in_flight: dict[int, _Job] = {}
         self.slowdowns: list[float] = []
-        self.migrations = self.bytes_moved = self.rounds = self.reads = 0
+        self.migrations = self.bytes_moved = self.rounds = self.reads = self.ping_pong = 0
         self.herds: Counter = Counter()
         self.idle_area = 0.0
-        self.arrived = 0
         phases = random.Random(f"{cfg.seed}:phases")
         for h in self.hosts:
             self._push(phases.uniform(0.0, cfg.interval), ROUND, h.i, 0)
@@ -169,43 +211,35 @@ class Simulation:
 
     def run(self) -> Result:
         began, cpu = time.perf_counter(), time.process_time()
-        end, arrivals, events = self.cfg.duration, self.arrivals, self.events
-        nxt, n_arr = 0, len(arrivals)
-        while True:
-            t_ev = events[0][0] if events else math.inf
-            if nxt < n_arr and arrivals[nxt].arrival <= t_ev:
-                job = arrivals[nxt]
-                nxt += 1
-                self._join(_Job(job, remaining=job.work), job.home, job.arrival)
-                continue
-            if t_ev >= end:
-                break
+        end, events = self.cfg.duration, self.events
+        while events and events[0][0] < end:
             t, _, kind, a, b = heapq.heappop(events)
-            if kind == DONE:
-                self._done(a, b, t)
-            elif kind == ROUND:
+            if kind == ROUND:
                 self._round(a, t)
             else:
-                j = self.live[a]
-                self._join(j, b, t)
-        self.arrived = nxt
+                j = self.in_flight.pop(a)
+                j.arrived_here = t
+                self._join(j, self.hosts[b], t)
+        for h in self.hosts:
+            self._catch_up(h, end)
         on_hosts = sum(len(h.jobs) for h in self.hosts)
-        n = nxt
+        n = sum(h.next_arrival for h in self.hosts)
         return Result(
             policy=self.policy, jobs=n, completed=len(self.slowdowns),
-            mean_slowdown=sum(self.slowdowns) / max(len(self.slowdowns), 1),
+            mean_slowdown=math.fsum(self.slowdowns) / max(len(self.slowdowns), 1),
             p99_slowdown=_percentile(self.slowdowns, 0.99),
             migrations=self.migrations, migrations_per_job=self.migrations / max(n, 1),
             bytes_moved=self.bytes_moved, herd_events=sum(1 for c in self.herds.values() if c > 1),
+            ping_pong=self.ping_pong,
             idle_hosts=self.idle_area / max(self.rounds, 1),
             peer_reads_per_round=self.reads / max(self.rounds, 1), policy_rounds=self.rounds,
             wall_s=time.perf_counter() - began, cpu_s=time.process_time() - cpu, jobs_on_hosts=on_hosts,
-            jobs_in_flight=sum(1 for j in self.live.values() if j.host < 0))
+            jobs_in_flight=len(self.in_flight))
 
     def hosts_of_jobs(self) -> dict[int, list[int]]:
         """Every job not completed -> the hosts holding it ([] while in flight). For the
         invariant that no job is on two hosts."""
-        out: dict[int, list[int]] = {jid: [] for jid in self.live}
+        out: dict[int, list[int]] = {jid: [] for jid in self.in_flight}
         for h in self.hosts:
             for jid in h.jobs:
                 out.setdefault(jid, []).append(h.i)
@@ -213,64 +247,91 @@ class Simulation:
 
     # --- processor sharing ------------------------------------------------------------------
 
-    def _advance(self, h: _Host, t: float) -> None:
-        dt = t - h.t_last
+    def _catch_up(self, h: _Host, t: float) -> None:
+        """Play out h's own arrivals and completions up to time t, in time order (an arrival
+        first on a tie), and advance it to t (its virtual time and its
+        load areas). Written out, attributes in locals: most of the time of a run is here."""
+        arrivals, k = h.arrivals, h.next_arrival
+        n_arr = len(arrivals)
+        heap, jobs, cpus, speed = h.heap, h.jobs, h.cpus, h.speed
+        served, rate, t_last, area_n, area_busy = h.served, h.rate, h.t_last, h.area_n, h.area_busy
+        slowdowns, home_speed = self.slowdowns, self.home_speed
+        n = len(jobs)
+        t_a = arrivals[k].arrival if k < n_arr else math.inf
+        while True:
+            while heap:
+                fin, jid = heap[0]
+                j = jobs.get(jid)
+                if j is not None and j.finish_s == fin:
+                    break
+                heapq.heappop(heap)  # it left, or left and came back with another finish
+            t_d = t_last + (heap[0][0] - served) / rate if heap else math.inf
+            if t_a <= t_d:
+                if t_a > t:
+                    break
+                dt = t_a - t_last
+                if dt > 0:
+                    served += rate * dt
+                    area_n += n * dt
+                    area_busy += (n if n < cpus else cpus) * dt
+                    t_last = t_a
+                job = arrivals[k]
+                k += 1
+                t_a = arrivals[k].arrival if k < n_arr else math.inf
+                j = _Job(job)
+                j.finish_s = served + job.work
+                jobs[job.id] = j
+                h.mem_used += job.rss
+                heapq.heappush(heap, (j.finish_s, job.id))
+                n += 1
+            else:
+                if t_d > t:
+                    break
+                dt = t_d - t_last
+                if dt > 0:
+                    area_n += n * dt
+                    area_busy += (n if n < cpus else cpus) * dt
+                    t_last = t_d
+                fin, jid = heapq.heappop(heap)
+                if fin > served:
+                    served = fin
+                job = jobs.pop(jid).job
+                h.mem_used -= job.rss
+                slowdowns.append((t_last - job.arrival) * home_speed[job.home] / job.work)
+                n -= 1
+            rate = (speed if n <= cpus else speed * (cpus / n)) if n else 0.0
+        dt = t - t_last
         if dt > 0:
-            n = len(h.jobs)
-            h.served += h.rate * dt
-            h.area_n += n * dt
-            h.area_busy += min(n, h.spec.cpus) * dt
-            h.t_last = t
+            served += rate * dt
+            area_n += n * dt
+            area_busy += (n if n < cpus else cpus) * dt
+            t_last = t
+        h.next_arrival = k
+        h.served, h.rate, h.t_last, h.area_n, h.area_busy = served, rate, t_last, area_n, area_busy
 
-    def _reschedule(self, h: _Host, t: float) -> None:
-        n = len(h.jobs)
-        h.rate = h.spec.speed * min(1.0, h.spec.cpus / n) if n else 0.0
-        h.epoch += 1
-        heap = h.heap
-        while heap and (heap[0][1] not in h.jobs or h.jobs[heap[0][1]].finish_s != heap[0][0]):
-            heapq.heappop(heap)
-        if heap:
-            self._push(t + max(heap[0][0] - h.served, 0.0) / h.rate, DONE, h.i, h.epoch)
-
-    def _join(self, j: _Job, i: int, t: float) -> None:
-        h = self.hosts[i]
-        self._advance(h, t)
-        if j.host == -1 and j.job.id in self.live:
-            j.arrived_here = t  # a migration's arrival
-        self.live[j.job.id] = j
-        j.host, j.finish_s = i, h.served + j.remaining
+    def _join(self, j: _Job, h: _Host, t: float) -> None:
+        """A migrated job resumes on h at t."""
+        self._catch_up(h, t)
+        j.finish_s = h.served + j.remaining
         h.jobs[j.job.id] = j
         h.mem_used += j.job.rss
         heapq.heappush(h.heap, (j.finish_s, j.job.id))
-        self._reschedule(h, t)
+        n = len(h.jobs)
+        h.rate = h.speed * min(1.0, h.cpus / n)
 
     def _leave(self, h: _Host, jid: int) -> _Job:
+        """h (advanced to now) gives up job jid; its entry in h.heap goes stale."""
         j = h.jobs.pop(jid)
         h.mem_used -= j.job.rss
         j.remaining = max(j.finish_s - h.served, 0.0)
-        j.host = -1
+        n = len(h.jobs)
+        h.rate = h.speed * min(1.0, h.cpus / n) if n else 0.0
         return j
-
-    def _done(self, i: int, epoch: int, t: float) -> None:
-        h = self.hosts[i]
-        if epoch != h.epoch:
-            return  # the host's jobs changed since this completion was scheduled
-        self._advance(h, t)
-        while h.heap and h.heap[0][0] <= h.served + 1e-9:
-            fin, jid = heapq.heappop(h.heap)
-            j = h.jobs.get(jid)
-            if j is None or j.finish_s != fin:
-                continue
-            self._leave(h, jid)
-            del self.live[jid]
-            home = self.hosts[j.job.home].spec
-            self.slowdowns.append((t - j.job.arrival) / (j.job.work / home.speed))
-        self._reschedule(h, t)
 
     # --- rounds -----------------------------------------------------------------------------
 
     def _sample(self, h: _Host, t: float) -> HostLoad:
-        self._advance(h, t)
+        self._catch_up(h, t)
         s = h.spec
         dt = t - h.t_sample
         n = len(h.jobs)
@@ -287,32 +348,39 @@ class Simulation:
     def _bandwidth(self, a: SimHost, b: SimHost) -> float:
         return min(a.nic, b.nic, self.strategy.wire_bps)
 
-    def _peers(self, h: _Host) -> list[_Host]:
+    def _peers(self, h: _Host) -> list[int]:
         """The probed peers, plus any that offered to take work (an asked host reads its asker)."""
         idx = self.prober.peers(h.i)
         if h.state.offers:
             idx = [*idx, *(j for j in (self.index[o] for o in sorted(h.state.offers)) if j not in idx)]
         self.reads += len(idx)
-        return [p for p in (self.hosts[j] for j in idx) if p.snapshot is not None]
+        return idx
 
-    def _view(self, viewer: _Host, p: _Host) -> Peer:
-        bw = self._bandwidth(viewer.spec, p.spec)
-        v = p.views.get(bw)
-        if v is None:
-            v = p.views[bw] = Peer(p.snapshot, Link(p.spec.rtt_s, bw))  # type: ignore[arg-type]
-        return v
+    def _views(self, viewer: _Host, idx: list[int]) -> tuple[Peer, ...]:
+        """What viewer reads of the peers idx: their last snapshots (none yet: not a peer)."""
+        out = []
+        hosts, nic, wire = self.hosts, viewer.spec.nic, self.strategy.wire_bps
+        for j in idx:
+            p = hosts[j]
+            if p.snapshot is None:
+                continue
+            bw = min(nic, p.spec.nic, wire)
+            v = p.views.get(bw)
+            if v is None:
+                v = p.views[bw] = Peer(p.snapshot, Link(p.spec.rtt_s, bw))
+            out.append(v)
+        return tuple(out)
 
     def _candidates(self, h: _Host, t: float) -> tuple[Candidate, ...]:
         n = len(h.jobs)
         share = min(1.0, h.spec.cpus / n) if n else 0.0
-        out = []
-        for j in h.jobs.values():
-            done = j.job.work - (j.finish_s - h.served)
-            # Positional: keyword construction is a tenth of a round here.
-            out.append(Candidate(ProcessLoad(j.job.id, "job", (), "sim", share, done / h.spec.speed,
-                                             j.job.rss, t - j.job.arrival, None, None, 0, 0),
-                                 True, j.arrived_here))
-        return tuple(out)
+        served, speed = h.served, h.spec.speed
+        # Positional: keyword construction is a tenth of a round here.
+        return tuple(Candidate(ProcessLoad(j.job.id, "job", (), "sim", share,
+                                           (j.job.work - (j.finish_s - served)) / speed,
+                                           j.job.rss, t - j.job.arrival, None, None, 0, 0),
+                               True, j.arrived_here)
+                     for j in h.jobs.values())
 
     def _round(self, i: int, t: float) -> None:
         h = self.hosts[i]
@@ -324,8 +392,8 @@ class Simulation:
         peers = self._peers(h)
         busy_until = t
         if h.settings is not None:
-            out = step.step(h.state, step.Inputs(sample, tuple(self._view(h, p) for p in peers),
-                                                 self._candidates(h, t)), h.settings)
+            out = step.step(h.state, step.Inputs(sample, _OnDemand(lambda: self._views(h, peers)),
+                                                 _OnDemand(lambda: self._candidates(h, t))), h.settings)
             h.state = out.state
             if out.move:
                 busy_until = self._move(h, out.decision.pid, out.decision.target, t)  # type: ignore[arg-type]
@@ -333,7 +401,8 @@ class Simulation:
                 asked = self.hosts[self.index[out.ask]]
                 asked.state = asked.state.offered(h.spec.name, t)
         elif self.policy != "none":
-            choice = self._baseline(h, [p.snapshot for p in peers], t)  # type: ignore[misc]
+            snaps = [p.snapshot for p in (self.hosts[j] for j in peers) if p.snapshot is not None]
+            choice = self._baseline(h, snaps, t)
             if choice is not None:
                 h.last_move_at = t
                 busy_until = self._move(h, choice[0], choice[1], t)
@@ -344,6 +413,8 @@ class Simulation:
         pc = self.cfg.policy
         if h.last_move_at is not None and t - h.last_move_at < pc.host_cooldown_s:
             return None
+        if self.policy != "mosix" and len(h.jobs) <= h.cpus:
+            return None  # random and least_loaded move only from a host with more jobs than CPUs
         eligible = [policies.Eligible(j.job.id, t - j.job.arrival, j.job.rss) for j in h.jobs.values()
                     if t - j.job.arrival >= pc.min_age_s
                     and (j.arrived_here is None or t - j.arrived_here >= pc.process_cooldown_s)]
@@ -365,9 +436,10 @@ class Simulation:
         """Freeze job `jid`, send it; it resumes on `target` after the downtime."""
         ti = self.index[target]
         there = self.hosts[ti]
-        self._advance(h, t)
         j = self._leave(h, jid)
-        self._reschedule(h, t)
+        self.in_flight[jid] = j
+        self.ping_pong += ti in j.left
+        j.left += (h.i,)
         down = self.strategy.downtime(j.job.rss, self._bandwidth(h.spec, there.spec), there.spec.rtt_s)
         self._push(t + down, MOVED, jid, ti)
         self.migrations += 1

@@ -18,6 +18,7 @@ import bisect
 import math
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MB = 1_000_000
 GB = 1000 * MB
@@ -45,8 +46,9 @@ class SimHost:
         return self.cpus * self.speed
 
 
-@dataclass(frozen=True)
-class Job:
+class Job(NamedTuple):
+    """A NamedTuple, not a frozen dataclass: an hour of 1000 hosts draws 1.3 million."""
+
     id: int
     arrival: float
     #: The host it is submitted to (index).
