@@ -243,14 +243,17 @@ def test_etcd_registry_offload_metrics_and_failures(bed, run_in, bed_etcd, agent
             return sum(v for (n, lab), v in m.items() if n == "migrd_migrations_total" and ("outcome", "ok") in lab)
 
         # The decisions log and the counters are written one after the other: scrape until both agree.
-        m = wait_for(lambda: (s := scrape(run_in, "host1", h1.address)) if moved_ok(s) >= 1 else None,
-                     timeout=30, what="the move in host1's metrics")
+        def scraped_with_move() -> dict | None:
+            m = scrape(run_in, "host1", h1.address)
+            return m if moved_ok(m) >= 1 else None
+
+        m = wait_for(scraped_with_move, timeout=30, what="the move in host1's metrics")
         assert m[("migrd_migration_downtime_seconds_count", ())] >= 1
         assert m[("migrd_migration_bytes_total", ())] > 0 and m[("migrd_rounds_total", ())] >= 1
         assert m[("migrd_decisions_total", (("action", "migrate"),))] >= 1
         assert {("host", h.name) for h in bed.hosts} <= {lab[0] for (n, lab), _ in m.items()
                                                          if n == "migrd_host_load_per_cpu"}
-        print(f"metrics on host1: migrations ok {ok:g}, downtime sum "
+        print(f"metrics on host1: migrations ok {moved_ok(m):g}, downtime sum "
               f"{m[('migrd_migration_downtime_seconds_sum', ())]:.2f} s, bytes "
               f"{m[('migrd_migration_bytes_total', ())]:g}, move {rec['migration']['id']}")
         for out in outs:
