@@ -47,7 +47,8 @@ def _hwm(pid: int) -> int:
 
 def reads(method: str, n: int) -> dict:
     """Inside a bed host: n reads of the peer's snapshot by `method`; our own CPU and wall."""
-    from migrd import config, exchange, transport
+    from migrd import config
+    from migrd.adapters import exchange, transport
 
     cfg = config.load()
     peer = next(h.name for h in cfg.hosts if h.name != cfg.host)
@@ -86,7 +87,10 @@ def main() -> int:
         print(json.dumps(reads(args.inner, args.reads)))
         return 0
 
-    from migrd import admin, bed, cgroup, config
+    from migrd.agent import admin
+    from migrbed import bed
+    from migrd.adapters import cgroup
+    from migrd import config
 
     root = Path(tempfile.mkdtemp(prefix="migrd-bench-agent-"))
     name = bed.new_name("ba")

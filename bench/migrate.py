@@ -8,7 +8,7 @@ On a fresh 2-host embedded bed, a workload with MEMORY of touched memory (starte
           CRIU dump, image stream over paramiko with the configured compression, CRIU restore
           on host2, verification, commit). Downtime is migrd's own figure: from the freeze to
           the copy on host2 running again.
-  staged  the same with `migrate.stream: never`: the whole image is dumped to disk here,
+  staged  the same with `--strategy stop-copy`: the whole image is dumped to disk here,
           then sent (what migrd did before it streamed pages during the dump).
   manual  what an operator would type without migrd, timed the same way, run inside host1:
           `criu dump -t PID -D DIR`, `scp -r DIR host2:DIR`,
@@ -33,11 +33,10 @@ import time
 from pathlib import Path
 
 import psutil
-import yaml
 
-from migrd import bed as bed_mod
+from migrbed import bed as bed_mod
 from migrd import config
-from migrd.criu import find_criu
+from migrd.adapters.criu import find_criu
 
 PY = sys.executable
 
@@ -70,18 +69,9 @@ class Bench:
     def sh(self, host: str, *argv: str, timeout: float = 600):
         return bed_mod.exec_in(self.bed, host, list(argv), timeout=timeout)
 
-    def migrctl(self, host: str, *args: str, timeout: float = 600, config: str | None = None) -> dict:
-        env = ["env", f"MIGRD_CONFIG={config}"] if config else []
-        r = self.sh(host, *env, PY, "-m", "migrd.cli", *args, timeout=timeout)
+    def migrctl(self, host: str, *args: str, timeout: float = 600) -> dict:
+        r = self.sh(host, PY, "-m", "migrd.cli", *args, timeout=timeout)
         return json.loads(r.stdout)
-
-    def staged_config(self) -> str:
-        """host1's config with streaming off, beside it in /etc/migrd."""
-        etc = self.bed.host("host1").dir / "etc"
-        data = yaml.safe_load((etc / "migrd.yaml").read_text())
-        data.setdefault("migrate", {})["stream"] = "never"
-        (etc / "migrd-staged.yaml").write_text(yaml.safe_dump(data))
-        return "/etc/migrd/migrd-staged.yaml"
 
     def start_hog(self, name: str, with_migrctl: bool) -> int:
         """The same process either way: init of its own PID namespace on host1. migrd's is
@@ -116,7 +106,7 @@ class Bench:
         rss = psutil.Process(pid).memory_info().rss
         t0 = time.monotonic()
         out = self.migrctl("host1", "migrate", "--json", str(pid), "--to", "host2",
-                           config=self.staged_config() if staged else None)
+                           *(["--strategy", "stop-copy"] if staged else []))
         assert out["streamed"] != staged, out
         total = time.monotonic() - t0
         self.end(out["target_pid"])

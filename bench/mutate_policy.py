@@ -2,7 +2,7 @@
 """Mutation test of the policy: delete or negate one policy rule at a time and see whether
 tests/test_policy.py notices.
 
-Each mutant is one hand-written textual edit of migrd/policy.py or migrd/costmodel.py that
+Each mutant is one hand-written textual edit of migrd/core/policy.py or migrd/core/costmodel.py that
 removes (or inverts, or loosens at its boundary) exactly one rule that docs/policy.md states.
 For each, the package and the policy tests are copied to a temporary directory, the edit is
 applied there (the worktree is never touched) and pytest runs the tests against the copy. A
@@ -44,7 +44,7 @@ class Mutant:
     new: str
 
 
-P, C = "migrd/policy.py", "migrd/costmodel.py"
+P, C = "migrd/core/policy.py", "migrd/core/costmodel.py"
 
 MUTANTS = (
     # -- when

@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from migrd.load import HostLoad, ProcessLoad
-from migrd.policy import Candidate, Link, Peer, PolicyConfig, Situation, decide
+from migrd.model import Candidate, HostLoad, Link, Peer, PolicyConfig, ProcessLoad, Situation
+from migrd.core.policy import decide
 
 NOW = 1_000_000.0
 MB = 1_000_000

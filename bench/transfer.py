@@ -35,7 +35,10 @@ from pathlib import Path
 
 import paramiko
 
-from migrd import manifest, proc, sshd, transport
+from migrd import model
+from migrd.engine import manifest
+from migrd.adapters import command, transport
+from migrbed import sshd
 from migrd.config import Config, HostEntry, SshSettings
 
 PAGE = 4096
@@ -71,7 +74,7 @@ def make_image(directory: Path, size: int, seed: int = 1, zero_runs: bool = True
         (directory / name).write_bytes(os.urandom(n))
     m = manifest.Manifest(
         format=manifest.FORMAT, created=time.time(), criu_version="bench", host=platform.node(),
-        process=manifest.ProcessInfo(pid=1, cmdline=("bench",), exe="/bin/true", cwd="/", uid=0,
+        process=model.ProcessInfo(pid=1, cmdline=("bench",), exe="/bin/true", cwd="/", uid=0,
                                      rss=size, start_time=0.0),
         options={}, files=manifest.scan(directory),
     )
@@ -89,7 +92,7 @@ class Peer:
         self.known_hosts.write_text("".join(line + "\n" for line in self.host.host_keys))
 
     def scp(self, src: Path, dst: str, legacy: bool = False) -> None:
-        proc.run(["scp", "-r", "-q", *(["-O"] if legacy else []), "-P", str(self.host.port),
+        command.run(["scp", "-r", "-q", *(["-O"] if legacy else []), "-P", str(self.host.port),
                   "-i", str(self.cfg.ssh.client_key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
                   "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
                   "-o", "GlobalKnownHostsFile=/dev/null",
@@ -147,7 +150,8 @@ def stop(server: subprocess.Popen[bytes]) -> None:
 
 def run_in_bed(args: argparse.Namespace) -> int:
     """Bring up a 2-host bed and run this benchmark inside host1 against host2."""
-    from migrd import bed, config
+    from migrbed import bed
+    from migrd import config
 
     root = Path(tempfile.mkdtemp(prefix="migrd-bench-bed-"))
     name = bed.new_name("bench")

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
-from .policy import PolicyConfig
+from migrd.errors import ConfigError
+from migrd.model import PolicyConfig
 
 #: libyaml's parser when PyYAML has it: linear in nesting depth and bounded (1000 levels), where
 #: the pure-Python one takes seconds on a few thousand nested brackets before a RecursionError.
@@ -55,7 +55,7 @@ class SshSettings:
 
 @dataclass(frozen=True)
 class CriuSettings:
-    #: Path of a criu binary or wrapper; empty means: search (see migrd.criu.find_criu).
+    #: Path of a criu binary or wrapper; empty means: search (see migrd.adapters.criu.find_criu).
     path: Path | None = None
     #: Network lock method: nftables needs no binary (CRIU links libnftables); iptables needs
     #: iptables-restore on the host.
@@ -76,12 +76,21 @@ class MigrateSettings:
     allow_cgroups: tuple[str, ...] = ()
     #: Seconds a restore waits for the dumped PIDs to be free (zombies are reaped lazily).
     pid_wait: float = 15.0
+    #: Post-copy: seconds after the switch within which every page must have reached the target.
+    lazy_timeout: float = 300.0
     #: The target must have this multiple of the process's RSS free in memory and on disk.
     headroom: float = 1.2
-    #: auto: a move of a workload in its own PID namespace streams its pages to the target
-    #: during the dump (CRIU page server over SSH) and leaves the source stopped, not ended,
-    #: until the commit; never: always dump to disk here first, then send.
-    stream: Literal["auto", "never"] = "auto"
+    #: How memory moves, in order of preference: a migration runs the first strategy that can
+    #: move the process (`migrctl migrate --strategy` pins one). stream-copy sends the pages
+    #: during the dump and needs a workload in its own PID namespace (`migrctl run`) moved
+    #: without --tcp-established; stop-copy dumps to disk first and moves anything.
+    strategies: tuple[Literal["stream-copy", "stop-copy", "postcopy", "precopy", "hybrid", "auto"], ...] = (
+        "stream-copy", "stop-copy")
+    #: Seconds a workload may be frozen: pre-copy switches once its predicted freeze meets this,
+    #: and `auto` prefers the strategies whose estimated freeze does.
+    downtime_target: float = 0.5
+    #: Pre-copy: rounds while the workload runs at most (the first, full one included).
+    precopy_rounds: int = 8
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,7 @@ class DaemonSettings:
     peer_stale_after: float = 20.0
     #: Whose load a round reads (not the link probe below): all (every peer), fingers (a Chord
     #: finger set over a hash ring of the host names, ~log2 N peers, the same every round) or
-    #: random[:D] (D peers drawn afresh each round, default ceil(log2 N)). migrd.peerset.
+    #: random[:D] (D peers drawn afresh each round, default ceil(log2 N)). migrd.core.peerset.
     probe: str = "all"
     #: Seconds between two link probes (RTT + a small bulk write) of each peer.
     probe_every: float = 300.0
@@ -167,7 +176,7 @@ class Config:
             if h.name == name:
                 return h
         known = ", ".join(h.name for h in self.hosts) or "none configured"
-        from .errors import InputError
+        from migrd.errors import InputError
 
         raise InputError(f"unknown host {name!r} (known hosts: {known})")
 
@@ -236,7 +245,8 @@ def _problem(e: yaml.YAMLError) -> str:
 
 
 #: Settings that are durations or periods: zero or less would spin or never wait.
-_POSITIVE = {"ssh.connect_timeout", "ssh.op_timeout", "migrate.pid_wait", "daemon.interval",
+_POSITIVE = {"ssh.connect_timeout", "ssh.op_timeout", "migrate.pid_wait", "migrate.lazy_timeout",
+             "migrate.downtime_target", "migrate.precopy_rounds", "daemon.interval",
              "daemon.peer_stale_after", "daemon.probe_every", "daemon.probe_bytes",
              "daemon.max_decisions_log", "daemon.cpu_speed", "migrate.headroom"}
 

@@ -55,6 +55,10 @@ class TransportError(MigrdError):
     exit_code = 7
 
 
+class PeerProtocolError(TransportError):
+    """The peer answered something migrd cannot read (a different version, or not migrd)."""
+
+
 class ConfigError(MigrdError):
     """The configuration file is malformed; the message names the key and line."""
 
@@ -80,6 +84,14 @@ class InDoubt(MigrdError):
     exit_code = 11
 
 
+class WorkloadLost(MigrdError):
+    """Post-copy only: after the switch the pages stopped arriving (the source's CRIU or the
+    target's lazy-pages daemon died), so the copy there was ended rather than left running on
+    missing memory. The source had been ended at the switch: nothing runs anywhere."""
+
+    exit_code = 13
+
+
 class AgentNotRunning(MigrdError):
     """No migrd agent answers on this host's admin socket."""
 
@@ -88,3 +100,8 @@ class AgentNotRunning(MigrdError):
 
 class RegistryError(MigrdError):
     """The etcd load registry cannot be reached, or refused a request."""
+
+
+class ContainerError(MigrdError):
+    """A container runtime (runc) refused or failed: no such container, name taken, runtime
+    missing. A failed checkpoint or restore is a CriuError (CRIU's own line comes first)."""

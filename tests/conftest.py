@@ -49,7 +49,7 @@ def bed(request, tmp_path_factory):
     """A live bed for the test module: real namespaces, cgroups and sshds, torn down at the
     end even on failure. 3 hosts unless the module sets BED_HOSTS; BED_CPU_QUOTAS
     ({"host2": 0.5}) sets quotas. Its root is a temp dir, its name random (parallel runs)."""
-    from migrd import bed as bed_mod
+    from migrbed import bed as bed_mod
 
     root = tmp_path_factory.mktemp("bed")
     name = bed_mod.new_name()
@@ -64,7 +64,7 @@ def bed(request, tmp_path_factory):
 def run_in(bed):
     """run_in("host1", "ip", "addr") runs a command inside a bed host; returns the
     CompletedProcess (stdout/stderr as bytes). check=False to look at a failure."""
-    from migrd import bed as bed_mod
+    from migrbed import bed as bed_mod
 
     def run(host: str, *argv: str, check: bool = True, timeout: float = 60, input: bytes | None = None):
         return bed_mod.exec_in(bed, host, list(argv), check=check, timeout=timeout, input=input)

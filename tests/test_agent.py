@@ -19,12 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from migrd import (admin, agent as agent_mod, config as config_mod, exchange, migrate, peerset, registry, sdnotify,
-                   step as step_mod)
+from migrd.agent import admin, loop as agent_mod
+from migrd import config as config_mod
+from migrd.adapters import exchange, registry, sdnotify
+from migrd.engine import migration as migrate
+from migrd.core import step as step_mod
+from migrd.core import peerset
 from migrd.config import Config, DaemonSettings, HostEntry
-from migrd.costmodel import Link
+from migrd.model import Action, Decision, Level, Link, Mode, PolicyConfig
 from migrd.errors import AgentNotRunning, ConfigError, InputError, MigrdError
-from migrd.policy import Action, Decision, Level, Mode, PolicyConfig
 from test_policy import NOW, cand, host, peer
 
 FAST = Link(0.001, 100e6)
@@ -56,10 +59,25 @@ def test_usable_peers_ignores_stale_and_unprobed():
 def test_options_and_modes():
     stay = Decision(Action.STAY, Mode.OFFLOAD, Level.HIGH, "a")
     assert agent_mod.options_for(stay) is None
-    move = replace(stay, action=Action.MIGRATE_WITH_DATA, pid=5, target="b")
-    assert agent_mod.options_for(move) == migrate.Options(target="b", mode="move")
+    move = replace(stay, action=Action.MIGRATE, pid=5, target="b")
+    assert agent_mod.options_for(move, [cand(5)]) == migrate.Options(target="b", mode="move")
     assert agent_mod.options_for(replace(move, action=Action.RESTART_ELSEWHERE)).mode == "restart"
     assert step_mod.own_mode("fill") is None and step_mod.own_mode("consolidate") is Mode.CONSOLIDATE
+
+
+def test_options_carry_the_data_exactly_when_it_was_priced():
+    """"Migrate with its data" is priced with the data's bytes: the migration copies the files."""
+    here = Decision(Action.MIGRATE_WITH_DATA, Mode.OFFLOAD, Level.HIGH, "a", pid=5, target="b")
+    data = cand(5, files=50 * 2**20)
+    assert agent_mod.options_for(here, [cand(4), data]) == migrate.Options(target="b", mode="move", with_files=True)
+    # A plain move, and code going to data on another host, copy no files.
+    assert not agent_mod.options_for(replace(here, action=Action.MIGRATE), [data]).with_files
+    remote = cand(5, files=50 * 2**20, data_host="b")
+    assert not agent_mod.options_for(replace(here, action=Action.MOVE_CODE_TO_DATA), [remote]).with_files
+    # A restart is priced with code + the data here; with the data on its target, code only.
+    restart = replace(here, action=Action.RESTART_ELSEWHERE)
+    assert agent_mod.options_for(restart, [data]) == migrate.Options(target="b", mode="restart", with_files=True)
+    assert not agent_mod.options_for(restart, [remote]).with_files
 
 
 def test_fill_source_only_when_idle_in_fill_mode():
@@ -156,11 +174,13 @@ def make_agent(tmp_path, monkeypatch):
     def fake_migrate(cfg, pid, opts, progress=None):
         calls.append((pid, opts))
         return migrate.Outcome(id=f"m{len(calls)}", mode="move", source="a", target=opts.target, pid=pid,
-                               target_pid=900 + len(calls), bytes=1, phases={}, downtime=0.1, dry_run=False)
+                               target_pid=900 + len(calls), bytes=1, phases={}, downtime=0.1, dry_run=False,
+                               strategy="stop-copy")
 
     monkeypatch.setattr(agent_mod.migrate, "migrate", fake_migrate)
 
-    def make(local: float = 2.0, peer_load: float = 0.1, mode: str = "offload", share: float = 0.5):
+    def make(local: float = 2.0, peer_load: float = 0.1, mode: str = "offload", share: float = 0.5,
+             files: int = 0):
         cfg = Config(host="a", state_dir=tmp_path / "state",
                      hosts=(HostEntry("a", "198.18.0.1"), HostEntry("b", "198.18.0.2")),
                      policy=PolicyConfig(hold_s=0.0),
@@ -168,7 +188,8 @@ def make_agent(tmp_path, monkeypatch):
         a = agent_mod.Agent(cfg, env={})
         a.source = FakeSource(local)
         a.peers.readers = {"b": FakeReader(view("b", peer_load))}
-        a._candidates = lambda: (cand(101, age=600, share=share), cand(102, age=1.0))  # type: ignore[method-assign]
+        a._candidates = lambda: (cand(101, age=600, share=share, files=files),  # type: ignore[method-assign]
+                                 cand(102, age=1.0))
         a.calls = calls
         return a
 
@@ -187,6 +208,14 @@ def test_round_offloads_then_cools_down(make_agent):
     assert recs[0]["reasons"] and recs[1]["action"] == "stay"
     published = exchange.Snapshot.from_json((a.cfg.state_dir / exchange.SNAPSHOT).read_bytes())
     assert published.level == "high" and published.load.host == "a"
+
+
+def test_round_moves_the_data_it_priced(make_agent):
+    a = make_agent(files=4 << 20)
+    d = a.round()
+    assert d.action is Action.MIGRATE_WITH_DATA and d.pid == 101
+    assert d.estimate is not None and d.estimate.transfer_bytes == 100 * 10**6 + (4 << 20)  # rss + the data
+    assert a.calls == [(101, migrate.Options(target="b", with_files=True))]
 
 
 def test_paused_agent_decides_but_does_not_move(make_agent):
@@ -409,7 +438,7 @@ def test_example_config_is_complete():
 def test_daemon_refuses_a_malformed_config(tmp_path):
     bad = tmp_path / "migrd.yaml"
     bad.write_text(f"state_dir: {tmp_path / 'x'}\ndaemon:\n  mode: offload\n  intervall: 3\n")
-    r = subprocess.run([sys.executable, "-m", "migrd.daemon", "--once"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "migrd.agent.daemon", "--once"], capture_output=True, text=True,
                        env={**os.environ, "MIGRD_CONFIG": str(bad)}, timeout=60)
     assert r.returncode == 8
     assert "daemon.intervall" in r.stderr and "line 4" in r.stderr
@@ -450,20 +479,20 @@ def test_metrics_endpoint_after_a_move_and_a_refused_reservation(make_agent):
     """The agent's Prometheus endpoint, scraped over HTTP: rounds, decisions by action,
     migrations by outcome and strategy, downtime and total time, bytes, load per host, and a
     move the registry refused (target full) counted as not_reserved, not as a migration."""
-    from migrd import registry
+    from migrd.adapters import registry
     from migrd.config import MetricsSettings
 
     a = make_agent()
     port = _free_port()
     a.metrics.serve(MetricsSettings(enabled=True, address="127.0.0.1", port=port))
     try:
-        a.round()  # moves PID 101 to b (fake orchestrator: 1 byte, 0.1 s downtime, staged)
+        a.round()  # moves PID 101 to b (fake orchestrator: 1 byte, 0.1 s downtime, stop-copy)
         a.round()  # host cooldown: stays
         m = _scrape(port)
         assert m[("migrd_rounds_total", ())] == 2
         assert m[("migrd_decisions_total", (("action", "migrate"),))] == 1
         assert m[("migrd_decisions_total", (("action", "stay"),))] == 1
-        assert m[("migrd_migrations_total", (("outcome", "ok"), ("strategy", "staged")))] == 1
+        assert m[("migrd_migrations_total", (("outcome", "ok"), ("strategy", "stop-copy")))] == 1
         assert m[("migrd_migration_bytes_total", ())] == 1
         assert m[("migrd_migration_downtime_seconds_count", ())] == 1
         assert m[("migrd_migration_downtime_seconds_sum", ())] == pytest.approx(0.1)
@@ -528,7 +557,7 @@ def test_registry_settings_refused():
 
 
 def test_metrics_port_taken_is_a_config_error():
-    from migrd import metrics
+    from migrd.agent import metrics
     from migrd.config import MetricsSettings
 
     with socket.socket() as s:

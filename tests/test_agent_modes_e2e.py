@@ -28,11 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from migrd import admin, cgroup
-from migrd import bed as bed_mod
+from migrd.agent import admin
+from migrd.adapters import cgroup
+from migrbed import bed as bed_mod
 from migrd import config as config_mod
-from migrd.policy import PolicyConfig, Watermarks
-from migrd.workloads import BUSY, COUNTER, MARK, read_counts
+from migrd.model import PolicyConfig, Watermarks
+from migrbed.programs import BUSY, COUNTER, MARK, read_counts
 from workloads import copies, end_copies, wait_for
 
 pytestmark = pytest.mark.root
@@ -190,7 +191,7 @@ def test_consolidate_packs_onto_a_busier_host(bed, run_in, agents, tmp_path: Pat
 #: is gone or 60 s have passed.
 LOAD_KEYS = """
 import sys, time
-from migrd.registry import EtcdClient
+from migrd.adapters.registry import EtcdClient
 client, end = EtcdClient((sys.argv[1],), 2.0), time.monotonic() + 60
 while time.monotonic() < end:
     keys = [meta["key"].decode() for _, meta in client.call(lambda c: c.get_prefix("/migrd/load/"))]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from migrd import bed as bed_mod
+from migrbed import bed as bed_mod
 from migrd import config as config_mod
-from migrd import failpoints
-from migrd.journal import FINAL, all_journals
-from migrd.workloads import BUSY, read_counts
+from migrd.engine import failpoints
+from migrd.engine.journal import FINAL, all_journals
+from migrbed.programs import BUSY, read_counts
 from test_agent_e2e import POLICY
 from workloads import copies, end_copies, wait_for
 

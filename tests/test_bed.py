@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from migrd import bed as bed_mod
-from migrd import cgroup, config
+from migrbed import bed as bed_mod
+from migrd.adapters import cgroup
+from migrd import config
 from migrd.errors import InputError, NotPermitted
 
 BED_HOSTS = 3
@@ -137,11 +138,11 @@ def test_enter_argv_enters_namespaces_then_joins_cgroup():
     dirs = [str(d) for d in st.host("host1").cgroup.dirs]
     assert bed_mod.enter_argv(st, "host1", python="/py") == [
         "nsenter", "--net=/run/netns/migrd-ea-host1", "--mount=/proc/42/ns/mnt", "--",
-        "/py", "-m", "migrd.hostexec", *dirs, "--",
+        "/py", "-m", "migrbed.hostexec", *dirs, "--",
     ]
     h2 = [str(d) for d in st.host("host2").cgroup.dirs]
     assert bed_mod.holder_argv(st.host("host2"), python="/py") == [
-        "nsenter", "--net=/run/netns/migrd-ea-host2", "--", "/py", "-m", "migrd.hostexec", *h2, "--",
+        "nsenter", "--net=/run/netns/migrd-ea-host2", "--", "/py", "-m", "migrbed.hostexec", *h2, "--",
         "unshare", "--mount", "--propagation", "private", "--", "sleep", "infinity"]
 
 
@@ -273,8 +274,8 @@ def test_cli_exec_passes_status_and_detaches_into_the_cgroup(bed):
 def test_criu_moves_a_process_from_host1_to_host3(bed, run_in):
     """What migration will do, minus SSH: CRIU runs inside each host, so neither namespace
     ends up in the image, and the restored process lands in the target's namespaces and
-    cgroup. Its /dev/null stdio was opened inside host1 (migrd.hostexec), or dump would fail."""
-    from migrd.criu import find_criu
+    cgroup. Its /dev/null stdio was opened inside host1 (migrbed.hostexec), or dump would fail."""
+    from migrd.adapters.criu import find_criu
 
     criu = find_criu(config.Config()).path
     p = bed_mod.spawn_in(bed, "host1", ["sleep", "300"])

@@ -1,4 +1,4 @@
-"""The cgroup v2 code of the bed (migrd/cgroup.py) and of the load source (migrd/load.py) against
+"""The cgroup v2 code of the bed (migrd/adapters/cgroup.py) and of the load source (migrd/adapters/load.py) against
 a real v2 hierarchy, also on a machine that runs cgroup v1.
 
 A fresh Debian 12 machine is v2 only; a hybrid one (v1 hierarchies plus the unified one) still
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from migrd import bed, cgroup
+from migrbed import bed
+from migrd.adapters import cgroup
 from migrd.errors import CommandError, MigrdError
-from migrd.load import make_source, parse_meminfo, parse_pid_stat
+from migrd.adapters.load import make_source, parse_meminfo, parse_pid_stat
 
 #: Busy for at most 30 s, whatever happens to the test.
 BUSY = "import time\nt = time.time()\nwhile time.time() - t < 30: pass"
@@ -75,7 +76,7 @@ def _available(layout: cgroup.Layout) -> set[str]:
 def _start_in(group: cgroup.Group) -> subprocess.Popen:
     """A busy process inside `group` from its first instruction, the way the bed starts one."""
     dirs = [str(d) for d in group.dirs]
-    return subprocess.Popen([sys.executable, "-m", "migrd.hostexec", *dirs, "--",
+    return subprocess.Popen([sys.executable, "-m", "migrbed.hostexec", *dirs, "--",
                              sys.executable, "-c", BUSY])
 
 

@@ -36,10 +36,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from migrd import bed as bed_mod
-from migrd import cgroup, workload
-from migrd.journal import FINAL, STEPS, Journal, all_journals, summarize
-from migrd.workloads import COUNTER, read_counts
+from migrbed import bed as bed_mod
+from migrd.adapters import cgroup, workloads
+from migrd.engine.journal import FINAL, STEPS, Journal, all_journals, summarize
+from migrbed.programs import COUNTER, read_counts
 from workloads import copies, end_copies, wait_for
 
 pytestmark = pytest.mark.root
@@ -150,7 +150,7 @@ def check_invariants(state: bed_mod.BedState, counters: list[Counter]) -> list[t
             problems.append(("copies", f"the only copy of {c.name} (PID {pid}) is stopped"))
         c.pid, c.host = pid, host_of(state, pid)
         registered = [(h.name, w.pid) for h in state.hosts
-                      for w in workload.Registry(h.dir / "state").all() if w.name == c.name and w.alive()]
+                      for w in workloads.Registry(h.dir / "state").all() if w.name == c.name and w.alive()]
         if registered != [(c.host, pid)]:
             problems.append(("registry", f"{c.name} runs as {pid} on {c.host}, registered {registered}"))
     for c in counters:

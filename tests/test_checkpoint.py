@@ -126,7 +126,7 @@ def test_leave_running_then_restore_after_source_exits(procs, migrd_config, tmp_
 
 
 def test_restore_names_the_process_holding_the_pid(procs, migrd_config, tmp_path):
-    from migrd import checkpoint as cp
+    from migrd.engine import checkpoint as cp
     from migrd import config
     from migrd.errors import NotPermitted
 

@@ -20,9 +20,13 @@ import zstandard
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from migrd import admin, agent, config, exchange, manifest, migrate, receive, untrusted
+from migrd import model
+from migrd.agent import admin, loop as agent
+from migrd import config
+from migrd.adapters import exchange, untrusted
+from migrd.engine import manifest, migration as migrate, receive
 from migrd.errors import ConfigError, ImageError, InputError, JournalCorrupt, MigrdError
-from migrd.journal import Journal, summarize
+from migrd.engine.journal import Journal, summarize
 from test_policy import host
 from test_transport import assert_nothing_left, make_image, reader, stream_of
 
@@ -103,10 +107,10 @@ def test_snapshot_reader(data: bytes) -> None:
 
 GOOD_MANIFEST = json.loads(manifest.Manifest(
     format=manifest.FORMAT, created=1.0, criu_version="4.0", host="h",
-    process=manifest.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/", uid=0,
+    process=model.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/", uid=0,
                                  rss=1, start_time=0.0,
-                                 open_files=(manifest.OpenFile("/tmp/x", 3, "r", 5),),
-                                 listening=(manifest.Listener("inet", "0.0.0.0", 80),), tree_ids=(42,),
+                                 open_files=(model.OpenFile("/tmp/x", 3, "r", 5),),
+                                 listening=(model.Listener("inet", "0.0.0.0", 80),), tree_ids=(42,),
                                  environ={"A": "b"}),
     options={"tcp_established": False}, files={"core-42.img": manifest.FileEntry(3, "0" * 64)},
 ).to_json())

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from migrd import admin, config, exchange, manifest, migrate, receive
+from migrd.agent import admin
+from migrd import config
+from migrd.adapters import exchange
+from migrd.engine import manifest, migration as migrate, receive
 from migrd.config import Config
 from migrd.errors import ConfigError, ImageError, InputError, JournalCorrupt
-from migrd.journal import Journal, summarize
+from migrd.engine.journal import Journal, summarize
 from test_agent import make_agent  # noqa: F401  (fixture)
 from test_policy import host
 from test_transport import assert_nothing_left, make_image, reader, stream_of
@@ -176,7 +179,7 @@ def test_config_nested_too_deeply_and_not_utf8(tmp_path: Path) -> None:
 def test_daemon_exits_8_on_a_hostile_config(tmp_path: Path) -> None:
     bad = tmp_path / "migrd.yaml"
     bad.write_text("state_dir: /tmp/x\nhost: !!python/name:os.system\n")
-    r = subprocess.run([sys.executable, "-m", "migrd.daemon", "--once"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "migrd.agent.daemon", "--once"], capture_output=True, text=True,
                        env={**os.environ, "MIGRD_CONFIG": str(bad)}, timeout=60)
     assert r.returncode == 8 and "key 'host' (line 2)" in r.stderr and "Traceback" not in r.stderr
 

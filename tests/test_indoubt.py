@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from migrd import admin, failpoints
-from migrd import bed as bed_mod
+from migrd.agent import admin
+from migrd.engine import failpoints
+from migrbed import bed as bed_mod
 from migrd import config as config_mod
 from migrd.errors import InDoubt, MigrdError
-from migrd.journal import FINAL, Journal, all_journals
-from migrd.workloads import BUSY, read_counts
+from migrd.engine.journal import FINAL, Journal, all_journals
+from migrbed.programs import BUSY, read_counts
 from test_agent_e2e import POLICY
 from test_migrate import counter, jrun, mig  # noqa: F401 (fixtures)
 from workloads import copies, end_copies, wait_for
@@ -142,7 +143,7 @@ def test_a_corrupt_journal_does_not_stop_the_agent(tmp_path: Path) -> None:
         (root / mid / "journal.jsonl").write_text(line + "\n")
     good = unfinished(tmp_path, "20260101-000000002-cccccc")  # sorted after the broken ones
     env = {**os.environ, "MIGRD_CONFIG": str(local_config(tmp_path))}
-    p = subprocess.Popen([PY, "-m", "migrd.daemon"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen([PY, "-m", "migrd.agent.daemon"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def answers() -> bool:
             assert p.poll() is None, p.stderr.read().decode()[-2000:]
@@ -209,7 +210,7 @@ def test_watchdog_is_fed_through_a_real_long_migration(bed, run_in, tmp_path: Pa
                failpoints.ENV: "transfer:delay"}
         for h, extra in (("host2", {}), ("host1", env)):
             with open(bed.host(h).dir / "state" / "agent.log", "ab") as log:
-                agents.append(bed_mod.spawn_in(bed, h, [PY, "-m", "migrd.daemon"], stdout=log, stderr=log,
+                agents.append(bed_mod.spawn_in(bed, h, [PY, "-m", "migrd.agent.daemon"], stdout=log, stderr=log,
                                                env=extra or None))
         deadline = time.time() + 150
         for i, out in enumerate(outs):

@@ -13,15 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from migrd import untrusted
+from migrd.adapters import untrusted
 from migrd.errors import InputError
-from migrd.load import (
-    CgroupRaw, CpuTimes, HostLoad, Pressure, ProcessLoad, ProcessMonitor, ProcessRaw, SystemRaw,
-    cgroup_load, decay_loadavg, make_source, parse_cfs_quota, parse_cpu_max,
-    parse_cpu_stat_usage, parse_int, parse_loadavg, parse_memory_limit, parse_meminfo,
-    parse_net_dev, parse_pid_io, parse_pid_stat, parse_pids, parse_pressure, parse_proc_stat,
-    process_load, system_load,
-)
+from migrd.adapters.load import CgroupRaw, CpuTimes, ProcessMonitor, ProcessRaw, SystemRaw, cgroup_load, decay_loadavg, make_source, parse_cfs_quota, parse_cpu_max, parse_cpu_stat_usage, parse_int, parse_loadavg, parse_memory_limit, parse_meminfo, parse_net_dev, parse_pid_io, parse_pid_stat, parse_pids, parse_pressure, parse_proc_stat, process_load, system_load
+from migrd.model import HostLoad, Pressure, ProcessLoad
 
 PROC_STAT = """\
 cpu  4614 0 2026 250034 422 0 27 17 0 0

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 
 import pytest
 
-from migrd import failpoints, netaddr, precheck
+from migrd.engine import failpoints
+from migrd.adapters import criu, netaddr, procinfo, untrusted
+from migrd.core import precheck
 from migrd.config import MigrateSettings
 from migrd.errors import MigrdError
-from migrd.journal import Journal, summarize
-from migrd.manifest import ProcessInfo
+from migrd.engine.journal import Journal, summarize
+from migrd.model import FileIdentity, ProcessInfo
 
 
 def req(**kw) -> precheck.Request:
@@ -28,7 +31,7 @@ GOOD = precheck.TargetFacts(criu_ok=True, criu_message="", cpu_ok=True, cpu_mess
 
 
 def test_journal_ids_sort_by_start_time():
-    from migrd.journal import new_id
+    from migrd.engine.journal import new_id
 
     a = new_id()
     time.sleep(0.002)
@@ -59,6 +62,67 @@ def test_own_pid_namespace_ignores_taken_pids_and_carried_files_are_not_required
 def test_open_file_with_other_size_needs_with_files():
     facts = dataclasses.replace(GOOD, files={"/srv/d": 6})
     assert "has size 6 on the target, 5 here" in precheck.evaluate(req(), facts)[0]
+
+
+LOG = FileIdentity(fsid=7, inode=42, size=5, digest="ab")
+
+
+def test_shared_growing_file_is_left_to_criu():
+    """Same filesystem and inode there, the bytes read here there too: the file grew on shared
+    storage between the two looks; CRIU checks its size after the freeze."""
+    grown = dataclasses.replace(GOOD, files={"/srv/d": 6}, identities={"/srv/d": LOG})
+    assert precheck.evaluate(req(identities={"/srv/d": LOG}), grown) == []
+    assert precheck.shared(LOG, LOG) and not precheck.shared(LOG, None) and not precheck.shared(None, None)
+
+
+def test_look_alike_files_are_not_shared():
+    """Another inode, another filesystem, or other bytes (a disk cloned from one image, or a
+    file rewritten or cut short): the sizes must match as before."""
+    for other in (dataclasses.replace(LOG, inode=43), dataclasses.replace(LOG, fsid=8),
+                  dataclasses.replace(LOG, digest="cd"), dataclasses.replace(LOG, digest=""), None):
+        facts = dataclasses.replace(GOOD, files={"/srv/d": 6}, identities={"/srv/d": other})
+        assert "has size 6 on the target, 5 here" in precheck.evaluate(req(identities={"/srv/d": LOG}), facts)[0]
+
+
+def test_a_file_the_target_may_see_already_is_never_copied_onto_itself():
+    carried = req(identities={"/srv/d": LOG}, carry=("/srv/d",), with_files=True)
+    same = dataclasses.replace(GOOD, identities={"/srv/d": LOG})
+    assert precheck.not_to_copy(carried, same) == ("/srv/d",) and precheck.evaluate(carried, same) == []
+    # Same inode, other bytes: copying would overwrite what may be the very file: refused.
+    rewritten = dataclasses.replace(same, files={"/srv/d": 6},
+                                    identities={"/srv/d": dataclasses.replace(LOG, digest="cd")})
+    assert precheck.not_to_copy(carried, rewritten) == ("/srv/d",)
+    assert "would overwrite it" in precheck.evaluate(carried, rewritten)[0]
+    # Another file there: copied as asked.
+    other = dataclasses.replace(GOOD, files={"/srv/d": None}, identities={"/srv/d": None})
+    assert precheck.not_to_copy(carried, other) == () and precheck.evaluate(carried, other) == []
+
+
+def test_file_identity_follows_the_file_not_its_name(tmp_path):
+    log = tmp_path / "log"
+    log.write_bytes(b"x" * 10_000)
+    here = procinfo.file_identity(str(log))
+    with open(log, "ab") as f:
+        f.write(b"more")
+    assert procinfo.file_identity(str(log), here.size) == here  # grew: same bytes up to here
+    assert procinfo.file_identity(str(log)).size == 10_004
+    copy = tmp_path / "copy"
+    copy.write_bytes(log.read_bytes())
+    assert not precheck.same_inode(here, procinfo.file_identity(str(copy), here.size))
+    log.write_bytes(b"y" * 10_000)  # rewritten in place: same inode, other bytes
+    again = procinfo.file_identity(str(log), here.size)
+    assert precheck.same_inode(here, again) and not precheck.shared(here, again)
+    log.write_bytes(b"x" * 10)  # cut short
+    assert procinfo.file_identity(str(log), here.size).digest == ""
+    os.mkfifo(tmp_path / "fifo")  # never blocks on a path that is no regular file there
+    assert procinfo.file_identity(str(tmp_path / "fifo")) is None
+    assert procinfo.file_identity(str(tmp_path / "absent")) is None
+
+
+def test_precheck_request_round_trips_through_json():
+    r = req(identities={"/srv/d": LOG}, cpuinfo="AA==")
+    assert untrusted.build(precheck.Request, json.loads(json.dumps(dataclasses.asdict(r))),
+                           MigrdError, "request") == r
 
 
 def test_restart_mode_needs_no_criu():
@@ -158,3 +222,33 @@ def test_dump_tables_are_found_by_the_run_id_in_the_inventory():
     tables = {f"inet CRIU-{ours}", f"inet CRIU-{theirs}", "inet filter", "inet CRIU-"}
     assert netaddr.tables_of_dump(tables, inventory) == [f"inet CRIU-{ours}"]
     assert netaddr.tables_of_dump(tables, b"") == []
+
+
+NOBODY = (65534,) * 6
+
+
+def test_criu_dumps_as_the_service_user_only_when_root_cannot_read_its_limits():
+    no_sys_resource = 0x1fffeffffff  # root in a container: every capability but CAP_SYS_RESOURCE
+    assert criu.dump_user([NOBODY, NOBODY], no_sys_resource) == (65534, 65534)
+    assert criu.dump_user([NOBODY], no_sys_resource | 1 << criu.CAP_SYS_RESOURCE) is None  # root can
+    assert criu.dump_user([(0,) * 6], no_sys_resource) is None
+    assert criu.dump_user([NOBODY, (0,) * 6], no_sys_resource) is None  # two users: no one ID fits
+    assert criu.dump_user([(1000, 1000, 0, 1000, 1000, 1000)], no_sys_resource) is None  # saved root
+    assert criu.dump_user([], no_sys_resource) is None
+
+
+def test_criu_as_user_keeps_the_capabilities_root_has():
+    prefix = criu.as_user_prefix(65534, 65534, 0b1011, 3)
+    assert prefix[:4] == ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    assert "--inh-caps=+all,-cap_2" in prefix and "--ambient-caps=+all,-cap_2" in prefix
+    assert prefix[-1] == "--"
+
+
+def test_unprivileged_pid_namespace_init_cannot_get_a_proc():
+    def status(nspid: str, caps: int) -> str:
+        return f"Name:\tpython3\nNSpid:\t{nspid}\nCapEff:\t{caps:016x}\n"
+
+    assert procinfo.proc_unreachable(status("4242\t1", 0))
+    assert not procinfo.proc_unreachable(status("4242\t1", 1 << procinfo.CAP_SYS_ADMIN))  # root init
+    assert not procinfo.proc_unreachable(status("4242", 0))  # host PID space: /proc is its own
+    assert not procinfo.proc_unreachable(status("4242\t7", 0))  # not the init

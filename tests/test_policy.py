@@ -13,11 +13,20 @@ import pytest
 from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 
-from migrd.load import HostLoad, ProcessLoad
-from migrd.policy import (
-    Action, Candidate, Decision, Level, Link, Mode, Peer, PolicyConfig, Situation, classify,
-    decide, explain, pick_fill_source,
+from migrd.model import (
+    Action,
+    Candidate,
+    Decision,
+    HostLoad,
+    Level,
+    Link,
+    Mode,
+    Peer,
+    PolicyConfig,
+    ProcessLoad,
+    Situation,
 )
+from migrd.core.policy import classify, decide, explain, pick_fill_source
 
 MB = 1_000_000
 GB = 1000 * MB

@@ -1,4 +1,4 @@
-"""migrd/private.py: directories 0700 and files 0600 whatever the umask, the repair of an old
+"""migrd/adapters/private.py: directories 0700 and files 0600 whatever the umask, the repair of an old
 state directory, atomic writes, and the refusal of directories another user could change.
 No root needed."""
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from migrd import private
+from migrd import model
+from migrd.adapters import private
 from migrd.errors import NotPermitted
 from workloads import not_private
 
@@ -151,15 +152,16 @@ def test_check_trusted_dir_refuses_a_dir_inside_a_world_writable_parent(tmp_path
 
 
 def test_journal_registry_decisions_and_snapshot_are_private(tmp_path, umask_022):
-    from migrd import exchange, journal, workload
-    from migrd.agent import DecisionLog
+    from migrd.adapters import exchange, workloads
+    from migrd.engine import journal
+    from migrd.agent.loop import DecisionLog
 
     state = tmp_path / "state"
     j = journal.Journal(state / "migrations" / journal.new_id())
     fd = j.lock()  # the orchestrator locks before it records anything
     os.close(fd)
     j.record("precheck", request={"pid": 1, "env": {"SECRET": "x"}})
-    workload.Registry(state).add(workload.Workload("w", 1, 1.0, ("sleep", "1"), "/", "/dev/null"))
+    workloads.Registry(state).add(workloads.Workload("w", 1, 1.0, ("sleep", "1"), "/", "/dev/null"))
     log = DecisionLog(state / "decisions.jsonl", limit=2)
     for i in range(4):  # past the limit: the trimmed rewrite too
         log.append({"i": i})
@@ -174,13 +176,13 @@ def test_journal_registry_decisions_and_snapshot_are_private(tmp_path, umask_022
 
 
 def test_received_images_are_private(tmp_path, umask_022):
-    from migrd import manifest as mf
-    from migrd import receive
+    from migrd.engine import manifest as mf
+    from migrd.engine import receive
 
     src = tmp_path / "src"
     src.mkdir()
     (src / "pages-1.img").write_bytes(b"secret" * 1000)
-    info = mf.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/", uid=0, rss=0,
+    info = model.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/", uid=0, rss=0,
                           start_time=0.0)
     mf.write(src, mf.Manifest(mf.FORMAT, 1.0, "test", "h", info, {}, mf.scan(src)))
     # manifest.write made manifest.json 0600; the source's own dir and image stay as they were

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from migrd import etcdserver, registry, sshd
+from migrbed import etcdserver, sshd
+from migrd.adapters import registry
 from migrd.config import Config, DaemonSettings, EtcdSettings, HostEntry, SshSettings
 from migrd.errors import ConfigError, RegistryError
-from migrd.exchange import Snapshot
-from migrd.load import HostLoad
+from migrd.adapters.exchange import Snapshot
+from migrd.model import HostLoad
 from test_policy import FAST
 from test_policy import cand as policy_cand
 from test_policy import host as policy_host
@@ -132,7 +133,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from test_registry import cfg_for, snap
-from migrd import registry
+from migrd.adapters import registry
 reg = registry.EtcdRegistry(cfg_for("dead", sys.argv[1], Path(sys.argv[2]), Path(sys.argv[2]) / "id_ed25519"), "dead")
 reg.publish(snap("dead"))
 with reg.reserve("c", "dead:1"):
@@ -252,9 +253,9 @@ def test_two_agents_contending_for_one_target(etcd, tmp_path, client_key, monkey
     (1 reservation slot) in etcd; the orchestrator (faked) holds the first move open until the
     other round is over. Five times: exactly one move to c each time; the other agent was
     refused the reservation or saw c full and stayed."""
-    from migrd import agent as agent_mod
-    from migrd import migrate
-    from migrd.policy import PolicyConfig
+    from migrd.agent import loop as agent_mod
+    from migrd.engine import migration as migrate
+    from migrd.model import PolicyConfig
 
     calls: list[str] = []
     release = threading.Event()

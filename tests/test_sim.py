@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from migrd import peerset, step
+from migrd.core import peerset, step
 from migrd.sim import SimConfig, engine, probe, run, workload
 
 SMALL = SimConfig(hosts=20, load=0.9, seed=5, duration=300.0)
@@ -52,7 +52,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_migrd_policies_call_the_agents_round(monkeypatch):
-    """Not a copy of the policy: every migrd round in the simulation is one migrd.step.step."""
+    """Not a copy of the policy: every migrd round in the simulation is one migrd.core.step.step."""
     calls = []
     real = step.step
 

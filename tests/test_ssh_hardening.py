@@ -16,11 +16,13 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from migrd import agent as agent_mod
-from migrd import config, exchange, sshd, transport
+from migrd.agent import loop as agent_mod
+from migrd import config
+from migrd.adapters import exchange, transport
+from migrbed import sshd
 from migrd.config import Config, DaemonSettings, HostEntry, SshSettings
 from migrd.errors import ConfigError, InputError, TransportError
-from migrd.workloads import COUNTER
+from migrbed.programs import COUNTER
 from test_transport import free_port, peer, wait_listening  # noqa: F401 (peer is a fixture)
 from workloads import copies, end_copies, wait_for
 

@@ -59,7 +59,7 @@ def test_agent_notifies_ready_and_watchdog(tmp_path, notify_socket):
     s.settimeout(0.5)
     env = {**os.environ, "MIGRD_CONFIG": str(_config(tmp_path, 5.0)), "NOTIFY_SOCKET": name,
            "WATCHDOG_USEC": "600000"}
-    p = subprocess.Popen([sys.executable, "-m", "migrd.daemon"], env=env,
+    p = subprocess.Popen([sys.executable, "-m", "migrd.agent.daemon"], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         got: list[str] = []
@@ -86,7 +86,7 @@ def test_once_notifies_ready_then_watchdog(tmp_path):
         s.settimeout(2)
         env = {**os.environ, "MIGRD_CONFIG": str(_config(tmp_path, 1.0)), "NOTIFY_SOCKET": str(path),
                "WATCHDOG_USEC": "30000000"}
-        r = subprocess.run([sys.executable, "-m", "migrd.daemon", "--once"], env=env,
+        r = subprocess.run([sys.executable, "-m", "migrd.agent.daemon", "--once"], env=env,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         msgs = _receive(s, time.monotonic() + 2)
@@ -122,7 +122,7 @@ def test_watchdog_pings_come_within_half_the_period(tmp_path):
         s.settimeout(0.5)
         env = {**os.environ, "MIGRD_CONFIG": str(_config(tmp_path, 10.0)), "NOTIFY_SOCKET": str(path),
                "WATCHDOG_USEC": "6000000"}
-        p = subprocess.Popen([sys.executable, "-m", "migrd.daemon"], env=env,
+        p = subprocess.Popen([sys.executable, "-m", "migrd.agent.daemon"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             ready = _notifications(s, time.monotonic() + 60, lambda got: any("READY=1" in m for _, m in got))
@@ -142,8 +142,8 @@ def test_ready_comes_only_after_start_up_recovery(tmp_path):
     takes two connect timeouts to recover; READY=1 must come after that, not before."""
     from migrd import config as config_mod
     from migrd.config import HostEntry
-    from migrd import sshd
-    from migrd.journal import Journal
+    from migrbed import sshd
+    from migrd.engine.journal import Journal
 
     with socket.socket() as silent, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         silent.bind(("127.0.0.1", 0))
@@ -165,7 +165,7 @@ def test_ready_comes_only_after_start_up_recovery(tmp_path):
         s.settimeout(0.5)
         env = {**os.environ, "MIGRD_CONFIG": str(cfg_path), "NOTIFY_SOCKET": str(tmp_path / "notify")}
         started = time.time()
-        p = subprocess.Popen([sys.executable, "-m", "migrd.daemon"], env=env,
+        p = subprocess.Popen([sys.executable, "-m", "migrd.agent.daemon"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             got = _notifications(s, time.monotonic() + 90, lambda got: any("READY=1" in m for _, m in got))
@@ -183,11 +183,11 @@ def test_ready_comes_only_after_start_up_recovery(tmp_path):
 def test_watchdog_keeps_coming_during_a_long_migration(tmp_path, monkeypatch):
     """A migration held at `transfer` by its failpoint (5 s) blocks the agent's loop; the pinging
     thread must keep the watchdog (1.5 s) fed all along."""
-    from migrd import agent as agent_mod
+    from migrd.agent import loop as agent_mod
     from migrd import config as config_mod
-    from migrd import failpoints, migrate
-    from migrd.costmodel import Action
-    from migrd.policy import Decision, Level, Mode
+    from migrd.engine import failpoints, migration as migrate
+    from migrd.model import Action
+    from migrd.model import Decision, Level, Mode
 
     def held_migration(cfg, pid, opts, progress=None):
         failpoints.step("transfer")

@@ -20,11 +20,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from migrd import config, manifest, receive, sshd, transport
+from migrd import model
+from migrd import config
+from migrd.engine import manifest, receive
+from migrbed import sshd
+from migrd.adapters import transport
 from migrd.cli import main
 from migrd.config import Config, HostEntry, SshSettings
 from migrd.errors import ImageError, TransportError
-from migrd.progress import Progress, render
+from migrd.cli.progress import Progress, render
 
 # --- images ---------------------------------------------------------------------------------
 
@@ -43,7 +47,7 @@ def make_image(directory: Path, files: dict[str, bytes] | None = None) -> manife
         (directory / name).write_bytes(data)
     m = manifest.Manifest(
         format=manifest.FORMAT, created=time.time(), criu_version="test", host="test",
-        process=manifest.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/",
+        process=model.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/",
                                      uid=0, rss=0, start_time=0.0),
         options={}, files=manifest.scan(directory),
     )

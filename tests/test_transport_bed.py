@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from migrd import manifest
+from migrd.engine import manifest
 from test_transport import make_image
 
 BED_HOSTS = 2

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from migrd import config, criu, manifest as mf, process
+from migrd import model
+from migrd import config
+from migrd.adapters import criu, procinfo
+from migrd.engine import manifest as mf
 from migrd.errors import ConfigError, ImageError, InputError
 
 LOG = """\
@@ -36,10 +39,10 @@ def test_version_parsing():
 
 
 def sample_manifest(files: dict[str, mf.FileEntry]) -> mf.Manifest:
-    info = mf.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/", uid=0,
+    info = model.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/", uid=0,
                           rss=1, start_time=1.0,
-                          open_files=(mf.OpenFile("/srv/x", 3, "r", 10),),
-                          listening=(mf.Listener("inet", "127.0.0.1", 80),), tree_ids=(42, 43))
+                          open_files=(model.OpenFile("/srv/x", 3, "r", 10),),
+                          listening=(model.Listener("inet", "127.0.0.1", 80),), tree_ids=(42, 43))
     return mf.Manifest(mf.FORMAT, 2.0, "4.2.1", "h1", info, {"shell_job": False}, files)
 
 
@@ -105,23 +108,23 @@ def test_manifest_from_bad_json():
 
 
 def test_parse_pid():
-    assert process.parse_pid(" 17 ") == 17
+    assert procinfo.parse_pid(" 17 ") == 17
     for bad in ["x", "1.5", "-3", "0", ""]:
         with pytest.raises(InputError):
-            process.parse_pid(bad)
+            procinfo.parse_pid(bad)
 
 
 def test_ns_chain():
-    assert process.ns_chain("Name:\tsh\nNSpid:\t5231\t1\n") == [5231, 1]
-    assert process.ns_chain("Name:\tsh\nNSsid:\t0\n", "NSsid") == [0]
-    assert process.ns_chain("Name:\tsh\n") == []
+    assert procinfo.ns_chain("Name:\tsh\nNSpid:\t5231\t1\n") == [5231, 1]
+    assert procinfo.ns_chain("Name:\tsh\nNSsid:\t0\n", "NSsid") == [0]
+    assert procinfo.ns_chain("Name:\tsh\n") == []
 
 
 def test_session_outside_pid_namespace():
-    assert process.session_outside("NSsid:\t0\n")  # PID 1's session, as CI starts us
-    assert process.session_outside("NSsid:\t812\t0\n")  # leader in the parent namespace
-    assert not process.session_outside("NSsid:\t812\t1\n")
-    assert not process.session_outside("Name:\tsh\n")  # kernels without NSsid: let CRIU judge
+    assert procinfo.session_outside("NSsid:\t0\n")  # PID 1's session, as CI starts us
+    assert procinfo.session_outside("NSsid:\t812\t0\n")  # leader in the parent namespace
+    assert not procinfo.session_outside("NSsid:\t812\t1\n")
+    assert not procinfo.session_outside("Name:\tsh\n")  # kernels without NSsid: let CRIU judge
 
 
 def test_config_defaults_and_round_trip():
@@ -141,8 +144,8 @@ def test_config_defaults_and_round_trip():
         ("ssh:\n  connect_timeout: soon\n", r"'ssh.connect_timeout' \(line 2\): expected a number"),
         ("hosts: 3\n", r"'hosts' \(line 1\): expected a list"),
         ("host: [\n", r"line \d+: not valid YAML"),
-        ("migrate:\n  stream: always\n",
-         r"'migrate.stream' \(line 2\): expected one of auto, never, got 'always'"),
+        ("migrate:\n  strategies: [lazy]\n",
+         r"'migrate.strategies\[0\]' \(line 2\): expected one of stream-copy, stop-copy, postcopy, precopy, hybrid, auto, got 'lazy'"),
         ("ssh:\n  compression: gzip\n", r"'ssh.compression' \(line 2\): expected one of none, zstd"),
     ],
 )

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 
-from migrd.workloads import COUNTER, MARK
-from migrd.workloads import read_counts as values
+from migrbed.programs import COUNTER, MARK
+from migrbed.programs import read_counts as values
 
 # Answers each connection with how many it has answered so far: state a restore must keep.
 SERVER = f"""
@@ -152,7 +152,7 @@ def is_running(pid: int) -> bool:
 
 def not_private(top: Path) -> dict[str, str]:
     """Every directory below top (and top) not 0700 and every regular file not 0600, with its
-    mode: what migrd must never leave, whatever the umask (see migrd/private.py)."""
+    mode: what migrd must never leave, whatever the umask (see migrd/adapters/private.py)."""
     wrong = {}
     for p in [top, *top.rglob("*")]:
         st = p.lstat()

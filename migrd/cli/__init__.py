@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from .. import __version__
-from ..errors import MigrdError
+from migrd import __version__
+from migrd.errors import MigrdError
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -38,6 +38,7 @@ COMMANDS = {
     "restore": "checkpoint:restore",
     "migrate": "migrate:migrate",
     "run": "migrate:run",
+    "container": "container:container",
     "ps": "migrate:ps",
     "history": "migrate:history",
     "recover": "migrate:recover",
@@ -88,7 +89,7 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    from .common import quiet_paramiko
+    from migrd.cli.common import quiet_paramiko
 
     quiet_paramiko(verbose)
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from .. import admin
-from ..errors import AgentNotRunning
-from ..process import parse_pid
-from .common import emit, json_option, load_config, require_root
+from migrd.agent import admin
+from migrd.errors import AgentNotRunning
+from migrd.adapters.procinfo import parse_pid
+from migrd.cli.common import emit, json_option, load_config, require_root
 
 
 def ask(op: str, **args: Any) -> Any:

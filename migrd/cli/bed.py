@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from .. import bed as bed_mod
-from .common import emit, json_option, require_root
+from migrbed import bed as bed_mod
+from migrd.cli.common import emit, json_option, require_root
 
 name_option = click.option("--name", default="bed", show_default=True,
                            help="Bed name (a-z, 0-9, '-'); parallel beds need different names.")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from .. import checkpoint as cp
-from ..criu import FEATURES, find_criu
-from ..process import parse_pid
-from .common import emit, human_bytes, json_option, load_config, require_root
+from migrd.engine import checkpoint as cp
+from migrd.adapters.criu import FEATURES, find_criu
+from migrd.adapters.procinfo import parse_pid
+from migrd.cli.common import emit, human_bytes, json_option, load_config, require_root
 
 
 @click.command()
@@ -26,6 +26,7 @@ def check(as_json: bool) -> None:
         lines = [f"criu:     {r.path}", f"version:  {r.version}",
                  f"check:    {'ok' if r.ok else 'FAILED'} ({r.message})", "features:"]
         lines += [f"  {'yes' if r.features[f] else 'no ':3}  {f:22} {FEATURES[f]}" for f in FEATURES]
+        lines.append(f"post-copy: {'ready' if r.postcopy_unready is None else 'not ready: ' + r.postcopy_unready}")
         return "\n".join(lines)
 
     emit(report, as_json, human)

@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
-from .. import config as config_mod
-from .. import private
-from ..errors import NotPermitted
-from ..progress import human_bytes  # noqa: F401  (re-exported for the CLI modules)
+from migrd import config as config_mod
+from migrd.adapters import private
+from migrd.errors import NotPermitted
+from migrd.cli.progress import human_bytes
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 

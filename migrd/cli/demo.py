@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -13,13 +14,13 @@ import psutil
 
 import dataclasses
 
-from .. import bed as bed_mod
-from .. import cgroup
-from .. import config as config_mod
-from ..journal import STEPS
-from ..policy import PolicyConfig, Watermarks
-from ..workloads import BUSY, COUNTER, read_counts
-from .common import human_bytes, require_root
+from migrbed import bed as bed_mod
+from migrd.adapters import cgroup
+from migrd import config as config_mod
+from migrd.engine.journal import STEPS
+from migrd.model import PolicyConfig, Watermarks
+from migrbed.programs import BUSY, COUNTER, read_counts
+from migrd.cli.common import human_bytes, require_root
 
 ROUTE = ("host1", "host2", "host3", "host1")
 
@@ -43,6 +44,51 @@ def _wait_counts(path: Path, at_least: int, timeout: float = 30) -> list[int]:
 def _live(marker: str) -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline", "name"])
             if p.info["name"] != "unshare" and marker in (p.info["cmdline"] or [])]
+
+
+CONTAINER_MARK = "migrd-demo-ticker"
+
+
+def _container_counts() -> list[int]:
+    """The counter file inside the container's rootfs, read through its one live process's root
+    (bed hosts share one PID space); [] while there is not exactly one."""
+    live = [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(CONTAINER_MARK in a for a in p.info["cmdline"] or ())]
+    try:
+        return [int(x) for x in Path(f"/proc/{live[0]}/root/data/counter").read_text().split()] if len(live) == 1 else []
+    except (OSError, ValueError):
+        return []
+
+
+def _container(migrctl, step) -> None:
+    """A runc container moves host1 -> host2 -> host1 with the file it changed in its rootfs."""
+    name = "ticker"
+    step("host1: migrctl container run ticker (runc, busybox): counts into /data/counter in its rootfs")
+    migrctl("host1", "container", "run", "--json", name, "--", "sh", "-c",
+            f"i=0; while :; do i=$((i+1)); echo $i >> /data/counter; sleep 0.1; done # {CONTAINER_MARK}")
+    try:
+        deadline = time.monotonic() + 30
+        while len(_container_counts()) < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for src, dst in (("host1", "host2"), ("host2", "host1")):
+            step(f"{src}: migrctl migrate --container {name} --to {dst}")
+            before = len(_container_counts())
+            res = migrctl(src, "migrate", "--json", "--container", name, "--to", dst)
+            deadline = time.monotonic() + 30
+            while len(_container_counts()) < before + 5 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            got = _container_counts()
+            # The image's /data/counter holds a 0; the container appends 1, 2, 3, ...
+            if got != list(range(len(got))) or len(got) < before + 5:
+                raise click.ClickException("the container's file or count did not carry on")
+            click.echo(f"  downtime {res['downtime']:.2f} s, {human_bytes(res['bytes'])} moved (images and "
+                       f"the rootfs changes: added, modified and deleted files, each checked by sha256)")
+            click.echo(f"  /data/counter carries on inside the container: ... "
+                       f"{', '.join(map(str, got[before - 2:before + 3]))} ...")
+    finally:
+        for host in ("host1", "host2"):
+            with contextlib.suppress(click.ClickException):
+                migrctl(host, "container", "rm", "--json", name)
 
 
 def _automatic(state: bed_mod.BedState, migrctl, work: Path, step) -> None:
@@ -139,6 +185,9 @@ def demo(keep: bool, manual_only: bool) -> None:
     move it shows the phases, downtime and bytes moved, and that the count went on from where
     it was frozen instead of starting again.
 
+    Then a runc container (a local busybox image) moves host1 -> host2 -> host1 with a file it
+    keeps changing inside its rootfs.
+
     Act two starts a migrd agent in every host and four CPU-bound workloads on host1 only; the
     agents notice the overload, move workloads to host2 and host3, and `migrctl explain` shows
     the numbers behind a decision. The bed is removed at the end.
@@ -195,6 +244,7 @@ def demo(keep: bool, manual_only: bool) -> None:
                         fg="green")
             for p in _live(str(out)):
                 psutil.Process(p).kill()
+            _container(migrctl, step)
             if not manual_only:
                 _automatic(state, migrctl, Path(tmp), step)
         finally:

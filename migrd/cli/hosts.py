@@ -7,14 +7,14 @@ from typing import Any
 
 import click
 
-from .. import config
-from ..errors import TransportError
+from migrd import config
+from migrd.errors import TransportError
 
 
 def _check(cfg: config.Config, host: config.HostEntry) -> dict[str, Any]:
     # Imported here: paramiko costs ~0.1 s of start-up, and `migrctl receive` (started by
     # every transfer) shares this package but never needs it.
-    from .. import transport
+    from migrd.adapters import transport
 
     row: dict[str, Any] = {"name": host.name, "address": f"{host.address}:{host.port}",
                            "reachable": False, "error": None, "rtt_ms": None, "bandwidth_mb_s": None}
@@ -51,7 +51,7 @@ def hosts(as_json: bool, probe: bool) -> None:
     """This host's peers: with an agent running, its view (each peer's level, load and the
     age of its last snapshot, and the measured link); otherwise, or with --probe, a live probe
     over SSH (reachable, round-trip time, bandwidth; up to 32 MiB or 1 s sent per peer)."""
-    from .agent import ask_if_running
+    from migrd.cli.agent import ask_if_running
 
     cfg = config.load()
     view = None if probe else ask_if_running(cfg, "hosts")

@@ -8,20 +8,26 @@ from datetime import datetime
 
 import click
 
-from .. import journal as journal_mod
-from .. import migrate as mig
-from .. import workload
-from ..process import parse_pid
-from ..progress import Progress
-from .agent import ask_if_running
-from .common import emit, human_bytes, json_option, load_config, require_root
+from migrd.core import binding
+from migrd.engine import containers, podman
+from migrd.engine import journal as journal_mod
+from migrd.engine import migration as mig
+from migrd.engine.strategies import STRATEGIES
+from migrd.adapters import workloads
+from migrd.adapters.procinfo import parse_pid
+from migrd.cli.progress import Progress
+from migrd.cli.agent import ask_if_running
+from migrd.cli.common import emit, human_bytes, json_option, load_config, require_root
 
 
 @click.command()
-@click.argument("pid")
+@click.argument("pid", required=False)
+@click.option("--container", metavar="NAME", help="Move the runc or Podman container NAME instead of a process "
+              "(stop-copy, its rootfs changes included).")
 @click.option("--to", "target", required=True, metavar="HOST", help="Target host (a name from the config's hosts).")
-@click.option("--strategy", type=click.Choice(mig.STRATEGIES), default="stop-copy", show_default=True,
-              help="How memory moves: stop-copy freezes, dumps, sends, restores.")
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default=None,
+              help="How memory moves (default: the first of migrate.strategies that can move it). "
+                   + " ".join(f"{s.name}: {s.summary}." for s in STRATEGIES.values()))
 @click.option("--mode", type=click.Choice(["move", "clone", "restart"]), default="move", show_default=True,
               help="move: the process continues there (strong mobility); clone: a copy starts there "
                    "and this one keeps running; restart: the same command starts fresh there (weak mobility).")
@@ -30,15 +36,15 @@ from .common import emit, human_bytes, json_option, load_config, require_root
 @click.option("--tcp-established", is_flag=True, help="Keep established TCP connections (use with --move-address).")
 @click.option("--dry-run", is_flag=True, help="Run every precheck on both hosts, change nothing.")
 @json_option
-def migrate(pid: str, target: str, strategy: str, mode: str, with_files: bool,
+def migrate(pid: str | None, container: str | None, target: str, strategy: str | None, mode: str, with_files: bool,
             move_address: str | None, tcp_established: bool, dry_run: bool, as_json: bool) -> None:
-    """Move process PID from this host to HOST.
+    """Move process PID (or --container NAME) from this host to HOST.
 
     \b
     Steps (each journaled before it starts, so `migrd recover` can finish or undo it):
       precheck   CRIU and CPU on the target, memory, disk, PIDs, ports, open files, opt-in
-      checkpoint CRIU dump here; a `migrctl run` workload's pages stream to the target
-                 during the dump (migrate.stream: auto) and it stays stopped here
+      checkpoint CRIU dump here (stream-copy: the pages go to the target during the dump,
+                 and the process stays stopped here until the commit)
       transfer   images (and --with-files data) over SSH, verified on arrival
       restore    CRIU restore there
       verify     alive, same command line, listening sockets back
@@ -49,7 +55,11 @@ def migrate(pid: str, target: str, strategy: str, mode: str, with_files: bool,
     Example:
       migrctl run --name job -- python3 job.py      # a workload that can move anywhere
       migrctl migrate 4242 --to host2
+      migrctl container run web -- sh -c 'while :; do date >> /data/log; sleep 1; done'
+      migrctl migrate --container web --to host2
     """
+    if (pid is None) == (container is None):
+        raise click.UsageError("give a PID or --container NAME (one of them)")
     require_root("migrctl migrate")
     cfg = load_config()
     opts = mig.Options(target=target, mode=mode, strategy=strategy, with_files=with_files,
@@ -59,39 +69,51 @@ def migrate(pid: str, target: str, strategy: str, mode: str, with_files: bool,
         signal.signal(sig, lambda *_: mig.STOP.set())
     progress = Progress(f"sending to {target}", enabled=False if as_json else None)
     try:
-        out = mig.migrate(cfg, parse_pid(pid), opts, progress=progress)
+        out = (mig.migrate_container(cfg, container, opts, progress=progress) if container is not None
+               else mig.migrate(cfg, parse_pid(pid), opts, progress=progress))
     finally:
         progress.close()
 
+    what = f"container {container}" if container is not None else "PID"
+
     def human(o: mig.Outcome) -> str:
         if o.dry_run:
-            return f"dry run {o.id}: PID {o.pid} can migrate from {o.source} to {o.target}"
+            rows = binding.table(tuple(binding.from_dict(r) for r in o.resources))
+            return (f"dry run {o.id}: {what} {o.pid} can migrate from {o.source} to {o.target} "
+                    f"with {o.strategy}\n" + "".join(f"  {why} (passed over)\n" for why in o.passed_over)
+                    + "  resources (binding, attachment to the host, what the move does):\n"
+                    + "\n".join(f"    {r}" for r in rows))
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in o.phases.items())
         down = f", downtime {o.downtime:.2f} s" if o.downtime is not None else ""
-        return (f"migrated PID {o.pid} from {o.source} to {o.target} (now PID {o.target_pid}), "
-                f"mode {o.mode}, {human_bytes(o.bytes)} moved{down}"
-                f"{' (pages streamed during the dump)' if o.streamed else ''}\n  {phases}\n  id {o.id}")
+        return (f"migrated {what} {o.pid} from {o.source} to {o.target} (now PID {o.target_pid}), "
+                f"mode {o.mode}, strategy {o.strategy}, {human_bytes(o.bytes)} moved{down}\n"
+                f"  {phases}\n  id {o.id}" + "".join(f"\n  estimate {e}" for e in o.estimates))
 
     emit(out, as_json, human)
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--name", help="Workload name (default: from the command).")
+@click.option("--user", help="Run it as this user (name or number), as a service manager would.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @json_option
-def run(name: str | None, command: tuple[str, ...], as_json: bool) -> None:
+def run(name: str | None, user: str | None, command: tuple[str, ...], as_json: bool) -> None:
     """Start COMMAND as a migratable workload on this host and print its PID.
 
     The workload runs detached as the init of its own PID namespace (so it can be restored on
     any host without needing its old PID), with stdout and stderr appended to a log under the
     state directory. It is opted in to migration by construction.
 
+    A service that runs as an unprivileged user must be started with --user (not by dropping
+    its rights itself): it then runs as that user in the host's PID space, which CRIU can dump.
+
     \b
     Example:  migrctl run --name counter -- python3 -u counter.py
+              migrctl run --user nobody --name cache -- python3 cache.py
     """
     require_root("migrctl run")
     cfg = load_config()
-    w = workload.start(cfg.state_dir, tuple(command), name=name, host=cfg.host)
+    w = workloads.start(cfg.state_dir, tuple(command), name=name, host=cfg.host, user=user)
     emit({"pid": w.pid, "name": w.name, "host": w.host, "log": w.stdout}, as_json,
          lambda d: f"started {d['name']} as PID {d['pid']} (log: {d['log']})")
 
@@ -101,13 +123,16 @@ def run(name: str | None, command: tuple[str, ...], as_json: bool) -> None:
 def ps(as_json: bool) -> None:
     """List the migratable workloads on this host, with the agent's view when it runs.
 
-    Without an agent: the workloads started here with `migrctl run`. With one: also every
+    Without an agent: the workloads started here with `migrctl run`, and the containers runc
+    and Podman run here (state_dir/runc, state_dir/podman). With one: also every
     other candidate its opt-in rules allow, and for each what the policy would do with it
     alone (action, target, expected gain, the deciding reason).
     """
     cfg = load_config()
-    rows = [{"name": w.name, "pid": w.pid, "alive": w.alive(), "command": " ".join(w.cmdline),
-             "log": w.stdout} for w in workload.Registry(cfg.state_dir).all()]
+    rows = [{"kind": "process", "name": w.name, "pid": w.pid, "alive": w.alive(), "command": " ".join(w.cmdline),
+             "log": w.stdout} for w in workloads.Registry(cfg.state_dir).all()]
+    rows += [{**c, "command": f"container ({c['runtime']}, image {c['image']})", "log": None}
+             for c in containers.listing(cfg) + podman.listing(cfg)]
     scored = ask_if_running(cfg, "ps")
     if scored is not None:
         by_pid = {r["pid"]: r for r in rows}
@@ -151,13 +176,15 @@ def history(limit: int, as_json: bool) -> None:
     def human(rs) -> str:
         if not rs:
             return "no migrations yet"
-        lines = [f"{'ID':25} {'WHEN':8} {'PID':>7} {'TO':8} {'MODE':7} {'BYTES':>10} {'DOWN':>7}  OUTCOME"]
+        lines = [f"{'ID':25} {'WHEN':8} {'PID':>7} {'TO':8} {'MODE':7} {'STRATEGY':11} {'BYTES':>10} "
+                 f"{'DOWN':>7}  OUTCOME"]
         for r in rs:
             when = datetime.fromtimestamp(r["started"]).strftime("%H:%M:%S") if r["started"] else "-"
             down = f"{r['downtime']:.2f}s" if r["downtime"] is not None else "-"
             outcome = r["outcome"] + (f": {r['reason']}" if r["reason"] and r["outcome"] != "ok" else "")
             lines.append(f"{r['id']:25} {when:8} {r['pid'] or '-':>7} {r['target'] or '-':8} "
-                         f"{r['mode'] or '-':7} {human_bytes(r['bytes']):>10} {down:>7}  {outcome[:80]}")
+                         f"{r['mode'] or '-':7} {r.get('strategy') or '-':11} {human_bytes(r['bytes']):>10} "
+                         f"{down:>7}  {outcome[:80]}")
             lines += [f"{'':26}why: {reason}" for reason in r.get("decision_reasons") or ()]
         return "\n".join(lines)
 

@@ -12,9 +12,9 @@ import sys
 
 import click
 
-from .. import peer as peer_mod
-from ..receive import COMPRESSIONS
-from .common import json_option, load_config
+from migrd.engine import target as peer_mod
+from migrd.engine.receive import COMPRESSIONS
+from migrd.cli.common import json_option, load_config
 
 
 @click.group(hidden=True)
@@ -40,12 +40,23 @@ def peer_precheck(as_json: bool) -> None:
 @click.option("--await-commit", is_flag=True,
               help="After the restore, wait for 'commit' or 'abort' on stdin (saves the source a "
                    "second SSH session while the process is frozen).")
-@click.option("--page-bytes", type=int,
-              help="The pages were streamed (`peer pages`); the source sent this many bytes.")
+@click.option("--await-go", is_flag=True,
+              help='Print {"ready": true} once started, then restore only after one line on stdin '
+                   '({"page_bytes": N} when the pages were streamed by `peer pages`, else null); EOF '
+                   "ends without restoring. The source opens this "
+                   "session before it freezes the process, so SSH and Python start-up are not downtime.")
 @json_option
 def peer_restore(mid: str, name: str | None, stdout: str | None, address: str | None,
-                 await_commit: bool, page_bytes: int | None, as_json: bool) -> None:
+                 await_commit: bool, await_go: bool, as_json: bool) -> None:
     cfg = load_config()
+    page_bytes = None
+    if await_go:
+        click.echo(json.dumps({"ready": True}))
+        sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return  # the source gave up before the restore: nothing was done here
+        page_bytes = peer_mod.parse_go(line).page_bytes
     click.echo(json.dumps(peer_mod.restore(cfg, mid, name, stdout, address, page_bytes)))
     if not await_commit:
         return
@@ -66,6 +77,36 @@ def peer_restore(mid: str, name: str | None, stdout: str | None, address: str | 
 def peer_pages(mid: str, compression: str) -> None:
     """Serve a dump's pages: the page stream on stdin, the page server's answers on stdout."""
     peer_mod.pages(load_config(), mid, compression)
+
+
+@peer.command("precopy")
+@click.argument("mid")
+def peer_precopy(mid: str) -> None:
+    """Pre-copy's target side: pages by content on stdin while the workload runs there, then
+    the dump's page images as pages and digests; rebuilds them for `peer restore`."""
+    peer_mod.precopy(load_config(), mid)
+
+
+@peer.command("lazy")
+@click.argument("mid")
+@click.option("--name")
+@click.option("--stdout")
+@click.option("--address")
+def peer_lazy(mid: str, name: str | None, stdout: str | None, address: str | None) -> None:
+    """Post-copy's target side: images, then lazy pages and control, framed on stdin/stdout."""
+    from migrd.engine import lazy
+
+    peer_mod.lazy(load_config(), mid, name, stdout, address, lazy.fd_link())
+
+
+@peer.command("files")
+@json_option
+def peer_files(as_json: bool) -> None:
+    """Receive the files a migration carries: ready at once, then headers and bytes on stdin
+    until EOF (started before the freeze, like `peer restore --await-go`)."""
+    click.echo(json.dumps({"ready": True}))
+    sys.stdout.flush()
+    click.echo(json.dumps({"files": peer_mod.receive_files(0)}))
 
 
 @peer.command("start")
@@ -100,6 +141,6 @@ def peer_finish(mid: str, address: str | None, as_json: bool) -> None:
 
 
 # The agent's side of fill mode: an idle peer asks this host for work.
-from .agent import offer  # noqa: E402
+from migrd.cli.agent import offer
 
 peer.add_command(offer)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .common import emit, json_option
+from migrd.cli.common import emit, json_option
 
 HELP = """Simulate N hosts and a heavy-tailed job stream under every migration policy.
 
@@ -60,9 +60,9 @@ Example:
 @json_option
 def sim(n_hosts: int, load: float, seed: int, duration: float, interval: float, probe: str,
         strategy: str, host_cooldown: float | None, names: tuple[str, ...], as_json: bool) -> None:
-    from ..errors import InputError
-    from ..policy import PolicyConfig
-    from ..sim import POLICIES, SimConfig, run
+    from migrd.errors import InputError
+    from migrd.model import PolicyConfig
+    from migrd.sim import POLICIES, SimConfig, run
 
     unknown = [n for n in names if n not in POLICIES]
     if unknown:

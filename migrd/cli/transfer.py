@@ -8,18 +8,24 @@ from pathlib import Path
 
 import click
 
-from .. import receive as receiver
+from migrd.engine import receive as receiver
 
 
 @click.command("receive")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--manifest-sha256", required=True, metavar="HEX",
-              help="sha256 of the manifest.json the sender streams; a different one is refused.")
+              help="sha256 of the manifest.json the sender streams; a different one is refused. "
+                   "'-': read it from the first line of stdin (a sender that starts the receiver "
+                   "before its checkpoint exists).")
 @click.option("--compression", type=click.Choice(receiver.COMPRESSIONS), default="none", show_default=True)
 def receive(directory: Path, manifest_sha256: str, compression: str) -> None:
     """Read a checkpoint image stream from stdin into DIRECTORY, verifying every file.
 
     DIRECTORY must not exist; it appears only when all files arrived intact."""
+    if manifest_sha256 == "-":
+        manifest_sha256 = receiver.read_line(0, 64).decode(errors="replace")
+        if not manifest_sha256:
+            return  # the sender gave up before its checkpoint existed: nothing to receive
     m = receiver.receive_fd(0, directory, manifest_sha256, compression)
     click.echo(json.dumps({"directory": str(directory), "files": len(m.files), "bytes": m.image_bytes}))
 
@@ -34,8 +40,9 @@ def receive(directory: Path, manifest_sha256: str, compression: str) -> None:
 def send(directory: Path, host: str, remote_directory: str, compression: str | None, as_json: bool) -> None:
     """Copy checkpoint DIRECTORY to REMOTE_DIRECTORY on configured peer HOST."""
     # Imported here: `migrctl receive` runs on every transfer and must not pay for paramiko.
-    from .. import config, transport
-    from ..progress import Progress
+    from migrd import config
+    from migrd.adapters import transport
+    from migrd.cli.progress import Progress
 
     cfg = config.load()
     bar = Progress(f"{directory.name} -> {host}", enabled=False if as_json else None)

@@ -22,15 +22,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .. import step
-from ..costmodel import Link
-from ..errors import InputError
-from ..load import HostLoad, ProcessLoad
-from ..policy import Candidate, Mode, Peer, PolicyConfig
-from . import policies, workload
-from ..peerset import Probe
-from .probe import Prober
-from .workload import Job, SimHost, Strategy
+from migrd.core import step
+from migrd.core.peerset import Probe
+from migrd.model import Candidate, HostLoad, Link, Mode, Peer, PolicyConfig, ProcessLoad
+from migrd.errors import InputError
+from migrd.sim import policies, workload
+from migrd.sim.probe import Prober
+from migrd.sim.workload import Job, SimHost, Strategy
 
 #: Policy name -> migrd daemon.mode, for the policies that run migrd's own step.
 MIGRD_MODES = {"migrd": Mode.OFFLOAD.value, "migrd_fill": Mode.FILL.value,

@@ -20,8 +20,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .. import costmodel
-from ..load import HostLoad
+from migrd.core import costmodel
+from migrd.model import HostLoad
 
 BASELINES = ("none", "random", "least_loaded", "mosix")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from ..peerset import PeerSet, Probe, Ring
+from migrd.core.peerset import PeerSet, Probe, Ring
 
 
 

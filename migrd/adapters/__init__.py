@@ -1,0 +1,1 @@
+"""Thin adapters over the outside world: CRIU, SSH, /proc, psutil, cgroups, files."""

@@ -1,0 +1,163 @@
+"""Pre-copy's stop rule and the freeze it predicts (pure: no I/O).
+
+Memory is sent while the workload runs, then again only what changed since, round after round;
+the freeze comes when one more round would not pay. After each round the controller predicts
+the freeze from what it measured: the pages dirtied while a round runs (the dirty rate times
+the round's length) must cross while frozen, at the measured rate of a round, on top of the
+fixed cost of the dump and restore. It stops
+
+* when the prediction meets the downtime target,
+* when the dirty rate is at or above the rate pages cross (diverging: more rounds only resend),
+* when a round sent no more than a handful of pages (converged),
+* when a round sent more than the one before it by the growth margin (no longer shrinking),
+* at the round limit.
+
+The limits are named, as P.Haul's iteration driver names its own (phaul/iters.py); P.Haul stops
+at 8 rounds, at <= 64 pages, or when a round grows by more than 10 %.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PAGE = 4096
+#: Bytes per second assumed until a round moved enough to measure the link (a small workload
+#: never does; then the residue is small whatever the rate).
+ASSUMED_BANDWIDTH = 50e6
+
+
+@dataclass(frozen=True)
+class Limits:
+    #: Rounds while running, the first (full) one included.
+    max_rounds: int = 8
+    #: A round that sent at most this many bytes leaves nothing worth another round.
+    converged_bytes: int = 64 * PAGE
+    #: A round that sent more than this multiple of the round before it is not shrinking.
+    growth: float = 1.1
+    #: Seconds the workload may be frozen (migrate.downtime_target).
+    downtime_target: float = 0.5
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one round measured."""
+
+    #: Bytes whose content changed since the round before (the first round: all it read).
+    changed: int
+    #: Bytes the round sent (changed pages the target did not hold already).
+    sent: int
+    #: Seconds the round took: read, compare and send, until the target confirmed.
+    seconds: float
+    #: Seconds from the previous round's start to this one's: the window `changed` covers.
+    interval: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool
+    #: One line for the journal and the operator.
+    reason: str
+    #: Seconds frozen if the switch came now.
+    predicted_freeze: float
+    #: Bytes per second the workload rewrites (None before two rounds).
+    dirty_rate: float | None
+    #: Bytes per second a round moved.
+    bandwidth: float | None
+    diverging: bool = False
+
+
+def bandwidth(rounds: Sequence[Round], fallback: float) -> float:
+    """The best rate a round moved pages at; rounds of less than a MiB say little about it."""
+    rates = [r.sent / r.seconds for r in rounds if r.sent >= (1 << 20) and r.seconds > 0]
+    return max(rates) if rates else fallback
+
+
+def dirty_rate(rounds: Sequence[Round]) -> float | None:
+    """Bytes per second rewritten, from the last round after the first (the first reads all)."""
+    if len(rounds) < 2 or rounds[-1].interval <= 0:
+        return None
+    return rounds[-1].changed / rounds[-1].interval
+
+
+def residual(rounds: Sequence[Round], rate: float | None, memory: int) -> int:
+    """Bytes still to cross at the freeze: what is rewritten while one round runs (at most all
+    memory); before a rate is known, all of the last round's changes."""
+    if rate is None:
+        return rounds[-1].changed if rounds else memory
+    return min(memory, int(rate * rounds[-1].seconds))
+
+
+def predict_freeze(fixed: float, remaining: int, bw: float) -> float:
+    """Seconds frozen: the dump and restore (fixed) plus the remaining bytes at bw."""
+    return fixed + remaining / bw
+
+
+def decide(rounds: Sequence[Round], limits: Limits, *, memory: int, fixed: float,
+           fallback_bandwidth: float) -> Decision:
+    """After the last round in `rounds`: switch now, or run another round?
+    memory: bytes the workload's dumpable memory holds; fixed: predicted seconds of the freeze
+    that do not depend on the rounds (dump, restore)."""
+    if not rounds:
+        raise ValueError("decide needs at least one round")
+    bw = bandwidth(rounds, fallback_bandwidth)
+    rate = dirty_rate(rounds)
+    freeze = predict_freeze(fixed, residual(rounds, rate, memory), bw)
+    last = rounds[-1]
+
+    def stop(reason: str, diverging: bool = False) -> Decision:
+        return Decision(True, reason, round(freeze, 4), rate, bw, diverging)
+
+    if rate is not None and rate >= bw:
+        return stop(f"diverging: the workload rewrites {rate / 1e6:.1f} MB/s, pages cross at "
+                    f"{bw / 1e6:.1f} MB/s; more rounds would only resend them", diverging=True)
+    if len(rounds) >= 2 and freeze <= limits.downtime_target:
+        return stop(f"predicted freeze {freeze:.3f} s meets the target {limits.downtime_target:g} s")
+    if len(rounds) >= 2 and last.sent <= limits.converged_bytes:
+        return stop(f"converged: round {len(rounds)} sent {last.sent} bytes")
+    if len(rounds) >= 3 and last.sent > limits.growth * rounds[-2].sent:
+        return stop(f"not shrinking: round {len(rounds)} sent {last.sent} bytes, the one before "
+                    f"{rounds[-2].sent}")
+    if len(rounds) >= limits.max_rounds:
+        return stop(f"round limit: {limits.max_rounds} rounds")
+    return Decision(False, "another round", round(freeze, 4), rate, bw)
+
+
+@dataclass(frozen=True)
+class Simulated:
+    rounds: tuple[Round, ...]
+    decision: Decision
+
+    @property
+    def running_seconds(self) -> float:
+        return sum(r.seconds for r in self.rounds)
+
+    @property
+    def sent(self) -> int:
+        return sum(r.sent for r in self.rounds)
+
+
+def simulate(memory: int, rate: float, bw: float, limits: Limits, fixed: float,
+             scan_rate: float) -> Simulated:
+    """The rounds the controller would run for a workload of `memory` bytes rewriting `rate`
+    bytes/s over a link of `bw` bytes/s, when reading and comparing memory runs at `scan_rate`
+    (the same `decide` as the real loop: estimates and runs agree on the stop rule)."""
+    rounds: list[Round] = []
+    to_send = memory
+    while True:
+        seconds = memory / scan_rate + to_send / bw
+        changed = memory if not rounds else to_send
+        rounds.append(Round(changed=changed, sent=to_send, seconds=seconds,
+                            interval=rounds[-1].seconds if rounds else 0.0))
+        d = decide(rounds, limits, memory=memory, fixed=fixed, fallback_bandwidth=bw)
+        if d.stop:
+            return Simulated(tuple(rounds), d)
+        to_send = min(memory, int(rate * seconds))
+
+
+def hybrid_switch(decision: Decision, limits: Limits, postcopy_possible: bool) -> str:
+    """How a hybrid move ends once its rounds stopped: a brief stop-and-copy of what is still
+    dirty when that meets the downtime target (or post-copy cannot run), else post-copy."""
+    if decision.predicted_freeze <= limits.downtime_target or not postcopy_possible:
+        return "stop-copy"
+    return "postcopy"

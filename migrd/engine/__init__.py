@@ -1,0 +1,1 @@
+"""The migration engine: the driver, its journal, checkpoints and the target's side."""

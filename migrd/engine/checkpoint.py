@@ -1,0 +1,160 @@
+"""Checkpoint a process into a directory and restore it from one: CRIU plus the manifest.
+
+This is the single-host building block; the migration orchestrator composes it with the
+transport."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from migrd.engine import failpoints
+from migrd.adapters import private, procinfo
+from migrd.engine import manifest as mf
+from migrd.config import Config
+from migrd.engine.subjects import ProcessTree
+from migrd.adapters import criu as criu_mod
+from migrd.adapters.criu import Criu, LazyDump, find_criu
+from migrd.model import ProcessInfo
+from migrd.errors import InputError, NotPermitted
+
+@dataclass(frozen=True)
+class Checkpoint:
+    manifest: mf.Manifest
+    images: Path
+    dump_seconds: float
+    log: Path
+
+
+def log_path(cfg: Config, action: str, pid: int | str) -> Path:
+    logs = private.private_dir(cfg.state_dir / "logs")
+    path = logs / f"{action}-{pid}-{time.strftime('%Y%m%dT%H%M%S')}-{time.monotonic_ns() % 10**6}.log"
+    # Created here 0600: CRIU would create it 0644 less the umask of whoever ran migrctl.
+    os.close(private.open_private(path, os.O_WRONLY))
+    return path
+
+
+def _prepare_dir(images: Path) -> bool:
+    """Create images 0700 (returns True) or accept an existing empty directory only root can
+    write (False): CRIU writes the process's memory there."""
+    if images.is_symlink() or images.exists():
+        if not images.is_symlink() and not images.is_dir():
+            raise InputError(f"{images} exists and is not a directory")
+        private.check_trusted_dir(images, "image directory")
+        if any(images.iterdir()):
+            raise InputError(f"{images} exists and is not empty; choose a new directory")
+        private.private_dir(images)
+        return False
+    private.private_dir(images)
+    try:
+        private.check_trusted_dir(images, "image directory")
+    except NotPermitted:
+        images.rmdir()
+        raise
+    return True
+
+
+def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = False,
+               leave_stopped: bool = False, tcp_established: bool = False,
+               criu: Criu | None = None, pass_fds: tuple[int, ...] = (),
+               page_server_fd: int | None = None) -> Checkpoint:
+    """page_server_fd: send the pages to a page server over this socket (they are then not
+    in images, nor in the manifest)."""
+    criu = criu or find_criu(cfg)
+    info = procinfo.inspect(pid)
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        raise InputError(f"process {pid} exited while being inspected") from None
+    if procinfo.proc_unreachable(status):
+        raise NotPermitted(
+            f"PID {pid} is the init of its own PID namespace but runs without root's rights "
+            f"(uid {info.uid}); CRIU cannot dump it there. Start such a service with "
+            f"`migrctl run --user USER -- CMD` (migrctl drops the rights itself)")
+    created = _prepare_dir(images)
+    log = log_path(cfg, "dump", pid)
+    options = ProcessTree(info).criu_options(tcp_established)
+    as_user = criu_mod.dump_user(procinfo.tree_creds(pid),
+                                 procinfo.capabilities(Path("/proc/self/status").read_text()))
+    try:
+        with failpoints.dying_while("dumping"):
+            result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
+                               pass_fds=pass_fds, page_server_fd=page_server_fd, as_user=as_user, **options)
+        m = _seal(cfg, criu, images, info, options)
+    except BaseException:
+        # CRIU resumes the task when a dump fails; leave no half-written checkpoint behind.
+        if created:
+            shutil.rmtree(images, ignore_errors=True)
+        else:
+            for child in images.iterdir():
+                child.unlink()
+        raise
+    return Checkpoint(m, images, result.seconds, log)
+
+
+def _seal(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: dict[str, bool]) -> mf.Manifest:
+    """After CRIU wrote the images: make them root's only and write the manifest."""
+    private.restrict_files(images)
+    failpoints.point("dumped")
+    m = mf.Manifest(format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
+                    host=cfg.host or socket.gethostname(), process=info, options=options,
+                    files=mf.scan(images))
+    mf.write(images, m)
+    return m
+
+
+def lazy_checkpoint(cfg: Config, pid: int, images: Path, sock_fd: int, *, tcp_established: bool = False,
+                    criu: Criu | None = None, pass_fds: tuple[int, ...] = (),
+                    timeout: float = 600) -> tuple[Checkpoint, LazyDump]:
+    """Post-copy's dump: every image but the anonymous memory, which the returned running
+    dump serves over sock_fd (Criu.lazy_dump). Returns once the images and manifest are
+    complete; the process stays frozen."""
+    criu = criu or find_criu(cfg)
+    info = procinfo.inspect(pid)
+    created = _prepare_dir(images)
+    log = log_path(cfg, "dump", pid)
+    options = ProcessTree(info).criu_options(tcp_established)
+    t0 = time.monotonic()
+    dump = criu.lazy_dump(pid, images, log, sock_fd, pass_fds=pass_fds, **options)
+    try:
+        with failpoints.dying_while("dumping"):
+            dump.wait_images(timeout)
+        seconds = time.monotonic() - t0
+        m = _seal(cfg, criu, images, info, options)
+    except BaseException:
+        dump.kill()  # a failed dump resumed the task itself; a killed one leaves it to the caller
+        if created:
+            shutil.rmtree(images, ignore_errors=True)
+        raise
+    return Checkpoint(m, images, seconds, log), dump
+
+
+def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
+            pid_wait: float | None = None, leave_stopped: bool = False, hashed: bool = False,
+            streamed: dict[str, int] | None = None, lazy_work: Path | None = None):
+    """Verify the manifest, make sure the PID is free, and restore detached. hashed=True: the
+    files' sha256 were checked as they arrived, so only names and sizes are checked again.
+    streamed: page images a page server wrote (see manifest.verify)."""
+    if images.is_dir() or images.is_symlink():  # anything else: verify says what it is
+        private.check_trusted_dir(images, "image directory")
+    m = mf.verify(images, hashes=not hashed, streamed=streamed)
+    criu = criu or find_criu(cfg)
+    pid_wait = cfg.migrate.pid_wait if pid_wait is None else pid_wait
+    if not m.process.own_pid_namespace:
+        taken = procinfo.wait_pids_free(m.process.tree_ids or (m.process.pid,), pid_wait)
+        if taken is not None:
+            pid, who = taken
+            raise NotPermitted(
+                f"PID {pid} is needed for the restore but is still taken by {who} "
+                f"after {pid_wait:g} s; end that process (or wait for it to be reaped)")
+    log = log_path(cfg, "restore", m.process.pid)
+    try:
+        return criu.restore(images, log, tcp_established=bool(m.options.get("tcp_established")),
+                            shell_job=bool(m.options.get("shell_job")), leave_stopped=leave_stopped,
+                            lazy_work=lazy_work)
+    finally:
+        private.restrict_files(images)  # CRIU's stats-restore, 0644 less the umask

@@ -1,0 +1,416 @@
+"""How a migration moves memory: the strategy port.
+
+A strategy is an object with named phases. `forward` runs the phases up to and through the
+switch, each opened with `run.begin(STEP)` (journaled, then failpoints and stop requests
+honoured, then the step runs), using the phase helpers of the driver (`Migration`). Where a
+strategy's point of no return lies, how the source is ended at the commit and how it comes
+back on a rollback are the strategy's too, so the driver, the journal and recovery treat every
+strategy alike. The journal records the strategy's name; recovery rebuilds the same object.
+
+The registry is `STRATEGIES`; `migrctl migrate --strategy NAME` picks one, otherwise the first
+available one of `migrate.strategies` (the config's preference list) runs. P.Haul's "haulers"
+and its iteration driver with named loop limits are the model (phaul/iters.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from migrd.adapters import netaddr, untrusted, workloads
+from migrd.adapters.criu import find_criu
+from migrd.config import Config
+from migrd.engine import lazy
+from migrd.engine.peerclient import Restored
+from migrd.errors import MigrdError, PeerProtocolError, WorkloadLost
+from migrd.model import ProcessInfo
+
+if TYPE_CHECKING:  # the driver imports this module
+    from migrd.core.precopy import Decision, Round
+    from migrd.engine.precopy import Pusher
+    from migrd.engine.migration import Migration, Options
+    from migrd.engine.peerclient import Target
+
+ProgressFn = Callable[[int, int], None]
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    #: The trade-off, one sentence (shown by --help, `migrctl check` and the README).
+    summary: ClassVar[str]
+    #: Steps after which the workload may run on the target: from here on a failure leaves the
+    #: migration in doubt and recovery rolls forward, never back.
+    point_of_no_return: ClassVar[str] = "commit"
+    #: True when the dump leaves the source stopped (not ended) until the commit.
+    keeps_source_stopped: ClassVar[bool] = False
+
+    def unavailable(self, info: ProcessInfo, opts: Options, cfg: Config) -> str | None:
+        """Why this strategy cannot move `info` with `opts` (None: it can)."""
+        return None
+
+    @abstractmethod
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        """Every phase from the checkpoint through the commit."""
+
+    @staticmethod
+    def source_stays_unavailable(info: ProcessInfo, opts: Options) -> str | None:
+        """Why the source cannot wait stopped (not ended) until the commit."""
+        if opts.mode != "move":
+            return f"it moves, and --mode {opts.mode} keeps or restarts the source"
+        if not info.own_pid_namespace:
+            # A stopped source keeps its PIDs: a clash on hosts that share one PID space.
+            return "the process is not the init of its own PID namespace (start it with `migrctl run`)"
+        if opts.tcp_established:
+            # The stopped source's sockets would stay in repair mode behind CRIU's network lock.
+            return "--tcp-established needs the source ended by the dump"
+        return None
+
+    def end_source(self, run: Migration) -> None:
+        """At the commit, before the target's copy runs: make sure the source cannot run."""
+        if self.keeps_source_stopped and run.opts.mode == "move":
+            # A stopped task with SIGKILL pending never runs again, so freeing its memory need
+            # not delay the target (grace 0); `reap_source` waits for it after.
+            workloads.end(*run.source, grace=0)
+
+    def reap_source(self, run: Migration) -> None:
+        if self.keeps_source_stopped and run.opts.mode == "move":
+            workloads.end(*run.source)
+
+    def bring_back(self, run: Migration, states: list[str]) -> int | None:
+        """On a rollback: make the source run here again. Returns the PID of a new local copy
+        (None when the original runs on, or never stopped)."""
+        if "checkpoint" not in states or "target_unclean" in states or run.opts.mode == "clone":
+            # After target_unclean the local side was undone already (the source's PID and start
+            # time no longer name the copy a local restore made).
+            return None
+        if run.source_alive():
+            if self.keeps_source_stopped:
+                workloads.resume(*run.source)
+            return None
+        return run.restore_locally()
+
+
+class StopCopy(Strategy):
+    """Freeze, dump to disk here, send the images, restore there."""
+
+    name = "stop-copy"
+    summary = ("freeze, dump to disk here, send, restore there: works for every process, and the "
+               "whole memory crosses while it is frozen")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        with run.prepare_switch(target) as switch:  # the target waits before the freeze
+            run.begin("checkpoint", strategy=self.name)
+            freeze = time.time()
+            ck = run.dump(leave_stopped=False, page_server_fd=None)
+            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+                      image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
+            run.release_address()
+            moved, stats = run.send_after_freeze(switch, progress)
+            run.begin("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
+            run.restore_there(target, switch.restoring, page_bytes=None)
+
+
+class StreamCopy(Strategy):
+    """Stop-and-copy whose pages cross during the dump (migrd/engine/pagestream.py)."""
+
+    name = "stream-copy"
+    summary = ("freeze and stream the pages to the target while CRIU dumps them: the copy overlaps "
+               "the dump; the source stays stopped (not ended) until the commit")
+    keeps_source_stopped = True
+
+    def unavailable(self, info: ProcessInfo, opts: Options, cfg: Config) -> str | None:
+        return self.source_stays_unavailable(info, opts)
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        # The target's page server and restore are up (their sessions and Pythons started)
+        # before the freeze.
+        with run.prepare_switch(target, pages=True, progress=progress) as switch:
+            run.begin("checkpoint", strategy=self.name, streamed=True)
+            assert switch.pages is not None
+            with switch.pages as pages:
+                freeze = time.time()
+                ck = run.dump(leave_stopped=True, page_server_fd=pages.criu_fd)
+                page_bytes = pages.finish(run.cfg.ssh.op_timeout)
+            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+                      image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
+                      nft_tables=run.dump_tables())
+            run.release_address()
+            moved, stats = run.send_after_freeze(switch, progress)
+            run.begin("restore", bytes=stats.bytes + moved + page_bytes, transfer_seconds=round(stats.seconds, 4))
+            run.restore_there(target, switch.restoring, page_bytes=page_bytes)
+
+
+class Restart(Strategy):
+    """Weak mobility (--mode restart): end the process here, start the same command line,
+    directory and environment fresh there. Not selectable with --strategy: the mode asks for it.
+    Ending first keeps "never two copies"; a failure after it starts the command fresh here
+    again (restart mode gives up execution state anyway)."""
+
+    name = "restart"
+    summary = "end it here and start the same command fresh there: only code and data travel"
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        info = run.info
+        run.begin("checkpoint", strategy=self.name)
+        # SIGTERM first, then SIGKILL: a PID namespace's init ignores SIGTERM unless it handles it.
+        workloads.end(info.pid, info.start_time, (signal.SIGTERM, signal.SIGKILL), grace=2.0)
+        run.begin("transfer")
+        sink = target.files_sink() if run.data["carry"] else None
+        try:
+            moved = run.send_carried(sink)
+        finally:
+            if sink is not None:
+                sink.close()
+        run.begin("restore", bytes=moved)
+        r = target.start(info.cmdline, info.cwd, info.environ, run.data.get("workload"))
+        run.begin("verify", target_pid=r.pid)
+        run.verify(target, ports=False)
+        run.begin("commit")
+        run.commit(target)
+
+    def bring_back(self, run: Migration, states: list[str]) -> int | None:
+        if "checkpoint" not in states or "target_unclean" in states or run.source_alive():
+            return None
+        return run.start_locally()
+
+
+class PostCopy(Strategy):
+    """Restore there before the memory arrives: CRIU's lazy pages over SSH (migrd/engine/lazy.py).
+    The point of no return is the resume there; until the last page arrived the copy depends on
+    the source's CRIU serving its memory, and a failure then loses the workload (reported)."""
+
+    name = "postcopy"
+    summary = ("freeze, send only the small images, resume there at once and fetch the memory after: "
+               "downtime nearly flat in memory size, but until the last page arrives the copy needs "
+               "the source")
+    keeps_source_stopped = True
+
+    def unavailable(self, info: ProcessInfo, opts: Options, cfg: Config) -> str | None:
+        return self.source_stays_unavailable(info, opts) or find_criu(cfg).lazy_unready()
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        def verify(seen: dict[str, Any]) -> None:
+            st = untrusted.build(Restored, seen, PeerProtocolError, f"{target.name}: peer lazy")
+            if not st.cmdline:
+                # /proc/PID/cmdline reads the copy's stack, whose page may not have arrived:
+                # the images were checked against the manifest, alive and ports still are.
+                st = dataclasses.replace(st, cmdline=run.info.cmdline)
+            run.verify(target, seen=st)
+
+        def dumped() -> dict[str, Any]:
+            tables = run.dump_tables()
+            run.release_address()
+            return {"nft_tables": tables}
+
+        pid, start_time = run.source
+        d = run.data
+        sink = target.files_sink() if d["carry"] else None  # started before the freeze
+        try:
+            lazy.move(run.cfg, target.conn, pid, start_time, run.images, run.j.id, run.begin, run.j.record,
+                      name=d.get("workload"), stdout=d.get("stdout"), address=run.opts.move_address,
+                      send_carried=lambda: run.send_carried(sink), pass_fds=(run.lock_fd,), verify=verify,
+                      dumped=dumped)
+        except WorkloadLost:
+            with contextlib.suppress(MigrdError):
+                # Its record of the loss, heard; once it has finished ending its copy.
+                deadline = time.monotonic() + run.cfg.ssh.op_timeout
+                while target.status().busy and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                target.abort(run.opts.move_address, [])
+            raise
+        finally:
+            if sink is not None:
+                sink.close()
+        # Every page is there: what the driver's commit does after the resume.
+        self.reap_source(run)
+        for table in run.data.get("nft_tables", []):
+            netaddr.nft_delete(table)
+        if d.get("workload"):
+            workloads.Registry(run.cfg.state_dir).remove(d["workload"])
+        shutil.rmtree(run.images, ignore_errors=True)
+        run.j.record("done", outcome="ok")
+
+
+class PreCopy(Strategy):
+    """Memory crosses while the workload runs, round after round of what changed, until the
+    stop rule (migrd/core/precopy.py) predicts a short enough freeze; then a dump, of whose
+    pages only those the target lacks cross (migrd/engine/precopy.py: by content, so any
+    kernel will do). The dump ends the source, as stop-copy's does: rollback restores it here."""
+
+    name = "precopy"
+    summary = ("send the memory while it runs, then what changed, then freeze and send only the "
+               "pages the target lacks: the freeze is the dump, a compare and the last changes")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        run.begin("precopy", strategy=self.name, **dirty_tracking(run))
+        with target.precopy() as pusher:
+            rounds, decision = precopy_rounds(run, pusher)
+            self.switch(run, target, pusher, rounds, decision, progress)
+
+    def switch(self, run: Migration, target: Target, pusher: Pusher, rounds: list[Round],
+               decision: Decision, progress: ProgressFn | None) -> None:
+        """Freeze, dump, and send what the target still lacks: a brief stop-and-copy."""
+        from migrd.engine import precopy as precopy_mod
+
+        figures = {"rounds": len(rounds), "round_sent_bytes": sum(r.sent for r in rounds),
+                   "round_seconds": round(sum(r.seconds for r in rounds), 4),
+                   "stop_reason": decision.reason, "predicted_freeze": decision.predicted_freeze,
+                   "diverging": decision.diverging,
+                   "dirty_rate": round(decision.dirty_rate) if decision.dirty_rate is not None else None}
+        with run.prepare_switch(target) as switch:
+            run.begin("checkpoint", **figures)
+            freeze = time.time()
+            ck = run.dump(leave_stopped=False, page_server_fd=None)
+            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+                      image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
+            run.release_address()
+            rest = run.j.dir / "images.rest"
+            try:
+                files = precopy_mod.split_images(run.images, rest)
+                moved = run.send_carried(switch.files)
+                stats = switch.images.send(rest, progress)
+                final = pusher.final(files)
+            finally:
+                shutil.rmtree(rest, ignore_errors=True)
+            run.begin("restore", bytes=stats.bytes + moved + pusher.wire,
+                      transfer_seconds=round(stats.seconds + final.seconds, 4),
+                      final_page_bytes=final.page_bytes, final_sent_bytes=final.sent, final_wire_bytes=final.wire)
+            run.restore_there(target, switch.restoring, page_bytes=final.page_bytes)
+
+
+class Hybrid(PreCopy):
+    """Pre-copy's rounds, then the stop rule's prediction picks the switch: a brief
+    stop-and-copy of what is still dirty (as `precopy`) when it meets the downtime target,
+    else post-copy (`postcopy`). The journal's `hybrid_switch` says which; the source is then
+    ended and brought back as that strategy does it."""
+
+    name = "hybrid"
+    summary = ("pre-copy rounds, then a brief stop-and-copy if the predicted freeze meets the "
+               "downtime target, else post-copy")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        from migrd.core import precopy
+
+        postcopy = ALL["postcopy"]
+        run.begin("precopy", strategy=self.name, **dirty_tracking(run))
+        with target.precopy() as pusher:
+            rounds, decision = precopy_rounds(run, pusher)
+            limits = precopy.Limits(downtime_target=run.cfg.migrate.downtime_target)
+            way = precopy.hybrid_switch(decision, limits, postcopy.unavailable(run.info, run.opts, run.cfg) is None)
+            run.j.record("switch", hybrid_switch=way, rounds=len(rounds), stop_reason=decision.reason,
+                         predicted_freeze=decision.predicted_freeze)
+            if way == "stop-copy":
+                self.switch(run, target, pusher, rounds, decision, progress)
+                return
+        # Post-copy moves every page itself: what the rounds sent is not used (the lazy-pages
+        # daemon serves pages from the source only).
+        postcopy.forward(run, target, progress)
+
+    def _way(self, run: Migration) -> Strategy:
+        return ALL["postcopy"] if run.data.get("hybrid_switch") == "postcopy" else ALL["precopy"]
+
+    def end_source(self, run: Migration) -> None:
+        self._way(run).end_source(run)
+
+    def reap_source(self, run: Migration) -> None:
+        self._way(run).reap_source(run)
+
+    def bring_back(self, run: Migration, states: list[str]) -> int | None:
+        return self._way(run).bring_back(run, states)
+
+
+def dirty_tracking(run: Migration) -> dict[str, Any]:
+    """How the rounds find changed pages, for the journal. Pages are compared by content on
+    every kernel: CRIU's own pre-dump rounds (soft-dirty) are not wired in yet, so a kernel that
+    has soft-dirty is only noted."""
+    from migrd.adapters.criu import find_criu
+
+    return {"kernel_soft_dirty": find_criu(run.cfg).has_feature("mem_dirty_track"), "dirty_tracking": "content"}
+
+
+def precopy_rounds(run: Migration, pusher: Pusher) -> tuple[list[Round], Decision]:
+    """Rounds while the workload runs, until the stop rule says switch. Each round can be made
+    to fail (or the orchestrator to die) with the failpoint `roundN`."""
+    from migrd.core import choice, precopy
+    from migrd.engine import failpoints
+
+    info = run.info
+    m = run.cfg.migrate
+    limits = precopy.Limits(max_rounds=m.precopy_rounds, downtime_target=m.downtime_target)
+    fixed = choice.precopy_fixed(info.rss, choice.Rates())
+    pids = info.tree_ids or (info.pid,)
+    rounds: list[Round] = []
+    while True:
+        failpoints.point(f"round{len(rounds) + 1}")
+        rounds.append(pusher.round(pids, len(rounds) + 1))
+        decision = precopy.decide(rounds, limits, memory=info.rss, fixed=fixed,
+                                  fallback_bandwidth=precopy.ASSUMED_BANDWIDTH)
+        if decision.stop:
+            return rounds, decision
+
+
+class Auto(Strategy):
+    """Measures, then runs the strategy migrd/core/choice.py picks: the link (a short probe),
+    the rate the workload rewrites its memory (a sample) and its size, against the downtime
+    target and what can run here. The journal then names the strategy that ran (recovery and
+    `history` see that one) with every candidate's estimate."""
+
+    name = "auto"
+    summary = ("measure the link and how fast the workload rewrites its memory, then run the "
+               "strategy whose estimated freeze meets migrate.downtime_target soonest")
+
+    def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        from migrd.core import choice
+        from migrd.engine import precopy as precopy_mod
+
+        info, opts = run.info, run.opts
+        link = target.conn.probe(rounds=3, bulk_bytes=8 << 20, bulk_seconds=0.3)
+        rate = precopy_mod.sample_dirty_rate(info.tree_ids or (info.pid,), 0.25, 8)
+        candidates = [n for n, s in STRATEGIES.items()
+                      if not isinstance(s, (Auto, Hybrid)) and s.unavailable(info, opts, run.cfg) is None]
+        situation = choice.Situation(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth_bytes_per_s,
+                                     rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target)
+        name, estimates = choice.choose(candidates, situation)
+        run.j.record("auto", strategy=name, auto_estimates=[e.line() for e in estimates],
+                     sampled_dirty_rate=round(rate), link_bandwidth=round(link.bandwidth_bytes_per_s),
+                     link_rtt=round(link.rtt_s, 5))
+        STRATEGIES[name].forward(run, target, progress)
+
+
+#: The strategies `--strategy` offers, by name.
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (StopCopy(), StreamCopy(), PostCopy(), PreCopy(), Hybrid(), Auto())}
+#: Every strategy a journal may name (recovery rebuilds it from there).
+ALL: dict[str, Strategy] = {**STRATEGIES, Restart.name: Restart()}
+
+
+def recorded(name: str | None, streamed: bool) -> Strategy:
+    """The strategy a journal names. Journals written before strategies were recorded say only
+    whether the pages were streamed."""
+    if name is None:
+        return ALL["stream-copy" if streamed else "stop-copy"]
+    return ALL[name]
+
+
+def choose(info: ProcessInfo, opts: Options, cfg: Config,
+           refuses: Callable[[str], str | None] = lambda name: None) -> tuple[Strategy | None, list[str]]:
+    """The strategy for this move and why the ones before it were passed over. With
+    `opts.strategy` set only that one is tried, else migrate.strategies in order. refuses: the
+    subject's own word on a strategy (Subject.refuses), asked first."""
+    if opts.mode == "restart":
+        why = refuses("restart")
+        return (ALL["restart"], []) if why is None else (None, [f"restart: {why}"])
+    skipped = []
+    for name in ((opts.strategy,) if opts.strategy else cfg.migrate.strategies):
+        s = STRATEGIES[name]
+        why = refuses(name) or s.unavailable(info, opts, cfg)
+        if why is None:
+            return s, skipped
+        skipped.append(f"{name}: {why}")
+    return None, skipped
+

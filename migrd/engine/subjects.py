@@ -1,0 +1,347 @@
+"""What a migration moves: the subject port.
+
+A subject knows how to describe itself (the manifest's description), which resources it holds
+and what a move does with each (migrd/core/binding.py), which CRIU options its dump and restore
+need, how its dump and restore are made, and how to tell that the copy on the target is itself.
+Subjects register by kind, as P.Haul registers its "haulers": a process tree, a runc container.
+The journal records the kind and the subject's own record; the manifest records the kind, so
+the target restores with the same subject.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from migrd.core import binding
+from migrd.core.precheck import ContainerAsk, ContainerFacts, Request
+from migrd.errors import JournalCorrupt, MigrdError
+from migrd.model import ContainerInfo, ProcessInfo
+
+if TYPE_CHECKING:  # the target side imports subjects; it must not pay for paramiko
+    from migrd.config import Config
+    from migrd.engine.checkpoint import Checkpoint
+    from migrd.engine.manifest import Manifest
+    from migrd.engine.peerclient import Restored
+
+
+class Subject(ABC):
+    kind: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def info(self) -> ProcessInfo:
+        """The description the manifest and the journal record."""
+
+    @abstractmethod
+    def label(self) -> str:
+        """How the operator names it: `PID 4242 (python3 job.py)`."""
+
+    @abstractmethod
+    def resources(self, shape: binding.MoveShape) -> tuple[binding.Resource, ...]:
+        """Every resource it holds with what `shape` does with it."""
+
+    @abstractmethod
+    def criu_options(self, tcp_established: bool) -> dict[str, bool]:
+        """The CRIU options its dump needs (recorded in the manifest for the restore)."""
+
+    @abstractmethod
+    def verify(self, restored: Restored | None, where: str, ports: bool) -> None:
+        """Raise when the copy on `where` is not this subject, running."""
+
+    # --- the source's side -----------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        """What the journal keeps beside the process description to rebuild this subject."""
+        return {}
+
+    @classmethod
+    def from_record(cls, info: ProcessInfo, data: dict[str, Any]) -> Subject:
+        return cls(info)  # type: ignore[call-arg]
+
+    def refuses(self, strategy: str, mode: str) -> str | None:
+        """Why this subject cannot be moved by `strategy` in `mode` (None: it can)."""
+        return None
+
+    def precheck_request(self, req: Request) -> Request:
+        """The target's precheck request, fitted to this subject."""
+        return req
+
+    @abstractmethod
+    def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
+             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
+        """Checkpoint into images, manifest included."""
+
+    @abstractmethod
+    def restore_local(self, cfg: Config, images: Path, tcp_established: bool) -> int:
+        """A rollback: bring the dumped subject back here from its images; returns its PID."""
+
+    def after_commit(self, cfg: Config) -> None:
+        """On the source once the copy there runs: drop what only the source copy needed."""
+
+    # --- the target's side (the manifest names the kind) ------------------------------------
+
+    @staticmethod
+    @abstractmethod
+    def restore_there(cfg: Config, images: Path, m: Manifest, *, hashed: bool,
+                      streamed: dict[str, int] | None, lazy_work: Path | None) -> tuple[int, float]:
+        """Restore stopped (until the commit); returns the PID and the seconds it took."""
+
+    @staticmethod
+    def committed_there(cfg: Config, restored: dict[str, Any]) -> None:
+        """The commit on the target, before the copy is resumed."""
+
+    @staticmethod
+    def target_facts(cfg: Config, ask: ContainerAsk) -> ContainerFacts:
+        """A container's facts here for the precheck (only container subjects are asked)."""
+        return ContainerFacts(runtime_ok=False, runtime_message="not a container runtime")
+
+    @staticmethod
+    def ended_there(cfg: Config, restored: dict[str, Any]) -> None:
+        """An abort on the target, after the copy was ended."""
+
+
+class ProcessTree(Subject):
+    """A process and its descendants."""
+
+    kind = "process"
+
+    def __init__(self, info: ProcessInfo) -> None:
+        self._info = info
+
+    @property
+    def info(self) -> ProcessInfo:
+        return self._info
+
+    def label(self) -> str:
+        return f"PID {self._info.pid} ({' '.join(self._info.cmdline)[:60]})"
+
+    def resources(self, shape: binding.MoveShape) -> tuple[binding.Resource, ...]:
+        return binding.resources(self._info, shape)
+
+    def criu_options(self, tcp_established: bool) -> dict[str, bool]:
+        # A process that is not its own session leader was started from a shell: CRIU needs
+        # --shell-job to leave its session and terminal alone.
+        return {"tcp_established": tcp_established, "shell_job": not self._info.session_leader}
+
+    def verify(self, restored: Restored | None, where: str, ports: bool) -> None:
+        info = self._info
+        if not restored or not restored.alive:
+            raise MigrdError(f"the restored process is not running on {where}")
+        if restored.cmdline != info.cmdline:
+            raise MigrdError(f"the process on {where} runs {list(restored.cmdline)!r}, "
+                             f"expected {list(info.cmdline)!r}")
+        missing = {s.port for s in info.listening} - set(restored.ports)
+        if ports and missing:
+            raise MigrdError(f"the restored process does not listen on port(s) "
+                             f"{', '.join(map(str, sorted(missing)))} on {where}")
+
+    def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
+             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
+        from migrd.engine import checkpoint as cp
+
+        return cp.checkpoint(cfg, self._info.pid, images, leave_running=leave_running,
+                             leave_stopped=leave_stopped, tcp_established=tcp_established,
+                             pass_fds=pass_fds, page_server_fd=page_server_fd)
+
+    def restore_local(self, cfg: Config, images: Path, tcp_established: bool) -> int:
+        from migrd.adapters.criu import find_criu
+        from migrd.engine import checkpoint as cp
+
+        if (images / "manifest.json").exists():
+            return cp.restore(cfg, images).pid
+        # The orchestrator died between CRIU's dump and writing the manifest; these images
+        # never left this host, so CRIU may read them unverified.
+        log = cp.log_path(cfg, "restore", self._info.pid)
+        return find_criu(cfg).restore(images, log, tcp_established=tcp_established,
+                                      shell_job=not self._info.session_leader).pid
+
+    @staticmethod
+    def restore_there(cfg: Config, images: Path, m: Manifest, *, hashed: bool,
+                      streamed: dict[str, int] | None, lazy_work: Path | None) -> tuple[int, float]:
+        from migrd.engine import checkpoint as cp
+
+        r = cp.restore(cfg, images, pid_wait=cfg.migrate.pid_wait, leave_stopped=True, hashed=hashed,
+                       streamed=streamed, lazy_work=lazy_work)
+        return r.pid, r.seconds
+
+
+class RuncContainer(Subject):
+    """A runc container: its init's process tree, its rootfs changes against its image, its
+    bundle's configuration. Moved by stop-copy only (the rootfs is read once the dump ended
+    the container, so nothing can change it behind the copy)."""
+
+    kind = "runc"
+
+    def __init__(self, info: ProcessInfo, container: ContainerInfo) -> None:
+        self._info = info
+        self.container = container
+
+    @property
+    def info(self) -> ProcessInfo:
+        return self._info
+
+    def label(self) -> str:
+        return f"container {self.container.name} ({self.kind}, init PID {self._info.pid})"
+
+    def resources(self, shape: binding.MoveShape) -> tuple[binding.Resource, ...]:
+        c = self.container
+        B, A, M = binding.Binding, binding.Attachment, binding.Mechanism
+        return (
+            binding.Resource("memory", f"{self._info.rss} bytes resident (init)", B.IDENTIFIER, A.UNATTACHED,
+                             M.MOVE, f"checkpointed by {self.kind} with CRIU and restored there"),
+            binding.Resource("image", c.image, B.VALUE, A.FIXED, M.REBIND,
+                             "the same image there, checked by content"),
+            binding.Resource("rootfs changes", f"container {c.name}", B.VALUE, A.FASTENED, M.COPY,
+                             "added, modified and deleted files carried with the images, by sha256"),
+            binding.Resource("pids", "the container's PID namespace", B.IDENTIFIER, A.UNATTACHED, M.REBIND,
+                             "a new PID namespace there, the same PIDs inside"),
+            *binding.network(self._info, shape),
+        )
+
+    def criu_options(self, tcp_established: bool) -> dict[str, bool]:
+        return {"tcp_established": tcp_established}
+
+    def verify(self, restored: Restored | None, where: str, ports: bool) -> None:
+        name = self.container.name
+        if not restored or not restored.alive:
+            raise MigrdError(f"the restored container {name} is not running on {where}")
+        if restored.cmdline != self._info.cmdline:
+            raise MigrdError(f"container {name} on {where} runs {list(restored.cmdline)!r}, "
+                             f"expected {list(self._info.cmdline)!r}")
+
+    def record(self) -> dict[str, Any]:
+        return {"container": dataclasses.asdict(self.container)}
+
+    @classmethod
+    def from_record(cls, info: ProcessInfo, data: dict[str, Any]) -> Subject:
+        from migrd.adapters import untrusted
+
+        return cls(info, untrusted.build(ContainerInfo, data.get("container"), JournalCorrupt, "journal: container"))
+
+    def refuses(self, strategy: str, mode: str) -> str | None:
+        if mode != "move":
+            return f"a container moves; --mode {mode} is for processes"
+        if strategy != "stop-copy":
+            return "containers move with stop-copy only"
+        return None
+
+    def precheck_request(self, req: Request) -> Request:
+        c = self.container
+        # Its files and PIDs live in its own rootfs and PID namespace, not the host's.
+        return dataclasses.replace(req, tree_ids=(), files=(), identities={},
+                                   container=ContainerAsk(c.name, c.runtime, c.image, c.image_digest, c.image_id))
+
+    def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
+             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
+        from migrd.engine import containers
+
+        return containers.checkpoint(cfg, self.container, self._info, images, tcp_established=tcp_established)
+
+    def restore_local(self, cfg: Config, images: Path, tcp_established: bool) -> int:
+        from migrd.engine import containers
+
+        if (images / "manifest.json").exists():
+            return containers.restore(cfg, images, leave_stopped=False, fresh_bundle=False)[0]
+        return containers.restore_unverified(cfg, self.container, images, tcp_established)
+
+    def after_commit(self, cfg: Config) -> None:
+        from migrd.engine import containers
+
+        containers.remove(cfg, self.container.name)
+
+    @staticmethod
+    def restore_there(cfg: Config, images: Path, m: Manifest, *, hashed: bool,
+                      streamed: dict[str, int] | None, lazy_work: Path | None) -> tuple[int, float]:
+        from migrd.engine import containers
+
+        return containers.restore(cfg, images, leave_stopped=True, hashed=hashed)
+
+    @staticmethod
+    def committed_there(cfg: Config, restored: dict[str, Any]) -> None:
+        from migrd.engine import containers
+
+        containers.resume(cfg, restored["container"])
+
+    @staticmethod
+    def ended_there(cfg: Config, restored: dict[str, Any]) -> None:
+        from migrd.engine import containers
+
+        containers.remove(cfg, restored["container"])
+
+    @staticmethod
+    def target_facts(cfg: Config, ask: ContainerAsk) -> ContainerFacts:
+        from migrd.adapters import netaddr
+        from migrd.engine import containers
+
+        try:
+            rt = containers.runtime(cfg)
+            ok, msg = rt.works()
+            taken = rt.state(ask.name) is not None or containers.bundle_of(cfg, ask.name).exists()
+        except MigrdError as e:
+            return ContainerFacts(runtime_ok=False, runtime_message=str(e))
+        return ContainerFacts(runtime_ok=ok, runtime_message=msg, image_digest=containers.image_digest(ask.image),
+                              name_taken=taken, loopback_up=netaddr.loopback_up())
+
+
+class PodmanContainer(RuncContainer):
+    """A Podman container (run by runc): its exported checkpoint plus migrd's own rootfs diff,
+    since Podman's export loses files modified in place (migrd/engine/podman.py)."""
+
+    kind = "podman"
+
+    def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
+             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
+        from migrd.engine import podman
+
+        return podman.checkpoint(cfg, self.container, self._info, images, tcp_established=tcp_established)
+
+    def restore_local(self, cfg: Config, images: Path, tcp_established: bool) -> int:
+        from migrd.engine import podman
+
+        return podman.restore_local(cfg, self.container, tcp_established)
+
+    def after_commit(self, cfg: Config) -> None:
+        from migrd.engine import podman
+
+        podman.remove(cfg, self.container.name)
+
+    @staticmethod
+    def restore_there(cfg: Config, images: Path, m: Manifest, *, hashed: bool,
+                      streamed: dict[str, int] | None, lazy_work: Path | None) -> tuple[int, float]:
+        from migrd.engine import podman
+
+        return podman.restore(cfg, images, hashed=hashed)
+
+    @staticmethod
+    def committed_there(cfg: Config, restored: dict[str, Any]) -> None:
+        from migrd.engine import podman
+
+        podman.resume(cfg, restored["container"])
+
+    @staticmethod
+    def ended_there(cfg: Config, restored: dict[str, Any]) -> None:
+        from migrd.engine import podman
+
+        podman.remove(cfg, restored["container"])
+
+    @staticmethod
+    def target_facts(cfg: Config, ask: ContainerAsk) -> ContainerFacts:
+        from migrd.adapters import netaddr
+        from migrd.engine import containers, podman
+
+        try:
+            pm = podman.runtime(cfg)
+            ok, msg = pm.works()
+            taken = pm.state(ask.name) is not None
+            image_id = podman.ensure_image(pm, ask.image)
+        except MigrdError as e:
+            return ContainerFacts(runtime_ok=False, runtime_message=str(e))
+        return ContainerFacts(runtime_ok=ok, runtime_message=msg, image_digest=containers.image_digest(ask.image),
+                              image_id=image_id, name_taken=taken, loopback_up=netaddr.loopback_up())
+
+
+#: Subjects by kind (the journal and manifest record the kind).
+SUBJECTS: dict[str, type[Subject]] = {s.kind: s for s in (ProcessTree, RuncContainer, PodmanContainer)}

@@ -1,0 +1,186 @@
+"""runc and Podman containers move between bed hosts: real runtimes, real CRIU, real sshd.
+
+Each bed host has its own runc state (state_dir/runc) and bundles (state_dir/containers), and
+its own Podman storage and state (state_dir/podman), all under its private /var/lib/migrd; the
+image is the shared local busybox (scripts/build-image.sh), loaded into each host's Podman
+storage from one archive.
+The container counts in memory and appends each count to /data/counter, a file of the image it
+modifies: the file's lines are 0 (the image's content) then 1, 2, 3... without a gap or a
+repeat only if both the memory and the rootfs change moved.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from workloads import copies, wait_for
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed (make setup)"),
+              pytest.mark.skipif(not Path("/var/cache/migrd/images/busybox/rootfs").is_dir(),
+                                 reason="no busybox image (make setup)")]
+BED_HOSTS = 2
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def mig(run_in):
+    def call(host: str, *args: str, check: bool = True, timeout: float = 120):
+        r = run_in(host, PY, "-m", "migrd.cli", *map(str, args), check=False, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"migrctl {' '.join(map(str, args))} on {host} exited "
+                                 f"{r.returncode}: {r.stderr.decode()}")
+        return r
+
+    return call
+
+
+def jrun(mig, host: str, command: str, *args: str, **kw):
+    return json.loads(mig(host, command, *args, "--json", **kw).stdout)
+
+
+def counts(marker: str) -> list[int]:
+    """/data/counter of the one live copy, read through its root (bed hosts share one PID
+    space); [] while there is not exactly one."""
+    live = copies(marker)
+    if len(live) != 1:
+        return []
+    try:
+        return [int(x) for x in Path(f"/proc/{live[0]}/root/data/counter").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def running_on(mig, bed, name: str) -> list[str]:
+    """The hosts whose `migrctl ps` shows container name running."""
+    return [h.name for h in bed.hosts
+            if any(r["name"] == name and r.get("kind") == "container" and r["alive"] for r in jrun(mig, h.name, "ps"))]
+
+
+RUNTIMES = ["runc", pytest.param("podman", marks=pytest.mark.skipif(
+    shutil.which("podman") is None or not Path("/var/cache/migrd/images/busybox/podman.tar").is_file(),
+    reason="podman or its image not installed (make setup)"))]
+
+
+@pytest.fixture
+def container(mig, bed):
+    """Start a counting container on host1; remove it from every host afterwards."""
+    names: list[str] = []
+
+    def start(migratable: bool = True, runtime: str = "runc") -> tuple[str, str]:
+        name = f"ct{int(time.time() * 1000) % 10**8}"
+        marker = f"migrd-test-{name}"
+        names.append(name)
+        script = (f"i=0; while :; do i=$((i+1)); echo $i >> /data/counter; sleep 0.1; done # {marker}")
+        mig("host1", "container", "run", "--runtime", runtime, *([] if migratable else ["--not-migratable"]),
+            name, "--", "sh", "-c", script)
+        wait_for(lambda: len(counts(marker)) >= 5, what="container to count")
+        return name, marker
+
+    yield start
+    for name in names:
+        for h in bed.hosts:
+            mig(h.name, "container", "rm", name, check=False)
+
+
+def continues(marker: str, n_new: int = 5) -> list[int]:
+    before = len(counts(marker))
+    wait_for(lambda: len(counts(marker)) >= before + n_new, what=f"{marker} to keep counting")
+    got = counts(marker)
+    assert got == list(range(len(got))), f"count went backwards, repeated or restarted: {got[-30:]}"
+    return got
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_container_moves_there_and_back_with_its_rootfs(mig, bed, container, runtime):
+    name, marker = container(runtime=runtime)
+    assert [r["name"] for r in jrun(mig, "host1", "ps") if r.get("kind") == "container"] == [name]
+    times = []
+    for here, there in (("host1", "host2"), ("host2", "host1")):
+        before = counts(marker)
+        t0 = time.monotonic()
+        res = jrun(mig, here, "migrate", "--container", name, "--to", there)
+        times.append({"wall": round(time.monotonic() - t0, 2), "downtime": res["downtime"],
+                      "dump": res["dump_seconds"], "transfer": res["transfer_seconds"],
+                      "restore": res["restore_seconds"], "bytes": res["bytes"]})
+        assert res["strategy"] == "stop-copy" and res["target"] == there
+        assert running_on(mig, bed, name) == [there]
+        assert not (bed.host(here).dir / "state" / "containers" / name).exists()  # source bundle gone
+        got = continues(marker)
+        assert got[:len(before)] == before  # the modified file's content came along
+        wait_for(lambda: len(copies(marker)) == 1, what="exactly one copy")
+        assert psutil.Process(copies(marker)[0]).status() != psutil.STATUS_STOPPED
+        manifest_changes = res["resources"]
+        assert any(r["kind"] == "rootfs changes" for r in manifest_changes)
+    print(f"{runtime} container moves: {times}")
+
+
+def test_container_not_opted_in_is_refused(mig, bed, container):
+    name, marker = container(migratable=False)
+    r = mig("host1", "migrate", "--container", name, "--to", "host2", check=False)
+    assert r.returncode == 4 and b"not opted in" in r.stderr, r.stderr
+    assert running_on(mig, bed, name) == ["host1"]
+    continues(marker, 3)
+
+
+#: Something on host2 that the precheck does not see and the restore trips over: for runc a
+#: stale state directory for the name (`runc state` does not see it, `runc restore` refuses:
+#: "container ... exists"), for Podman a directory where the container's CRIU config goes.
+SABOTAGE = {"runc": "/var/lib/migrd/runc/{}", "podman": "/var/lib/migrd/podman/criu/{}.conf"}
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_rollback_when_the_target_restore_fails(mig, bed, container, run_in, runtime):
+    name, marker = container(runtime=runtime)
+    sabotage = SABOTAGE[runtime].format(name)
+    run_in("host2", "mkdir", "-p", sabotage)
+    try:
+        r = mig("host1", "migrate", "--container", name, "--to", "host2", check=False)
+        assert r.returncode != 0 and b"restore" in r.stderr, r.stderr
+        print(f"rollback after: {r.stderr.decode().strip()}")
+        hist = jrun(mig, "host1", "history")
+        assert hist[-1]["outcome"] == "rolled back", hist[-1]
+        wait_for(lambda: running_on(mig, bed, name) == ["host1"], what="the container back on host1")
+        wait_for(lambda: len(copies(marker)) == 1, what="exactly one copy")
+        continues(marker, 3)
+        assert not (bed.host("host2").dir / "state" / "containers" / name).exists()
+    finally:
+        run_in("host2", "rmdir", sabotage, check=False)
+
+
+#: failpoint -> (where the one copy runs after, what `migrctl recover` reports after a crash)
+FAILPOINTS = {
+    ("restore", "error"): ("host1", None),
+    ("dumped", "die"): ("host1", "rolled back"),
+    ("transfer", "die"): ("host1", "rolled back"),
+    ("restore", "die"): ("host1", "rolled back"),
+    ("verify", "die"): ("host2", "rolled forward"),
+    ("commit", "die"): ("host2", "committed"),
+}
+
+
+@pytest.mark.parametrize("point,kind", list(FAILPOINTS), ids=[f"{p}-{k}" for p, k in FAILPOINTS])
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_container_failpoints_leave_exactly_one_copy(mig, bed, run_in, container, point, kind, runtime):
+    where, recovered = FAILPOINTS[point, kind]
+    name, marker = container(runtime=runtime)
+    r = run_in("host1", "env", f"MIGRD_FAILPOINTS={point}:{kind}", PY, "-m", "migrd.cli", "migrate",
+               "--container", name, "--to", "host2", check=False, timeout=120)
+    if kind == "die":
+        assert r.returncode in (-9, 137), r.stderr
+        report = jrun(mig, "host1", "recover")
+        assert [x["action"] for x in report if "from" in x][-1].startswith(recovered), report
+    else:
+        assert r.returncode == 1 and f"failpoint {point}:error".encode() in r.stderr, r.stderr
+    wait_for(lambda: running_on(mig, bed, name) == [where], timeout=30, what=f"the container running on {where}")
+    wait_for(lambda: len(copies(marker)) == 1, timeout=30, what="exactly one copy")
+    continues(marker, 3)
+    other = "host2" if where == "host1" else "host1"
+    assert not (bed.host(other).dir / "state" / "containers" / name).exists()

@@ -1,0 +1,187 @@
+"""Pre-copy's stop rule, the auto choice and the page wire format: pure, no root."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from migrd.core import choice, precopy
+from migrd.core.precopy import Limits, Round, decide, simulate
+
+MB = 1_000_000
+MEM = 512 * MB
+
+
+def test_first_round_never_stops_for_the_target_and_measures_bandwidth():
+    d = decide([Round(changed=MEM, sent=MEM, seconds=10.0, interval=0.0)], Limits(downtime_target=100),
+               memory=MEM, fixed=0.1, fallback_bandwidth=1.0)
+    assert not d.stop and d.dirty_rate is None and d.bandwidth == pytest.approx(51.2 * MB)
+
+
+def test_converging_workload_stops_when_the_prediction_meets_the_target():
+    # 50 MB/s link, 1 MB/s dirtied: round 2 resends 10 MB in 0.2 s; what is dirtied in that
+    # time crosses in well under the target.
+    rounds = [Round(MEM, MEM, 10.0, 0.0), Round(10 * MB, 10 * MB, 1.2, 10.0)]
+    d = decide(rounds, Limits(downtime_target=0.5), memory=MEM, fixed=0.2, fallback_bandwidth=1.0)
+    assert d.stop and "meets the target" in d.reason and not d.diverging
+    assert d.predicted_freeze == pytest.approx(0.2 + 1.2 * MB / (51.2 * MB), rel=1e-3)
+
+
+def test_diverging_workload_stops_and_says_so():
+    # The workload rewrites 80 MB/s, the link carries 51.2 MB/s.
+    rounds = [Round(MEM, MEM, 10.0, 0.0), Round(800 * MB, 400 * MB, 8.0, 10.0)]
+    d = decide(rounds, Limits(downtime_target=0.5), memory=MEM, fixed=0.2, fallback_bandwidth=1.0)
+    assert d.stop and d.diverging and d.reason.startswith("diverging")
+    assert "80.0 MB/s" in d.reason
+
+
+def test_round_limit_is_named_and_honoured():
+    rounds = [Round(MEM, MEM, 10.0, 0.0)] + [Round(20 * MB, 20 * MB - k * MB, 1.0, 1.0) for k in range(1, 3)]
+    limits = Limits(max_rounds=3, downtime_target=0.01, converged_bytes=0)
+    d = decide(rounds, limits, memory=MEM, fixed=0.2, fallback_bandwidth=1.0)
+    assert d.stop and d.reason == "round limit: 3 rounds"
+    assert not decide(rounds[:2], limits, memory=MEM, fixed=0.2, fallback_bandwidth=1.0).stop
+
+
+def test_a_growing_round_stops_and_a_tiny_one_converges():
+    limits = Limits(downtime_target=0.01)
+    grow = [Round(MEM, MEM, 10.0, 0.0), Round(5 * MB, 5 * MB, 1.0, 10.0), Round(4 * MB, 6 * MB, 1.0, 1.0)]
+    d = decide(grow, limits, memory=MEM, fixed=0.2, fallback_bandwidth=1.0)
+    assert d.stop and d.reason.startswith("not shrinking")
+    tiny = [Round(MEM, MEM, 10.0, 0.0), Round(8192, 8192, 0.5, 10.0)]
+    d = decide(tiny, limits, memory=MEM, fixed=0.2, fallback_bandwidth=1.0)
+    assert d.stop and d.reason.startswith("converged")
+
+
+def test_simulation_converges_for_an_idle_workload_and_diverges_for_a_busy_one():
+    idle = simulate(MEM, 0.0, 50 * MB, Limits(downtime_target=3.0), fixed=2.0, scan_rate=500 * MB)
+    assert len(idle.rounds) == 2 and idle.decision.predicted_freeze == pytest.approx(2.0)
+    busy = simulate(MEM, 100 * MB, 50 * MB, Limits(downtime_target=3.0), fixed=2.0, scan_rate=500 * MB)
+    assert busy.decision.diverging and len(busy.rounds) == 2
+    bounded = simulate(MEM, 40 * MB, 50 * MB, Limits(downtime_target=0.0, max_rounds=5), fixed=2.0,
+                       scan_rate=500 * MB)
+    assert len(bounded.rounds) <= 5 and bounded.decision.stop
+
+
+def situation(memory: int, rate: float, target: float) -> choice.Situation:
+    return choice.Situation(memory=memory, dirty_rate=rate, bandwidth=50 * MB, rtt=0.001, downtime_target=target)
+
+
+ALL = ("stream-copy", "stop-copy", "precopy", "postcopy")
+
+
+def test_auto_takes_precopy_for_a_big_idle_workload_and_stream_copy_for_a_small_one():
+    name, est = choice.choose(ALL, situation(512 * MB, 0.0, 4.0))
+    assert name == "precopy", [e.line() for e in est]
+    name, _ = choice.choose(ALL, situation(4 * MB, 0.0, 0.5))
+    assert name == "stream-copy"
+
+
+def test_auto_falls_back_to_postcopy_only_when_nothing_else_meets_the_target():
+    name, est = choice.choose(ALL, situation(1024 * MB, 200 * MB, 0.5))
+    assert name == "postcopy"
+    assert {e.strategy for e in est} == set(ALL)
+    name, _ = choice.choose(("stop-copy", "precopy"), situation(1024 * MB, 200 * MB, 0.5))
+    assert name in ("stop-copy", "precopy")
+
+
+def test_auto_estimates_say_how_they_were_reached():
+    _, est = choice.choose(("precopy",), situation(512 * MB, 1 * MB, 1.0))
+    assert "rounds, then" in est[0].line()
+    with pytest.raises(ValueError):
+        choice.choose((), situation(1, 0, 1))
+
+
+# --- the wire format: Pusher against serve, over pipes ----------------------------------------
+
+class PipeTalk:
+    """A stand-in for a transport.Conversation: our sends go to serve's stdin, its lines back."""
+
+    class conn:
+        where = "test"
+
+    def __init__(self, to_peer: int, from_peer: int) -> None:
+        self.w = os.fdopen(to_peer, "wb", buffering=0)
+        self.r = os.fdopen(from_peer, "rb")
+
+    def readline(self) -> bytes:
+        return self.r.readline().rstrip(b"\n")
+
+    def send(self, data) -> None:
+        self.w.write(bytes(data))
+
+    def close(self, timeout: float = 0) -> None:
+        self.w.close()
+
+
+def test_pages_cross_by_content_and_the_target_rebuilds_the_dump_exactly(tmp_path, monkeypatch):
+    import hashlib
+    import threading
+
+    from migrd.engine import precopy as pc
+
+    rnd = [os.urandom(pc.PAGE) for _ in range(6)]
+    memory = {0x1000 * i: p for i, p in enumerate(rnd[:4] + [pc.ZERO])}
+    monkeypatch.setattr(pc.memread, "pages", lambda pid: [(a, memoryview(p)) for a, p in sorted(memory.items())])
+    a_in, a_out = os.pipe()
+    b_in, b_out = os.pipe()
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(pc.serve(tmp_path / "t" / "store", tmp_path / "t" / "pages",
+                                                            None, a_in, b_out)))
+    t.start()
+    pusher = pc.Pusher(PipeTalk(a_out, b_in))
+    r1 = pusher.round([1], 1)
+    assert r1.sent == 4 * pc.PAGE and r1.changed == 5 * pc.PAGE
+    memory[0x1000] = rnd[4]  # one page rewritten while running
+    r2 = pusher.round([1], 2)
+    assert r2.sent == r2.changed == pc.PAGE
+    # The dump: pages already there (moved), one new, a zero page and a short tail.
+    dump = rnd[1] + rnd[0] + rnd[5] + pc.ZERO + rnd[4] + b"tail"
+    (tmp_path / "pages-1.img").write_bytes(dump)
+    f = pc.PageFile("pages-1.img", tmp_path / "pages-1.img", len(dump), hashlib.sha256(dump).hexdigest())
+    final = pusher.final([f])
+    pusher.close()
+    t.join(10)
+    assert final.page_bytes == len(dump) and final.sent == pc.PAGE + 4
+    assert got == {"bytes": len(dump), "files": {"pages-1.img": len(dump)}}
+    assert (tmp_path / "t" / "pages" / "pages-1.img").read_bytes() == dump
+    assert not (tmp_path / "t" / "store").exists()
+
+
+def test_a_rebuilt_image_that_differs_from_the_dump_is_refused(tmp_path):
+    import threading
+
+    from migrd.engine import precopy as pc
+    from migrd.errors import ImageError
+
+    a_in, a_out = os.pipe()
+    b_in, b_out = os.pipe()
+    errors: list = []
+
+    def serve() -> None:
+        try:
+            pc.serve(tmp_path / "store", tmp_path / "pages", None, a_in, b_out)
+        except ImageError as e:
+            errors.append(str(e))
+        os.close(b_out)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    pusher = pc.Pusher(PipeTalk(a_out, b_in))
+    (tmp_path / "pages-2.img").write_bytes(b"x" * pc.PAGE)
+    f = pc.PageFile("pages-2.img", tmp_path / "pages-2.img", pc.PAGE, "0" * 64)
+    with pytest.raises(Exception):
+        pusher.final([f])
+    t.join(10)
+    assert errors and "sha256 mismatch" in errors[0]
+
+
+def test_hybrid_switches_to_postcopy_only_when_the_freeze_would_miss_the_target():
+    from migrd.core.precopy import Decision, hybrid_switch
+
+    slow = Decision(True, "diverging", 3.0, 80e6, 50e6, diverging=True)
+    quick = Decision(True, "target met", 0.2, 1e6, 50e6)
+    assert hybrid_switch(slow, Limits(downtime_target=0.5), postcopy_possible=True) == "postcopy"
+    assert hybrid_switch(slow, Limits(downtime_target=0.5), postcopy_possible=False) == "stop-copy"
+    assert hybrid_switch(quick, Limits(downtime_target=0.5), postcopy_possible=True) == "stop-copy"
