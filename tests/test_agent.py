@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import socket
 import stat
 import subprocess
@@ -20,7 +21,7 @@ import yaml
 
 from migrd.agent import admin, loop as agent_mod
 from migrd import config as config_mod
-from migrd.adapters import exchange, sdnotify
+from migrd.adapters import exchange, registry, sdnotify
 from migrd.engine import migration as migrate
 from migrd.core import step as step_mod
 from migrd.core import peerset
@@ -270,6 +271,14 @@ def test_round_reads_only_its_probe_set(tmp_path, monkeypatch):
     polled.clear()
     a.round()
     assert sorted(polled) == sorted([*fingers, asker])
+
+
+def test_to_read_adds_askers_it_knows():
+    """Both registries read this round's probe set plus known askers (etcd: and probe only
+    their links)."""
+    ps = peerset.PeerSet(peerset.Probe("random", 2), "a", ["b", "c", "d", "e"])
+    read = registry.to_read(ps, random.Random(3), ("e", "zz"))
+    assert "e" in read and "zz" not in read and "a" not in read and len(read - {"e"}) in (1, 2)
 
 
 def test_consolidate_packs_onto_a_busier_peer(make_agent):
