@@ -57,13 +57,14 @@ def plot(points: list[dict], png: Path) -> bool:
         for name in pts[0]["policies"]:
             # migrd's other modes dashed: consolidate lies on top of none.
             ax.plot([p["load"] for p in pts], [p["policies"][name]["mean_slowdown"] for p in pts],
-                    marker="o", label=name, linestyle="--" if name.startswith("migrd_") else "-")
+                    marker="o", label=name, linestyle="--" if name.startswith("migrd_") else "-",
+                    color=f"C{POLICIES.index(name)}")  # one colour per policy in every panel
         ax.set_title(f"{n} hosts")
         ax.set_xlabel("offered load")
         ax.set_ylabel("mean slowdown")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     return True

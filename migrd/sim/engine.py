@@ -2,14 +2,15 @@
 every host runs an agent round every `interval` seconds (at its own phase), and a migration
 freezes its job for the strategy's downtime, then the job resumes on the target.
 
-migrd's policies go through `migrd.step.step`, the agent's own round, with simulated snapshots
+migrd's policies go through `migrd.core.step.step`, the agent's own round, with simulated snapshots
 (load average with the kernel's 1-minute decay, utilization and run queue averaged since the
 previous round, memory), links and candidates. The baselines (policies.py) see the same
 snapshots through the same probing.
 
-A plain heap of events, no simulation library: the model has three kinds of event (arrival,
-completion, round) and no processes waiting on resources, which is what simpy is for; its
-generator-per-process style would cost a Python frame switch per event for nothing here.
+A plain heap of events, no simulation library: the shared heap holds only what makes hosts meet
+(rounds, migration arrivals); each host plays out its own arrivals and completions lazily
+(`_catch_up`). Nothing waits on resources, which is what simpy is for; its generator-per-process
+style would cost a Python frame switch per event for nothing here.
 """
 
 from __future__ import annotations
