@@ -155,7 +155,7 @@ MUTANTS = (
     Mutant("restart-redoes-work", "a restart redoes the work done so far", C,
            "run_s = (w.done_s + w.remaining_s) * pace", "run_s = w.remaining_s * pace"),
     Mutant("data-travels", "migrate_with_data sends the data files too", C,
-           "return c.proc.rss_bytes + data_here", "return c.proc.rss_bytes"),
+           "return c.proc.rss_bytes + data", "return c.proc.rss_bytes"),
     Mutant("remote-data-read", "staying with remote data reads it over the link", C,
            "time_s += links[c.data_host].send_s(c.data_size)", "time_s += 0.0"),
     Mutant("io-does-not-speed-up", "only the computing fraction of wall time speeds up", C,
