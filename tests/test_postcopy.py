@@ -217,7 +217,9 @@ def test_page_server_killed_after_the_switch_is_reported_never_two_copies(mig, b
         proc = bed_spawn(bed, ["env", "MIGRD_FAILPOINTS=relay:delay", PY, "-m", "migrd.cli", "migrate", "--json",
                                str(pid), "--to", "host2", "--strategy", "postcopy"])
         state = bed.host("host1").dir / "state"
-        j = wait_for(lambda: ([j for j in all_journals(state) if "resumed" in j.merged()] or [None])[0],
+        # This workload's migration: the module's bed keeps the journals of earlier moves.
+        j = wait_for(lambda: next((j for j in all_journals(state) if "resumed" in j.merged()
+                                   and j.merged()["request"]["pid"] == pid), None),
                      timeout=60, what="the switch")
         victim = wait_for(lambda: _criu_of(j.id, who), what=f"criu {who}")
         os.kill(victim, signal.SIGKILL)
