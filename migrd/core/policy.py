@@ -20,7 +20,6 @@ The four questions, in the order `decide` answers them (docs/policy.md has a wor
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

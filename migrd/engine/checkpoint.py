@@ -11,6 +11,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from migrd.engine import failpoints
 from migrd.adapters import private, procinfo
@@ -100,9 +101,16 @@ def _seal(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: dic
     """After CRIU wrote the images: make them root's only and write the manifest."""
     private.restrict_files(images)
     failpoints.point("dumped")
+    return write_manifest(cfg, criu, images, info, options)
+
+
+def write_manifest(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: dict[str, Any],
+                   **subject: Any) -> mf.Manifest:
+    """The manifest of the (already root-only) files in images, written beside them. subject:
+    what a container subject adds (its kind, record and rootfs changes)."""
     m = mf.Manifest(format=mf.FORMAT, created=time.time(), criu_version=criu.version(),
                     host=cfg.host or socket.gethostname(), process=info, options=options,
-                    files=mf.scan(images))
+                    files=mf.scan(images), **subject)
     mf.write(images, m)
     return m
 

@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import socket
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -155,11 +154,8 @@ def checkpoint(cfg: Config, c: ContainerInfo, info: ProcessInfo, images: Path, *
         changes = rootfs.export(bundle / "rootfs", rootfs_core.changes(base, rootfs.scan(bundle / "rootfs")), images)
         private.write_atomic(images / CONFIG_BLOB, json.dumps(c.config))
         private.restrict_files(images)
-        m = mf.Manifest(format=mf.FORMAT, created=time.time(), criu_version=find_criu(cfg).version(),
-                        host=cfg.host or socket.gethostname(), process=info,
-                        options={"tcp_established": tcp_established}, files=mf.scan(images),
-                        subject=RUNTIME, container=c, rootfs=changes)
-        mf.write(images, m)
+        m = cp.write_manifest(cfg, find_criu(cfg), images, info, {"tcp_established": tcp_established},
+                              subject=RUNTIME, container=c, rootfs=changes)
     except BaseException:
         shutil.rmtree(images, ignore_errors=True)
         raise

@@ -11,8 +11,6 @@ into the restored container while it waits, stopped, for the commit.
 from __future__ import annotations
 
 import shutil
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +118,8 @@ def checkpoint(cfg: Config, c: ContainerInfo, info: ProcessInfo, images: Path, *
         finally:
             pm.unmount(c.name)
         private.restrict_files(images)
-        m = mf.Manifest(format=mf.FORMAT, created=time.time(), criu_version=find_criu(cfg).version(),
-                        host=cfg.host or socket.gethostname(), process=info,
-                        options={"tcp_established": tcp_established}, files=mf.scan(images),
-                        subject=RUNTIME, container=c, rootfs=changes)
-        mf.write(images, m)
+        m = cp.write_manifest(cfg, find_criu(cfg), images, info, {"tcp_established": tcp_established},
+                              subject=RUNTIME, container=c, rootfs=changes)
     except BaseException:
         shutil.rmtree(images, ignore_errors=True)
         raise
