@@ -570,8 +570,25 @@ def _start_holder(h: HostState) -> ProcRef:
 
 
 def _bind_host_dirs(h: HostState) -> None:
+    _own_run(h)
     for sub, where in HOST_MOUNTS:
         command.run(["nsenter", f"--mount={h.mount_ns}", "--", "mount", "--bind", str(h.dir / sub), str(where)])
+
+
+def _own_run(h: HostState) -> None:
+    """Give the host a tmpfs /run of its own, as systemd gives every Debian host. CRIU keeps
+    its kernel probe cache (/run/criu.kdat) only on a tmpfs; without one (this machine's /run is
+    not) every CRIU run probes the kernel again, and a restore does so inside the downtime.
+    The root namespace's /run entries a host needs stay bound: RUN_ROOT (sshd's files) and the
+    network namespaces' handles."""
+    keep = " ".join(p.relative_to("/run").parts[0] for p in (RUN_ROOT, NETNS_DIR))
+    # fd 3 holds the old /run once the tmpfs covers it; --no-canonicalize keeps mount from
+    # turning /proc/self/fd/3/X back into /run/X, which would be the new, empty one.
+    script = ('exec 3</run && mount -t tmpfs -o mode=0755,size=16m migrd-bed-run /run && '
+              f'for d in {keep}; do mkdir /run/$d && '
+              'mount --no-canonicalize --rbind /proc/self/fd/3/$d /run/$d || exit 1; done && '
+              'mkdir -m 0755 /run/sshd && mkdir -m 1777 /run/lock && ln -s /dev/shm /run/shm')
+    command.run(["nsenter", f"--mount={h.mount_ns}", "--", "sh", "-c", script])
 
 
 def _wait_listening(h: HostState, timeout: float = 20.0) -> None:

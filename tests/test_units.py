@@ -38,6 +38,17 @@ def test_version_parsing():
     assert criu.version_tuple("4.2.1") > criu.version_tuple("4.1.10") >= (4, 1)
 
 
+def test_version_is_asked_once_per_binary(tmp_path: Path):
+    asked = tmp_path / "asked"
+    fake = tmp_path / "criu"
+    fake.write_text(f"#!/bin/sh\necho . >> {asked}\necho 'Version: 4.2.1'\n")
+    fake.chmod(0o700)
+    assert criu.Criu(fake).version() == criu.Criu(fake).version() == "4.2.1"
+    assert asked.read_text() == ".\n"
+    fake.write_text(f"#!/bin/sh\necho . >> {asked}\necho 'Version: 4.3'\n")  # upgraded in place
+    assert criu.Criu(fake).version() == "4.3"
+
+
 def sample_manifest(files: dict[str, mf.FileEntry]) -> mf.Manifest:
     info = model.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/", uid=0,
                           rss=1, start_time=1.0,

@@ -170,6 +170,9 @@ class RestoreResult:
     log: Path
 
 
+_VERSIONS: dict[tuple[str, int, int, int], str] = {}
+
+
 class Criu:
     """One criu binary (or wrapper). Every call takes an argv list and a log path."""
 
@@ -182,7 +185,13 @@ class Criu:
         return command.run([*prefix, self.path, *args], check=False, timeout=timeout, pass_fds=pass_fds)
 
     def version(self) -> str:
-        return parse_version(self._run(["--version"], 30).stdout.decode(errors="replace"))
+        """Asked once per binary (as it is on disk): a dump's manifest names the version while
+        the workload is frozen, so the migration asks first, before the freeze."""
+        st = os.stat(self.path)
+        key = (self.path, st.st_dev, st.st_ino, st.st_mtime_ns)
+        if key not in _VERSIONS:
+            _VERSIONS[key] = parse_version(self._run(["--version"], 30).stdout.decode(errors="replace"))
+        return _VERSIONS[key]
 
     def check(self) -> tuple[bool, str]:
         cp = self._run(["check"], 60)

@@ -269,10 +269,12 @@ class Migration:
                  carry: list[str], shape: binding.MoveShape) -> None:
         failpoints.step("precheck")
         info = subject.info
-        cpuinfo = None
+        cpuinfo = criu_version = None
         if opts.mode != "restart":
+            criu = find_criu(self.cfg)
+            criu_version = criu.version()
             with tempfile.TemporaryDirectory(prefix="migrd-cpuinfo-") as tmp:
-                find_criu(self.cfg).cpuinfo_dump(Path(tmp), Path(tmp) / "dump.log")
+                criu.cpuinfo_dump(Path(tmp), Path(tmp) / "dump.log")
                 cpuinfo = base64.b64encode(Path(tmp, "cpuinfo.img").read_bytes()).decode()
         local = binding.refusals(subject.resources(shape))
         if opts.move_address:
@@ -295,7 +297,7 @@ class Migration:
             self.j.record("refused", reason="; ".join(problems))
             raise PrecheckFailed(f"cannot migrate {subject.label()} to {opts.target}: " + "; ".join(problems))
         # A file the target may see already (shared storage) is never copied onto itself.
-        self.j.record("prechecked", remote_images=resp.incoming, target_files=resp.target_files,
+        self.j.record("prechecked", criu_version=criu_version, remote_images=resp.incoming, target_files=resp.target_files,
                       carry=[p for p in carry if p not in resp.not_to_copy])
 
     # --- phase helpers (what strategies compose) -------------------------------------------
