@@ -9,7 +9,7 @@ import pytest
 
 from migrd import model
 from migrd import config
-from migrd.adapters import criu, procinfo
+from migrd.adapters import criu, mounts, procinfo
 from migrd.engine import manifest as mf
 from migrd.errors import ConfigError, ImageError, InputError
 
@@ -169,3 +169,29 @@ def test_missing_explicit_config_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MIGRD_CONFIG", str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="does not exist"):
         config.load()
+
+
+MOUNTINFO = """\
+22 1 254:1 / / rw,relatime - ext4 /dev/vda rw
+23 22 0:5 / /run rw,nosuid - ext4 /dev/vda rw
+40 23 0:44 / /run rw,nosuid - tmpfs tmpfs rw,size=16384k
+41 40 254:1 /run/migrd /run/migrd rw - ext4 /dev/vda rw
+42 22 0:30 /sub /srv/with\\040space rw - xfs /dev/vdb rw,noquota
+"""
+
+
+def test_mount_holding_a_path_is_the_deepest_and_last_mounted():
+    table = mounts.parse(MOUNTINFO)
+    assert mounts.holding(table, Path("/run")).fstype == "tmpfs"  # mounted over the ext4 one
+    assert mounts.holding(table, Path("/run/criu.kdat")).fstype == "tmpfs"
+    assert mounts.holding(table, Path("/run/migrd/bed")).mountpoint == Path("/run/migrd")
+    assert mounts.holding(table, Path("/runner")).mountpoint == Path("/")
+    spaced = mounts.holding(table, Path("/srv/with space/x"))
+    assert (spaced.fstype, spaced.root, spaced.options) == ("xfs", "/sub", frozenset({"rw", "noquota"}))
+    assert mounts.parse("garbage\n1 2 3 - \n") == []
+
+
+def test_criu_keeps_its_probe_cache_only_on_a_tmpfs():
+    assert criu.probe_cache_unready_reason("tmpfs") is None
+    assert "/run is ext4, not a tmpfs" in criu.probe_cache_unready_reason("ext4")
+    assert "not mounted" in criu.probe_cache_unready_reason(None)

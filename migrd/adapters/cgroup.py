@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from migrd.adapters import mounts
 from migrd.errors import CommandError, InputError, MigrdError, NotPermitted
 
 #: What a bed host needs: CPU quota and usage, memory and task counts to look at.
@@ -62,20 +63,9 @@ class Group:
 
 # ---- pure core -------------------------------------------------------------------------------
 
-def parse_mountinfo(text: str) -> list[tuple[str, Path, str, set[str]]]:
-    """Cgroup mounts in /proc/self/mountinfo: (fstype, mountpoint, root inside the hierarchy,
-    super options)."""
-    out = []
-    for line in text.splitlines():
-        pre, sep, post = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = pre.split(), post.split()
-        if len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
-            continue
-        mountpoint = Path(fields[4].replace("\\040", " "))
-        out.append((tail[0], mountpoint, fields[3], set(tail[2].split(","))))
-    return out
+def cgroup_mounts(text: str) -> list[mounts.Mount]:
+    """The cgroup (v1 and v2) mounts in /proc/self/mountinfo text."""
+    return [m for m in mounts.parse(text) if m.fstype in ("cgroup", "cgroup2")]
 
 
 def parse_proc_cgroup(text: str) -> dict[frozenset[str], str]:
@@ -98,10 +88,10 @@ def layout_from(mountinfo: str, proc_cgroup: str, wanted: Iterable[str] = CONTRO
     """Decide v1 or v2 from the mounts: v1 whenever a v1 hierarchy carries a wanted controller
     (hybrid systems keep their controllers there), else v2 if a cgroup2 mount exists."""
     wanted = set(wanted)
-    mounts = parse_mountinfo(mountinfo)
+    found = cgroup_mounts(mountinfo)
     paths = parse_proc_cgroup(proc_cgroup)
     v1 = []
-    for fstype, mountpoint, root, opts in mounts:
+    for fstype, mountpoint, root, opts in found:
         ctrls = opts & wanted
         if fstype != "cgroup" or not ctrls:
             continue
@@ -112,7 +102,7 @@ def layout_from(mountinfo: str, proc_cgroup: str, wanted: Iterable[str] = CONTRO
                             _below(mountpoint, root, paths[key])))
     if v1:
         return Layout(1, tuple(sorted(v1, key=lambda h: h.controllers)))
-    for fstype, mountpoint, root, _ in mounts:
+    for fstype, mountpoint, root, _ in found:
         if fstype == "cgroup2" and frozenset() in paths:
             return Layout(2, (Hierarchy((), mountpoint, _below(mountpoint, root, paths[frozenset()])),))
     raise MigrdError("no cgroup hierarchy with cpu, cpuacct, memory or pids is mounted")
@@ -123,7 +113,7 @@ def v2_layout_at(mountinfo: str, proc_cgroup: str, mountpoint: Path) -> Layout:
     v1: a hybrid machine whose controllers sit on v1 still has the one v2 hierarchy, and a
     cgroup2 mount of it is how its v2 code is run there (tests)."""
     paths = parse_proc_cgroup(proc_cgroup)
-    for fstype, mp, root, _ in parse_mountinfo(mountinfo):
+    for fstype, mp, root, _ in cgroup_mounts(mountinfo):
         if fstype == "cgroup2" and mp == mountpoint and frozenset() in paths:
             return Layout(2, (Hierarchy((), mp, _below(mp, root, paths[frozenset()])),))
     raise MigrdError(f"{mountpoint} is not a cgroup2 mount (or this process has no v2 cgroup)")

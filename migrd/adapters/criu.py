@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from migrd.adapters import command, private, procinfo
+from migrd.adapters import command, mounts, private, procinfo
 from migrd.config import Config
 from migrd.errors import CriuError, MigrdError
 
@@ -73,6 +73,25 @@ def lazy_unready_reason(features: dict[str, bool], pipe_max_size: int) -> str | 
         reasons.append(f"fs.pipe-max-size is {pipe_max_size}, CRIU's lazy pages need at least "
                        f"{LAZY_PIPE_SIZE} (run `make setup`, or sysctl -w fs.pipe-max-size={LAZY_PIPE_SIZE})")
     return "; ".join(reasons) or None
+
+
+#: Where CRIU (as root) keeps what it probed of the kernel, if that directory is a tmpfs.
+KDAT_DIR = Path("/run")
+
+
+def probe_cache_unready_reason(fstype: str | None) -> str | None:
+    """Why CRIU cannot keep its kernel probe cache on a host whose /run has this filesystem
+    type; None if it can (pure)."""
+    if fstype == "tmpfs":
+        return None
+    return (f"{KDAT_DIR} is {fstype or 'not mounted'}, not a tmpfs: CRIU keeps its kernel probe cache "
+            f"({KDAT_DIR}/criu.kdat) only on a tmpfs, so every dump and restore probes the kernel "
+            f"again, a restore inside the downtime (systemd hosts mount /run as a tmpfs)")
+
+
+def probe_cache_unready() -> str | None:
+    run = mounts.holding(mounts.parse(Path("/proc/self/mountinfo").read_text()), KDAT_DIR)
+    return probe_cache_unready_reason(run.fstype if run else None)
 
 
 def pipe_max_size() -> int:
@@ -155,6 +174,8 @@ class CheckReport:
     features: dict[str, bool]
     #: Why post-copy cannot run here (None: it can).
     postcopy_unready: str | None = None
+    #: Why CRIU probes the kernel on every run here (None: it keeps a cache).
+    probe_cache_unready: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +230,7 @@ class Criu:
         ok, msg = self.check()
         features = {f: self.has_feature(f) for f in FEATURES}
         return CheckReport(self.path, self.version(), ok, msg, features,
-                           lazy_unready_reason(features, pipe_max_size()))
+                           lazy_unready_reason(features, pipe_max_size()), probe_cache_unready())
 
     def _fail(self, action: str, log: Path, stderr: bytes) -> CriuError:
         try:

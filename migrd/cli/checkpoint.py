@@ -27,6 +27,7 @@ def check(as_json: bool) -> None:
                  f"check:    {'ok' if r.ok else 'FAILED'} ({r.message})", "features:"]
         lines += [f"  {'yes' if r.features[f] else 'no ':3}  {f:22} {FEATURES[f]}" for f in FEATURES]
         lines.append(f"post-copy: {'ready' if r.postcopy_unready is None else 'not ready: ' + r.postcopy_unready}")
+        lines.append(f"kernel probe cache: {'kept' if r.probe_cache_unready is None else 'not kept: ' + r.probe_cache_unready}")
         return "\n".join(lines)
 
     emit(report, as_json, human)
