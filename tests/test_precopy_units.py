@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 
 import pytest
 
@@ -147,6 +149,55 @@ def test_pages_cross_by_content_and_the_target_rebuilds_the_dump_exactly(tmp_pat
     assert got == {"bytes": len(dump), "files": {"pages-1.img": len(dump)}}
     assert (tmp_path / "t" / "pages" / "pages-1.img").read_bytes() == dump
     assert not (tmp_path / "t" / "store").exists()
+
+
+def test_held_and_zero_pages_cross_as_runs(tmp_path, monkeypatch):
+    import hashlib
+    import threading
+
+    from migrd.engine import precopy as pc
+
+    held = [os.urandom(pc.PAGE) for _ in range(300)]
+    monkeypatch.setattr(pc.memread, "pages", lambda pid: [(pc.PAGE * i, p) for i, p in enumerate(held)])
+    a_in, a_out = os.pipe()
+    b_in, b_out = os.pipe()
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(pc.serve(tmp_path / "t" / "store", tmp_path / "t" / "pages",
+                                                            None, a_in, b_out)))
+    t.start()
+    pusher = pc.Pusher(PipeTalk(a_out, b_in))
+    pusher.round([1], 1)
+    dump = b"".join(held) + pc.ZERO * 300 + b"".join(held[:10])
+    (tmp_path / "pages-1.img").write_bytes(dump)
+    f = pc.PageFile("pages-1.img", tmp_path / "pages-1.img", len(dump), hashlib.sha256(dump).hexdigest())
+    final = pusher.final([f])
+    pusher.close()
+    t.join(10)
+    header = len(b'{"name": "pages-1.img", "size": , "sha256": ""}') + len(str(len(dump))) + 64
+    # Held runs of at most MAX_RUN pages (256 + 44 + 10), zero runs likewise (256 + 44).
+    assert final.sent == 0 and final.wire == 1 + 4 + header + 3 * 9 + 2 * 5 + 1
+    assert (tmp_path / "t" / "pages" / "pages-1.img").read_bytes() == dump
+
+
+@pytest.mark.parametrize("record", [
+    b"R" + struct.pack(">II", 5, 1),    # a slot never filled
+    b"R" + struct.pack(">II", 0, 0),    # an empty run
+    b"Z" + struct.pack(">I", 3),        # more pages than the image has left
+    b"P" + struct.pack(">I", 300),      # longer than a run may be
+])
+def test_a_run_the_target_cannot_hold_to_is_refused(tmp_path, record):
+    from migrd.engine import precopy as pc
+    from migrd.errors import ImageError
+
+    header = json.dumps({"name": "pages-1.img", "size": 2 * pc.PAGE, "sha256": "0" * 64}).encode()
+    stream = b"S" + os.urandom(pc.PAGE) + b"F" + struct.pack(">I", len(header)) + header + record
+    a_in, a_out = os.pipe()
+    b_in, b_out = os.pipe()
+    os.write(a_out, stream)
+    os.close(a_out)
+    with pytest.raises(ImageError, match="run|never received|stopped in the middle"):
+        pc.serve(tmp_path / "store", tmp_path / "pages", None, a_in, b_out)
+    assert not (tmp_path / "store").exists()
 
 
 def test_a_rebuilt_image_that_differs_from_the_dump_is_refused(tmp_path):

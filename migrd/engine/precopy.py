@@ -3,24 +3,30 @@ freeze only the pages of the dump the target does not hold already.
 
 No kernel tracking is needed (this kernel has no soft-dirty, so CRIU's pre-dump cannot run).
 The source reads the running process's memory (memread), keeps a digest of every page it read
-and sends the pages whose digest changed since the round before; the target (`migrctl peer
-precopy`) stores each page it receives once, by digest. After the freeze CRIU dumps as usual;
-the source walks the dump's pages-*.img and sends, for each page, either its digest (the
-target has that content) or the page itself. The target rebuilds every pages-*.img byte for
-byte and checks it against the sha256 the source's manifest holds: what restores there is
-exactly the frozen dump, whatever was read ahead, and a digest collision could only make the
-migration fail, never restore wrong memory.
+and sends the pages whose digest changed since the round before and whose content the target
+does not hold yet; the target (`migrctl peer precopy`) appends each page it receives to a pool,
+and the source mirrors which content sits in which slot of it. After the freeze CRIU dumps as
+usual; the source walks the dump's pages-*.img and sends runs: pages the target holds (by slot),
+zero pages (by count) and the rest as bytes. The target rebuilds every pages-*.img byte for byte
+and checks it against the sha256 the source's manifest holds: what restores there is exactly
+the frozen dump, whatever was read ahead, and a digest collision could only make the migration
+fail, never restore wrong memory.
 
 The pages are matched by content, not by address, so nothing of CRIU's pagemap format is read
-here, and memory that moved or repeats (zero pages, copies) costs a digest.
+here, and memory that moved or repeats (zero pages, copies) costs a run record. Runs let the
+target copy held pages with one read per run, not one per page: the freeze's work on the
+target does not grow with the number of pages.
 
 Wire format, source to target, on the peer's stdin (the target answers lines on stdout):
-  S digest(20) page(4096)    store a page
-  A round(4)                 confirm a round: the target answers {"round": N, "pages": COUNT}
-  F size(4) JSON             a page image follows: {"name", "size", "sha256"}, then per page
-    D bytes                  the page (the last one of a file may be shorter)
-    H digest(20)             a page the target holds
+  S page(4096)               store a page in the pool's next slot
+  A round(4)                 confirm a round: the target answers {"round": N, "pages": SLOTS}
+  F size(4) JSON             a page image follows: {"name", "size", "sha256"}, then runs
+    P count(4) bytes         count pages as bytes (the image's last one may be shorter); the
+                             whole ones also go to the pool's next slots
+    R slot(4) count(4)       count pages the pool holds from slot on
+    Z count(4)               count zero pages
   E                          the end: the target answers {"bytes": N, "files": {NAME: SIZE}}
+Every run is at most MAX_RUN pages.
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ if TYPE_CHECKING:  # the target side must not pay for importing paramiko
 
 PAGE = 4096
 ZERO = bytes(PAGE)
-DIGEST = 20
 BATCH = 1 << 20
+#: Pages in one run record: bounds what either side holds of a run at once.
+MAX_RUN = BATCH // PAGE
 _U32 = struct.Struct(">I")
+_U32x2 = struct.Struct(">II")
 
 
 def digest(page: bytes | memoryview) -> bytes:
@@ -108,8 +116,9 @@ class Pusher:
     def __init__(self, talk: Conversation) -> None:
         self.talk = talk
         pagestream.await_ready(talk, "peer precopy")
-        #: Digests of the pages the target holds.
-        self.known: set[bytes] = {ZERO_DIGEST}
+        #: Digest of each page the target holds -> its slot in the target's pool (zero pages
+        #: are never stored: every host has them).
+        self.slots: dict[bytes, int] = {}
         #: (task, address) -> digest of the page when last read.
         self.seen: dict[tuple[int, int], bytes] = {}
         self._buf = bytearray()
@@ -140,7 +149,7 @@ class Pusher:
         interval = start - self._last_start if self._last_start is not None else 0.0
         self._last_start = start
         changed = sent = 0
-        seen, known = self.seen, self.known
+        seen, slots = self.seen, self.slots
         for pid in pids:
             for addr, page in memread.pages(pid):
                 h = ZERO_DIGEST if page == ZERO else digest(page)
@@ -149,28 +158,29 @@ class Pusher:
                     continue
                 seen[key] = h
                 changed += PAGE
-                if h in known:
+                if h == ZERO_DIGEST or h in slots:
                     continue
-                known.add(h)
-                self._put(b"S", h, page)
+                slots[h] = len(slots)
+                self._put(b"S", page)
                 sent += PAGE
         self._put(b"A", _U32.pack(number))
         self._flush()
         got = self._answer("round")
-        if got.get("round") != number:
+        if got.get("round") != number or got.get("pages") != len(slots):
             raise PeerProtocolError(f"{self.talk.conn.where}: peer precopy confirmed round "
-                                    f"{got.get('round')!r}, expected {number}")
+                                    f"{got.get('round')!r} holding {got.get('pages')!r} pages, expected "
+                                    f"round {number} holding {len(slots)}")
         return Round(changed=changed, sent=sent, seconds=time.monotonic() - start, interval=interval)
 
     def final(self, files: list[PageFile]) -> Final:
-        """The dump's page images: each page as a digest when the target holds it."""
+        """The dump's page images, as runs of held, zero and new pages."""
         start = time.monotonic()
         wire0 = self.wire
         sent = total = 0
-        known = self.known
         for f in files:
             header = json.dumps({"name": f.name, "size": f.size, "sha256": f.sha256}).encode()
             self._put(b"F", _U32.pack(len(header)), header)
+            runs = _Runs(self)
             with open(f.path, "rb", buffering=0) as src:
                 left = f.size
                 while left:
@@ -178,17 +188,8 @@ class Pusher:
                     if not data:
                         raise ImageError(f"{f.path} shrank while being sent")
                     left -= len(data)
-                    view = memoryview(data)
-                    for off in range(0, len(data), PAGE):
-                        page = view[off:off + PAGE]
-                        if len(page) == PAGE:
-                            h = ZERO_DIGEST if page == ZERO else digest(page)
-                            if h in known:
-                                self._put(b"H", h)
-                                continue
-                            known.add(h)
-                        self._put(b"D", page)
-                        sent += len(page)
+                    sent += runs.add(data)
+            runs.close()
             total += f.size
         self._put(b"E")
         self._flush()
@@ -206,6 +207,68 @@ class Pusher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Runs:
+    """One page image's pages as run records: consecutive pages of one kind (held in
+    consecutive slots, zero, or new) make one record."""
+
+    def __init__(self, pusher: Pusher) -> None:
+        self.pusher = pusher
+        self.kind = b""
+        self.first = self.count = 0
+        self.new: list[bytes] = []
+
+    def add(self, data: bytes) -> int:
+        """Every page of data (only an image's last piece may end in a short page); returns
+        the bytes that go as bytes."""
+        slots = self.pusher.slots
+        sent = 0
+        whole = len(data) - len(data) % PAGE
+        for off in range(0, whole, PAGE):
+            # bytes, not memoryview slices: comparing a memoryview goes item by item, far
+            # slower than the memcmp of bytes.
+            page = data[off:off + PAGE]
+            if page == ZERO:
+                if self.kind != b"Z" or self.count == MAX_RUN:
+                    self._emit(b"Z")
+                self.count += 1
+                continue
+            h = digest(page)
+            at = slots.get(h)
+            if at is None:
+                slots[h] = len(slots)  # the target keeps every whole page sent as bytes
+                if self.kind != b"P" or self.count == MAX_RUN:
+                    self._emit(b"P")
+                self.new.append(page)
+                self.count += 1
+                sent += PAGE
+            else:
+                if self.kind != b"R" or self.count == MAX_RUN or at != self.first + self.count:
+                    self._emit(b"R", at)
+                self.count += 1
+        if whole < len(data):
+            self._emit(b"P")
+            self.new.append(data[whole:])  # the tail: not a page the target keeps
+            self.count = 1
+            sent += len(data) - whole
+            self._emit(b"")
+        return sent
+
+    def _emit(self, kind: bytes, first: int = 0) -> None:
+        """Send the pending run, start one of kind."""
+        if self.count:
+            if self.kind == b"R":
+                self.pusher._put(b"R", _U32x2.pack(self.first, self.count))
+            elif self.kind == b"Z":
+                self.pusher._put(b"Z", _U32.pack(self.count))
+            else:
+                self.pusher._put(b"P", _U32.pack(self.count), *self.new)
+                self.new = []
+        self.kind, self.first, self.count = kind, first, 0
+
+    def close(self) -> None:
+        self._emit(b"")
 
 
 def sample_dirty_rate(pids: Iterable[int], seconds: float, stride: int) -> float:
@@ -241,35 +304,55 @@ class _In:
         return data
 
 
+class _Pool:
+    """The target's pages, one slot each, in the order they came."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = private.open_private(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        self.slots = 0
+        self._pending = bytearray()  # appended, not yet written
+
+    def append(self, pages: bytes | memoryview) -> None:
+        """Whole pages only."""
+        self._pending += pages
+        if len(self._pending) >= BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            view = memoryview(self._pending)
+            at = self.slots * PAGE
+            while view:
+                n = os.pwrite(self.fd, view, at)
+                view, at = view[n:], at + n
+            self.slots += len(self._pending) // PAGE
+            self._pending = bytearray()
+
+    def read(self, first: int, count: int) -> bytes:
+        self.flush()
+        if first + count > self.slots:
+            raise ImageError("the source named pages this host never received")
+        data = os.pread(self.fd, count * PAGE, first * PAGE)
+        if len(data) != count * PAGE:
+            raise ImageError("the pre-copy pool is shorter than it should be")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = None,
           infd: int = 0, outfd: int = 1) -> dict:
-    """Receive pages into `store` (one file, indexed by digest in memory) and rebuild the page
-    images into `pages_dir`. Once every image was rebuilt and matched its sha256, `record` gets
-    what `E` answers before the answer goes (the source restores as soon as it has it)."""
+    """Receive pages into `store` (the pool) and rebuild the page images into `pages_dir`.
+    Once every image was rebuilt and matched its sha256, `record` gets what `E` answers
+    before the answer goes (the source restores as soon as it has it)."""
     private.private_dir(store.parent)
-    pool = private.open_private(store, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    index: dict[bytes, int] = {}
-    end = 0
+    pool = _Pool(store)
     out = os.fdopen(os.dup(outfd), "wb", buffering=0)
     src = _In(os.fdopen(os.dup(infd), "rb", buffering=BATCH))
 
     def answer(value: dict) -> None:
         out.write(json.dumps(value).encode() + b"\n")
-
-    def keep(h: bytes, page: bytes) -> None:
-        nonlocal end
-        if h not in index:
-            os.pwrite(pool, page, end)
-            index[h] = end
-            end += PAGE
-
-    def held(h: bytes) -> bytes:
-        if h == ZERO_DIGEST:
-            return ZERO
-        at = index.get(h)
-        if at is None:
-            raise ImageError("the source named a page this host never received")
-        return os.pread(pool, PAGE, at)
 
     out.write(pagestream.READY + b"\n")
     files: dict[str, int] = {}
@@ -277,10 +360,10 @@ def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = 
         while True:
             kind = src.exact(1)
             if kind == b"S":
-                h = src.exact(DIGEST)
-                keep(h, src.exact(PAGE))
+                pool.append(src.exact(PAGE))
             elif kind == b"A":
-                answer({"round": _U32.unpack(src.exact(4))[0], "pages": len(index)})
+                pool.flush()
+                answer({"round": _U32.unpack(src.exact(4))[0], "pages": pool.slots})
             elif kind == b"F":
                 (size,) = _U32.unpack(src.exact(4))
                 if size > MAX_HEADER:
@@ -296,7 +379,7 @@ def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = 
                 if not files:
                     shutil.rmtree(pages_dir, ignore_errors=True)
                     private.private_dir(pages_dir)
-                files[name] = _rebuild(src, pages_dir / name, want, sha, keep, held)
+                files[name] = _rebuild(src, pages_dir / name, want, sha, pool)
             elif kind == b"E":
                 if files:
                     private.restrict_files(pages_dir)
@@ -308,12 +391,12 @@ def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = 
             else:
                 raise ImageError(f"not a pre-copy record: {kind!r}")
     finally:
-        os.close(pool)
+        pool.close()
         store.unlink(missing_ok=True)
         out.close()
 
 
-def _rebuild(src: _In, dest: Path, size: int, sha256: str, keep, held) -> int:
+def _rebuild(src: _In, dest: Path, size: int, sha256: str, pool: _Pool) -> int:
     h256 = hashlib.sha256()
     fd = private.open_private(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
     try:
@@ -321,18 +404,23 @@ def _rebuild(src: _In, dest: Path, size: int, sha256: str, keep, held) -> int:
         buf = bytearray()
         while left:
             kind = src.exact(1)
-            if kind == b"D":
-                page = src.exact(min(PAGE, left))
-                if len(page) == PAGE:
-                    keep(digest(page), page)
-            elif kind == b"H":
-                page = held(src.exact(DIGEST))
-                if len(page) > left:
-                    raise ImageError(f"{dest.name}: a whole page named where {left} bytes were left")
+            if kind == b"R":
+                first, count = _U32x2.unpack(src.exact(8))
+                _check_run(dest, count, left, whole=True)
+                data: bytes = pool.read(first, count)
+            elif kind == b"Z":
+                (count,) = _U32.unpack(src.exact(4))
+                _check_run(dest, count, left, whole=True)
+                data = bytes(count * PAGE)
+            elif kind == b"P":
+                (count,) = _U32.unpack(src.exact(4))
+                _check_run(dest, count, left, whole=False)
+                data = src.exact(min(count * PAGE, left))
+                pool.append(memoryview(data)[:len(data) - len(data) % PAGE])
             else:
                 raise ImageError(f"{dest.name}: not a page record: {kind!r}")
-            buf += page
-            left -= len(page)
+            buf += data
+            left -= len(data)
             if len(buf) >= BATCH:
                 _write_all(fd, buf, h256)
                 buf = bytearray()
@@ -343,6 +431,12 @@ def _rebuild(src: _In, dest: Path, size: int, sha256: str, keep, held) -> int:
         dest.unlink(missing_ok=True)
         raise ImageError(f"{dest.name} rebuilt here differs from the dump (sha256 mismatch)")
     return size
+
+
+def _check_run(dest: Path, count: int, left: int, *, whole: bool) -> None:
+    """A run must hold pages, no more than MAX_RUN, and (whole: all of them) fit in the image."""
+    if not 0 < count <= MAX_RUN or (count - 1) * PAGE >= left or (whole and count * PAGE > left):
+        raise ImageError(f"{dest.name}: a run of {count} pages where {left} bytes were left")
 
 
 def _write_all(fd: int, data: bytearray, h256) -> None:
