@@ -146,9 +146,39 @@ def test_pages_cross_by_content_and_the_target_rebuilds_the_dump_exactly(tmp_pat
     pusher.close()
     t.join(10)
     assert final.page_bytes == len(dump) and final.sent == pc.PAGE + 4
-    assert got == {"bytes": len(dump), "files": {"pages-1.img": len(dump)}}
+    assert got == {"bytes": len(dump), "files": {"pages-1.img": len(dump)}, "carried": {}}
     assert (tmp_path / "t" / "pages" / "pages-1.img").read_bytes() == dump
     assert not (tmp_path / "t" / "store").exists()
+
+
+def test_carried_files_are_read_ahead_and_only_their_changes_cross_in_the_freeze(tmp_path, monkeypatch):
+    import threading
+
+    from migrd.engine import precopy as pc
+
+    monkeypatch.setattr(pc.memread, "pages", lambda pid: [])
+    log = tmp_path / "srv" / "app.log"
+    log.parent.mkdir()
+    body = [os.urandom(pc.PAGE) for _ in range(10)]
+    log.write_bytes(b"".join(body))
+    log.chmod(0o640)
+    a_in, a_out = os.pipe()
+    b_in, b_out = os.pipe()
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(pc.serve(tmp_path / "t" / "store", tmp_path / "t" / "pages",
+                                                            None, a_in, b_out)))
+    t.start()
+    pusher = pc.Pusher(PipeTalk(a_out, b_in))
+    assert pusher.round([1], 1, [log]).sent == 10 * pc.PAGE
+    body[3] = os.urandom(pc.PAGE)  # rewritten in place, and more appended, while it runs
+    log.write_bytes(b"".join(body) + b"appended")
+    final = pusher.final([], [log])
+    pusher.close()
+    t.join(10)
+    assert final.sent == pc.PAGE + len(b"appended") and final.carried_bytes == 10 * pc.PAGE + 8
+    assert got["carried"] == {str(log): 10 * pc.PAGE + 8}
+    assert log.read_bytes() == b"".join(body) + b"appended" and log.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in log.parent.iterdir()) == ["app.log"]  # no partial file left
 
 
 def test_held_and_zero_pages_cross_as_runs(tmp_path, monkeypatch):

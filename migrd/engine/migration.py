@@ -320,21 +320,21 @@ class Migration:
         return sink.send([Path(p) for p in self.data["carry"]]) if sink is not None else 0
 
     @contextlib.contextmanager
-    def prepare_switch(self, target: peerclient.Target, *, pages: bool = False,
+    def prepare_switch(self, target: peerclient.Target, *, pages: bool = False, files: bool = True,
                        progress: ProgressFn | None = None) -> Iterator[Switch]:
         """Everything the target needs after the freeze, started and waiting before it: the
         restore (`peer restore --await-go`), the image receiver, the files receiver when files
         travel and the page server when pages stream. Their SSH sessions and Python start-ups
         run in parallel and cost no downtime. All closed at the end whatever happened: before
         any rollback, so the target leaves its copy to `peer abort`, and without a restore when
-        the source never said go."""
+        the source never said go. files=False: the strategy sends the carried files itself."""
         d = self.data
         with ThreadPoolExecutor(4) as pool:
             futures = {
                 "restoring": pool.submit(target.prepare_restore, name=d.get("workload"), stdout=d.get("stdout"),
                                          address=self.opts.move_address),
                 "images": pool.submit(target.image_sink, self.remote_images),
-                "files": pool.submit(target.files_sink) if d["carry"] else None,
+                "files": pool.submit(target.files_sink) if files and d["carry"] else None,
                 "pages": pool.submit(target.page_stream, progress, self.info.rss) if pages else None,
             }
         opened = {k: f.result() for k, f in futures.items() if f is not None and f.exception() is None}

@@ -25,20 +25,25 @@ Wire format, source to target, on the peer's stdin (the target answers lines on 
                              whole ones also go to the pool's next slots
     R slot(4) count(4)       count pages the pool holds from slot on
     Z count(4)               count zero pages
-  E                          the end: the target answers {"bytes": N, "files": {NAME: SIZE}}
-Every run is at most MAX_RUN pages.
+  C size(4) JSON             a carried file follows, as runs: {"path", "size", "mode", "sha256"}
+  E                          the end: the target answers {"bytes": N, "files": {NAME: SIZE},
+                             "carried": {PATH: SIZE}}
+Every run is at most MAX_RUN pages. The files a migration carries (its stdout log, --with-files)
+are read ahead with the memory, page by page into the same pool, so the freeze sends only their
+pages that changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -46,7 +51,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from migrd.adapters import memread, private, untrusted
 from migrd.core.precopy import Round
 from migrd.engine import manifest as mf
-from migrd.engine import pagestream
+from migrd.engine import pagestream, receive
 from migrd.errors import ImageError, PeerProtocolError
 
 if TYPE_CHECKING:  # the target side must not pay for importing paramiko
@@ -103,8 +108,11 @@ def split_images(images: Path, rest: Path) -> list[PageFile]:
 class Final:
     #: Bytes of the rebuilt page images (what `peer restore` checks against).
     page_bytes: int
-    #: Page bytes that crossed during the freeze (the rest went as digests).
+    #: Bytes that crossed as bytes during the freeze (the rest went as runs of held or zero
+    #: pages), carried files included.
     sent: int
+    #: Bytes of the carried files (their content, not what crossed).
+    carried_bytes: int
     #: Bytes on the channel during the freeze, digests included.
     wire: int
     seconds: float
@@ -119,8 +127,8 @@ class Pusher:
         #: Digest of each page the target holds -> its slot in the target's pool (zero pages
         #: are never stored: every host has them).
         self.slots: dict[bytes, int] = {}
-        #: (task, address) -> digest of the page when last read.
-        self.seen: dict[tuple[int, int], bytes] = {}
+        #: (task, address) or (carried file, offset) -> digest of the page when last read.
+        self.seen: dict[tuple[int | str, int], bytes] = {}
         self._buf = bytearray()
         self._last_start: float | None = None
         self.wire = 0
@@ -143,26 +151,26 @@ class Pusher:
             raise PeerProtocolError(f"{self.talk.conn.where}: peer precopy ({what}): not an object")
         return value
 
-    def round(self, pids: Iterable[int], number: int) -> Round:
-        """Read every task's memory; send the pages that changed and the target lacks."""
+    def round(self, pids: Iterable[int], number: int, carried: Iterable[Path] = ()) -> Round:
+        """Read every task's memory and the carried files; send the pages that changed and the
+        target lacks."""
         start = time.monotonic()
         interval = start - self._last_start if self._last_start is not None else 0.0
         self._last_start = start
         changed = sent = 0
         seen, slots = self.seen, self.slots
-        for pid in pids:
-            for addr, page in memread.pages(pid):
-                h = ZERO_DIGEST if page == ZERO else digest(page)
-                key = (pid, addr)
-                if seen.get(key) == h:
-                    continue
-                seen[key] = h
-                changed += PAGE
-                if h == ZERO_DIGEST or h in slots:
-                    continue
-                slots[h] = len(slots)
-                self._put(b"S", page)
-                sent += PAGE
+        memory = (((pid, addr), page) for pid in pids for addr, page in memread.pages(pid))
+        for key, page in itertools.chain(memory, _file_pages(carried)):
+            h = ZERO_DIGEST if page == ZERO else digest(page)
+            if seen.get(key) == h:
+                continue
+            seen[key] = h
+            changed += PAGE
+            if h == ZERO_DIGEST or h in slots:
+                continue
+            slots[h] = len(slots)
+            self._put(b"S", page)
+            sent += PAGE
         self._put(b"A", _U32.pack(number))
         self._flush()
         got = self._answer("round")
@@ -172,32 +180,50 @@ class Pusher:
                                     f"round {number} holding {len(slots)}")
         return Round(changed=changed, sent=sent, seconds=time.monotonic() - start, interval=interval)
 
-    def final(self, files: list[PageFile]) -> Final:
-        """The dump's page images, as runs of held, zero and new pages."""
+    def final(self, files: list[PageFile], carried: Iterable[Path] = ()) -> Final:
+        """The dump's page images, then the carried files, as runs of held, zero and new
+        pages."""
         start = time.monotonic()
         wire0 = self.wire
         sent = total = 0
         for f in files:
-            header = json.dumps({"name": f.name, "size": f.size, "sha256": f.sha256}).encode()
-            self._put(b"F", _U32.pack(len(header)), header)
-            runs = _Runs(self)
-            with open(f.path, "rb", buffering=0) as src:
-                left = f.size
-                while left:
-                    data = src.read(min(memread.CHUNK, left))
-                    if not data:
-                        raise ImageError(f"{f.path} shrank while being sent")
-                    left -= len(data)
-                    sent += runs.add(data)
-            runs.close()
+            header = {"name": f.name, "size": f.size, "sha256": f.sha256}
+            sent += self._runs_of(b"F", header, f.path, f.size)
             total += f.size
+        sizes = {}
+        for path in carried:
+            st = path.stat()
+            header = {"path": str(path), "size": st.st_size, "mode": st.st_mode & 0o7777,
+                      "sha256": mf.sha256_file(path)}
+            sent += self._runs_of(b"C", header, path, st.st_size)
+            sizes[str(path)] = st.st_size
         self._put(b"E")
         self._flush()
         got = self._answer("end")
-        if got.get("bytes") != total:
-            raise ImageError(f"{self.talk.conn.where}: the target rebuilt {got.get('bytes')!r} page bytes, "
-                             f"the dump has {total}")
-        return Final(page_bytes=total, sent=sent, wire=self.wire - wire0, seconds=time.monotonic() - start)
+        if got.get("bytes") != total or got.get("carried") != sizes:
+            raise ImageError(f"{self.talk.conn.where}: the target rebuilt {got.get('bytes')!r} page bytes "
+                             f"and the carried files {got.get('carried')!r:.200}, the dump has {total} "
+                             f"and the files are {sizes!r:.200}")
+        return Final(page_bytes=total, sent=sent, carried_bytes=sum(sizes.values()), wire=self.wire - wire0,
+                     seconds=time.monotonic() - start)
+
+    def _runs_of(self, kind: bytes, header: dict, path: Path, size: int) -> int:
+        """One file (a page image or a carried file) with its header; returns the bytes that
+        went as bytes."""
+        raw = json.dumps(header).encode()
+        self._put(kind, _U32.pack(len(raw)), raw)
+        runs = _Runs(self)
+        sent = 0
+        with open(path, "rb", buffering=0) as src:
+            left = size
+            while left:
+                data = src.read(min(memread.CHUNK, left))
+                if not data:
+                    raise ImageError(f"{path} shrank while being sent")
+                left -= len(data)
+                sent += runs.add(data)
+        runs.close()
+        return sent
 
     def close(self) -> None:
         self.talk.close()
@@ -271,6 +297,21 @@ class _Runs:
         self._emit(b"")
 
 
+def _file_pages(paths: Iterable[Path]) -> Iterator[tuple[tuple[str, int], bytes]]:
+    """((path, offset), page) for every whole page of the files; a file that vanished or
+    cannot be read is skipped (the freeze sends whatever it then is)."""
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                at = 0
+                while len(data := f.read(memread.CHUNK)) >= PAGE:
+                    for off in range(0, len(data) - PAGE + 1, PAGE):
+                        yield (str(path), at + off), data[off:off + PAGE]
+                    at += len(data)
+        except OSError:
+            continue
+
+
 def sample_dirty_rate(pids: Iterable[int], seconds: float, stride: int) -> float:
     """Bytes per second the tasks rewrite, from every `stride`-th page read twice `seconds`
     apart (a sample: `auto` decides on it before anything is sent)."""
@@ -289,8 +330,8 @@ def sample_dirty_rate(pids: Iterable[int], seconds: float, stride: int) -> float
 
 # --- the target half -----------------------------------------------------------------------
 
-#: A page image's header is a name and two short fields.
-MAX_HEADER = 4096
+#: A page image's or carried file's header is a name or path and a few short fields.
+MAX_HEADER = 8192
 
 
 class _In:
@@ -356,6 +397,7 @@ def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = 
 
     out.write(pagestream.READY + b"\n")
     files: dict[str, int] = {}
+    carried: dict[str, int] = {}
     try:
         while True:
             kind = src.exact(1)
@@ -365,10 +407,7 @@ def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = 
                 pool.flush()
                 answer({"round": _U32.unpack(src.exact(4))[0], "pages": pool.slots})
             elif kind == b"F":
-                (size,) = _U32.unpack(src.exact(4))
-                if size > MAX_HEADER:
-                    raise ImageError("a page image header is too long")
-                f = untrusted.loads(src.exact(size), ImageError, "a page image header")
+                f = untrusted.loads(_header(src), ImageError, "a page image header")
                 if not isinstance(f, dict):
                     raise ImageError("a page image header is not an object")
                 name, want, sha = f.get("name"), f.get("size"), f.get("sha256")
@@ -380,10 +419,18 @@ def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = 
                     shutil.rmtree(pages_dir, ignore_errors=True)
                     private.private_dir(pages_dir)
                 files[name] = _rebuild(src, pages_dir / name, want, sha, pool)
+            elif kind == b"C":
+                c = receive.carried_file(_header(src))
+                try:
+                    carried[c.path] = _rebuild(src, c.partial, c.size, c.sha256, pool, c.mode)
+                    os.replace(c.partial, c.path)
+                except BaseException:
+                    c.partial.unlink(missing_ok=True)
+                    raise
             elif kind == b"E":
                 if files:
                     private.restrict_files(pages_dir)
-                got = {"bytes": sum(files.values()), "files": files}
+                got = {"bytes": sum(files.values()), "files": files, "carried": carried}
                 if record is not None:
                     record(got)
                 answer(got)
@@ -396,10 +443,21 @@ def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = 
         out.close()
 
 
-def _rebuild(src: _In, dest: Path, size: int, sha256: str, pool: _Pool) -> int:
+def _header(src: _In) -> bytes:
+    (size,) = _U32.unpack(src.exact(4))
+    if size > MAX_HEADER:
+        raise ImageError("a page image or carried file header is too long")
+    return src.exact(size)
+
+
+def _rebuild(src: _In, dest: Path, size: int, sha256: str, pool: _Pool, mode: int | None = None) -> int:
+    """Write the runs that make up dest's size bytes; refuse (and remove) it unless its sha256
+    matches. mode: its permission bits (else private)."""
     h256 = hashlib.sha256()
     fd = private.open_private(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         left = size
         buf = bytearray()
         while left:

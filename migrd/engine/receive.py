@@ -22,13 +22,14 @@ import shutil
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
 
 from migrd.engine import manifest
-from migrd.adapters import private
-from migrd.errors import ImageError, MigrdError
+from migrd.adapters import private, untrusted
+from migrd.errors import ImageError, InputError, MigrdError
 
 CHUNK = 1 << 20
 COMPRESSIONS = ("none", "zstd")
@@ -166,6 +167,35 @@ class _Reader:
             if seen > MAX_TRAILING_ZEROS:
                 raise ImageError(f"the image stream has more than {MAX_TRAILING_ZEROS} bytes of "
                                  f"padding after its end-of-archive marker")
+
+
+@dataclass(frozen=True)
+class CarriedFile:
+    """One file the source copies to the same path on the target (the header before it)."""
+
+    path: str
+    size: int
+    mode: int
+    sha256: str
+
+    @property
+    def partial(self) -> Path:
+        """Where it is written until its sha256 matched: beside its path, so the rename is
+        atomic."""
+        dest = Path(self.path)
+        return dest.with_name(f".{dest.name}.migrd-part")
+
+
+def carried_file(raw: bytes) -> CarriedFile:
+    """A carried file's header from the source, checked; its missing parent directories are
+    created (0700)."""
+    f = untrusted.build(CarriedFile, untrusted.loads(raw, InputError, "a carried file's header"),
+                        InputError, "a carried file's header")
+    dest = Path(f.path)
+    if not dest.is_absolute() or ".." in dest.parts or f.size < 0 or not 0 <= f.mode <= 0o7777:
+        raise InputError(f"refusing a carried file {f.path!r} (size {f.size}, mode {f.mode:o})")
+    private.missing_dirs(dest.parent)
+    return f
 
 
 def check_member_name(name: str) -> None:

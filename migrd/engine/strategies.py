@@ -21,6 +21,7 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from migrd.adapters import netaddr, untrusted, workloads
@@ -263,7 +264,8 @@ class PreCopy(Strategy):
                    "stop_reason": decision.reason, "predicted_freeze": decision.predicted_freeze,
                    "diverging": decision.diverging,
                    "dirty_rate": round(decision.dirty_rate) if decision.dirty_rate is not None else None}
-        with run.prepare_switch(target) as switch:
+        # The carried files go with the pages (read ahead in the rounds), not on a files session.
+        with run.prepare_switch(target, files=False) as switch:
             run.begin("checkpoint", **figures)
             freeze = time.time()
             ck = run.dump(leave_stopped=False, page_server_fd=None)
@@ -273,14 +275,14 @@ class PreCopy(Strategy):
             rest = run.j.dir / "images.rest"
             try:
                 files = precopy_mod.split_images(run.images, rest)
-                moved = run.send_carried(switch.files)
                 stats = switch.images.send(rest, progress)
-                final = pusher.final(files)
+                final = pusher.final(files, carried(run))
             finally:
                 shutil.rmtree(rest, ignore_errors=True)
-            run.begin("restore", bytes=stats.bytes + moved + pusher.wire,
+            run.begin("restore", bytes=stats.bytes + final.carried_bytes + pusher.wire,
                       transfer_seconds=round(stats.seconds + final.seconds, 4),
-                      final_page_bytes=final.page_bytes, final_sent_bytes=final.sent, final_wire_bytes=final.wire)
+                      final_page_bytes=final.page_bytes, final_sent_bytes=final.sent, final_wire_bytes=final.wire,
+                      carried_bytes=final.carried_bytes)
             run.restore_there(target, switch.restoring, page_bytes=final.page_bytes)
 
 
@@ -334,6 +336,11 @@ def dirty_tracking(run: Migration) -> dict[str, Any]:
     return {"kernel_soft_dirty": find_criu(run.cfg).has_feature("mem_dirty_track"), "dirty_tracking": "content"}
 
 
+def carried(run: Migration) -> list[Path]:
+    """The files this migration copies to the target (its stdout log, --with-files)."""
+    return [Path(p) for p in run.data["carry"]]
+
+
 def precopy_rounds(run: Migration, pusher: Pusher) -> tuple[list[Round], Decision]:
     """Rounds while the workload runs, until the stop rule says switch. Each round can be made
     to fail (or the orchestrator to die) with the failpoint `roundN`."""
@@ -348,7 +355,7 @@ def precopy_rounds(run: Migration, pusher: Pusher) -> tuple[list[Round], Decisio
     rounds: list[Round] = []
     while True:
         failpoints.point(f"round{len(rounds) + 1}")
-        rounds.append(pusher.round(pids, len(rounds) + 1))
+        rounds.append(pusher.round(pids, len(rounds) + 1, carried(run)))
         decision = precopy.decide(rounds, limits, memory=info.rss, fixed=fixed,
                                   fallback_bandwidth=precopy.ASSUMED_BANDWIDTH)
         if decision.stop:

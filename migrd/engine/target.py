@@ -138,16 +138,6 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     private.write_atomic(path, json.dumps(data))
 
 
-@dataclass(frozen=True)
-class CarriedFile:
-    """One file the source copies to the same path here (the header before its bytes)."""
-
-    path: str
-    size: int
-    mode: int
-    sha256: str
-
-
 #: A header line is a path and three small fields; anything longer is not one.
 MAX_HEADER = 8192
 
@@ -161,13 +151,8 @@ def receive_files(infd: int = 0) -> dict[str, int]:
 
     out: dict[str, int] = {}
     while line := read_line(infd, MAX_HEADER):
-        f = untrusted.build(CarriedFile, untrusted.loads(line, InputError, "a carried file's header"),
-                            InputError, "a carried file's header")
-        dest = Path(f.path)
-        if not dest.is_absolute() or ".." in dest.parts or f.size < 0 or not 0 <= f.mode <= 0o7777:
-            raise InputError(f"refusing a carried file {f.path!r} (size {f.size}, mode {f.mode:o})")
-        private.missing_dirs(dest.parent)
-        tmp = dest.with_name(f".{dest.name}.migrd-part")
+        f = receive.carried_file(line)
+        tmp = f.partial
         fd = private.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
         try:
             left = f.size
@@ -185,7 +170,7 @@ def receive_files(infd: int = 0) -> dict[str, int]:
         if sha256_file(tmp) != f.sha256:
             tmp.unlink(missing_ok=True)
             raise ImageError(f"{f.path} arrived altered (sha256 mismatch)")
-        os.replace(tmp, dest)
+        os.replace(tmp, f.path)
         out[f.path] = f.size
     return out
 
