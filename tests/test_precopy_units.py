@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 
 import pytest
 
-from migrd.core import choice, precopy
+from migrd.core import choice
 from migrd.core.precopy import Limits, Round, decide, simulate
 
 MB = 1_000_000
@@ -117,22 +118,30 @@ class PipeTalk:
         self.w.close()
 
 
-def test_pages_cross_by_content_and_the_target_rebuilds_the_dump_exactly(tmp_path, monkeypatch):
-    import hashlib
+def session(tmp_path):
+    """A Pusher talking to serve() (in a thread) over pipes: (pusher, serve's answer once done,
+    the thread)."""
     import threading
 
     from migrd.engine import precopy as pc
 
-    rnd = [os.urandom(pc.PAGE) for _ in range(6)]
-    memory = {0x1000 * i: p for i, p in enumerate(rnd[:4] + [pc.ZERO])}
-    monkeypatch.setattr(pc.memread, "pages", lambda pid: [(a, memoryview(p)) for a, p in sorted(memory.items())])
     a_in, a_out = os.pipe()
     b_in, b_out = os.pipe()
     got: dict = {}
     t = threading.Thread(target=lambda: got.update(pc.serve(tmp_path / "t" / "store", tmp_path / "t" / "pages",
                                                             None, a_in, b_out)))
     t.start()
-    pusher = pc.Pusher(PipeTalk(a_out, b_in))
+    return pc.Pusher(PipeTalk(a_out, b_in)), got, t
+
+
+def test_pages_cross_by_content_and_the_target_rebuilds_the_dump_exactly(tmp_path, monkeypatch):
+    import hashlib
+    from migrd.engine import precopy as pc
+
+    rnd = [os.urandom(pc.PAGE) for _ in range(6)]
+    memory = {0x1000 * i: p for i, p in enumerate(rnd[:4] + [pc.ZERO])}
+    monkeypatch.setattr(pc.memread, "pages", lambda pid: [(a, memoryview(p)) for a, p in sorted(memory.items())])
+    pusher, got, t = session(tmp_path)
     r1 = pusher.round([1], 1)
     assert r1.sent == 4 * pc.PAGE and r1.changed == 5 * pc.PAGE
     memory[0x1000] = rnd[4]  # one page rewritten while running
@@ -152,8 +161,6 @@ def test_pages_cross_by_content_and_the_target_rebuilds_the_dump_exactly(tmp_pat
 
 
 def test_carried_files_are_read_ahead_and_only_their_changes_cross_in_the_freeze(tmp_path, monkeypatch):
-    import threading
-
     from migrd.engine import precopy as pc
 
     monkeypatch.setattr(pc.memread, "pages", lambda pid: [])
@@ -162,13 +169,7 @@ def test_carried_files_are_read_ahead_and_only_their_changes_cross_in_the_freeze
     body = [os.urandom(pc.PAGE) for _ in range(10)]
     log.write_bytes(b"".join(body))
     log.chmod(0o640)
-    a_in, a_out = os.pipe()
-    b_in, b_out = os.pipe()
-    got: dict = {}
-    t = threading.Thread(target=lambda: got.update(pc.serve(tmp_path / "t" / "store", tmp_path / "t" / "pages",
-                                                            None, a_in, b_out)))
-    t.start()
-    pusher = pc.Pusher(PipeTalk(a_out, b_in))
+    pusher, got, t = session(tmp_path)
     assert pusher.round([1], 1, [log]).sent == 10 * pc.PAGE
     body[3] = os.urandom(pc.PAGE)  # rewritten in place, and more appended, while it runs
     log.write_bytes(b"".join(body) + b"appended")
@@ -183,19 +184,11 @@ def test_carried_files_are_read_ahead_and_only_their_changes_cross_in_the_freeze
 
 def test_held_and_zero_pages_cross_as_runs(tmp_path, monkeypatch):
     import hashlib
-    import threading
-
     from migrd.engine import precopy as pc
 
     held = [os.urandom(pc.PAGE) for _ in range(300)]
     monkeypatch.setattr(pc.memread, "pages", lambda pid: [(pc.PAGE * i, p) for i, p in enumerate(held)])
-    a_in, a_out = os.pipe()
-    b_in, b_out = os.pipe()
-    got: dict = {}
-    t = threading.Thread(target=lambda: got.update(pc.serve(tmp_path / "t" / "store", tmp_path / "t" / "pages",
-                                                            None, a_in, b_out)))
-    t.start()
-    pusher = pc.Pusher(PipeTalk(a_out, b_in))
+    pusher, got, t = session(tmp_path)
     pusher.round([1], 1)
     dump = b"".join(held) + pc.ZERO * 300 + b"".join(held[:10])
     (tmp_path / "pages-1.img").write_bytes(dump)
@@ -231,8 +224,6 @@ def test_a_run_the_target_cannot_hold_to_is_refused(tmp_path, record):
 
 
 def test_a_rebuilt_image_that_differs_from_the_dump_is_refused(tmp_path):
-    import threading
-
     from migrd.engine import precopy as pc
     from migrd.errors import ImageError
 
