@@ -112,3 +112,14 @@ def test_the_target_side_does_not_import_paramiko_or_the_policy():
             "'migrd.core.costmodel'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("user", ["root; rm -rf /", "nobody", 0, ["0"]])
+def test_a_restart_there_refuses_a_user_that_is_not_a_user_number(tmp_path, user):
+    from migrd.engine import target
+    from migrd.errors import InputError
+
+    cfg = Config(state_dir=tmp_path)
+    with pytest.raises(InputError, match="not a user number"):
+        target.start(cfg, "20261130-000000000-abcdef", {"cmdline": ["true"], "user": user})
+    assert not (tmp_path / "incoming").exists()

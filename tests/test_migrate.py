@@ -284,6 +284,21 @@ def test_service_running_as_unprivileged_user_moves_with_its_shared_memory(mig, 
     assert res["target_pid"] in moved and len(moved) == 2
 
 
+def test_restart_of_a_service_runs_it_as_its_user_there(mig, service_dir):
+    """--mode restart starts the command fresh on the target as the user it ran as, never as
+    root."""
+    out = service_dir / "restarted.log"
+    w = jrun(mig, "host1", "run", "--user", "nobody", "--name", "rs-" + service_dir.name[-6:], "--",
+             "/usr/bin/python3", "-c", SHARED_PAGE, str(out))
+    wait_for(lambda: len(service_lines(out)) >= 3, what="service")
+    before = len(service_lines(out))
+    res = jrun(mig, "host1", "migrate", w["pid"], "--to", "host2", "--mode", "restart")
+    wait_for(lambda: len(service_lines(out)) >= before + 3, what="restarted service")
+    assert {u for u, _ in service_lines(out)[before:]} == {65534}
+    assert res["target_pid"] in copies(str(out)) and w["pid"] not in copies(str(out))
+    assert {psutil.Process(p).uids().real for p in copies(str(out))} == {65534}
+
+
 def test_service_dropping_its_rights_in_its_own_pid_namespace_is_refused_and_keeps_running(mig, service_dir,
                                                                                           staged_env):
     """Dropping the rights inside the command makes an unprivileged PID-namespace init, which

@@ -149,6 +149,12 @@ def as_user(user: str) -> list[str]:
     return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--"]
 
 
+def user_of(uid: int) -> str | None:
+    """Who a fresh start of a process that ran as uid runs as (`as_user`): that user, unless
+    it is root (None: as migrd runs)."""
+    return None if uid == 0 else str(uid)
+
+
 def start(state_dir: Path, cmdline: tuple[str, ...], name: str | None = None,
           cwd: str | None = None, env: dict[str, str] | None = None,
           host: str | None = None, user: str | None = None) -> Workload:

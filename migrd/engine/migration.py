@@ -488,7 +488,7 @@ class Migration:
         if self.data.get("workload"):
             reg.remove(self.data["workload"])
         w = workloads.start(self.cfg.state_dir, info.cmdline, name=self.data.get("workload"),
-                           cwd=info.cwd, env=info.environ, host=self.cfg.host)
+                           cwd=info.cwd, env=info.environ, host=self.cfg.host, user=workloads.user_of(info.uid))
         return w.pid
 
     def outcome(self) -> Outcome:

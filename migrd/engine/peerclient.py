@@ -237,8 +237,10 @@ class Target:
             raise
         return restoring
 
-    def start(self, cmdline: tuple[str, ...], cwd: str, env: dict[str, str], name: str | None) -> StartAnswer:
-        spec = {"cmdline": list(cmdline), "cwd": cwd, "env": env, "name": name}
+    def start(self, cmdline: tuple[str, ...], cwd: str, env: dict[str, str], name: str | None,
+              user: str | None) -> StartAnswer:
+        """Restart mode: the command fresh there, as user (None: root)."""
+        spec = {"cmdline": list(cmdline), "cwd": cwd, "env": env, "name": name, "user": user}
         return self._call(StartAnswer, ["start", self.mid], spec)
 
     def status(self) -> Status:

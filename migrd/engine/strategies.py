@@ -169,7 +169,7 @@ class Restart(Strategy):
             if sink is not None:
                 sink.close()
         run.begin("restore", bytes=moved)
-        r = target.start(info.cmdline, info.cwd, info.environ, run.data.get("workload"))
+        r = target.start(info.cmdline, info.cwd, info.environ, run.data.get("workload"), workloads.user_of(info.uid))
         run.begin("verify", target_pid=r.pid)
         run.verify(target, ports=False)
         run.begin("commit")

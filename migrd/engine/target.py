@@ -330,10 +330,14 @@ def _expect(link: lazy_mod.Link, key: str, timeout: float) -> dict[str, Any]:
 
 
 def start(cfg: Config, mid: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Restart mode: run the command line fresh here as a migratable workload."""
+    """Restart mode: run the command line fresh here as a migratable workload, as the user it
+    ran as there (a user number: names may differ between hosts)."""
+    user = spec.get("user")
+    if user is not None and not (isinstance(user, str) and user.isdigit()):
+        raise InputError(f"restart as user {user!r}: not a user number")
     d = private.private_dir(incoming(cfg, mid))
     w = workloads.start(cfg.state_dir, tuple(spec["cmdline"]), name=spec.get("name"),
-                       cwd=spec.get("cwd"), env=spec.get("env"), host=cfg.host)
+                       cwd=spec.get("cwd"), env=spec.get("env"), host=cfg.host, user=user)
     _write(d / "restored.json", {"pid": w.pid, "start_time": w.start_time, "name": w.name})
     return {"pid": w.pid, "start_time": w.start_time, "name": w.name}
 
