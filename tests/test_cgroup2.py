@@ -23,7 +23,8 @@ import pytest
 from migrbed import bed
 from migrd.adapters import cgroup
 from migrd.errors import CommandError, MigrdError
-from migrd.adapters.load import make_source, parse_meminfo, parse_pid_stat
+from migrd.adapters.load import make_source
+from migrd.adapters.procfs import parse_meminfo, parse_pid_stat
 
 #: Busy for at most 30 s, whatever happens to the test.
 BUSY = "import time\nt = time.time()\nwhile time.time() - t < 30: pass"

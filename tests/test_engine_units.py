@@ -107,9 +107,9 @@ def test_the_pure_core_imports_nothing_with_io(module):
     assert out.strip() == "[]", out
 
 
-def test_the_target_side_does_not_import_paramiko_or_the_policy():
-    code = ("import sys, migrd.cli.peer; print(sorted({'paramiko', 'migrd.core.policy', "
-            "'migrd.core.costmodel'} & set(sys.modules)))")
+def test_the_target_side_does_not_import_paramiko_psutil_or_the_policy():
+    code = ("import sys, migrd.cli.peer, migrd.engine.target; print(sorted({'paramiko', 'psutil', "
+            "'migrd.core.policy', 'migrd.core.costmodel'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 

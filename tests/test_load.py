@@ -15,7 +15,8 @@ import pytest
 
 from migrd.adapters import untrusted
 from migrd.errors import InputError
-from migrd.adapters.load import CgroupRaw, CpuTimes, ProcessMonitor, ProcessRaw, SystemRaw, cgroup_load, decay_loadavg, make_source, parse_cfs_quota, parse_cpu_max, parse_cpu_stat_usage, parse_int, parse_loadavg, parse_memory_limit, parse_meminfo, parse_net_dev, parse_pid_io, parse_pid_stat, parse_pids, parse_pressure, parse_proc_stat, process_load, system_load
+from migrd.adapters.procfs import parse_meminfo, parse_pid_stat
+from migrd.adapters.load import CgroupRaw, CpuTimes, ProcessMonitor, ProcessRaw, SystemRaw, cgroup_load, decay_loadavg, make_source, parse_cfs_quota, parse_cpu_max, parse_cpu_stat_usage, parse_int, parse_loadavg, parse_memory_limit, parse_net_dev, parse_pid_io, parse_pids, parse_pressure, parse_proc_stat, process_load, system_load
 from migrd.model import HostLoad, Pressure, ProcessLoad
 
 PROC_STAT = """\

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from migrd.engine import failpoints
-from migrd.adapters import criu, netaddr, procinfo, untrusted
+from migrd.adapters import criu, netaddr, procfs, untrusted
 from migrd.core import precheck
 from migrd.config import MigrateSettings
 from migrd.errors import MigrdError
@@ -101,22 +101,22 @@ def test_a_file_the_target_may_see_already_is_never_copied_onto_itself():
 def test_file_identity_follows_the_file_not_its_name(tmp_path):
     log = tmp_path / "log"
     log.write_bytes(b"x" * 10_000)
-    here = procinfo.file_identity(str(log))
+    here = procfs.file_identity(str(log))
     with open(log, "ab") as f:
         f.write(b"more")
-    assert procinfo.file_identity(str(log), here.size) == here  # grew: same bytes up to here
-    assert procinfo.file_identity(str(log)).size == 10_004
+    assert procfs.file_identity(str(log), here.size) == here  # grew: same bytes up to here
+    assert procfs.file_identity(str(log)).size == 10_004
     copy = tmp_path / "copy"
     copy.write_bytes(log.read_bytes())
-    assert not precheck.same_inode(here, procinfo.file_identity(str(copy), here.size))
+    assert not precheck.same_inode(here, procfs.file_identity(str(copy), here.size))
     log.write_bytes(b"y" * 10_000)  # rewritten in place: same inode, other bytes
-    again = procinfo.file_identity(str(log), here.size)
+    again = procfs.file_identity(str(log), here.size)
     assert precheck.same_inode(here, again) and not precheck.shared(here, again)
     log.write_bytes(b"x" * 10)  # cut short
-    assert procinfo.file_identity(str(log), here.size).digest == ""
+    assert procfs.file_identity(str(log), here.size).digest == ""
     os.mkfifo(tmp_path / "fifo")  # never blocks on a path that is no regular file there
-    assert procinfo.file_identity(str(tmp_path / "fifo")) is None
-    assert procinfo.file_identity(str(tmp_path / "absent")) is None
+    assert procfs.file_identity(str(tmp_path / "fifo")) is None
+    assert procfs.file_identity(str(tmp_path / "absent")) is None
 
 
 def test_precheck_request_round_trips_through_json():
@@ -248,7 +248,7 @@ def test_unprivileged_pid_namespace_init_cannot_get_a_proc():
     def status(nspid: str, caps: int) -> str:
         return f"Name:\tpython3\nNSpid:\t{nspid}\nCapEff:\t{caps:016x}\n"
 
-    assert procinfo.proc_unreachable(status("4242\t1", 0))
-    assert not procinfo.proc_unreachable(status("4242\t1", 1 << procinfo.CAP_SYS_ADMIN))  # root init
-    assert not procinfo.proc_unreachable(status("4242", 0))  # host PID space: /proc is its own
-    assert not procinfo.proc_unreachable(status("4242\t7", 0))  # not the init
+    assert procfs.proc_unreachable(status("4242\t1", 0))
+    assert not procfs.proc_unreachable(status("4242\t1", 1 << procfs.CAP_SYS_ADMIN))  # root init
+    assert not procfs.proc_unreachable(status("4242", 0))  # host PID space: /proc is its own
+    assert not procfs.proc_unreachable(status("4242\t7", 0))  # not the init

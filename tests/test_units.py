@@ -9,7 +9,7 @@ import pytest
 
 from migrd import model
 from migrd import config
-from migrd.adapters import criu, mounts, procinfo
+from migrd.adapters import criu, mounts, procfs
 from migrd.engine import manifest as mf
 from migrd.errors import ConfigError, ImageError, InputError
 
@@ -119,23 +119,23 @@ def test_manifest_from_bad_json():
 
 
 def test_parse_pid():
-    assert procinfo.parse_pid(" 17 ") == 17
+    assert procfs.parse_pid(" 17 ") == 17
     for bad in ["x", "1.5", "-3", "0", ""]:
         with pytest.raises(InputError):
-            procinfo.parse_pid(bad)
+            procfs.parse_pid(bad)
 
 
 def test_ns_chain():
-    assert procinfo.ns_chain("Name:\tsh\nNSpid:\t5231\t1\n") == [5231, 1]
-    assert procinfo.ns_chain("Name:\tsh\nNSsid:\t0\n", "NSsid") == [0]
-    assert procinfo.ns_chain("Name:\tsh\n") == []
+    assert procfs.ns_chain("Name:\tsh\nNSpid:\t5231\t1\n") == [5231, 1]
+    assert procfs.ns_chain("Name:\tsh\nNSsid:\t0\n", "NSsid") == [0]
+    assert procfs.ns_chain("Name:\tsh\n") == []
 
 
 def test_session_outside_pid_namespace():
-    assert procinfo.session_outside("NSsid:\t0\n")  # PID 1's session, as CI starts us
-    assert procinfo.session_outside("NSsid:\t812\t0\n")  # leader in the parent namespace
-    assert not procinfo.session_outside("NSsid:\t812\t1\n")
-    assert not procinfo.session_outside("Name:\tsh\n")  # kernels without NSsid: let CRIU judge
+    assert procfs.session_outside("NSsid:\t0\n")  # PID 1's session, as CI starts us
+    assert procfs.session_outside("NSsid:\t812\t0\n")  # leader in the parent namespace
+    assert not procfs.session_outside("NSsid:\t812\t1\n")
+    assert not procfs.session_outside("Name:\tsh\n")  # kernels without NSsid: let CRIU judge
 
 
 def test_config_defaults_and_round_trip():

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from migrd.adapters import command, mounts, private, procinfo
+from migrd.adapters import command, mounts, private, procfs
 from migrd.config import Config
 from migrd.errors import CriuError, MigrdError
 
@@ -254,7 +254,7 @@ class Criu:
                 "--network-lock", self.network_lock]
         prefix: tuple[str, ...] = ()
         if as_user is not None:
-            caps = procinfo.capabilities(Path("/proc/self/status").read_text())
+            caps = procfs.capabilities(Path("/proc/self/status").read_text())
             last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
             prefix = tuple(as_user_prefix(*as_user, caps, last_cap))
             # CRIU insists on this flag for any non-root user; with root's capabilities kept

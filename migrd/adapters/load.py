@@ -29,6 +29,7 @@ from typing import Protocol
 
 import psutil
 
+from migrd.adapters.procfs import parse_meminfo, parse_pid_stat
 from migrd.errors import InputError
 from migrd.model import Pressure, HostLoad, ProcessLoad
 
@@ -83,18 +84,6 @@ def parse_proc_stat(text: str) -> tuple[CpuTimes, int]:
     return times, running
 
 
-def parse_meminfo(text: str) -> tuple[int, int]:
-    """/proc/meminfo -> (MemTotal, MemAvailable) in bytes."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("MemTotal", "MemAvailable", "MemFree"):
-            num, *unit = rest.split()
-            values[key] = int(num) * (1024 if unit == ["kB"] else 1)
-    # MemAvailable exists since Linux 3.14; MemFree is the conservative stand-in.
-    return values["MemTotal"], values.get("MemAvailable", values.get("MemFree", 0))
-
-
 def parse_pressure(text: str) -> Pressure:
     """/proc/pressure/* or a v2 cgroup's *.pressure: 'some avg10=1.09 avg60=... total=...'."""
     some: float | None = None
@@ -121,32 +110,6 @@ def parse_net_dev(text: str) -> int:
         cols = rest.split()
         total += int(cols[0]) + int(cols[8])
     return total
-
-
-@dataclass(frozen=True)
-class PidStat:
-    """The fields of /proc/PID/stat that migrd uses."""
-
-    comm: str
-    state: str
-    #: utime + stime in clock ticks.
-    cpu_ticks: int
-    #: Start time in clock ticks after boot.
-    start_ticks: int
-
-
-def parse_pid_stat(text: str) -> PidStat:
-    """/proc/PID/stat. comm may contain spaces and ')' so split at the LAST ')'."""
-    head, _, tail = text.rpartition(")")
-    comm = head.partition("(")[2]
-    fields = tail.split()
-    # fields[0] is field 3 (state); utime/stime are fields 14/15, starttime field 22.
-    return PidStat(
-        comm=comm,
-        state=fields[0],
-        cpu_ticks=int(fields[11]) + int(fields[12]),
-        start_ticks=int(fields[19]),
-    )
 
 
 def parse_pid_io(text: str) -> tuple[int, int]:

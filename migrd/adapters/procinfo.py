@@ -1,66 +1,18 @@
 """Look at a live process (psutil and /proc): the adapter behind the manifest's process
-description and behind "may this PID be checkpointed at all"."""
+description and behind "may this PID be checkpointed at all". The source side's; what the
+target side needs of /proc is in procfs, which does without psutil."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
-import stat
-import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
 
 from migrd.errors import InputError, NotPermitted
-from migrd.model import Connection, FileIdentity, Listener, OpenFile, ProcessInfo
-
-
-def parse_pid(text: str | int) -> int:
-    try:
-        pid = int(str(text).strip())
-    except ValueError:
-        raise InputError(f"{text!r} is not a PID (expected a positive number)") from None
-    if pid <= 0:
-        raise InputError(f"{pid} is not a PID (expected a positive number)")
-    return pid
-
-
-def ns_chain(status_text: str, field: str = "NSpid") -> list[int]:
-    """An NSpid/NSpgid/NSsid line of /proc/PID/status: the ID as seen from each nested PID
-    namespace, outermost first; 0 where the namespace cannot see that process."""
-    for line in status_text.splitlines():
-        if line.startswith(field + ":"):
-            return [int(x) for x in line.split()[1:]]
-    return []
-
-
-def session_outside(status_text: str) -> bool:
-    """True when the process's session leader is invisible from the process's own PID
-    namespace, e.g. the kernel's session 0 that PID 1 and everything it starts without setsid
-    belong to. CRIU cannot dump such a process, not even with --shell-job."""
-    return ns_chain(status_text, "NSsid")[-1:] == [0]
-
-
-#: Mounting a /proc needs this capability.
-CAP_SYS_ADMIN = 21
-
-
-def proc_unreachable(status_text: str) -> bool:
-    """True for the init of its own PID namespace that may not mount a /proc (a service user
-    without CAP_SYS_ADMIN): CRIU's parasite needs, inside the task, a /proc of the task's own
-    PID namespace and mounts one when the task sees its parent's; CRIU refuses "can't dump
-    unprivileged task whose /proc doesn't belong to it"."""
-    return ns_chain(status_text)[-1:] == [1] and not capabilities(status_text) >> CAP_SYS_ADMIN & 1
-
-
-def capabilities(status_text: str) -> int:
-    """The effective capability mask in a /proc/PID/status text."""
-    for line in status_text.splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
+from migrd.adapters.procfs import file_identity, ns_chain, session_outside
+from migrd.model import Connection, Listener, OpenFile, ProcessInfo
 
 
 def _listening(p: psutil.Process) -> tuple[Listener, ...]:
@@ -95,36 +47,6 @@ def _devices(tree: list[psutil.Process]) -> tuple[str, ...]:
                 if target.startswith("/dev/"):
                     found.add(target)
     return tuple(sorted(found))
-
-
-#: Bytes digested at each end of a file for its identity: enough to tell two files apart that
-#: merely share a filesystem ID and inode number (disks cloned from one image), cheap to read.
-_IDENTITY_BYTES = 4096
-
-
-def file_identity(path: str, upto: int | None = None) -> FileIdentity | None:
-    """path's identity over its first `upto` bytes (default: its current size); None when it
-    cannot be read. A file shorter than `upto` gets an empty digest: it matches nothing."""
-    try:
-        # Non-blocking: the same path may name a FIFO or a device on the other host.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            fsid = os.fstatvfs(f.fileno()).f_fsid
-            size = st.st_size if upto is None else upto
-            if st.st_size < size:
-                return FileIdentity(fsid, st.st_ino, size, "")
-            h = hashlib.sha256(f.read(min(size, _IDENTITY_BYTES)))
-            f.seek(max(0, size - _IDENTITY_BYTES))
-            h.update(f.read(min(size, _IDENTITY_BYTES)))
-    except OSError:
-        return None
-    return FileIdentity(fsid, st.st_ino, size, h.hexdigest())
 
 
 def _open_files(p: psutil.Process) -> tuple[OpenFile, ...]:
@@ -214,25 +136,3 @@ def inspect(pid: int) -> ProcessInfo:
             )
     except (psutil.NoSuchProcess, ProcessLookupError, FileNotFoundError):
         raise InputError(f"process {pid} exited while being inspected") from None
-
-
-def holder(pid: int) -> str | None:
-    """Describe the process that holds pid, or None when the PID is free."""
-    try:
-        p = psutil.Process(pid)
-        return f"{p.name()} ({p.status()}, parent {p.ppid()})"
-    except psutil.NoSuchProcess:
-        return None
-
-
-def wait_pids_free(pids: Iterable[int], timeout: float) -> tuple[int, str] | None:
-    """Wait until every pid is free; return (pid, holder) for one still taken at the end."""
-    deadline = time.monotonic() + timeout
-    pending = list(pids)
-    while pending:
-        taken = [(pid, who) for pid in pending if (who := holder(pid)) is not None]
-        if not taken or time.monotonic() >= deadline:
-            return taken[0] if taken else None
-        pending = [pid for pid, _ in taken]
-        time.sleep(0.1)
-    return None

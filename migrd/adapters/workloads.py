@@ -23,12 +23,12 @@ import pwd
 import re
 import signal
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
 
-from migrd.adapters import private, command
+from migrd.adapters import command, private, procfs
 from migrd.errors import InputError, MigrdError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -52,11 +52,8 @@ class Workload:
 
 def same_process(pid: int, start_time: float) -> bool:
     """True when pid runs the process that started at start_time (not a recycled PID)."""
-    try:
-        p = psutil.Process(pid)
-        return abs(p.create_time() - start_time) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    started = procfs.start_time(pid)
+    return started is not None and abs(started - start_time) < 0.05 and procfs.state(pid) not in (None, "Z")
 
 
 def end(pid: int, start_time: float, signals: tuple[int, ...] = (signal.SIGKILL,),
@@ -77,16 +74,9 @@ def resume(pid: int, start_time: float) -> None:
     whole tree stopped)."""
     if not same_process(pid, start_time):
         return
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGCONT)
-        except psutil.NoSuchProcess:
-            pass
+    for p in (pid, *procfs.descendants(pid)):
+        with suppress(ProcessLookupError):
+            os.kill(p, signal.SIGCONT)
 
 
 class Registry:
@@ -183,20 +173,22 @@ def start(state_dir: Path, cmdline: tuple[str, ...], name: str | None = None,
                                      stdout=out, stderr=out, env=env, cwd=cwd or "/")
     finally:
         os.close(out)
-    init = psutil.Process(launcher.pid) if user is not None else _wait_child(launcher.pid)
-    w = Workload(name, init.pid, init.create_time(), tuple(cmdline), cwd or "/", str(out_path), host)
+    init = launcher.pid if user is not None else _wait_child(launcher.pid)
+    started = procfs.start_time(init)
+    if started is None:
+        raise MigrdError("the workload exited at once (see its output log)")
+    w = Workload(name, init, started, tuple(cmdline), cwd or "/", str(out_path), host)
     reg.add(w)
     return w
 
 
-def _wait_child(pid: int, timeout: float = 10.0) -> psutil.Process:
+def _wait_child(pid: int, timeout: float = 10.0) -> int:
     deadline = time.monotonic() + timeout
-    parent = psutil.Process(pid)
     while time.monotonic() < deadline:
-        kids = parent.children()
+        kids = procfs.children(pid)
         if kids:
             return kids[0]
-        if not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE:
+        if procfs.state(pid) in (None, "Z"):
             break
         time.sleep(0.01)
     raise MigrdError("the workload exited at once (see its output log)")

@@ -10,7 +10,7 @@ import click
 
 from migrd.agent import admin
 from migrd.errors import AgentNotRunning
-from migrd.adapters.procinfo import parse_pid
+from migrd.adapters.procfs import parse_pid
 from migrd.cli.common import emit, json_option, load_config, require_root
 
 

@@ -8,7 +8,7 @@ import click
 
 from migrd.engine import checkpoint as cp
 from migrd.adapters.criu import FEATURES, find_criu
-from migrd.adapters.procinfo import parse_pid
+from migrd.adapters.procfs import parse_pid
 from migrd.cli.common import emit, human_bytes, json_option, load_config, require_root
 
 

@@ -14,7 +14,7 @@ from migrd.engine import journal as journal_mod
 from migrd.engine import migration as mig
 from migrd.engine.strategies import STRATEGIES
 from migrd.adapters import workloads
-from migrd.adapters.procinfo import parse_pid
+from migrd.adapters.procfs import parse_pid
 from migrd.cli.progress import Progress
 from migrd.cli.agent import ask_if_running
 from migrd.cli.common import emit, human_bytes, json_option, load_config, require_root

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from migrd.engine import failpoints
-from migrd.adapters import private, procinfo
+from migrd.adapters import private, procfs
 from migrd.engine import manifest as mf
 from migrd.config import Config
 from migrd.engine.subjects import ProcessTree
@@ -65,13 +65,15 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
                page_server_fd: int | None = None) -> Checkpoint:
     """page_server_fd: send the pages to a page server over this socket (they are then not
     in images, nor in the manifest)."""
+    from migrd.adapters import procinfo  # psutil, for the source only: the target imports this module
+
     criu = criu or find_criu(cfg)
     info = procinfo.inspect(pid)
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         raise InputError(f"process {pid} exited while being inspected") from None
-    if procinfo.proc_unreachable(status):
+    if procfs.proc_unreachable(status):
         raise NotPermitted(
             f"PID {pid} is the init of its own PID namespace but runs without root's rights "
             f"(uid {info.uid}); CRIU cannot dump it there. Start such a service with "
@@ -80,7 +82,7 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
     log = log_path(cfg, "dump", pid)
     options = ProcessTree(info).criu_options(tcp_established)
     as_user = criu_mod.dump_user(procinfo.tree_creds(pid),
-                                 procinfo.capabilities(Path("/proc/self/status").read_text()))
+                                 procfs.capabilities(Path("/proc/self/status").read_text()))
     try:
         with failpoints.dying_while("dumping"):
             result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
@@ -121,6 +123,8 @@ def lazy_checkpoint(cfg: Config, pid: int, images: Path, sock_fd: int, *, tcp_es
     """Post-copy's dump: every image but the anonymous memory, which the returned running
     dump serves over sock_fd (Criu.lazy_dump). Returns once the images and manifest are
     complete; the process stays frozen."""
+    from migrd.adapters import procinfo  # psutil, for the source only: the target imports this module
+
     criu = criu or find_criu(cfg)
     info = procinfo.inspect(pid)
     created = _prepare_dir(images)
@@ -153,7 +157,7 @@ def restore(cfg: Config, images: Path, *, criu: Criu | None = None,
     criu = criu or find_criu(cfg)
     pid_wait = cfg.migrate.pid_wait if pid_wait is None else pid_wait
     if not m.process.own_pid_namespace:
-        taken = procinfo.wait_pids_free(m.process.tree_ids or (m.process.pid,), pid_wait)
+        taken = procfs.wait_pids_free(m.process.tree_ids or (m.process.pid,), pid_wait)
         if taken is not None:
             pid, who = taken
             raise NotPermitted(

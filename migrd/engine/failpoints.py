@@ -20,8 +20,8 @@ import threading
 import time
 from collections.abc import Iterator
 
-import psutil
 
+from migrd.adapters import procfs
 from migrd.errors import MigrdError
 
 ENV = "MIGRD_FAILPOINTS"
@@ -76,11 +76,10 @@ def dying_while(name: str) -> Iterator[None]:
 
 
 def _die_once_child_runs() -> None:
-    me = psutil.Process()
-    ours = me.cmdline()
+    me = os.getpid()
+    ours = procfs.cmdline(me)
     while True:
-        for child in me.children():
-            with contextlib.suppress(psutil.Error):
-                if child.cmdline() != ours:  # past exec, not a fork of us any more
-                    os.kill(os.getpid(), signal.SIGKILL)
+        for child in procfs.children(me):
+            if procfs.cmdline(child) not in (ours, []):  # past exec, not a fork of us any more
+                os.kill(me, signal.SIGKILL)
         time.sleep(0.001)

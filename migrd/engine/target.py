@@ -20,10 +20,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from migrd.engine import checkpoint as cp
-from migrd.adapters import netaddr, private, procinfo, untrusted, workloads
+from migrd.adapters import netaddr, private, procfs, untrusted, workloads
 from migrd.engine import lazy as lazy_mod
 from migrd.engine import pagestream
 from migrd.engine import receive
@@ -54,11 +52,6 @@ def incoming(cfg: Config, mid: str) -> Path:
     return cfg.state_dir / "incoming" / mid
 
 
-def _listening_ports() -> set[int]:
-    return {c.laddr.port for c in psutil.net_connections("inet")
-            if c.status == psutil.CONN_LISTEN and c.laddr}
-
-
 def _existing_ancestor(path: Path) -> Path:
     """path, or its nearest ancestor that exists: the filesystem path will be created on."""
     while not path.exists() and path != path.parent:
@@ -67,7 +60,7 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
-    """Facts about this host for req (adapter: CRIU, psutil, filesystem, ip)."""
+    """Facts about this host for req (adapter: CRIU, /proc, filesystem, ip)."""
     criu_ok, criu_msg, cpu_ok, cpu_msg = True, "", True, ""
     if req.mode in ("move", "clone"):
         try:
@@ -83,17 +76,13 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
         except MigrdError as e:
             criu_ok, criu_msg = False, str(e)
     private.private_dir(cfg.state_dir)
+    # On hosts sharing one PID space (the bed) the source process itself is visible here; in
+    # move mode its PIDs are free once the dump ends it.
+    source_here = req.mode == "move" and workloads.same_process(req.pid, req.start_time)
     taken = {}
-    for pid in req.tree_ids:
-        try:
-            p = psutil.Process(pid)
-            # On hosts sharing one PID space (the bed) the source process itself is visible
-            # here; in move mode its PIDs are free once the dump ends it.
-            if req.mode == "move" and abs(psutil.Process(req.pid).create_time() - req.start_time) < 0.05:
-                continue
-            taken[pid] = f"{p.name()} ({p.status()})"
-        except psutil.NoSuchProcess:
-            pass
+    for pid in () if source_here else req.tree_ids:
+        if (who := procfs.holder(pid)) is not None:
+            taken[pid] = who
     files = {}
     for path, _ in req.files:
         try:
@@ -101,16 +90,16 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
         except OSError:
             files[path] = None
     # Over the bytes the source read: a shared file that grew since still matches.
-    identities = {path: procinfo.file_identity(path, here.size) for path, here in req.identities.items()}
+    identities = {path: procfs.file_identity(path, here.size) for path, here in req.identities.items()}
     return precheck.TargetFacts(
         criu_ok=criu_ok, criu_message=criu_msg, cpu_ok=cpu_ok, cpu_message=cpu_msg,
-        mem_available=psutil.virtual_memory().available,
+        mem_available=procfs.mem_available(),
         # Where the images and streamed pages will land, which may be another filesystem
         # than state_dir's.
         disk_free=shutil.disk_usage(_existing_ancestor(incoming(cfg, req.id))).free,
         disk_path=str(incoming(cfg, req.id).parent),
         pids_taken=taken,
-        ports_taken=tuple(sorted(_listening_ports() & set(req.ports))),
+        ports_taken=tuple(sorted(procfs.listening_ports() & set(req.ports))),
         files=files,
         identities=identities,
         address_present=bool(req.move_address and netaddr.holder_of(req.move_address)),
@@ -233,7 +222,9 @@ def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
     m = read_manifest(images)
     pid, seconds = _subject(m.subject).restore_there(cfg, images, m, hashed=True, streamed=streamed,
                                                       lazy_work=lazy_work)
-    start_time = psutil.Process(pid).create_time()
+    start_time = procfs.start_time(pid)
+    if start_time is None:
+        raise MigrdError(f"the restored process {pid} ended at once")
     _write(d / "restored.json", {"pid": pid, "start_time": start_time, "name": name, "subject": m.subject,
                                  "container": m.container.name if m.container else None})
     if name:
@@ -382,11 +373,10 @@ def status(cfg: Config, mid: str) -> dict[str, Any]:
         alive = workloads.same_process(rec["pid"], rec["start_time"])
         info: dict[str, Any] = {"pid": rec["pid"], "alive": alive}
         if alive:
-            p = psutil.Process(rec["pid"])
-            info["stopped"] = p.status() == psutil.STATUS_STOPPED
-            info["cmdline"] = p.cmdline()
-            info["ports"] = sorted({c.laddr.port for c in p.net_connections("inet")
-                                    if c.status == psutil.CONN_LISTEN})
+            pid = rec["pid"]
+            info["stopped"] = procfs.state(pid) == "T"
+            info["cmdline"] = procfs.cmdline(pid)
+            info["ports"] = sorted(procfs.listening_ports(pid))
         out["restored"] = info
     return out
 
