@@ -236,3 +236,20 @@ def wait_pids_free(pids: Iterable[int], timeout: float) -> tuple[int, str] | Non
         pending = [pid for pid, _ in taken]
         time.sleep(0.1)
     return None
+
+
+def cgroup_paths(pid: int) -> list[str]:
+    """Its cgroup paths as /proc/PID/cgroup lists them ([] when gone): what
+    migrate.allow_cgroups matches."""
+    try:
+        return [line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+    except (OSError, IndexError):
+        return []
+
+
+def user_of(pid: int, uid: int) -> str:
+    """Its user's name (what migrate.allow_users lists), the number when it has none."""
+    try:
+        return psutil.Process(pid).username()
+    except (psutil.Error, KeyError):
+        return str(uid)

@@ -37,7 +37,7 @@ def _status_text(s: dict[str, Any]) -> str:
                                                  f"UNREACHABLE ({reg['error']}); {reg['note']}"))
     if s["in_flight"]:
         f = s["in_flight"]
-        lines.append(f"migrating PID {f['pid']} ({f['name']}) to {f['target']}")
+        lines.append(f"migrating {f['what']} to {f['target']}")
     if s["explain"]:
         lines.append("last decision: " + s["explain"])
     return "\n".join(lines)

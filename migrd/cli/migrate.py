@@ -142,7 +142,7 @@ def ps(as_json: bool) -> None:
                 row = {"name": c["name"], "pid": c["pid"], "alive": True,
                        "command": " ".join(c["cmdline"]), "log": None}
                 rows.append(row)
-            row.update({k: c[k] for k in ("action", "target", "gain", "reason", "cpu_share", "age_s")})
+            row.update({k: c[k] for k in ("action", "target", "gain", "reason", "cpu_share", "age_s", "opted_in")})
 
     def human(rs) -> str:
         if not rs:
