@@ -203,6 +203,11 @@ def test_the_agent_moves_the_chosen_container_through_its_subject(tmp_path, monk
     assert record["migration"]["outcome"] == "ok"
     rows = a.op_ps(agent_mod.Request("ps"))
     assert {r["subject"]["kind"] for r in rows} == {"runc", "process"}
+    monkeypatch.setattr(a, "_resources", lambda d: ())
+    text = a.op_explain(agent_mod.Request("explain", container="web"))["text"]
+    assert "container web (runc, init PID 4000) -> b" in text.splitlines()[0]
+    with pytest.raises(InputError, match="container db is not a candidate"):
+        a.op_explain(agent_mod.Request("explain", container="db"))
 
 
 def test_the_agents_candidates_leave_out_every_process_of_its_containers(tmp_path, monkeypatch):

@@ -152,6 +152,8 @@ class Request:
     op: str
     #: explain: the candidate to explain (None: the last decision).
     pid: int | None = None
+    #: explain: the container to explain, by name (instead of a PID).
+    container: str | None = None
     #: history: the newest N migrations (0: all).
     limit: int = 50
     #: offer: the idle peer asking for work.
@@ -436,17 +438,23 @@ class Agent:
 
     def op_explain(self, req: Request) -> dict[str, Any]:
         pid = req.pid
-        if pid is None:
+        if pid is None and req.container is None:
             with self.lock:
                 d, sit = self.decision, self.situation
             if d is None or sit is None:
                 raise MigrdError("the agent has not finished its first round yet")
         else:
             sit = self._last()
-            c = next((c for c in sit.candidates if c.proc.pid == pid), None)
-            if c is None:
-                raise InputError(f"PID {pid} is not a migration candidate on {self.host} (not opted "
-                                 f"in, not running here, or gone)")
+            if req.container is not None:
+                c = next((c for c in sit.candidates if c.subject.name == req.container), None)
+                if c is None:
+                    raise InputError(f"container {req.container} is not a candidate on {self.host} "
+                                     f"(not running here, or gone)")
+            else:
+                c = next((c for c in sit.candidates if c.proc.pid == pid), None)
+                if c is None:
+                    raise InputError(f"PID {pid} is not a migration candidate on {self.host} (not opted "
+                                     f"in, not running here, or gone)")
             d = self._alone(sit, c)
         rows = self._resources(d)
         text = policy.explain(d)
