@@ -72,7 +72,13 @@ def lines(marker: str) -> list[int]:
         return []
 
 
-def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp_path: Path):
+RUNTIMES = ["runc", pytest.param("podman", marks=pytest.mark.skipif(
+    shutil.which("podman") is None or not Path("/var/cache/migrd/images/busybox/podman.tar").is_file(),
+    reason="podman or its image not installed (make setup)"))]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp_path: Path, runtime: str):
     for h in bed.hosts:
         path = h.dir / "etc" / "migrd.yaml"
         cfg = config_mod.parse(path.read_text())
@@ -92,8 +98,8 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         # Bounded: the loop ends by itself at the deadline.
         script = (f"end={int(deadline)}; i=0; while :; do i=$((i+1)); if [ $((i % {STRIDE})) -eq 0 ]; then "
                   f"echo $i >> /data/counter; [ $(date +%s) -ge $end ] && exit 0; fi; done # {spin_mark}")
-        migrctl(run_in, "host1", "container", "run", spin, "--", "sh", "-c", script)
-        migrctl(run_in, "host1", "container", "run", "--not-migratable", kept, "--", "sh", "-c",
+        migrctl(run_in, "host1", "container", "run", "--runtime", runtime, spin, "--", "sh", "-c", script)
+        migrctl(run_in, "host1", "container", "run", "--runtime", runtime, "--not-migratable", kept, "--", "sh", "-c",
                 f"i=0; while :; do i=$((i+1)); echo $i >> /data/counter; sleep 0.2; done # {kept_mark}")
         wait_for(lambda: len(lines(spin_mark)) >= 3 and len(lines(kept_mark)) >= 3, timeout=30,
                  what="both containers to count")
@@ -113,14 +119,17 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
 
         # The move was the agent's, of the container as a container.
         log = [json.loads(ln) for ln in (bed.host("host1").dir / "state" / "decisions.jsonl").read_text().splitlines()]
-        moves = [r for r in log if r.get("migration")]
+        # (The module's bed keeps the log of the other runtime's run.)
+        moves = [r for r in log if r.get("migration") and r["pid"] in (spin_init, copies(kept_mark)[0])]
         assert [r["migration"]["outcome"] for r in moves] == ["ok"], moves
         (move,) = moves
-        assert move["subject"] == {"kind": "runc", "name": spin, "open_files": False}
+        assert move["subject"] == {"kind": runtime, "name": spin, "open_files": False}
         assert move["pid"] == spin_init and move["target"] == "host2"
         assert move["action"] in ("migrate", "migrate_with_data") and move["reasons"]
         assert any("overloaded" in r for r in move["reasons"])
-        (hist,) = [m for m in json.loads(migrctl(run_in, "host1", "history", "--json").stdout) if m["outcome"] == "ok"]
+        (hist,) = [m for m in json.loads(migrctl(run_in, "host1", "history", "--json").stdout)
+                   if m["id"] == move["migration"]["id"]]
+        assert hist["outcome"] == "ok"
         assert hist["decision_reasons"] == move["reasons"]
         # No decision anywhere named a container's process as a plain process.
         for h in bed.hosts:
@@ -137,7 +146,13 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         assert rows[kept]["opted_in"] is False and rows[kept]["action"] == "stay", rows[kept]
         explained = json.loads(migrctl(run_in, "host1", "explain", "--json").stdout)
         assert explained["decision"]["action"] == "stay"
-        print(f"\ncontainer moved by the agent after {moved_after:.1f} s; decision: {move['action']} "
+        alone = json.loads(migrctl(run_in, "host1", "explain", "--container", kept, "--json").stdout)
+        assert alone["decision"]["action"] == "stay" and "1 not opted in" in alone["decision"]["reasons"], alone
+        # Nor can its init be moved by hand as a plain process.
+        r = migrctl(run_in, "host1", "migrate", str(copies(kept_mark)[0]), "--to", "host2", check=False)
+        assert r.returncode == 4 and f"belongs to the {runtime} container {kept}".encode() in r.stderr, r.stderr
+        assert running_on(run_in, bed, kept) == ["host1"]
+        print(f"\n{runtime} container moved by the agent after {moved_after:.1f} s; decision: {move['action']} "
               f"{move['subject']} downtime {move['migration']['downtime']:.2f} s; reasons: {move['reasons'][-3:]}")
     finally:
         if agents:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 
 import pytest
 
@@ -18,7 +19,7 @@ from migrd.core.policy import decide, explain
 from migrd.engine import census
 from migrd.engine import migration as migrate
 from migrd.engine.subjects import SUBJECTS
-from migrd.errors import InputError
+from migrd.errors import InputError, NotPermitted
 from migrd.model import PROCESS_TREE, Action, Candidate, Decision, Level, Mode, PolicyConfig, ProcessLoad, SubjectRef
 from test_policy import MB, NOW, cand, peer, proc, situation
 
@@ -240,24 +241,42 @@ def test_every_subject_kind_can_be_found_from_a_ref(tmp_path):
                                 migrate.Options(target="b", with_files=True))
 
 
+class FakeRuntime(census.Runtime):
+    """A runtime whose one running container has this test's process as its init."""
+
+    kind = "runc"
+
+    def seen(self, cfg):
+        return [census.Seen(self, "me", os.getpid(), True, True, None),
+                census.Seen(self, "stopped", 0, False, True, None)]
+
+    def rootfs(self, cfg, name):
+        raise AssertionError("no image: not measured")
+
+
 def test_census_measures_a_containers_cgroup(tmp_path, monkeypatch):
     """The census reads the cgroup of a container's init (here this test's own process, v1
     or v2 alike): its members, CPU and memory."""
-
-    class Fake(census.Runtime):
-        kind = "runc"
-
-        def seen(self, cfg):
-            return [census.Seen(self, "me", os.getpid(), True, True, None),
-                    census.Seen(self, "stopped", 0, False, True, None)]
-
-        def rootfs(self, cfg, name):
-            raise AssertionError("no image: not measured")
-
-    monkeypatch.setattr(census, "RUNTIMES", (Fake(),))
+    monkeypatch.setattr(census, "RUNTIMES", (FakeRuntime(),))
     got = census.ContainerCensus(config(tmp_path)).take()
     (s,) = got.samples
     assert s.name == "me" and s.kind == "runc" and s.labeled and s.rootfs_bytes is None
     assert os.getpid() in s.members and s.members <= got.inside
     assert s.cpu_seconds > 0 and s.memory_bytes > 0
     assert set(cgroup.pids(cgroup.of_process(os.getpid()))) >= {os.getpid()}
+
+
+def test_the_process_path_refuses_a_process_of_a_container(tmp_path, monkeypatch):
+    """`migrctl migrate PID` (and the agent's process path) never moves a container's init or
+    another of its processes on its own."""
+    monkeypatch.setattr(census, "RUNTIMES", (FakeRuntime(),))
+    cfg = config(tmp_path)
+    with subprocess.Popen(["sleep", "30"]) as child:
+        try:
+            for pid in (os.getpid(), child.pid):
+                with pytest.raises(NotPermitted, match=f"PID {pid} belongs to the runc container me: "
+                                                       "move the container"):
+                    SUBJECTS[PROCESS_TREE.kind].locate(cfg, PROCESS_TREE, pid)
+            assert census.container_of(cfg, 2**22 + 1) is None  # no such process
+        finally:
+            child.kill()

@@ -127,6 +127,23 @@ def _tree(pid: int) -> set[int]:
         return {pid}
 
 
+def _members(pid: int) -> set[int]:
+    """A container's processes: its init's cgroup (the runtime made it for the container
+    alone), else its init's process tree."""
+    try:
+        return set(cgroup.pids(cgroup.of_process(pid))) | {pid}
+    except (OSError, MigrdError):
+        return _tree(pid)
+
+
+def container_of(cfg: Config, pid: int) -> Seen | None:
+    """The container of this host that `pid` belongs to (None: none)."""
+    for s in (seen for rt in RUNTIMES for seen in rt.seen(cfg)):
+        if s.pid and (s.pid == pid or pid in _members(s.pid)):
+            return s
+    return None
+
+
 @dataclass
 class ContainerCensus:
     """Remembers each container's rootfs measure and each image's scan between rounds."""
@@ -140,16 +157,12 @@ class ContainerCensus:
         for s in (seen for rt in RUNTIMES for seen in rt.seen(self.cfg)):
             if not s.pid:
                 continue
-            try:
-                group = cgroup.of_process(s.pid)
-                members = set(cgroup.pids(group)) | {s.pid}
-            except (OSError, MigrdError):
-                inside |= _tree(s.pid)
-                continue
+            members = _members(s.pid)
             inside |= members
             if not s.running:
                 continue
             try:
+                group = cgroup.of_process(s.pid)
                 init = load.process_load(None, load.read_process_raw(s.pid))
                 paths = tuple(ln.split(":", 2)[2] for ln in Path(f"/proc/{s.pid}/cgroup").read_text().splitlines())
                 mono = time.monotonic()

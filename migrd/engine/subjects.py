@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from migrd.core import binding, precheck
 from migrd.core.precheck import ContainerAsk, ContainerFacts, Request
-from migrd.errors import InputError, JournalCorrupt, MigrdError
+from migrd.errors import InputError, JournalCorrupt, MigrdError, NotPermitted
 from migrd.model import ContainerInfo, ProcessInfo, SubjectRef
 
 if TYPE_CHECKING:  # the target side imports subjects; it must not pay for paramiko
+    from migrd.adapters.workloads import Workload
     from migrd.config import Config
     from migrd.engine.checkpoint import Checkpoint
     from migrd.engine.manifest import Manifest
@@ -142,9 +143,15 @@ class ProcessTree(Subject):
     @classmethod
     def locate(cls, cfg: Config, ref: SubjectRef, pid: int | None) -> Subject:
         from migrd.adapters import procinfo
+        from migrd.engine import census
 
         if pid is None:
             raise InputError("a process is named by its PID")
+        # Moving a container's process on its own would tear it out of its runtime.
+        owner = census.container_of(cfg, pid)
+        if owner is not None:
+            raise NotPermitted(f"PID {pid} belongs to the {owner.runtime.kind} container {owner.name}: "
+                               f"move the container (migrctl migrate --container {owner.name})")
         return cls(procinfo.inspect(pid))
 
     def opt_in(self, cfg: Config) -> str | None:
@@ -158,7 +165,7 @@ class ProcessTree(Subject):
         return (f"{self.label()} is not opted in to migration: start it with `migrctl run`, or allow it "
                 f"in migrate.allow_users, allow_commands or allow_cgroups")
 
-    def _workload(self, cfg: Config) -> Any:
+    def _workload(self, cfg: Config) -> Workload | None:
         from migrd.adapters import workloads
 
         return workloads.Registry(cfg.state_dir).by_pid(self._info.pid)
