@@ -280,3 +280,19 @@ def test_the_process_path_refuses_a_process_of_a_container(tmp_path, monkeypatch
             assert census.container_of(cfg, 2**22 + 1) is None  # no such process
         finally:
             child.kill()
+
+
+@pytest.mark.parametrize("version,files", [
+    (1, {"cpuacct": {"cpuacct.usage": "2500000000"}, "memory": {"memory.usage_in_bytes": "4096"}}),
+    (2, {"unified": {"cpu.stat": "usage_usec 2500000\nuser_usec 1\n", "memory.current": "4096"}}),
+])
+def test_a_containers_cpu_and_memory_on_cgroup_v1_and_v2(tmp_path, version, files):
+    """The files the census reads, as cgroup v1 (one directory per hierarchy) and v2 lay them out."""
+    dirs = []
+    for d, content in files.items():
+        (tmp_path / d).mkdir()
+        for name, text in content.items():
+            (tmp_path / d / name).write_text(text)
+        dirs.append(tmp_path / d)
+    group = cgroup.Group(version, tuple(dirs))
+    assert cgroup.cpu_usage_ns(group) == 2_500_000_000 and cgroup.memory_bytes(group) == 4096
