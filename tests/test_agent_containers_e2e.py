@@ -106,6 +106,9 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         spin_init = copies(spin_mark)[0]
         bed_mod.start_agents(bed)
         agents = True
+        # `ps` asks the agent, which answers only once its first round is done.
+        wait_for(lambda: all(json.loads(migrctl(run_in, h.name, "status", "--json").stdout)["rounds"] > 0
+                             for h in bed.hosts), timeout=30, what="every agent's first round")
         t0 = time.monotonic()
         wait_for(lambda: running_on(run_in, bed, spin) == ["host2"], timeout=120,
                  what="the agent to move the opted-in container to host2")
@@ -116,6 +119,10 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         got = lines(spin_mark)
         assert got == [0] + [STRIDE * k for k in range(1, len(got))], got[-10:]
         assert len(copies(spin_mark)) == 1 and psutil.Process(copies(spin_mark)[0]).status() != psutil.STATUS_STOPPED
+        # On host2 it is a candidate that has just arrived: in its migration cooldown.
+        there = wait_for(lambda: [r for r in ps(run_in, "host2") if r["name"] == spin and "action" in r],
+                         timeout=10, what="host2's agent to see the container")
+        assert there[0]["opted_in"] and there[0]["last_migrated"] is not None, there
 
         # The move was the agent's, of the container as a container.
         log = [json.loads(ln) for ln in (bed.host("host1").dir / "state" / "decisions.jsonl").read_text().splitlines()]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -296,3 +297,25 @@ def test_a_containers_cpu_and_memory_on_cgroup_v1_and_v2(tmp_path, version, file
         dirs.append(tmp_path / d)
     group = cgroup.Group(version, tuple(dirs))
     assert cgroup.cpu_usage_ns(group) == 2_500_000_000 and cgroup.memory_bytes(group) == 4096
+
+
+def test_a_container_that_arrived_by_migration_is_in_cooldown(tmp_path):
+    """The target's commit records the arrival with the init's PID; the census gives it to the
+    candidate as last_migrated, and the policy's migration cooldown holds it."""
+    from migrd.engine import arrivals
+    from migrd.engine.subjects import RuncContainer
+
+    cfg = config(tmp_path)
+    RuncContainer.committed_there(cfg, {"subject": "runc", "container": "web", "pid": INIT})
+    when = arrivals.arrived(cfg, "runc", "web", INIT)
+    assert when is not None and abs(when - time.time()) < 60
+    assert arrivals.arrived(cfg, "runc", "web", 77) is None  # another init of that name never moved
+    assert arrivals.arrived(cfg, "podman", "web", INIT) is None
+    with pytest.raises(InputError):
+        arrivals.record(cfg, "runc", "../x", 1, 0.0)
+
+    cur = dataclasses.replace(sample(cpu_s=9.0, mono=10.0), arrived=NOW - 10)
+    c = candidates.container_candidate(sample(cpu_s=0.0, mono=0.0), cur, deny)
+    assert c.last_migrated == NOW - 10
+    d = decide(situation(peers=[peer("b", 0.1)], cands=[c]), PolicyConfig())
+    assert d.action is Action.STAY and any("in migration cooldown" in r for r in d.reasons), d.reasons

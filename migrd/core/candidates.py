@@ -40,6 +40,8 @@ class ContainerSample:
     memory_bytes: int
     #: Bytes of the files it added or modified in its rootfs (None: not measured).
     rootfs_bytes: int | None
+    #: When it arrived here by a migration (epoch seconds), None if it did not.
+    arrived: float | None = None
 
 
 #: (command line, user, cgroup paths) -> why the allow rules let it move, or None.
@@ -62,14 +64,13 @@ def cpu_share(prev: ContainerSample | None, cur: ContainerSample) -> float:
     return cur.cpu_seconds / max(cur.init.age_s, 1e-9)
 
 
-def container_candidate(prev: ContainerSample | None, cur: ContainerSample, allow: AllowFn,
-                        last_migrated: float | None = None) -> Candidate:
+def container_candidate(prev: ContainerSample | None, cur: ContainerSample, allow: AllowFn) -> Candidate:
     """The container as one candidate: its init's identity with its cgroup's CPU and memory,
     its rootfs changes as its data (they travel with it; it has no open files of its own to carry)."""
     proc = replace(cur.init, name=cur.name, cpu_share=cpu_share(prev, cur), cpu_seconds=cur.cpu_seconds,
                    rss_bytes=cur.memory_bytes, read_bytes_per_s=None, write_bytes_per_s=None,
                    open_file_bytes=0, exe_bytes=0)
-    return Candidate(proc, opted_in=container_opt_in(cur, allow) is not None, last_migrated=last_migrated,
+    return Candidate(proc, opted_in=container_opt_in(cur, allow) is not None, last_migrated=cur.arrived,
                      data_bytes=cur.rootfs_bytes or 0, subject=SubjectRef(cur.kind, cur.name, open_files=False))
 
 

@@ -25,7 +25,7 @@ from migrd.adapters import podman as podman_adapter
 from migrd.config import Config
 from migrd.core import candidates
 from migrd.core import rootfs as rootfs_core
-from migrd.engine import containers, podman
+from migrd.engine import arrivals, containers, podman
 from migrd.engine.subjects import PodmanContainer, RuncContainer
 from migrd.errors import InputError, MigrdError
 
@@ -172,7 +172,7 @@ class ContainerCensus:
                 continue
             samples.append(candidates.ContainerSample(
                 s.name, s.runtime.kind, init, frozenset(members), s.labeled, paths, mono, used, memory,
-                self._changed_bytes(s)))
+                self._changed_bytes(s), arrivals.arrived(self.cfg, s.runtime.kind, s.name, s.pid)))
         return Census(tuple(samples), frozenset(inside))
 
     def _changed_bytes(self, s: Seen) -> int | None:

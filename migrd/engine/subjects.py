@@ -354,6 +354,7 @@ class RuncContainer(Subject):
         from migrd.engine import containers
 
         containers.resume(cfg, restored["container"])
+        _arrived(cfg, restored)
 
     @staticmethod
     def ended_there(cfg: Config, restored: dict[str, Any]) -> None:
@@ -416,6 +417,7 @@ class PodmanContainer(RuncContainer):
         from migrd.engine import podman
 
         podman.resume(cfg, restored["container"])
+        _arrived(cfg, restored)
 
     @staticmethod
     def ended_there(cfg: Config, restored: dict[str, Any]) -> None:
@@ -437,6 +439,15 @@ class PodmanContainer(RuncContainer):
             return ContainerFacts(runtime_ok=False, runtime_message=str(e))
         return ContainerFacts(runtime_ok=ok, runtime_message=msg, image_digest=containers.image_digest(ask.image),
                               image_id=image_id, name_taken=taken, loopback_up=netaddr.loopback_up())
+
+
+def _arrived(cfg: Config, restored: dict[str, Any]) -> None:
+    """A container committed here has just arrived (the policy's migration cooldown)."""
+    import time
+
+    from migrd.engine import arrivals
+
+    arrivals.record(cfg, restored["subject"], restored["container"], restored["pid"], time.time())
 
 
 #: Subjects by kind (the journal and manifest record the kind).
