@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from migrd.adapters import cgroup, load, rootfs, runc
+from migrd.adapters import cgroup, load, procinfo, rootfs, runc
 from migrd.adapters import podman as podman_adapter
 from migrd.config import Config
 from migrd.core import candidates
@@ -154,7 +154,10 @@ class ContainerCensus:
 
     def take(self) -> Census:
         samples, inside = [], set()
-        for s in (seen for rt in RUNTIMES for seen in rt.seen(self.cfg)):
+        listed = [seen for rt in RUNTIMES for seen in rt.seen(self.cfg)]
+        # Forget the rootfs measures of containers gone from this host.
+        self._rootfs = {n: v for n, v in self._rootfs.items() if n in {s.name for s in listed}}
+        for s in listed:
             if not s.pid:
                 continue
             members = _members(s.pid)
@@ -164,7 +167,7 @@ class ContainerCensus:
             try:
                 group = cgroup.of_process(s.pid)
                 init = load.process_load(None, load.read_process_raw(s.pid))
-                paths = tuple(ln.split(":", 2)[2] for ln in Path(f"/proc/{s.pid}/cgroup").read_text().splitlines())
+                paths = tuple(procinfo.cgroup_paths(s.pid))
                 mono = time.monotonic()
                 used, memory = cgroup.cpu_usage_ns(group) / 1e9, cgroup.memory_bytes(group)
             except (OSError, MigrdError, IndexError, ValueError) as e:
