@@ -269,8 +269,34 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class SubjectRef:
+    """What a candidate is, as the engine moves it: a kind of migrd.engine.subjects.SUBJECTS
+    (a process tree, a container of a runtime) and, for a container, its name. The policy
+    prices every kind alike; the agent hands the ref to the engine, which finds the subject by it."""
+
+    kind: str = "process"
+    #: The container's name; None for a process tree (found by its PID).
+    name: str | None = None
+    #: Its data are its open files, which travel only when the move takes them (with_files);
+    #: a container's data are its rootfs changes, which always travel with it.
+    open_files: bool = True
+
+    def label(self, pid: int | None, proc_name: str | None) -> str:
+        """How decisions and explanations name it."""
+        if self.name is None:
+            return f"PID {pid} ({proc_name})"
+        return f"container {self.name} ({self.kind}, init PID {pid})"
+
+
+#: The subject of a plain process candidate.
+PROCESS_TREE = SubjectRef()
+
+
+@dataclass(frozen=True)
 class Candidate:
-    """A process on this host that the policy may consider moving."""
+    """A process tree or a container on this host that the policy may consider moving. For a
+    container `proc` describes the whole container: its init's PID, command, user and age, its
+    cgroup's CPU and memory; its rootfs changes are its data (`data_bytes`)."""
 
     proc: ProcessLoad
     opted_in: bool = False
@@ -286,6 +312,7 @@ class Candidate:
     restartable: bool = False
     #: Bytes of code a restart needs; None: the executable's size (`proc.exe_bytes`).
     code_bytes: int | None = None
+    subject: SubjectRef = PROCESS_TREE
 
     @property
     def data_size(self) -> int:
@@ -324,6 +351,8 @@ class Decision:
     pid: int | None = None
     name: str | None = None
     target: str | None = None
+    #: What moves (a process tree or a container); None for stay.
+    subject: SubjectRef | None = None
     #: The numbers behind a move; for `stay`, those of the best rejected move if any.
     estimate: Estimate | None = None
     reasons: tuple[str, ...] = ()

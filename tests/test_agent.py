@@ -26,7 +26,7 @@ from migrd.engine import migration as migrate
 from migrd.core import step as step_mod
 from migrd.core import peerset
 from migrd.config import Config, DaemonSettings, HostEntry
-from migrd.model import Action, Decision, Level, Link, Mode, PolicyConfig
+from migrd.model import PROCESS_TREE, Action, Decision, Level, Link, Mode, PolicyConfig
 from migrd.errors import AgentNotRunning, ConfigError, InputError, MigrdError
 from test_policy import NOW, cand, host, peer
 
@@ -171,13 +171,14 @@ class FakeReader:
 def make_agent(tmp_path, monkeypatch):
     calls: list[tuple[int, migrate.Options]] = []
 
-    def fake_migrate(cfg, pid, opts, progress=None):
+    def fake_migrate(cfg, ref, pid, opts, progress=None):
+        assert ref == PROCESS_TREE
         calls.append((pid, opts))
         return migrate.Outcome(id=f"m{len(calls)}", mode="move", source="a", target=opts.target, pid=pid,
                                target_pid=900 + len(calls), bytes=1, phases={}, downtime=0.1, dry_run=False,
                                strategy="stop-copy")
 
-    monkeypatch.setattr(agent_mod.migrate, "migrate", fake_migrate)
+    monkeypatch.setattr(agent_mod.migrate, "migrate_subject", fake_migrate)
 
     def make(local: float = 2.0, peer_load: float = 0.1, mode: str = "offload", share: float = 0.5,
              files: int = 0):

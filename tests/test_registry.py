@@ -260,13 +260,13 @@ def test_two_agents_contending_for_one_target(etcd, tmp_path, client_key, monkey
     calls: list[str] = []
     release = threading.Event()
 
-    def fake_migrate(cfg, pid, opts, progress=None):
+    def fake_migrate(cfg, ref, pid, opts, progress=None):
         calls.append(cfg.host)
         release.wait(30)
         return migrate.Outcome(id=f"m-{cfg.host}", mode="move", source=cfg.host, target=opts.target, pid=pid,
                                target_pid=999, bytes=1, phases={}, downtime=0.1, dry_run=False)
 
-    monkeypatch.setattr(agent_mod.migrate, "migrate", fake_migrate)
+    monkeypatch.setattr(agent_mod.migrate, "migrate_subject", fake_migrate)
     c = registry.EtcdRegistry(cfg_for("c", etcd.url, tmp_path, client_key), "c")
     outcomes = []
     try:

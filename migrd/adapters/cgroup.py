@@ -289,3 +289,18 @@ def remove(group: Group, timeout: float = 15.0) -> None:
                 _reap_children()
                 time.sleep(0.1)
 
+
+
+def of_process(pid: int) -> Group:
+    """The cgroup `pid` is in, in every hierarchy with the controllers a bed host needs."""
+    layout = layout_from(Path("/proc/self/mountinfo").read_text(), Path(f"/proc/{pid}/cgroup").read_text())
+    return Group(layout.version, tuple(h.own for h in layout.hierarchies))
+
+
+def memory_bytes(group: Group) -> int:
+    """Memory the group is charged for now (v2 memory.current, v1 memory.usage_in_bytes)."""
+    for d in group.dirs:
+        for name in ("memory.current", "memory.usage_in_bytes"):
+            if (d / name).exists():
+                return int((d / name).read_text())
+    raise MigrdError(f"no memory controller in cgroup {group.dirs[0].name}")

@@ -136,3 +136,20 @@ def inspect(pid: int) -> ProcessInfo:
             )
     except (psutil.NoSuchProcess, ProcessLookupError, FileNotFoundError):
         raise InputError(f"process {pid} exited while being inspected") from None
+
+
+def cgroup_paths(pid: int) -> list[str]:
+    """Its cgroup paths as /proc/PID/cgroup lists them ([] when gone): what
+    migrate.allow_cgroups matches."""
+    try:
+        return [line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+    except (OSError, IndexError):
+        return []
+
+
+def user_of(pid: int, uid: int) -> str:
+    """Its user's name (what migrate.allow_users lists), the number when it has none."""
+    try:
+        return psutil.Process(pid).username()
+    except (psutil.Error, KeyError):
+        return str(uid)

@@ -34,7 +34,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,11 @@ import psutil
 
 from migrd.agent import admin, metrics
 from migrd.adapters import exchange, load, private, procinfo, registry, sdnotify, untrusted, workloads
-from migrd.engine import journal, migration as migrate
-from migrd.core import binding, costmodel, peerset, policy, precheck, step
+from migrd.engine import census, journal, migration as migrate
+from migrd.engine.subjects import SUBJECTS
+from migrd.core import binding, candidates as candidates_core, costmodel, peerset, policy, precheck, step
 from migrd.config import Config
-from migrd.model import Action, Candidate, Decision, Mode, Peer, Situation
+from migrd.model import PROCESS_TREE, Action, Candidate, Decision, Mode, Peer, Situation
 from migrd.errors import ConfigError, InputError, MigrdError, RegistryError
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,12 @@ def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: fl
 
 def options_for(d: Decision, candidates: Iterable[Candidate] = ()) -> migrate.Options | None:
     """The orchestrator's options for a decision (None: nothing to do): the action as it was
-    priced, so the open files travel exactly when their bytes were counted."""
+    priced, so the open files travel exactly when their bytes were counted (a container's data,
+    its rootfs changes, travel with it anyway)."""
     if d.action is Action.STAY or d.target is None:
         return None
     c = next((c for c in candidates if c.proc.pid == d.pid), None)
-    with_files = c is not None and costmodel.data_travels(c, d.action, d.source)
+    with_files = c is not None and c.subject.open_files and costmodel.data_travels(c, d.action, d.source)
     return migrate.Options(target=d.target, mode="restart" if d.action is Action.RESTART_ELSEWHERE else "move",
                            with_files=with_files)
 
@@ -150,6 +152,8 @@ class Request:
     op: str
     #: explain: the candidate to explain (None: the last decision).
     pid: int | None = None
+    #: explain: the container to explain, by name (instead of a PID).
+    container: str | None = None
     #: history: the newest N migrations (0: all).
     limit: int = 50
     #: offer: the idle peer asking for work.
@@ -181,6 +185,9 @@ class Agent:
         self.source = load.make_source(d.load_source, self.host, cgroup_dirs=d.cgroup_dirs,
                                        cpu_speed=d.cpu_speed)
         self.monitor = load.ProcessMonitor()
+        self.census = census.ContainerCensus(cfg)
+        #: Last round's sample of each container by name (its CPU rate).
+        self.containers: dict[str, candidates_core.ContainerSample] = {}
         self.peers = registry.make(cfg, self.host)
         self.metrics = metrics.Metrics()
         self.decisions = DecisionLog(cfg.state_dir / "decisions.jsonl", d.max_decisions_log)
@@ -310,39 +317,50 @@ class Agent:
 
     def _act(self, d: Decision, opts: migrate.Options, record: dict[str, Any]) -> None:
         assert d.pid is not None
+        ref = d.subject or PROCESS_TREE
+        what = ref.label(d.pid, d.name)
         with self.lock:
-            self.in_flight = {"pid": d.pid, "name": d.name, "target": d.target, "since": time.time()}
+            self.in_flight = {"pid": d.pid, "name": d.name, "what": what, "target": d.target, "since": time.time()}
         began = time.monotonic()
         try:
             # The target's reservation (etcd registry) is held from before the precheck to the end.
             with self.peers.reserve(opts.target, registry.ident(self.host, d.pid)), self._pinging():
-                out = migrate.migrate(self.cfg, d.pid, opts)
+                out = migrate.migrate_subject(self.cfg, ref, d.pid, opts)
             record["migration"] = {"id": out.id, "outcome": "ok", "target_pid": out.target_pid,
                                    "downtime": out.downtime}
             self.metrics.migration("ok", metrics.strategy(out.mode, out.strategy), time.monotonic() - began,
                                    out.downtime, out.bytes)
-            log.warning("moved PID %d (%s) to %s as PID %s", d.pid, d.name, d.target, out.target_pid)
+            log.warning("moved %s to %s as PID %s", what, d.target, out.target_pid)
         except RegistryError as e:  # target full (ReservationRefused) or etcd away
             record["migration"] = {"outcome": "not_reserved", "error": str(e)}
             self.metrics.migration("not_reserved", metrics.strategy(opts.mode, None))
-            log.warning("not moving PID %d to %s: %s", d.pid, d.target, e)
+            log.warning("not moving %s to %s: %s", what, d.target, e)
         except MigrdError as e:
             record["migration"] = {"outcome": "failed", "error": str(e)}
             self.metrics.migration("failed", metrics.strategy(opts.mode, None), time.monotonic() - began)
-            log.error("moving PID %d to %s failed: %s", d.pid, d.target, e)
+            log.error("moving %s to %s failed: %s", what, d.target, e)
         finally:
             with self.lock:
                 self.in_flight = None
             self.decisions.append(record)
 
     def _candidates(self) -> tuple[Candidate, ...]:
+        """Opted-in processes and every container of this host; no process of a container is
+        a process candidate (the container is the unit)."""
+        seen = self.census.take()
+        inside = candidates_core.members(seen.samples, seen.inside)
         reg = {w.pid: w for w in workloads.Registry(self.cfg.state_dir).all() if w.alive()}
-        pids = list(reg)
+        pids = [p for p in reg if p not in inside]
         m = self.cfg.migrate
         if m.allow_users or m.allow_commands or m.allow_cgroups:
-            pids += [p for p in self._host_pids() if p not in reg and self._allowed(p)]
-        return tuple(Candidate(p, opted_in=True, last_migrated=reg[p.pid].arrived if p.pid in reg else None)
-                     for p in self.monitor.sample(pids))
+            pids += [p for p in self._host_pids() if p not in reg and p not in inside and self._allowed(p)]
+        out = candidates_core.build(self.monitor.sample(pids), {p: w.arrived for p, w in reg.items()},
+                                    seen.samples, self.containers, self._allow, inside)
+        self.containers = {c.name: c for c in seen.samples}
+        return out
+
+    def _allow(self, cmdline: tuple[str, ...], user: str, cgroups: Sequence[str]) -> str | None:
+        return precheck.allowed(self.cfg.migrate, cmdline, user, list(cgroups), False)
 
     def _host_pids(self) -> list[int]:
         if self.cfg.daemon.load_source == "cgroup":
@@ -358,10 +376,9 @@ class Agent:
             if not cmdline:
                 return False  # kernel thread
             user = p.username()
-            cgroups = [ln.split(":", 2)[2] for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
         except (psutil.Error, OSError, KeyError):
             return False
-        return precheck.allowed(self.cfg.migrate, cmdline, user, cgroups, False) is not None
+        return self._allow(cmdline, user, procinfo.cgroup_paths(pid)) is not None
 
     def _ask(self, src: str, now: float) -> None:
         """Fill mode: ask the busy peer `src` for work (the step spaces asks by the host cooldown)."""
@@ -410,7 +427,8 @@ class Agent:
         rows = []
         for c in sit.candidates:
             d = self._alone(sit, c)
-            rows.append({"pid": c.proc.pid, "name": c.proc.name, "cmdline": list(c.proc.cmdline),
+            rows.append({"pid": c.proc.pid, "name": c.proc.name, "subject": dataclasses.asdict(c.subject),
+                         "opted_in": c.opted_in, "cmdline": list(c.proc.cmdline),
                          "cpu_share": round(c.proc.cpu_share, 3), "rss": c.proc.rss_bytes,
                          "age_s": round(c.proc.age_s, 1), "last_migrated": c.last_migrated,
                          "action": d.action.value, "target": d.target,
@@ -420,17 +438,23 @@ class Agent:
 
     def op_explain(self, req: Request) -> dict[str, Any]:
         pid = req.pid
-        if pid is None:
+        if pid is None and req.container is None:
             with self.lock:
                 d, sit = self.decision, self.situation
             if d is None or sit is None:
                 raise MigrdError("the agent has not finished its first round yet")
         else:
             sit = self._last()
-            c = next((c for c in sit.candidates if c.proc.pid == pid), None)
-            if c is None:
-                raise InputError(f"PID {pid} is not a migration candidate on {self.host} (not opted "
-                                 f"in, not running here, or gone)")
+            if req.container is not None:
+                c = next((c for c in sit.candidates if c.subject.name == req.container), None)
+                if c is None:
+                    raise InputError(f"container {req.container} is not a candidate on {self.host} "
+                                     f"(not running here, or gone)")
+            else:
+                c = next((c for c in sit.candidates if c.proc.pid == pid), None)
+                if c is None:
+                    raise InputError(f"PID {pid} is not a migration candidate on {self.host} (not opted "
+                                     f"in, not running here, or gone)")
             d = self._alone(sit, c)
         rows = self._resources(d)
         text = policy.explain(d)
@@ -445,13 +469,14 @@ class Agent:
         opts = options_for(d)
         if opts is None or d.pid is None:
             return ()
+        ref = d.subject or PROCESS_TREE
         try:
-            info = procinfo.inspect(d.pid)
+            subject = SUBJECTS[ref.kind].locate(self.cfg, ref, d.pid)
         except MigrdError:
             return ()  # gone or not inspectable since the round: nothing to show
-        w = workloads.Registry(self.cfg.state_dir).by_pid(d.pid)
-        shape = binding.MoveShape(mode=opts.mode, carried=binding.carried(info, opts.with_files, w.stdout if w else None))
-        return binding.resources(info, shape)
+        _, stdout = subject.workload(self.cfg)
+        shape = binding.MoveShape(mode=opts.mode, carried=binding.carried(subject.info, opts.with_files, stdout))
+        return subject.resources(shape)
 
     def op_history(self, req: Request) -> list[dict[str, Any]]:
         why = {r["migration"]["id"]: r["reasons"] for r in self.decisions.records()

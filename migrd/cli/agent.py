@@ -37,7 +37,7 @@ def _status_text(s: dict[str, Any]) -> str:
                                                  f"UNREACHABLE ({reg['error']}); {reg['note']}"))
     if s["in_flight"]:
         f = s["in_flight"]
-        lines.append(f"migrating PID {f['pid']} ({f['name']}) to {f['target']}")
+        lines.append(f"migrating {f['what']} to {f['target']}")
     if s["explain"]:
         lines.append("last decision: " + s["explain"])
     return "\n".join(lines)
@@ -52,11 +52,14 @@ def status(as_json: bool) -> None:
 
 @click.command()
 @click.argument("pid", required=False)
+@click.option("--container", metavar="NAME", help="Explain the container NAME (a runc or Podman container here).")
 @json_option
-def explain(pid: str | None, as_json: bool) -> None:
-    """Why the agent decided what it did last round; with PID, what it would decide about that
-    process alone (its cost estimate and every reason)."""
-    r = ask("explain", **({"pid": parse_pid(pid)} if pid else {}))
+def explain(pid: str | None, container: str | None, as_json: bool) -> None:
+    """Why the agent decided what it did last round; with PID (or --container NAME), what it
+    would decide about that candidate alone (its cost estimate and every reason)."""
+    if pid is not None and container is not None:
+        raise click.UsageError("give a PID or --container NAME, not both")
+    r = ask("explain", **({"pid": parse_pid(pid)} if pid else {}), **({"container": container} if container else {}))
     emit(r, as_json, lambda r: r["text"])
 
 

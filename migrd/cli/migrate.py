@@ -142,7 +142,8 @@ def ps(as_json: bool) -> None:
                 row = {"name": c["name"], "pid": c["pid"], "alive": True,
                        "command": " ".join(c["cmdline"]), "log": None}
                 rows.append(row)
-            row.update({k: c[k] for k in ("action", "target", "gain", "reason", "cpu_share", "age_s")})
+            keys = ("action", "target", "gain", "reason", "cpu_share", "age_s", "opted_in", "last_migrated")
+            row.update({k: c[k] for k in keys})
 
     def human(rs) -> str:
         if not rs:

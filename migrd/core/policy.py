@@ -10,7 +10,9 @@ The four questions, in the order `decide` answers them (docs/policy.md has a wor
   high/low watermarks, a hold time and hysteresis; each `Mode` needs a level to act at all
   (offload: this host HIGH; fill: an idle requester asks this busier host; consolidate: this
   host LOW). A host cooldown spaces out moves.
-* Which: only opted-in processes, not in their migration cooldown, older than `min_age_s`.
+* Which: only opted-in candidates, not in their migration cooldown, older than `min_age_s`. A
+  candidate is a process tree or a whole container (`Candidate.subject`): both are priced alike,
+  a container by its cgroup's CPU and memory with its rootfs changes as its data.
 * Where: peers that are not overloaded, can hold the process in memory, can restore it (CPU
   compatible), are cleared for its data's sensitivity label, and would not end up more loaded
   than this host (consolidate instead packs onto busier hosts, up to a ceiling).
@@ -34,6 +36,7 @@ from migrd.model import (
     Level,
     Link,
     Mode,
+    PROCESS_TREE,
     Peer,
     PolicyConfig,
     Site,
@@ -407,7 +410,7 @@ def decide(sit: Situation, cfg: PolicyConfig, *, prune: bool = True) -> Decision
     if b is None:
         if (r := s.best_rejected) is not None:
             rejected.append(
-                f"best rejected: {r.action.value} PID {r.cand.proc.pid} to {r.target} gains "
+                f"best rejected: {r.action.value} {_label(r.cand)} to {r.target} gains "
                 f"{r.est.gain:.1f} (needs >= {_required_gain(r.est, sit.mode, cfg):.1f})")
             return stay(*rejected, "no move pays off: stay", est=r.est)
         return stay(*rejected, "no feasible move: stay")
@@ -418,7 +421,12 @@ def decide(sit: Situation, cfg: PolicyConfig, *, prune: bool = True) -> Decision
                        f"({b.after:.2f} against {s.best.after:.2f} per CPU)")
     reasons += costmodel.describe(b.est, b.action, b.target, _required_gain(b.est, sit.mode, cfg))
     return Decision(b.action, sit.mode, level, local.host, pid=b.cand.proc.pid,
-                    name=b.cand.proc.name, target=b.target, estimate=b.est, reasons=tuple(reasons))
+                    name=b.cand.proc.name, target=b.target, subject=b.cand.subject, estimate=b.est,
+                    reasons=tuple(reasons))
+
+
+def _label(c: Candidate) -> str:
+    return c.subject.label(c.proc.pid, c.proc.name)
 
 
 def _search(sit: Situation, local: HostLoad, candidates: list[Candidate], targets: list[_Target],
@@ -437,7 +445,7 @@ def _search(sit: Situation, local: HostLoad, candidates: list[Candidate], target
                     key=lambda bc: (-bc[0], bc[1].proc.pid))
     if ranked[0][0] < cfg.min_gain:
         reasons.append(f"no move can gain {cfg.min_gain:g}: at most {ranked[0][0]:.1f} "
-                       f"(PID {ranked[0][1].proc.pid}, ignoring transfers)")
+                       f"({_label(ranked[0][1])}, ignoring transfers)")
     for ub, c in ranked:
         if ub < s.floor(cfg):
             break  # this and every later candidate
@@ -453,8 +461,8 @@ def explain(d: Decision) -> str:
     if d.action is Action.STAY:
         head = f"{d.source} ({d.level.value}, {d.mode.value}): stay"
     else:
-        head = (f"{d.source} ({d.level.value}, {d.mode.value}): {d.action.value} "
-                f"PID {d.pid} ({d.name}) -> {d.target}")
+        what = (d.subject or PROCESS_TREE).label(d.pid, d.name)
+        head = f"{d.source} ({d.level.value}, {d.mode.value}): {d.action.value} {what} -> {d.target}"
     lines = [head]
     if d.estimate is not None:
         lines += ["  " + ln for ln in costmodel.table(d.estimate)]

@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from migrd.adapters import netaddr, procinfo, transport, untrusted, workloads
+from migrd.adapters import netaddr, transport, untrusted, workloads
 from migrd.adapters.criu import find_criu
 from migrd.config import Config
 from migrd.core import binding, precheck
@@ -52,7 +52,7 @@ from migrd.errors import (
     TransportError,
     WorkloadLost,
 )
-from migrd.model import ProcessInfo
+from migrd.model import PROCESS_TREE, ProcessInfo, SubjectRef
 
 
 log = logging.getLogger(__name__)
@@ -110,13 +110,6 @@ ProgressFn = Callable[[int, int], None]
 
 def _source_name(cfg: Config) -> str:
     return cfg.host or socket.gethostname()
-
-
-def _cgroups(pid: int) -> list[str]:
-    try:
-        return [line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
-    except OSError:
-        return []
 
 
 @dataclass(frozen=True)
@@ -518,52 +511,36 @@ def _check_request(cfg: Config, opts: Options) -> None:
 
 
 def migrate(cfg: Config, pid: int, opts: Options, progress: ProgressFn | None = None) -> Outcome:
-    _check_request(cfg, opts)
-    info = procinfo.inspect(pid)
-    reg = workloads.Registry(cfg.state_dir)
-    w = reg.by_pid(pid)
-    try:
-        user = psutil.Process(pid).username()
-    except (psutil.Error, KeyError):
-        user = str(info.uid)
-    if precheck.opt_in(cfg.migrate, info, user, _cgroups(pid), w is not None) is None:
-        raise NotPermitted(f"PID {pid} ({' '.join(info.cmdline)[:60]}) is not opted in to migration: "
-                           f"start it with `migrctl run`, or allow it in migrate.allow_users, "
-                           f"allow_commands or allow_cgroups")
-    j = Journal(cfg.state_dir / "migrations" / new_id())
-    fd = j.lock()
-    assert fd is not None
-    try:
-        return Migration(cfg, j, fd).start(ProcessTree(info), opts, w.name if w else None,
-                                            w.stdout if w else None, progress)
-    finally:
-        os.close(fd)
+    """Move (or check, with dry_run) the process tree of PID."""
+    return migrate_subject(cfg, PROCESS_TREE, pid, opts, progress)
 
 
 def migrate_container(cfg: Config, name: str, opts: Options, progress: ProgressFn | None = None) -> Outcome:
-    """Move (or check, with dry_run) the runc container NAME."""
+    """Move (or check, with dry_run) the container NAME: runc's when runc has it, else Podman's."""
     from migrd.engine import containers, podman
 
+    kind = RuncContainer.kind if containers.exists(cfg, name) or not podman.exists(cfg, name) else PodmanContainer.kind
+    return migrate_subject(cfg, SubjectRef(kind, name, open_files=False), None, opts, progress)
+
+
+def migrate_subject(cfg: Config, ref: SubjectRef, pid: int | None, opts: Options,
+                    progress: ProgressFn | None = None) -> Outcome:
+    """Move what `ref` names (the agent's candidate, or the operator's PID or container): its
+    subject's kind finds it here, says why it may move and how it moves."""
     _check_request(cfg, opts)
-    if opts.with_files:
-        raise InputError("--with-files is for processes: a container's files travel as its rootfs changes")
-    if containers.exists(cfg, name) or not podman.exists(cfg, name):
-        container, info = containers.describe(cfg, name)
-        subject: RuncContainer = RuncContainer(info, container)
-    else:
-        container, info = podman.describe(cfg, name)
-        subject = PodmanContainer(info, container)
-    why = "io.migrd.migratable=true" if container.migratable else precheck.opt_in(
-        cfg.migrate, info, str(info.uid), _cgroups(info.pid), False)
-    if why is None:
-        raise NotPermitted(f"container {name} is not opted in to migration: set the annotation (runc) "
-                           f"or label (Podman) io.migrd.migratable=true, or allow it in migrate.allow_users, "
-                           f"allow_commands or allow_cgroups")
+    cls = SUBJECTS.get(ref.kind)
+    if cls is None:
+        raise InputError(f"unknown subject kind {ref.kind!r} (known: {', '.join(SUBJECTS)})")
+    cls.fits_request(opts.with_files)
+    subject = cls.locate(cfg, ref, pid)
+    if subject.opt_in(cfg) is None:
+        raise NotPermitted(subject.not_opted_in())
+    name, stdout = subject.workload(cfg)
     j = Journal(cfg.state_dir / "migrations" / new_id())
     fd = j.lock()
     assert fd is not None
     try:
-        return Migration(cfg, j, fd).start(subject, opts, None, None, progress)
+        return Migration(cfg, j, fd).start(subject, opts, name, stdout, progress)
     finally:
         os.close(fd)
 

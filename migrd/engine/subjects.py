@@ -15,12 +15,13 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from migrd.core import binding
+from migrd.core import binding, precheck
 from migrd.core.precheck import ContainerAsk, ContainerFacts, Request
-from migrd.errors import JournalCorrupt, MigrdError
-from migrd.model import ContainerInfo, ProcessInfo
+from migrd.errors import InputError, JournalCorrupt, MigrdError, NotPermitted
+from migrd.model import ContainerInfo, ProcessInfo, SubjectRef
 
 if TYPE_CHECKING:  # the target side imports subjects; it must not pay for paramiko
+    from migrd.adapters.workloads import Workload
     from migrd.config import Config
     from migrd.engine.checkpoint import Checkpoint
     from migrd.engine.manifest import Manifest
@@ -52,6 +53,27 @@ class Subject(ABC):
         """Raise when the copy on `where` is not this subject, running."""
 
     # --- the source's side -----------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def locate(cls, cfg: Config, ref: SubjectRef, pid: int | None) -> Subject:
+        """The live subject on this host that `ref` (and, when known, its PID) names."""
+
+    @abstractmethod
+    def opt_in(self, cfg: Config) -> str | None:
+        """Why it may migrate (a reason), None when nothing opts it in."""
+
+    @abstractmethod
+    def not_opted_in(self) -> str:
+        """The operator's one line when it is not opted in."""
+
+    def workload(self, cfg: Config) -> tuple[str | None, str | None]:
+        """Its `migrctl run` name and output log, when it is such a workload."""
+        return None, None
+
+    @classmethod
+    def fits_request(cls, with_files: bool) -> None:
+        """Raise InputError for an option this kind of subject cannot take."""
 
     def record(self) -> dict[str, Any]:
         """What the journal keeps beside the process description to rebuild this subject."""
@@ -117,6 +139,40 @@ class ProcessTree(Subject):
 
     def label(self) -> str:
         return f"PID {self._info.pid} ({' '.join(self._info.cmdline)[:60]})"
+
+    @classmethod
+    def locate(cls, cfg: Config, ref: SubjectRef, pid: int | None) -> Subject:
+        from migrd.adapters import procinfo
+        from migrd.engine import census
+
+        if pid is None:
+            raise InputError("a process is named by its PID")
+        # Moving a container's process on its own would tear it out of its runtime.
+        owner = census.container_of(cfg, pid)
+        if owner is not None:
+            raise NotPermitted(f"PID {pid} belongs to the {owner.runtime.kind} container {owner.name}: "
+                               f"move the container (migrctl migrate --container {owner.name})")
+        return cls(procinfo.inspect(pid))
+
+    def opt_in(self, cfg: Config) -> str | None:
+        from migrd.adapters import procinfo
+
+        pid = self._info.pid
+        return precheck.opt_in(cfg.migrate, self._info, procinfo.user_of(pid, self._info.uid),
+                               procinfo.cgroup_paths(pid), self._workload(cfg) is not None)
+
+    def not_opted_in(self) -> str:
+        return (f"{self.label()} is not opted in to migration: start it with `migrctl run`, or allow it "
+                f"in migrate.allow_users, allow_commands or allow_cgroups")
+
+    def _workload(self, cfg: Config) -> Workload | None:
+        from migrd.adapters import workloads
+
+        return workloads.Registry(cfg.state_dir).by_pid(self._info.pid)
+
+    def workload(self, cfg: Config) -> tuple[str | None, str | None]:
+        w = self._workload(cfg)
+        return (w.name, w.stdout) if w is not None else (None, None)
 
     def resources(self, shape: binding.MoveShape) -> tuple[binding.Resource, ...]:
         return binding.resources(self._info, shape)
@@ -185,6 +241,40 @@ class RuncContainer(Subject):
 
     def label(self) -> str:
         return f"container {self.container.name} ({self.kind}, init PID {self._info.pid})"
+
+    @staticmethod
+    def _describe(cfg: Config, name: str) -> tuple[ContainerInfo, ProcessInfo]:
+        from migrd.engine import containers
+
+        return containers.describe(cfg, name)
+
+    @classmethod
+    def locate(cls, cfg: Config, ref: SubjectRef, pid: int | None) -> Subject:
+        if ref.name is None:
+            raise InputError("a container is named by its name")
+        container, info = cls._describe(cfg, ref.name)
+        if pid is not None and info.pid != pid:
+            raise InputError(f"container {ref.name} now runs as init PID {info.pid}, not {pid}")
+        return cls(info, container)
+
+    def opt_in(self, cfg: Config) -> str | None:
+        from migrd.adapters import procinfo
+
+        if self.container.migratable:
+            return "io.migrd.migratable=true"
+        pid = self._info.pid
+        return precheck.opt_in(cfg.migrate, self._info, procinfo.user_of(pid, self._info.uid),
+                               procinfo.cgroup_paths(pid), False)
+
+    def not_opted_in(self) -> str:
+        return (f"container {self.container.name} is not opted in to migration: set the annotation (runc) "
+                f"or label (Podman) io.migrd.migratable=true, or allow it in migrate.allow_users, "
+                f"allow_commands or allow_cgroups")
+
+    @classmethod
+    def fits_request(cls, with_files: bool) -> None:
+        if with_files:
+            raise InputError("--with-files is for processes: a container's files travel as its rootfs changes")
 
     def resources(self, shape: binding.MoveShape) -> tuple[binding.Resource, ...]:
         c = self.container
@@ -264,6 +354,7 @@ class RuncContainer(Subject):
         from migrd.engine import containers
 
         containers.resume(cfg, restored["container"])
+        _arrived(cfg, restored)
 
     @staticmethod
     def ended_there(cfg: Config, restored: dict[str, Any]) -> None:
@@ -291,6 +382,12 @@ class PodmanContainer(RuncContainer):
     since Podman's export loses files modified in place (migrd/engine/podman.py)."""
 
     kind = "podman"
+
+    @staticmethod
+    def _describe(cfg: Config, name: str) -> tuple[ContainerInfo, ProcessInfo]:
+        from migrd.engine import podman
+
+        return podman.describe(cfg, name)
 
     def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
              tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
@@ -320,6 +417,7 @@ class PodmanContainer(RuncContainer):
         from migrd.engine import podman
 
         podman.resume(cfg, restored["container"])
+        _arrived(cfg, restored)
 
     @staticmethod
     def ended_there(cfg: Config, restored: dict[str, Any]) -> None:
@@ -341,6 +439,15 @@ class PodmanContainer(RuncContainer):
             return ContainerFacts(runtime_ok=False, runtime_message=str(e))
         return ContainerFacts(runtime_ok=ok, runtime_message=msg, image_digest=containers.image_digest(ask.image),
                               image_id=image_id, name_taken=taken, loopback_up=netaddr.loopback_up())
+
+
+def _arrived(cfg: Config, restored: dict[str, Any]) -> None:
+    """A container committed here has just arrived (the policy's migration cooldown)."""
+    import time
+
+    from migrd.engine import arrivals
+
+    arrivals.record(cfg, restored["subject"], restored["container"], restored["pid"], time.time())
 
 
 #: Subjects by kind (the journal and manifest record the kind).
