@@ -87,7 +87,7 @@ class Podman:
 
     def run(self, name: str, image: str, args: list[str], *, migratable: bool, image_name: str) -> State:
         conf = self.criu_config(name)
-        private.write_atomic(conf, "")
+        private.write_atomic(conf, self.criu.config_file(leave_stopped=False))
         labels = ["--label", f"{MIGRATABLE}=true"] if migratable else []
         self._ok("run", "-d", "--name", name, "--network", "none", "--ulimit", "nofile=1024:1024",
                  "--ulimit", "nproc=4096:4096", "--annotation", f"{CRIU_CONFIG}={conf}",

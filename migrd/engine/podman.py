@@ -138,7 +138,7 @@ def restore(cfg: Config, images: Path, *, hashed: bool) -> tuple[int, float]:
         raise ContainerError(f"podman image {c.image} here is missing or differs from the source's")
     try:
         try:
-            private.write_atomic(pm.criu_config(c.name), "leave-stopped\n")
+            private.write_atomic(pm.criu_config(c.name), pm.criu.config_file(leave_stopped=True))
         except OSError as e:
             raise ContainerError(f"cannot prepare the restore of container {c.name}: "
                                  f"{pm.criu_config(c.name)}: {e.strerror}") from None
@@ -166,7 +166,7 @@ def restore_local(cfg: Config, c: ContainerInfo, tcp_established: bool) -> int:
     """A rollback: the source's container, exited by the dump, from its kept local checkpoint
     (its rootfs never changed since)."""
     pm = runtime(cfg)
-    private.write_atomic(pm.criu_config(c.name), "")
+    private.write_atomic(pm.criu_config(c.name), pm.criu.config_file(leave_stopped=False))
     pm.restore(c.name, None, tcp_established=tcp_established)
     st = pm.state(c.name)
     if st is None or not st.pid:
@@ -175,9 +175,10 @@ def restore_local(cfg: Config, c: ContainerInfo, tcp_established: bool) -> int:
 
 
 def resume(cfg: Config, name: str) -> None:
-    conf = runtime(cfg).criu_config(name)
+    pm = runtime(cfg)
+    conf = pm.criu_config(name)
     if conf.exists():
-        private.write_atomic(conf, "")
+        private.write_atomic(conf, pm.criu.config_file(leave_stopped=False))
 
 
 def remove(cfg: Config, name: str) -> None:
