@@ -156,6 +156,51 @@ def test_owners_modes_xattrs_and_special_files_move_with_the_rootfs(mig, bed, co
     assert os.readlink(root / "link") == "owned"
 
 
+#: Changes no honest source writes, put into the manifest while the migration waits at
+#: `transfer`: what the target must refuse before it writes anything.
+HOSTILE = {
+    "escape": {"path": "../../../../../../../../tmp/migrd-escape-{name}", "change": "added", "kind": "fifo",
+               "mode": 0o644},
+    "bogus uid": {"path": "data/evil", "change": "added", "kind": "dir", "mode": 0o755, "uid": 2**40},
+    "huge xattr": {"path": "data/evil", "change": "added", "kind": "dir", "mode": 0o755,
+                   "xattrs": [["user.big", "00" * (1 << 17)]]},
+}
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE))
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_hostile_rootfs_changes_are_refused_and_the_container_runs_once(mig, bed, container, hostile, runtime):
+    from migrbed import bed as bed_mod
+    from migrd.engine.journal import all_journals
+
+    name, marker = container(runtime=runtime)
+    p = bed_mod.spawn_in(bed, "host1", ["env", "MIGRD_FAILPOINTS=transfer:delay", PY, "-m", "migrd.cli",
+                                        "migrate", "--container", name, "--to", "host2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        state = bed.host("host1").dir / "state"
+        journal = wait_for(lambda: next((j for j in all_journals(state) if j.last_state() == "transfer"
+                                         and j.merged().get("container", {}).get("name") == name), None),
+                           what="the migration to wait at transfer")
+        path = journal.dir / "images" / "manifest.json"
+        m = json.loads(path.read_text())
+        change = {k: (v.format(name=name) if isinstance(v, str) else v) for k, v in HOSTILE[hostile].items()}
+        m["rootfs"].append(change)
+        path.write_text(json.dumps(m))
+        _, err_b = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = err_b.decode()
+    assert p.returncode != 0 and "Traceback" not in err and "refusing the container's rootfs changes" in err, err
+    print(f"{runtime} {hostile}: {err.strip()}")
+    assert not Path(f"/tmp/migrd-escape-{name}").exists()
+    wait_for(lambda: running_on(mig, bed, name) == ["host1"], what="the container back on host1")
+    wait_for(lambda: len(copies(marker)) == 1, what="exactly one copy")
+    continues(marker, 3)
+    assert not (bed.host("host2").dir / "state" / "containers" / name).exists()
+
+
 def test_container_not_opted_in_is_refused(mig, bed, container):
     name, marker = container(migratable=False)
     r = mig("host1", "migrate", "--container", name, "--to", "host2", check=False)

@@ -10,7 +10,7 @@ import pytest
 
 from migrd.adapters import rootfs
 from migrd.core import precheck
-from migrd.core.rootfs import XATTR_SIZE_MAX, Change, Entry, changes, refusal, safe_path
+from migrd.core.rootfs import XATTR_SIZE_MAX, Change, Entry, changes, refusal, refused, safe_path
 from migrd.errors import ImageError
 from migrd.engine.subjects import RuncContainer
 from migrd.model import ContainerInfo, ProcessInfo
@@ -66,7 +66,8 @@ GOOD = Change("data/x", "added", "file", 0o640, 3, "a" * 64, blob="rootfs-000001
 
 
 def test_a_sound_change_from_another_host_is_accepted():
-    assert refusal(GOOD) is None
+    assert refusal(GOOD) is None and refused((GOOD, GOOD)) is None
+    assert refused((GOOD, dataclasses.replace(GOOD, uid=-1))).startswith("refusing the container's rootfs changes: ")
     assert refusal(Change("../../etc/passwd", "deleted", "file")) is not None
     assert refusal(Change("dev/sda", "added", "block", 0o600, rdev=os.makedev(8, 0))) is None
 

@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 
 from migrd.adapters import private
-from migrd.core.rootfs import Change, Entry, carried_xattr, differences, refusal
+from migrd.core.rootfs import Change, Entry, carried_xattr, differences, refused
 from migrd.errors import ImageError
 
 _KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link", stat.S_IFIFO: "fifo",
@@ -140,10 +140,9 @@ def apply(rootfs: Path, chs: tuple[Change, ...], images: Path) -> None:
     """Make rootfs what the source's was; every change is checked before any is applied, every
     file's content against its sha256 after it is written. A path that is already what its
     change says is left as it is."""
-    for c in chs:
-        why = refusal(c)
-        if why:
-            raise ImageError(f"refusing the container's rootfs changes: {why}")
+    why = refused(chs)
+    if why:
+        raise ImageError(why)
     for c in chs:
         try:
             _apply_one(rootfs, c, images)

@@ -148,6 +148,16 @@ def refusal(c: Change) -> str | None:
     return None
 
 
+def refused(chs: tuple[Change, ...]) -> str | None:
+    """The first change from another host that must not be applied, as the operator's line
+    (None: all may be)."""
+    for c in chs:
+        why = refusal(c)
+        if why:
+            return f"refusing the container's rootfs changes: {why}"
+    return None
+
+
 def differences(want: Entry, got: Entry | None) -> list[str]:
     """How a path on disk (got; None: missing) differs from what a change made it (want):
     the names of the properties that differ, for the target's check."""

@@ -11,6 +11,7 @@ into the restored container while it waits, stopped, for the commit.
 from __future__ import annotations
 
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,18 @@ def _changes(pm: podman.Podman, name: str, image: str) -> tuple[Path, tuple[root
     return merged, rootfs_core.changes(rootfs.scan(containers.image_root(image)), rootfs.scan(merged))
 
 
+def inventory(images: Path) -> bytes | None:
+    """CRIU's inventory.img inside the exported checkpoint (None: no export yet)."""
+    try:
+        with tarfile.open(images / ARCHIVE) as tar:
+            member = next((m for m in tar if m.isfile() and m.name.removeprefix("./") == "checkpoint/inventory.img"),
+                          None)
+            f = tar.extractfile(member) if member is not None else None
+            return f.read() if f is not None else None
+    except (OSError, tarfile.TarError):
+        return None
+
+
 def checkpoint(cfg: Config, c: ContainerInfo, info: ProcessInfo, images: Path, *,
                tcp_established: bool = False) -> cp.Checkpoint:
     private.private_dir(images)
@@ -133,6 +146,9 @@ def restore(cfg: Config, images: Path, *, hashed: bool) -> tuple[int, float]:
     c = m.container
     if c is None:
         raise ImageError(f"{images} holds no container")
+    why = rootfs_core.refused(m.rootfs)
+    if why:  # before Podman imports anything
+        raise ImageError(why)
     pm = runtime(cfg)
     if ensure_image(pm, c.image) != c.image_id or containers.image_digest(c.image) != c.image_digest:
         raise ContainerError(f"podman image {c.image} here is missing or differs from the source's")
