@@ -143,6 +143,15 @@ def test_owner_mode_xattrs_fifo_and_links_travel_and_are_checked(tmp_path):
     assert rootfs.check(dst, exported) == ["data/counter: extended attributes", "etc: mode 0o700 (want 0o755)"]
 
 
+def test_an_image_copy_scans_as_the_image(tmp_path):
+    image = tmp_path / "image"
+    _tree(image)
+    os.mkfifo(image / "data/fifo", 0o640)
+    os.setxattr(image / "etc/motd", "user.from", b"image")
+    rootfs.copy_image(image, tmp_path / "copy")
+    assert rootfs.scan(tmp_path / "copy") == rootfs.scan(image)
+
+
 def test_apply_refuses_everything_before_writing_anything(tmp_path):
     dst, images = tmp_path / "dst", tmp_path / "images"
     _tree(dst)

@@ -166,7 +166,22 @@ def check(rootfs: Path, chs: tuple[Change, ...]) -> list[str]:
     return wrong
 
 
+def _copy_entry(src: str, dst: str) -> None:
+    st = os.lstat(src)
+    if stat.S_ISREG(st.st_mode):
+        shutil.copy2(src, dst)
+    else:  # an image's FIFOs and device nodes
+        os.mknod(dst, st.st_mode, st.st_rdev)
+        shutil.copystat(src, dst)
+
+
 def copy_image(image: Path, rootfs: Path) -> None:
-    """A container's own copy of the image tree (symlinks kept as links, modes kept)."""
+    """A container's own copy of the image tree: symlinks kept as links, special files made
+    again, modes, extended attributes and owners kept (so the copy scans as the image does)."""
     private.private_dir(rootfs.parent)
-    shutil.copytree(image, rootfs, symlinks=True)
+    shutil.copytree(image, rootfs, symlinks=True, copy_function=_copy_entry)
+    for dirpath, dirnames, filenames in os.walk(image):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            os.chown(rootfs / p.relative_to(image), st.st_uid, st.st_gid, follow_symlinks=False)
