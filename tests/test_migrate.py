@@ -22,7 +22,7 @@ from migrd.adapters import cgroup
 from migrd import config as config_mod
 from migrd.engine.journal import STEPS, Journal, all_journals, summarize
 from migrbed.programs import COUNTER, read_counts
-from workloads import copies, end_copies, not_private, wait_for
+from workloads import CLIENT, copies, criu_tables, end_copies, not_private, wait_for
 
 pytestmark = pytest.mark.root
 BED_HOSTS = 3
@@ -548,33 +548,6 @@ while time.time() < deadline:
 """
 
 SERVICE_MARK = "s.bind((sys.argv[1], 8080))"
-
-# CLIENT ADDRESS COUNT TIMEOUT [GO]: asks COUNT times on one connection, then (with GO) holds
-# it until the file GO exists and asks 3 more times.
-CLIENT = """
-import socket, sys, os, time
-c = socket.create_connection((sys.argv[1], 8080), timeout=float(sys.argv[3]))
-out = []
-def ask():
-    c.sendall(b"x\\n"); out.append(int(c.recv(64)))
-for _ in range(int(sys.argv[2])):
-    ask()
-if len(sys.argv) > 4:                     # hold the connection until the test says go on
-    print(out, flush=True)
-    deadline = time.time() + 120
-    while not os.path.exists(sys.argv[4]) and time.time() < deadline:
-        time.sleep(0.05)
-    for _ in range(3):
-        ask()
-print(out, flush=True)
-"""
-
-
-def criu_tables(run_in, host: str) -> set[str]:
-    """CRIU's network-lock tables in host's network namespace."""
-    out = run_in(host, "nft", "list", "tables").stdout.decode().split("\n")
-    return {line for line in out if "CRIU-" in line}
-
 
 def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
     from migrbed import bed as bed_mod

@@ -34,6 +34,33 @@ while time.time() < deadline:
     c.sendall(f"{{served}}\\n".encode()); c.close()
 """
 
+# CLIENT ADDRESS COUNT TIMEOUT [GO]: asks the service on ADDRESS port 8080 COUNT times on one
+# connection (each answer: how many it served so far), then (with GO) holds it until the file GO
+# exists and asks 3 more times.
+CLIENT = """
+import socket, sys, os, time
+c = socket.create_connection((sys.argv[1], 8080), timeout=float(sys.argv[3]))
+out = []
+def ask():
+    c.sendall(b"x\\n"); out.append(int(c.recv(64)))
+for _ in range(int(sys.argv[2])):
+    ask()
+if len(sys.argv) > 4:                     # hold the connection until the test says go on
+    print(out, flush=True)
+    deadline = time.time() + 120
+    while not os.path.exists(sys.argv[4]) and time.time() < deadline:
+        time.sleep(0.05)
+    for _ in range(3):
+        ask()
+print(out, flush=True)
+"""
+
+
+def criu_tables(run_in, host: str) -> set[str]:
+    """CRIU's network-lock tables in host's network namespace."""
+    out = run_in(host, "nft", "list", "tables").stdout.decode().split("\n")
+    return {line for line in out if "CRIU-" in line}
+
 
 def wait_for(pred, timeout: float = 20.0, what: str = "condition"):
     deadline = time.monotonic() + timeout

@@ -201,6 +201,13 @@ class Criu:
         self.path = str(path)
         self.network_lock = network_lock
 
+    def config_file(self, *, leave_stopped: bool) -> str:
+        """A CRIU configuration file for runtimes that run CRIU themselves (runc and Podman,
+        through the annotation org.criu.config): the same network lock as migrd's own dumps
+        (its tables are removed after a move), and leave-stopped for a restore that waits for
+        the commit."""
+        return f"network-lock {self.network_lock}\n" + ("leave-stopped\n" if leave_stopped else "")
+
     def _run(self, args: list[str], timeout: float | None = 600, pass_fds: tuple[int, ...] = (),
              prefix: tuple[str, ...] = ()):
         return command.run([*prefix, self.path, *args], check=False, timeout=timeout, pass_fds=pass_fds)

@@ -4,8 +4,9 @@ Every host keeps its own storage and state under state_dir/podman (the bed's hos
 filesystem otherwise). Podman runs containers with runc (`--runtime runc`: Debian 12's default
 crun cannot checkpoint) and finds CRIU as `criu` on PATH: a link in state_dir/podman/bin to
 migrd's CRIU. Containers get lowered limits (`--ulimit`; podman's defaults fail here with
-"error setting rlimit"), no network of their own (`--network none`: podman's default bridge
-network is 10.88.0.0/16, which must not be used), and the annotation org.criu.config naming a
+"error setting rlimit"), their host's network namespace like runc containers (`--network
+host`: podman's default bridge network is 10.88.0.0/16, which must not be used; a moved
+container keeps serving at a moved address), and the annotation org.criu.config naming a
 CRIU configuration file of their own, which says `leave-stopped` while a restore must wait for
 the commit (see migrd/adapters/runc.py).
 """
@@ -87,9 +88,9 @@ class Podman:
 
     def run(self, name: str, image: str, args: list[str], *, migratable: bool, image_name: str) -> State:
         conf = self.criu_config(name)
-        private.write_atomic(conf, "")
+        private.write_atomic(conf, self.criu.config_file(leave_stopped=False))
         labels = ["--label", f"{MIGRATABLE}=true"] if migratable else []
-        self._ok("run", "-d", "--name", name, "--network", "none", "--ulimit", "nofile=1024:1024",
+        self._ok("run", "-d", "--name", name, "--network", "host", "--ulimit", "nofile=1024:1024",
                  "--ulimit", "nproc=4096:4096", "--annotation", f"{CRIU_CONFIG}={conf}",
                  "--annotation", f"{IMAGE}={image_name}", *labels, image, *args)
         st = self.state(name)

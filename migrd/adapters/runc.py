@@ -10,7 +10,8 @@ Two facts of runc with CRIU shape this adapter:
   read by a `cat` that appends to the bundle's stdout.log and ends with the container;
 - runc has no "restore stopped": the bundle's CRIU config file (named by the annotation
   org.criu.config) says `leave-stopped` for a restore that waits for the commit, and is
-  emptied before the container is let go (CRIU reads it at every dump and restore).
+  rewritten without it before the container is let go (CRIU reads it at every dump and
+  restore). The file also names the network lock, the same as migrd's own dumps use.
 """
 
 from __future__ import annotations

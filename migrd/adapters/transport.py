@@ -322,11 +322,11 @@ class Connection:
         """Run migrctl ARGS on the peer (ssh.remote_migrctl says how it is started there)."""
         return self.run([*self.cfg.ssh.remote_migrctl, *args], input=input, timeout=timeout)
 
-    def converse(self, argv: Sequence[str], timeout: float | None = None) -> Conversation:
+    def converse(self, argv: Sequence[str], timeout: float | None = None, what: str | None = None) -> Conversation:
         """Start argv on the peer and talk to it line by line (its stdout answers, our lines go
         to its stdin), so one SSH session can carry several steps."""
         timeout = self.cfg.ssh.op_timeout if timeout is None else timeout
-        return Conversation(self, self._exec(argv, timeout), argv[-1] if argv else "?", timeout)
+        return Conversation(self, self._exec(argv, timeout), what or (argv[-1] if argv else "?"), timeout)
 
     def _finish(self, chan: paramiko.Channel, what: str, timeout: float) -> RunResult:
         """Collect stdout/stderr until the remote command exits."""

@@ -79,7 +79,7 @@ def create(cfg: Config, name: str, args: list[str], image: str = "busybox", migr
         raise ContainerError(f"no image {image} here ({image_root(image)}): run `make setup`")
     try:
         rootfs.copy_image(image_root(image), bundle / "rootfs")
-        private.write_atomic(bundle / "criu.conf", "")
+        private.write_atomic(bundle / "criu.conf", rt.criu.config_file(leave_stopped=False))
         spec = runc.config(name, args, image=image, criu_config=bundle / "criu.conf", migratable=migratable,
                            cgroup=cgroup_of(cfg, name))
         private.write_atomic(bundle / "config.json", json.dumps(spec, indent=1))
@@ -208,8 +208,8 @@ def _runc_restore(cfg: Config, name: str, images: Path, *, leave_stopped: bool,
                   tcp_established: bool) -> tuple[int, float]:
     bundle = bundle_of(cfg, name)
     rt = runtime(cfg)
-    # A restore that waits for the commit leaves the tasks stopped; `resume` empties this.
-    private.write_atomic(bundle / "criu.conf", "leave-stopped\n" if leave_stopped else "")
+    # A restore that waits for the commit leaves the tasks stopped; `resume` drops that.
+    private.write_atomic(bundle / "criu.conf", rt.criu.config_file(leave_stopped=leave_stopped))
     seconds = rt.restore(name, bundle, images, images.parent / "runc-work", tcp_established=tcp_established)
     st = rt.state(name)
     if st is None or not st.pid:
@@ -222,4 +222,4 @@ def resume(cfg: Config, name: str) -> None:
     driver resumes the stopped tasks themselves)."""
     conf = bundle_of(cfg, name) / "criu.conf"
     if conf.exists():
-        private.write_atomic(conf, "")
+        private.write_atomic(conf, runtime(cfg).criu.config_file(leave_stopped=False))

@@ -319,7 +319,7 @@ def move(cfg: Config, conn: Connection, pid: int, start_time: float, images: Pat
     args += ["--name", name] if name else []
     args += ["--stdout", stdout] if stdout else []
     args += ["--address", address] if address else []
-    src = Source(conn.converse(args))
+    src = Source(conn.converse(args, what="migrctl peer lazy"))
     dump = None
     try:
         begin("checkpoint", streamed=True, postcopy=True)

@@ -449,11 +449,8 @@ class Migration:
     def dump_tables(self) -> list[str]:
         """CRIU's network-lock tables this migration's dump left here, found by the run id in
         its inventory.img (none if the dump never got that far)."""
-        try:
-            inventory = (self.images / "inventory.img").read_bytes()
-        except OSError:
-            return []
-        return netaddr.tables_of_dump(netaddr.nft_tables(), inventory)
+        inventory = self.subject.dump_inventory(self.images)
+        return netaddr.tables_of_dump(netaddr.nft_tables(), inventory) if inventory else []
 
     def restore_locally(self) -> int:
         """Bring the dumped source back from its own images."""

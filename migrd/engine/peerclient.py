@@ -197,6 +197,10 @@ class Target:
     def _remote(self, *args: str) -> list[str]:
         return [*self.conn.cfg.ssh.remote_migrctl, "peer", *args]
 
+    def _converse(self, *args: str) -> transport.Conversation:
+        # Named by its subcommand in errors ("host2: migrctl peer restore ended: ...").
+        return self.conn.converse(self._remote(*args), what=f"migrctl peer {args[0]}")
+
     # --- the steps -------------------------------------------------------------------------
 
     def precheck(self, req: Request) -> PrecheckAnswer:
@@ -208,16 +212,16 @@ class Target:
     def page_stream(self, progress: ProgressFn | None, total: int) -> pagestream.Sender:
         """The target's page server for this migration, running and connected."""
         compression = self.conn.cfg.ssh.compression
-        talk = self.conn.converse(self._remote("pages", self.mid, "--compression", compression))
+        talk = self._converse("pages", self.mid, "--compression", compression)
         return pagestream.Sender(talk, compression, level=self.conn.tuning.zstd_level,
                                  progress=progress, total=total)
 
     def precopy(self) -> precopy.Pusher:
         """The target's pre-copy store for this migration, running (`peer precopy`)."""
-        return precopy.Pusher(self.conn.converse(self._remote("precopy", self.mid)))
+        return precopy.Pusher(self._converse("precopy", self.mid))
 
     def files_sink(self) -> FilesSink:
-        return FilesSink(self, self.conn.converse(self._remote("files", "--json")))
+        return FilesSink(self, self._converse("files", "--json"))
 
     def image_sink(self, remote_dir: str) -> transport.ImageSink:
         return self.conn.image_sink(remote_dir)
@@ -229,7 +233,7 @@ class Target:
         args += ["--name", name] if name else []
         args += ["--stdout", stdout] if stdout else []
         args += ["--address", address] if address else []
-        restoring = Restoring(self, self.conn.converse(self._remote(*args, "--await-commit", "--json")))
+        restoring = Restoring(self, self._converse(*args, "--await-commit", "--json"))
         try:
             restoring.wait_ready()
         except BaseException:

@@ -11,6 +11,7 @@ into the restored container while it waits, stopped, for the commit.
 from __future__ import annotations
 
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,18 @@ def _changes(pm: podman.Podman, name: str, image: str) -> tuple[Path, tuple[root
     return merged, rootfs_core.changes(rootfs.scan(containers.image_root(image)), rootfs.scan(merged))
 
 
+def inventory(images: Path) -> bytes | None:
+    """CRIU's inventory.img inside the exported checkpoint (None: no export yet)."""
+    try:
+        with tarfile.open(images / ARCHIVE) as tar:
+            member = next((m for m in tar if m.isfile() and m.name.removeprefix("./") == "checkpoint/inventory.img"),
+                          None)
+            f = tar.extractfile(member) if member is not None else None
+            return f.read() if f is not None else None
+    except (OSError, tarfile.TarError):
+        return None
+
+
 def checkpoint(cfg: Config, c: ContainerInfo, info: ProcessInfo, images: Path, *,
                tcp_established: bool = False) -> cp.Checkpoint:
     private.private_dir(images)
@@ -133,12 +146,15 @@ def restore(cfg: Config, images: Path, *, hashed: bool) -> tuple[int, float]:
     c = m.container
     if c is None:
         raise ImageError(f"{images} holds no container")
+    why = rootfs_core.refused(m.rootfs)
+    if why:  # before Podman imports anything
+        raise ImageError(why)
     pm = runtime(cfg)
     if ensure_image(pm, c.image) != c.image_id or containers.image_digest(c.image) != c.image_digest:
         raise ContainerError(f"podman image {c.image} here is missing or differs from the source's")
     try:
         try:
-            private.write_atomic(pm.criu_config(c.name), "leave-stopped\n")
+            private.write_atomic(pm.criu_config(c.name), pm.criu.config_file(leave_stopped=True))
         except OSError as e:
             raise ContainerError(f"cannot prepare the restore of container {c.name}: "
                                  f"{pm.criu_config(c.name)}: {e.strerror}") from None
@@ -166,7 +182,7 @@ def restore_local(cfg: Config, c: ContainerInfo, tcp_established: bool) -> int:
     """A rollback: the source's container, exited by the dump, from its kept local checkpoint
     (its rootfs never changed since)."""
     pm = runtime(cfg)
-    private.write_atomic(pm.criu_config(c.name), "")
+    private.write_atomic(pm.criu_config(c.name), pm.criu.config_file(leave_stopped=False))
     pm.restore(c.name, None, tcp_established=tcp_established)
     st = pm.state(c.name)
     if st is None or not st.pid:
@@ -175,9 +191,10 @@ def restore_local(cfg: Config, c: ContainerInfo, tcp_established: bool) -> int:
 
 
 def resume(cfg: Config, name: str) -> None:
-    conf = runtime(cfg).criu_config(name)
+    pm = runtime(cfg)
+    conf = pm.criu_config(name)
     if conf.exists():
-        private.write_atomic(conf, "")
+        private.write_atomic(conf, pm.criu.config_file(leave_stopped=False))
 
 
 def remove(cfg: Config, name: str) -> None:

@@ -103,6 +103,14 @@ class Subject(ABC):
     def after_commit(self, cfg: Config) -> None:
         """On the source once the copy there runs: drop what only the source copy needed."""
 
+    def dump_inventory(self, images: Path) -> bytes | None:
+        """The dump's inventory.img (it names CRIU's run, hence its network-lock table), None
+        before the dump wrote one."""
+        try:
+            return (images / "inventory.img").read_bytes()
+        except OSError:
+            return None
+
     # --- the target's side (the manifest names the kind) ------------------------------------
 
     @staticmethod
@@ -399,6 +407,11 @@ class PodmanContainer(RuncContainer):
         from migrd.engine import podman
 
         return podman.restore_local(cfg, self.container, tcp_established)
+
+    def dump_inventory(self, images: Path) -> bytes | None:
+        from migrd.engine import podman
+
+        return podman.inventory(images)
 
     def after_commit(self, cfg: Config) -> None:
         from migrd.engine import podman
