@@ -7,9 +7,46 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
+
+_T = TypeVar("_T")
+
+
+def quick_init(cls: type[_T]) -> type[_T]:
+    """Give a frozen dataclass an `__init__` that stores its fields in one step.
+
+    The generated one sets every field through `object.__setattr__` (the frozen guard is in the
+    way of plain assignment), one call per field, which makes building a frozen instance about
+    three times slower than a mutable one; the simulator builds millions of snapshots,
+    candidates and decisions per simulated hour. Same signature, defaults and default
+    factories; the instance is the same (its fields in `__dict__`), still frozen. Not for
+    classes with `__slots__`, `__post_init__` or init-only fields (refused)."""
+    if hasattr(cls, "__slots__") or hasattr(cls, "__post_init__"):
+        raise TypeError(f"quick_init: {cls.__name__} has __slots__ or __post_init__")
+    ns: dict[str, Any] = {"_set": object.__setattr__, "_missing": MISSING}
+    params, items = [], []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not f.init or f.kw_only:
+            raise TypeError(f"quick_init: {cls.__name__}.{f.name} is not a plain init field")
+        value = f.name
+        if f.default is not MISSING:
+            ns[f"_d_{f.name}"] = f.default
+            params.append(f"{f.name}=_d_{f.name}")
+        elif f.default_factory is not MISSING:
+            ns[f"_f_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_missing")
+            value = f"_f_{f.name}() if {f.name} is _missing else {f.name}"
+        else:
+            params.append(f.name)
+        items.append(f"{f.name!r}: {value}")
+    # Generated like dataclasses' own __init__: a real signature, no per-call argument parsing.
+    exec(f"def __init__(self, {', '.join(params)}):\n"
+         f"    _set(self, '__dict__', {{{', '.join(items)}}})\n", ns)
+    ns["__init__"].__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = ns["__init__"]  # type: ignore[misc]
+    return cls
 
 
 # --------------------------------------------------------------------------- Load snapshots (what agents exchange)
@@ -24,6 +61,7 @@ class Pressure:
     full_avg10: float | None = None
 
 
+@quick_init
 @dataclass(frozen=True)
 class HostLoad:
     """One host's load at one instant. Rates are averages since the previous sample."""
@@ -68,6 +106,7 @@ class HostLoad:
         return dataclasses.asdict(self)
 
 
+@quick_init
 @dataclass(frozen=True)
 class ProcessLoad:
     """One process at one instant."""
@@ -105,6 +144,7 @@ class Action(str, Enum):
     RESTART_ELSEWHERE = "restart_elsewhere"
 
 
+@quick_init
 @dataclass(frozen=True)
 class Link:
     """The transport's probe of the path to a peer."""
@@ -117,6 +157,7 @@ class Link:
         return self.rtt_s + nbytes / self.bandwidth
 
 
+@quick_init
 @dataclass(frozen=True)
 class Site:
     """A host reduced to what the cost model needs."""
@@ -147,6 +188,7 @@ class Work(NamedTuple):
     done_cpu_s: float
 
 
+@quick_init
 @dataclass(frozen=True)
 class Estimate:
     """The numbers behind one option, compared with staying."""
@@ -258,6 +300,7 @@ class PolicyConfig:
         return label is None or host in self.clearance.get(label, ())
 
 
+@quick_init
 @dataclass(frozen=True)
 class Peer:
     """Another host as this host sees it: its latest snapshot and the link to it."""
@@ -268,6 +311,7 @@ class Peer:
     cpu_compatible: bool = True
 
 
+@quick_init
 @dataclass(frozen=True)
 class Candidate:
     """A process on this host that the policy may consider moving."""
@@ -296,6 +340,7 @@ class Candidate:
         return self.proc.exe_bytes if self.code_bytes is None else self.code_bytes
 
 
+@quick_init
 @dataclass(frozen=True)
 class Situation:
     """Everything `decide` looks at."""
@@ -314,6 +359,7 @@ class Situation:
     requester: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True)
 class Decision:
     action: Action

@@ -20,6 +20,7 @@ The four questions, in the order `decide` answers them (docs/policy.md has a wor
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from migrd.model import (
     Situation,
     Watermarks,
     Work,
+    quick_init,
 )
 from migrd.errors import InputError
 
@@ -150,6 +152,7 @@ def pick_fill_source(local: HostLoad, peers: Sequence[Peer], cfg: PolicyConfig) 
 # --------------------------------------------------------------------------- which / where / how
 
 
+@quick_init
 @dataclass(frozen=True)
 class _Target:
     """A peer with what placement needs precomputed once per decision."""
@@ -162,6 +165,7 @@ class _Target:
     speed0: float
 
 
+@quick_init
 @dataclass(frozen=True)
 class _Option:
     """One priced way of moving one process to one target."""
@@ -212,9 +216,10 @@ class _Search:
 
 def _eligible(sit: Situation, cfg: PolicyConfig) -> tuple[list[Candidate], list[str]]:
     ok: list[Candidate] = []
-    # Counted by kind, the text formatted once: a busy host has hundreds of candidates.
+    # Counted by kind, the text formatted once: a busy host has hundreds of candidates. Only
+    # the eligible ones are sorted (by PID): on a busy host most are too young.
     skipped: Counter = Counter()
-    for c in sorted(sit.candidates, key=lambda c: c.proc.pid):
+    for c in sit.candidates:
         if not c.opted_in:
             skipped[0] += 1
         elif c.last_migrated is not None and sit.now - c.last_migrated < cfg.process_cooldown_s:
@@ -223,6 +228,7 @@ def _eligible(sit: Situation, cfg: PolicyConfig) -> tuple[list[Candidate], list[
             skipped[2] += 1
         else:
             ok.append(c)
+    ok.sort(key=lambda c: c.proc.pid)
     why = ("not opted in", f"in migration cooldown (< {cfg.process_cooldown_s:g} s since last move)",
            f"younger than {cfg.min_age_s:g} s")
     reasons = [f"{len(ok)} of {len(sit.candidates)} processes eligible"]
@@ -278,12 +284,35 @@ def _placement_problem(
     data_host = c.data_host or source
     if t.site.host != data_host and not cfg.cleared(c.data_label, t.site.host):
         return f"target not cleared for label {c.data_label!r}"
-    after = costmodel.norm_after(t.site, work.wants)
     if mode is Mode.CONSOLIDATE:
-        if after > cfg.consolidate_ceiling:
+        if costmodel.norm_after(t.site, work.wants) > cfg.consolidate_ceiling:
             return "target would exceed the consolidation ceiling"
-    elif after > costmodel.norm_after(src, -work.wants):
+    elif _more_loaded(t.site, src, work.wants):
         return "target would end up more loaded than this host"
+    return None
+
+
+def _more_loaded(there: Site, here: Site, wants: float) -> bool:
+    """Offload and fill: would `there` end up more loaded per CPU than `here` once a process
+    wanting `wants` CPUs moved? Rises with `wants` (see `_no_room`)."""
+    return costmodel.norm_after(there, wants) > costmodel.norm_after(here, -wants)
+
+
+def _no_room(candidates: Sequence[Candidate], targets: Sequence[_Target], src: Site) -> float | None:
+    """Offload and fill: the lightest candidate's wanted CPUs if no target can take even it
+    without `_more_loaded` (so no option can pass `_placement_problem`), else None.
+
+    Exact, not a heuristic: with positive capacities `norm_after(s, x)` never falls as x rises
+    (an IEEE sum, max and division by a positive number are monotone), so if a target is more
+    loaded after taking the lightest process it is after taking any heavier one. NaN breaks
+    that ordering (min skips it): then no answer. A busy host out of cooldown searches every
+    round, and most of the time nothing it has fits anywhere: this saves pricing all of it."""
+    wants = [costmodel.wants(c, src) for c in candidates]
+    if math.isnan(sum(wants)) or src.capacity <= 0:
+        return None
+    lightest = min(wants)
+    if all(t.site.capacity > 0 and _more_loaded(t.site, src, lightest) for t in targets):
+        return lightest
     return None
 
 
@@ -312,14 +341,12 @@ def _neg(s: str) -> tuple[int, ...]:
 
 
 def _search_candidate(
-    c: Candidate, targets: Sequence[_Target], src: Site, links: dict[str, Link],
-    mode: Mode, cfg: PolicyConfig, source: str, s: _Search, bound: costmodel.Bound | None,
+    c: Candidate, work: Work, stay: costmodel.Stay, k_here: float, targets: Sequence[_Target],
+    src: Site, mode: Mode, cfg: PolicyConfig, source: str, s: _Search, bound: costmodel.Bound | None,
 ) -> None:
-    """Price every way of moving `c` to each target. With a bound, `targets` must come fastest
-    first: the search stops at the first target too slow to beat the best move so far."""
-    work = costmodel.work(c, src, cfg)
-    stay = costmodel.stay(c, work, src, links, source, cfg)
-    k_here = costmodel.effective_speed(src, 0.0)
+    """Price every way of moving `c` (its `work` and `stay` priced on `src`, whose effective
+    speed is `k_here`) to each target. With a bound, `targets` must come fastest first: the
+    search stops at the first target too slow to beat the best move so far."""
     for t in targets:
         if bound is not None:
             floor = s.floor(cfg)
@@ -423,25 +450,37 @@ def decide(sit: Situation, cfg: PolicyConfig, *, prune: bool = True) -> Decision
 
 def _search(sit: Situation, local: HostLoad, candidates: list[Candidate], targets: list[_Target],
             cfg: PolicyConfig, prune: bool, reasons: list[str]) -> _Search:
-    """Price the options; with `prune`, skip those that provably cannot win (see Bound)."""
+    """Price the options; with `prune`, skip those that provably cannot win (see Bound and
+    `_no_room`)."""
     src = costmodel.site(local, cfg.cpu_price(local.host))
     links = {p.load.host: p.link for p in sit.peers}
+    k_here = costmodel.effective_speed(src, 0.0)
     s = _Search()
+
+    def priced(c: Candidate) -> tuple[Work, costmodel.Stay]:
+        w = costmodel.work(c, src, cfg)
+        return w, costmodel.stay(c, w, src, links, local.host, cfg)
+
     if not prune or sit.mode is Mode.CONSOLIDATE:  # consolidate ranks by fullness, not gain
         for c in candidates:
-            _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s, None)
+            _search_candidate(c, *priced(c), k_here, targets, src, sit.mode, cfg, local.host, s, None)
+        return s
+    if (lightest := _no_room(candidates, targets, src)) is not None:
+        reasons.append(f"no peer can take even the lightest eligible process ({lightest:.2f} CPUs) "
+                       f"without ending up more loaded than this host")
         return s
     bound = costmodel.Bound.of([t.site for t in targets])
     targets = sorted(targets, key=lambda t: (-t.speed0, t.site.host))
-    ranked = sorted(((bound.max_gain(c, src, links, local.host, cfg), c) for c in candidates),
-                    key=lambda bc: (-bc[0], bc[1].proc.pid))
+    ranked = sorted(((bound.max_gain(c, w, st, k_here, cfg), c, w, st)
+                     for c, (w, st) in ((c, priced(c)) for c in candidates)),
+                    key=lambda r: (-r[0], r[1].proc.pid))
     if ranked[0][0] < cfg.min_gain:
         reasons.append(f"no move can gain {cfg.min_gain:g}: at most {ranked[0][0]:.1f} "
                        f"(PID {ranked[0][1].proc.pid}, ignoring transfers)")
-    for ub, c in ranked:
+    for ub, c, w, st in ranked:
         if ub < s.floor(cfg):
             break  # this and every later candidate
-        _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s, bound)
+        _search_candidate(c, w, st, k_here, targets, src, sit.mode, cfg, local.host, s, bound)
     return s
 
 

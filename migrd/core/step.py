@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from migrd.core import policy
-from migrd.model import Action, Candidate, Decision, HostLoad, Level, Mode, Peer, PolicyConfig, Situation
+from migrd.model import (Action, Candidate, Decision, HostLoad, Level, Mode, Peer, PolicyConfig, Situation,
+                         quick_init)
 
 #: An offer from an idle peer is acted on only this long (seconds) after it came.
 OFFER_TTL = 30.0
@@ -34,6 +35,7 @@ class Settings:
     policy: PolicyConfig
 
 
+@quick_init
 @dataclass(frozen=True)
 class State:
     history: tuple[HostLoad, ...] = ()
@@ -47,6 +49,7 @@ class State:
         return replace(self, offers={**self.offers, requester: at})
 
 
+@quick_init
 @dataclass(frozen=True)
 class Inputs:
     sample: HostLoad
@@ -55,6 +58,7 @@ class Inputs:
     paused: bool = False
 
 
+@quick_init
 @dataclass(frozen=True)
 class Step:
     state: State
