@@ -21,7 +21,8 @@ The four questions, in the order `decide` answers them (docs/policy.md has a wor
 from __future__ import annotations
 
 import math
-from collections import Counter
+import operator
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -197,7 +198,8 @@ class _Search:
 
     best: _Option | None = None
     best_rejected: _Option | None = None
-    rejected: Counter = field(default_factory=Counter)
+    # A defaultdict, not a Counter: one is made per search, and Counter() costs ten times more.
+    rejected: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     #: Offload and fill: accepted options that tied with the best so far when found.
     near: list[_Option] = field(default_factory=list)
 
@@ -218,7 +220,7 @@ def _eligible(sit: Situation, cfg: PolicyConfig) -> tuple[list[Candidate], list[
     ok: list[Candidate] = []
     # Counted by kind, the text formatted once: a busy host has hundreds of candidates. Only
     # the eligible ones are sorted (by PID): on a busy host most are too young.
-    skipped: Counter = Counter()
+    skipped = [0, 0, 0]
     for c in sit.candidates:
         if not c.opted_in:
             skipped[0] += 1
@@ -232,24 +234,28 @@ def _eligible(sit: Situation, cfg: PolicyConfig) -> tuple[list[Candidate], list[
     why = ("not opted in", f"in migration cooldown (< {cfg.process_cooldown_s:g} s since last move)",
            f"younger than {cfg.min_age_s:g} s")
     reasons = [f"{len(ok)} of {len(sit.candidates)} processes eligible"]
-    reasons += [f"{n} {w}" for w, n in sorted((why[k], n) for k, n in skipped.items())]
+    reasons += [f"{n} {w}" for w, n in sorted((why[k], n) for k, n in enumerate(skipped) if n)]
     return ok, reasons
+
+
+_BY_HOST = operator.attrgetter("load.host")
 
 
 def _targets(sit: Situation, source: HostLoad, cfg: PolicyConfig) -> list[_Target]:
     src_norm = costmodel.demand(source) / source.cpu_capacity
     out = []
-    for p in sorted(sit.peers, key=lambda p: p.load.host):
+    # A peer's level is HIGH exactly when _is_high: asked directly (every search of a busy
+    # host asks it of every peer).
+    for p in sorted(sit.peers, key=_BY_HOST):
         h = p.load
         if h.host == source.host:
             continue
-        level = sample_level(h, cfg)
         if sit.mode is Mode.FILL and h.host != sit.requester:
             continue
-        if sit.mode is Mode.OFFLOAD and level is Level.HIGH:
+        if sit.mode is Mode.OFFLOAD and _is_high(h, cfg):
             continue
         if sit.mode is Mode.CONSOLIDATE and (
-            level is Level.HIGH or costmodel.demand(h) / h.cpu_capacity < src_norm
+            _is_high(h, cfg) or costmodel.demand(h) / h.cpu_capacity < src_norm
         ):
             continue  # packing goes onto hosts at least as busy as this one
         s = costmodel.site(h, cfg.cpu_price(h.host))
