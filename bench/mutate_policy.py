@@ -125,7 +125,7 @@ MUTANTS = (
     Mutant("no-more-loaded", "offload/fill never leave the target more loaded than the source", P,
            "return costmodel.norm_after(there, wants) > costmodel.norm_after(here, -wants)",
            "return False"),
-    Mutant("no-room-lightest", "the search stops early only if even the lightest process fits nowhere", P,
+    Mutant("no-room-lightest", "the search leaves out only peers where even the lightest process does not fit", P,
            "lightest = min(wants)", "lightest = max(wants)"),
     Mutant("code-goes-to-data", "remote data: only the data's host is a target", P,
            "if target != data_host:\n            return []", "if False:\n            return []"),

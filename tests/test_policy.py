@@ -866,9 +866,10 @@ def test_near_equal_gain_prefers_the_target_left_less_loaded() -> None:
 # --------------------------------------------------------------------------- the no-room exit
 #
 # A busy host out of its cooldown searches every round, and most often nothing it has fits on
-# any peer without leaving that peer more loaded than itself. `decide` then stops before pricing
-# anything, judging by its lightest eligible process alone (policy._no_room). That exit must
-# never change a decision: the search without pruning prices every option and must agree.
+# most peers without leaving them more loaded than itself. `decide` leaves out every peer that
+# could not take even its lightest eligible process, and stops before pricing anything when
+# none is left (policy._with_room). That must never change a decision: the search without
+# pruning prices every option on every peer and must agree.
 
 NO_ROOM = "no peer can take even the lightest eligible process"
 

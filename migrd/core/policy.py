@@ -300,26 +300,28 @@ def _placement_problem(
 
 def _more_loaded(there: Site, here: Site, wants: float) -> bool:
     """Offload and fill: would `there` end up more loaded per CPU than `here` once a process
-    wanting `wants` CPUs moved? Rises with `wants` (see `_no_room`)."""
+    wanting `wants` CPUs moved? Rises with `wants` (see `_with_room`)."""
     return costmodel.norm_after(there, wants) > costmodel.norm_after(here, -wants)
 
 
-def _no_room(candidates: Sequence[Candidate], targets: Sequence[_Target], src: Site) -> float | None:
-    """Offload and fill: the lightest candidate's wanted CPUs if no target can take even it
-    without `_more_loaded` (so no option can pass `_placement_problem`), else None.
+def _with_room(candidates: Sequence[Candidate], targets: Sequence[_Target],
+               src: Site) -> tuple[list[_Target], float] | None:
+    """Offload and fill: the targets that can take the lightest candidate without
+    `_more_loaded`, and what it wants (CPUs). No other target can take any candidate (no
+    option on it can pass `_placement_problem`), so the search may leave them out; none left:
+    nothing can move. None: no such proof here (a NaN, a capacity not above zero).
 
     Exact, not a heuristic: with positive capacities `norm_after(s, x)` never falls as x rises
-    (an IEEE sum, max and division by a positive number are monotone), so if a target is more
-    loaded after taking the lightest process it is after taking any heavier one. NaN breaks
-    that ordering (min skips it): then no answer. A busy host out of cooldown searches every
-    round, and most of the time nothing it has fits anywhere: this saves pricing all of it."""
+    (an IEEE sum, max and division by a positive number are monotone), so a target left more
+    loaded by the lightest process is left more loaded by any heavier one. NaN breaks that
+    ordering (min skips it). A busy host out of cooldown searches every round, and most of
+    the time nothing it has fits on most of its peers: this saves pricing it there."""
     wants = [costmodel.wants(c, src) for c in candidates]
     if math.isnan(sum(wants)) or src.capacity <= 0:
         return None
     lightest = min(wants)
-    if all(t.site.capacity > 0 and _more_loaded(t.site, src, lightest) for t in targets):
-        return lightest
-    return None
+    return [t for t in targets
+            if t.site.capacity <= 0 or not _more_loaded(t.site, src, lightest)], lightest
 
 
 def _required_gain(est: Estimate, mode: Mode, cfg: PolicyConfig) -> float:
@@ -457,7 +459,7 @@ def decide(sit: Situation, cfg: PolicyConfig, *, prune: bool = True) -> Decision
 def _search(sit: Situation, local: HostLoad, candidates: list[Candidate], targets: list[_Target],
             cfg: PolicyConfig, prune: bool, reasons: list[str]) -> _Search:
     """Price the options; with `prune`, skip those that provably cannot win (see Bound and
-    `_no_room`)."""
+    `_with_room`)."""
     src = costmodel.site(local, cfg.cpu_price(local.host))
     links = {p.load.host: p.link for p in sit.peers}
     k_here = costmodel.effective_speed(src, 0.0)
@@ -471,10 +473,12 @@ def _search(sit: Situation, local: HostLoad, candidates: list[Candidate], target
         for c in candidates:
             _search_candidate(c, *priced(c), k_here, targets, src, sit.mode, cfg, local.host, s, None)
         return s
-    if (lightest := _no_room(candidates, targets, src)) is not None:
-        reasons.append(f"no peer can take even the lightest eligible process ({lightest:.2f} CPUs) "
-                       f"without ending up more loaded than this host")
-        return s
+    if (room := _with_room(candidates, targets, src)) is not None:
+        targets, lightest = room
+        if not targets:
+            reasons.append(f"no peer can take even the lightest eligible process ({lightest:.2f} "
+                           f"CPUs) without ending up more loaded than this host")
+            return s
     bound = costmodel.Bound.of([t.site for t in targets])
     targets = sorted(targets, key=lambda t: (-t.speed0, t.site.host))
     ranked = sorted(((bound.max_gain(c, w, st, k_here, cfg), c, w, st)
