@@ -49,7 +49,7 @@ from migrd.errors import InputError
 __all__ = [
     "Action", "Candidate", "Decision", "Estimate", "Level", "Link", "Mode", "Peer",
     "PolicyConfig", "Situation", "Watermarks", "classify", "decide", "explain",
-    "pick_fill_source", "sample_level",
+    "pick_fill_source",
 ]
 
 
@@ -82,13 +82,6 @@ def _is_low(h: HostLoad, cfg: PolicyConfig) -> bool:
     cap = h.cpu_capacity
     return (h.loadavg[0] / cap <= cfg.load.low and h.cpu_util <= cfg.util.low
             and h.run_queue / cap <= cfg.run_queue.low)
-
-
-def sample_level(h: HostLoad, cfg: PolicyConfig) -> Level:
-    """A peer's level from its latest snapshot alone (its own agent applies the hold time)."""
-    if _is_high(h, cfg):
-        return Level.HIGH
-    return Level.LOW if _is_low(h, cfg) else Level.NORMAL
 
 
 def _held_for(history: Sequence[HostLoad], cond: Callable[[HostLoad, PolicyConfig], bool],
@@ -244,8 +237,8 @@ _BY_HOST = operator.attrgetter("load.host")
 def _targets(sit: Situation, source: HostLoad, cfg: PolicyConfig) -> list[_Target]:
     src_norm = costmodel.demand(source) / source.cpu_capacity
     out = []
-    # A peer's level is HIGH exactly when _is_high: asked directly (every search of a busy
-    # host asks it of every peer).
+    # Only whether a peer is HIGH matters here (_is_high), not its full level: every search of a
+    # busy host asks it of every peer.
     for p in sorted(sit.peers, key=_BY_HOST):
         h = p.load
         if h.host == source.host:
