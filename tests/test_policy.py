@@ -861,3 +861,79 @@ def test_near_equal_gain_prefers_the_target_left_less_loaded() -> None:
     assert d == decide(situation(peers=[b, c], cands=[cand(10)]), CFG, prune=False)
     fast = peer("c", 0.7, cpus=4, speed=1.5)
     assert decide(situation(peers=[fast, b], cands=[cand(10)]), CFG).target == "c"
+
+
+# --------------------------------------------------------------------------- the no-room exit
+#
+# A busy host out of its cooldown searches every round, and most often nothing it has fits on
+# most peers without leaving them more loaded than itself. `decide` leaves out every peer that
+# could not take even its lightest eligible process, and stops before pricing anything when
+# none is left (policy._with_room). That must never change a decision: the search without
+# pruning prices every option on every peer and must agree.
+
+NO_ROOM = "no peer can take even the lightest eligible process"
+
+
+@st.composite
+def crowded(draw) -> tuple[Situation, PolicyConfig]:
+    """A busy host (HIGH, or kept HIGH by hysteresis) whose peers are moderately loaded, not
+    HIGH (the simulator's commonest search), some exactly where taking its lightest process
+    would leave them as loaded per CPU as it: whether anything fits hangs on that process."""
+    cfg = draw(configs())
+    local = draw(st.floats(0.6, 2.5))
+    cpus = draw(st.integers(1, 8))
+    cands = [cand(pid, share=draw(st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 0.05, 0.5]))),
+                  age=draw(st.floats(cfg.min_age_s, 5000.0)), rss=draw(st.integers(1 * MB, 500 * MB)),
+                  opted_in=draw(st.sampled_from([True, True, True, False])))
+             for pid in draw(st.lists(st.integers(2, 99), unique=True, min_size=1, max_size=8))]
+    # wants = share / the fair share here (1, or 1 / local per CPU on an overloaded host).
+    lightest = min(c.proc.cpu_share for c in cands) * max(local, 1.0)
+    peers = []
+    for name in draw(st.lists(st.sampled_from(NAMES), unique=True, min_size=1, max_size=5)):
+        n = draw(st.sampled_from([cpus, draw(st.integers(1, 8))]))
+        # (per_cpu * n + w) / n == (local * cpus - w) / cpus: the lightest just fits.
+        tie = (local * cpus - lightest) / cpus - lightest / n
+        per_cpu = draw(st.one_of(st.floats(0.0, 0.85), st.just(min(max(tie, 0.0), 0.85))))
+        peers.append(peer(name, per_cpu, cpus=n, speed=draw(st.sampled_from([0.5, 1.0, 2.0]))))
+    mode = draw(st.sampled_from([Mode.OFFLOAD, Mode.OFFLOAD, Mode.FILL]))
+    sit = situation(hist=history("a", local, cpus=cpus), peers=peers, cands=cands, mode=mode,
+                    previous_level=Level.HIGH,
+                    requester=draw(st.sampled_from([p.load.host for p in peers])))
+    return sit, cfg
+
+
+@settings(max_examples=500, deadline=None)
+@given(crowded())
+def test_no_room_exit_never_changes_the_decision(case: tuple[Situation, PolicyConfig]) -> None:
+    sit, cfg = case
+    d = decide(sit, cfg)
+    assert _key(decide(sit, cfg, prune=False)) == _key(d), explain(d)
+    check_decision(sit, cfg, d)
+
+
+@pytest.mark.parametrize("exits", [True, False])
+def test_crowded_situations_reach_both_sides_of_the_exit(exits: bool) -> None:
+    """Not vacuous: the generator gives situations where the exit is taken, and where it is
+    not and a process moves."""
+    def side(case: tuple[Situation, PolicyConfig]) -> bool:
+        d = decide(*case)
+        if exits:
+            return any(r.startswith(NO_ROOM) for r in d.reasons)
+        return d.action is not Action.STAY
+    find(crowded(), side, settings=settings(max_examples=2000, deadline=None, database=None,
+                                            phases=[Phase.generate]))
+
+
+def test_no_room_judges_by_the_lightest_process() -> None:
+    """a: 2 CPUs, fully busy (HIGH); b: 2 CPUs at 0.2 per CPU, twice as fast. A process wanting
+    0.9 CPUs would leave b at 0.65 and a at 0.55 per CPU: with only such heavy processes
+    nothing fits and the search stops before pricing any. One wanting 0.5 leaves b at 0.45 and
+    a at 0.75: it fits (and pays, b being faster), so the exit must not be taken."""
+    b = peer("b", 0.2, speed=2.0)
+    heavy = [cand(10, share=0.9), cand(11, share=1.0)]
+    d = decide(situation(local=1.0, peers=[b], cands=heavy), CFG)
+    assert d.action is Action.STAY and any(r.startswith(NO_ROOM) for r in d.reasons), explain(d)
+    assert _key(decide(situation(local=1.0, peers=[b], cands=heavy), CFG, prune=False)) == _key(d)
+    light = decide(situation(local=1.0, peers=[b], cands=[*heavy, cand(12, share=0.5)]), CFG)
+    assert not any(r.startswith(NO_ROOM) for r in light.reasons), explain(light)
+    assert (light.action, light.pid, light.target) == (Action.MIGRATE, 12, "b"), explain(light)

@@ -62,14 +62,19 @@ def norm_after(s: Site, added: float) -> float:
     return max(s.demand + added, 0.0) / s.capacity
 
 
+def wants(c: Candidate, here: Site) -> float:
+    """CPUs c would use uncontended: its measured share over the fair share `here` gives."""
+    return c.proc.cpu_share / share(here.capacity, here.demand)
+
+
 def work(c: Candidate, here: Site, cfg: PolicyConfig) -> Work:
-    wants = c.proc.cpu_share / share(here.capacity, here.demand)
+    wanted = wants(c, here)
     remaining = min(c.proc.age_s, cfg.max_horizon_s)
     return Work(
         remaining_s=remaining,
         done_s=min(c.proc.age_s, cfg.max_horizon_s),
-        wants=wants,
-        busy=min(wants, 1.0),
+        wants=wanted,
+        busy=min(wanted, 1.0),
         cpu_s=c.proc.cpu_share * remaining * here.speed,
         done_cpu_s=c.proc.cpu_seconds * here.speed,
     )
@@ -182,13 +187,10 @@ class Bound:
             cheapest_per_work=min(s.cpu_price / s.speed for s in sites),
         )
 
-    def max_gain(self, c: Candidate, here: Site, links: Mapping[str, Link], source: str,
-                 cfg: PolicyConfig) -> float:
-        """No move of `c` anywhere gains more than this."""
-        w = work(c, here, cfg)
-        st = stay(c, w, here, links, source, cfg)
-        return upper_gain(w, st, effective_speed(here, 0.0), self.best_speed, 0.0,
-                          self.cheapest_per_work, cfg)
+    def max_gain(self, c: Candidate, w: Work, st: Stay, k_here: float, cfg: PolicyConfig) -> float:
+        """No move of `c` anywhere gains more than this (`w`, `st`: its work and staying,
+        priced on a host whose effective speed is `k_here`)."""
+        return upper_gain(w, st, k_here, self.best_speed, 0.0, self.cheapest_per_work, cfg)
 
 
 # --------------------------------------------------------------------------- text

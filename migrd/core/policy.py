@@ -22,7 +22,9 @@ The four questions, in the order `decide` answers them (docs/policy.md has a wor
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+import operator
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,7 +51,7 @@ from migrd.errors import InputError
 __all__ = [
     "Action", "Candidate", "Decision", "Estimate", "Level", "Link", "Mode", "Peer",
     "PolicyConfig", "Situation", "Watermarks", "classify", "decide", "explain",
-    "pick_fill_source", "sample_level",
+    "pick_fill_source",
 ]
 
 
@@ -82,13 +84,6 @@ def _is_low(h: HostLoad, cfg: PolicyConfig) -> bool:
     cap = h.cpu_capacity
     return (h.loadavg[0] / cap <= cfg.load.low and h.cpu_util <= cfg.util.low
             and h.run_queue / cap <= cfg.run_queue.low)
-
-
-def sample_level(h: HostLoad, cfg: PolicyConfig) -> Level:
-    """A peer's level from its latest snapshot alone (its own agent applies the hold time)."""
-    if _is_high(h, cfg):
-        return Level.HIGH
-    return Level.LOW if _is_low(h, cfg) else Level.NORMAL
 
 
 def _held_for(history: Sequence[HostLoad], cond: Callable[[HostLoad, PolicyConfig], bool],
@@ -196,7 +191,8 @@ class _Search:
 
     best: _Option | None = None
     best_rejected: _Option | None = None
-    rejected: Counter = field(default_factory=Counter)
+    # A defaultdict, not a Counter: one is made per search, and Counter() costs ten times more.
+    rejected: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     #: Offload and fill: accepted options that tied with the best so far when found.
     near: list[_Option] = field(default_factory=list)
 
@@ -215,9 +211,10 @@ class _Search:
 
 def _eligible(sit: Situation, cfg: PolicyConfig) -> tuple[list[Candidate], list[str]]:
     ok: list[Candidate] = []
-    # Counted by kind, the text formatted once: a busy host has hundreds of candidates.
-    skipped: Counter = Counter()
-    for c in sorted(sit.candidates, key=lambda c: c.proc.pid):
+    # Counted by kind, the text formatted once: a busy host has hundreds of candidates. Only
+    # the eligible ones are sorted (by PID): on a busy host most are too young.
+    skipped = [0, 0, 0]
+    for c in sit.candidates:
         if not c.opted_in:
             skipped[0] += 1
         elif c.last_migrated is not None and sit.now - c.last_migrated < cfg.process_cooldown_s:
@@ -226,27 +223,32 @@ def _eligible(sit: Situation, cfg: PolicyConfig) -> tuple[list[Candidate], list[
             skipped[2] += 1
         else:
             ok.append(c)
+    ok.sort(key=lambda c: c.proc.pid)
     why = ("not opted in", f"in migration cooldown (< {cfg.process_cooldown_s:g} s since last move)",
            f"younger than {cfg.min_age_s:g} s")
     reasons = [f"{len(ok)} of {len(sit.candidates)} processes eligible"]
-    reasons += [f"{n} {w}" for w, n in sorted((why[k], n) for k, n in skipped.items())]
+    reasons += [f"{n} {w}" for w, n in sorted((why[k], n) for k, n in enumerate(skipped) if n)]
     return ok, reasons
+
+
+_BY_HOST = operator.attrgetter("load.host")
 
 
 def _targets(sit: Situation, source: HostLoad, cfg: PolicyConfig) -> list[_Target]:
     src_norm = costmodel.demand(source) / source.cpu_capacity
     out = []
-    for p in sorted(sit.peers, key=lambda p: p.load.host):
+    # Only whether a peer is HIGH matters here (_is_high), not its full level: every search of a
+    # busy host asks it of every peer.
+    for p in sorted(sit.peers, key=_BY_HOST):
         h = p.load
         if h.host == source.host:
             continue
-        level = sample_level(h, cfg)
         if sit.mode is Mode.FILL and h.host != sit.requester:
             continue
-        if sit.mode is Mode.OFFLOAD and level is Level.HIGH:
+        if sit.mode is Mode.OFFLOAD and _is_high(h, cfg):
             continue
         if sit.mode is Mode.CONSOLIDATE and (
-            level is Level.HIGH or costmodel.demand(h) / h.cpu_capacity < src_norm
+            _is_high(h, cfg) or costmodel.demand(h) / h.cpu_capacity < src_norm
         ):
             continue  # packing goes onto hosts at least as busy as this one
         s = costmodel.site(h, cfg.cpu_price(h.host))
@@ -281,13 +283,38 @@ def _placement_problem(
     data_host = c.data_host or source
     if t.site.host != data_host and not cfg.cleared(c.data_label, t.site.host):
         return f"target not cleared for label {c.data_label!r}"
-    after = costmodel.norm_after(t.site, work.wants)
     if mode is Mode.CONSOLIDATE:
-        if after > cfg.consolidate_ceiling:
+        if costmodel.norm_after(t.site, work.wants) > cfg.consolidate_ceiling:
             return "target would exceed the consolidation ceiling"
-    elif after > costmodel.norm_after(src, -work.wants):
+    elif _more_loaded(t.site, src, work.wants):
         return "target would end up more loaded than this host"
     return None
+
+
+def _more_loaded(there: Site, here: Site, wants: float) -> bool:
+    """Offload and fill: would `there` end up more loaded per CPU than `here` once a process
+    wanting `wants` CPUs moved? Rises with `wants` (see `_with_room`)."""
+    return costmodel.norm_after(there, wants) > costmodel.norm_after(here, -wants)
+
+
+def _with_room(candidates: Sequence[Candidate], targets: Sequence[_Target],
+               src: Site) -> tuple[list[_Target], float] | None:
+    """Offload and fill: the targets that can take the lightest candidate without
+    `_more_loaded`, and what it wants (CPUs). No other target can take any candidate (no
+    option on it can pass `_placement_problem`), so the search may leave them out; none left:
+    nothing can move. None: no such proof here (a NaN, a capacity not above zero).
+
+    Exact, not a heuristic: with positive capacities `norm_after(s, x)` never falls as x rises
+    (an IEEE sum, max and division by a positive number are monotone), so a target left more
+    loaded by the lightest process is left more loaded by any heavier one. NaN breaks that
+    ordering (min skips it). A busy host out of cooldown searches every round, and most of
+    the time nothing it has fits on most of its peers: this saves pricing it there."""
+    wants = [costmodel.wants(c, src) for c in candidates]
+    if math.isnan(sum(wants)) or src.capacity <= 0:
+        return None
+    lightest = min(wants)
+    return [t for t in targets
+            if t.site.capacity <= 0 or not _more_loaded(t.site, src, lightest)], lightest
 
 
 def _required_gain(est: Estimate, mode: Mode, cfg: PolicyConfig) -> float:
@@ -315,14 +342,12 @@ def _neg(s: str) -> tuple[int, ...]:
 
 
 def _search_candidate(
-    c: Candidate, targets: Sequence[_Target], src: Site, links: dict[str, Link],
-    mode: Mode, cfg: PolicyConfig, source: str, s: _Search, bound: costmodel.Bound | None,
+    c: Candidate, work: Work, stay: costmodel.Stay, k_here: float, targets: Sequence[_Target],
+    src: Site, mode: Mode, cfg: PolicyConfig, source: str, s: _Search, bound: costmodel.Bound | None,
 ) -> None:
-    """Price every way of moving `c` to each target. With a bound, `targets` must come fastest
-    first: the search stops at the first target too slow to beat the best move so far."""
-    work = costmodel.work(c, src, cfg)
-    stay = costmodel.stay(c, work, src, links, source, cfg)
-    k_here = costmodel.effective_speed(src, 0.0)
+    """Price every way of moving `c` (its `work` and `stay` priced on `src`, whose effective
+    speed is `k_here`) to each target. With a bound, `targets` must come fastest first: the
+    search stops at the first target too slow to beat the best move so far."""
     for t in targets:
         if bound is not None:
             floor = s.floor(cfg)
@@ -431,25 +456,39 @@ def _label(c: Candidate) -> str:
 
 def _search(sit: Situation, local: HostLoad, candidates: list[Candidate], targets: list[_Target],
             cfg: PolicyConfig, prune: bool, reasons: list[str]) -> _Search:
-    """Price the options; with `prune`, skip those that provably cannot win (see Bound)."""
+    """Price the options; with `prune`, skip those that provably cannot win (see Bound and
+    `_with_room`)."""
     src = costmodel.site(local, cfg.cpu_price(local.host))
     links = {p.load.host: p.link for p in sit.peers}
+    k_here = costmodel.effective_speed(src, 0.0)
     s = _Search()
+
+    def priced(c: Candidate) -> tuple[Work, costmodel.Stay]:
+        w = costmodel.work(c, src, cfg)
+        return w, costmodel.stay(c, w, src, links, local.host, cfg)
+
     if not prune or sit.mode is Mode.CONSOLIDATE:  # consolidate ranks by fullness, not gain
         for c in candidates:
-            _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s, None)
+            _search_candidate(c, *priced(c), k_here, targets, src, sit.mode, cfg, local.host, s, None)
         return s
+    if (room := _with_room(candidates, targets, src)) is not None:
+        targets, lightest = room
+        if not targets:
+            reasons.append(f"no peer can take even the lightest eligible process ({lightest:.2f} "
+                           f"CPUs) without ending up more loaded than this host")
+            return s
     bound = costmodel.Bound.of([t.site for t in targets])
     targets = sorted(targets, key=lambda t: (-t.speed0, t.site.host))
-    ranked = sorted(((bound.max_gain(c, src, links, local.host, cfg), c) for c in candidates),
-                    key=lambda bc: (-bc[0], bc[1].proc.pid))
+    ranked = sorted(((bound.max_gain(c, w, st, k_here, cfg), c, w, st)
+                     for c, (w, st) in ((c, priced(c)) for c in candidates)),
+                    key=lambda r: (-r[0], r[1].proc.pid))
     if ranked[0][0] < cfg.min_gain:
         reasons.append(f"no move can gain {cfg.min_gain:g}: at most {ranked[0][0]:.1f} "
                        f"({_label(ranked[0][1])}, ignoring transfers)")
-    for ub, c in ranked:
+    for ub, c, w, st in ranked:
         if ub < s.floor(cfg):
             break  # this and every later candidate
-        _search_candidate(c, targets, src, links, sit.mode, cfg, local.host, s, bound)
+        _search_candidate(c, w, st, k_here, targets, src, sit.mode, cfg, local.host, s, bound)
     return s
 
 

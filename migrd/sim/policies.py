@@ -52,9 +52,13 @@ def least_loaded_move(n_jobs: int, cpus: int, eligible: Sequence[Eligible], peer
     return rng.choice(eligible).id, best.host
 
 
-def _cost(log_base: float, cpu_u: float, mem_u: float) -> float:
+def _term(log_base: float, u: float) -> float:
     # base^u, capped short of float overflow (a host 100x overloaded is as bad as it gets).
-    return math.exp(min(cpu_u * log_base, 700.0)) + math.exp(min(mem_u * log_base, 700.0))
+    return math.exp(min(u * log_base, 700.0))
+
+
+def _cost(log_base: float, cpu_u: float, mem_u: float) -> float:
+    return _term(log_base, cpu_u) + _term(log_base, mem_u)
 
 
 def mosix_move(n_hosts: int, here: HostLoad, n_jobs: int, mem_used: int, eligible: Sequence[Eligible],
@@ -63,16 +67,21 @@ def mosix_move(n_hosts: int, here: HostLoad, n_jobs: int, mem_used: int, eligibl
     """`migration_s(job, peer)`: how long moving that job there would freeze it."""
     log_base = math.log(n_hosts)
     power = here.power
+    now = _cost(log_base, n_jobs / power, mem_used / here.mem_total)
+    # What does not depend on the job, once per peer: its cost now and its CPU term with one
+    # more job (every eligible job meets every peer, each round of every host).
+    sites = []
+    for p in peers:
+        d, used = costmodel.demand(p), p.mem_total - p.mem_available
+        sites.append((p, used, _term(log_base, (d + 1) / p.power),
+                      _cost(log_base, d / p.power, used / p.mem_total)))
     best: tuple[float, float, int, str] | None = None
     for e in eligible:
-        saved = (_cost(log_base, n_jobs / power, mem_used / here.mem_total)
-                 - _cost(log_base, (n_jobs - 1) / power, (mem_used - e.rss) / here.mem_total))
-        for p in peers:
-            d, used = costmodel.demand(p), p.mem_total - p.mem_available
+        saved = now - _cost(log_base, (n_jobs - 1) / power, (mem_used - e.rss) / here.mem_total)
+        for p, used, cpu_term, before in sites:
             if used + e.rss > p.mem_total:
                 continue
-            added = (_cost(log_base, (d + 1) / p.power, (used + e.rss) / p.mem_total)
-                     - _cost(log_base, d / p.power, used / p.mem_total))
+            added = (cpu_term + _term(log_base, (used + e.rss) / p.mem_total)) - before
             net = saved - added
             if net > 0 and e.age_s >= migration_s(e, p) and (
                     best is None or (net, e.age_s) > (best[0], best[1])):
