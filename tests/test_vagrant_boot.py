@@ -40,8 +40,8 @@ class Vms:
             raise AssertionError(f"{vm}: {' '.join(argv[:3])} ... exit {r.returncode}: {r.stderr.strip()[-2000:]}")
         return r
 
-    def migrctl(self, vm: str, *argv: str, timeout: float = 300) -> dict | list:
-        return json.loads(self.run(vm, "migrctl", *argv, "--json", timeout=timeout).stdout)
+    def migrctl(self, vm: str, command: str, *argv: str, timeout: float = 300) -> dict | list:
+        return json.loads(self.run(vm, "migrctl", command, "--json", *argv, timeout=timeout).stdout)
 
     def counts(self, vm: str, path: str) -> list[int]:
         r = self.run(vm, "cat", path, check=False)
@@ -110,7 +110,8 @@ def test_counter_moves_vm1_vm2_vm1_state_intact(vms, strategy):
         pid = res["target_pid"]
         before = len(vms.counts(there, out))
         assert len(wait_counts(vms, there, out, before + 5)) >= before + 5, f"no counting on {there} after the move"
-        assert not [w for w in vms.migrctl(here, "ps") if w.get("alive")], f"a copy is left on {here}"
+        left = [w for w in vms.migrctl(here, "ps") if w.get("alive") and w["command"].endswith(out)]
+        assert not left, f"a copy is left on {here}: {left}"
     # Each VM has the values counted while the process ran there; together: 1..N, each once.
     both = vms.counts(first, out) + vms.counts(second, out)
     assert sorted(both) == list(range(1, len(both) + 1)), f"lost or repeated values: {sorted(both)[-40:]}"
