@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system criu venv demo test unit chaos fuzz bench clean install
+.PHONY: setup system criu venv demo test unit chaos fuzz bench clean install box box-clean vagrant-up vagrant-down test-vagrant
 
 setup: system criu venv
 
@@ -57,6 +57,30 @@ install: venv
 	@if [ -e $(CONF_DIR)/migrd.yaml ]; then echo "install: kept existing $(CONF_DIR)/migrd.yaml"; \
 	else install -m 0600 configs/migrd.yaml $(CONF_DIR)/migrd.yaml && echo "install: wrote $(CONF_DIR)/migrd.yaml"; fi
 	@echo "install: nothing started; run: systemctl daemon-reload && systemctl enable --now migrd"
+
+# The Vagrant multi-VM bed on libvirt + QEMU (see README, "The Vagrant bed"). Slow; not in `test`.
+# box: Debian trixie built here with debootstrap (cached by recipe hash) holding migrd's
+# dependencies and the CRIU `make criu` proved. vagrant-down removes all that vagrant-up made
+# (the box stays cached in /var/lib/migrd-vagrant; `make box-clean` removes it).
+MIGRD_VMS ?= 2
+export MIGRD_VMS
+box: criu
+	bash scripts/build-box.sh
+
+vagrant-up: criu
+	bash scripts/vagrant-bed.sh up
+
+vagrant-down:
+	bash scripts/vagrant-bed.sh down
+
+# Brings the VMs up, runs the migrations between them, and always tears everything down.
+test-vagrant: venv
+	bash scripts/vagrant-bed.sh up && MIGRD_VAGRANT=1 $(PY) -m pytest -v -s tests/test_vagrant_boot.py; \
+		rc=$$?; bash scripts/vagrant-bed.sh down; exit $$rc
+
+box-clean:
+	VAGRANT_HOME=/var/lib/migrd-vagrant/home vagrant box remove --force migrd/trixie || true
+	rm -rf /var/lib/migrd-vagrant
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,118 @@
+"""Migrations between separate kernels: the Vagrant bed's VMs (`make test-vagrant`).
+
+Runs only when asked (MIGRD_VAGRANT=1, which `make test-vagrant` sets after `make vagrant-up`):
+the VMs take minutes to boot under software emulation. Every command reaches a VM through
+plain OpenSSH with the config `vagrant ssh-config` prints (one Vagrant call, not one per step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from migrbed.programs import COUNTER
+
+ROOT = Path(__file__).resolve().parent.parent
+VMS = [f"host{i}" for i in range(1, int(os.environ.get("MIGRD_VMS", "2")) + 1)]
+
+pytestmark = [
+    pytest.mark.vagrant,
+    pytest.mark.skipif(os.environ.get("MIGRD_VAGRANT") != "1",
+                       reason="needs the booted Vagrant VMs: make test-vagrant"),
+]
+
+
+class Vms:
+    def __init__(self, ssh_config: Path):
+        self.ssh_config = ssh_config
+
+    def run(self, vm: str, *argv: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = ["ssh", "-F", str(self.ssh_config), "-o", "BatchMode=yes", vm, "--",
+               "sudo", *map(shlex.quote, argv)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{vm}: {' '.join(argv[:3])} ... exit {r.returncode}: {r.stderr.strip()[-2000:]}")
+        return r
+
+    def migrctl(self, vm: str, command: str, *argv: str, timeout: float = 300) -> dict | list:
+        return json.loads(self.run(vm, "migrctl", command, "--json", *argv, timeout=timeout).stdout)
+
+    def counts(self, vm: str, path: str) -> list[int]:
+        r = self.run(vm, "cat", path, check=False)
+        return [int(x) for x in r.stdout.split()] if r.returncode == 0 else []
+
+
+@pytest.fixture(scope="module")
+def vms(tmp_path_factory):
+    cfg = tmp_path_factory.mktemp("vagrant") / "ssh_config"
+    # Where `make box` put the box and Vagrant its state (readable by QEMU, unlike /root).
+    env = {**os.environ, "VAGRANT_HOME": os.environ.get("VAGRANT_HOME", "/var/lib/migrd-vagrant/home")}
+    r = subprocess.run(["vagrant", "ssh-config", *VMS], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    cfg.write_text(r.stdout)
+    v = Vms(cfg)
+    # The agents would move workloads on their own; these tests move them by hand.
+    for vm in VMS:
+        v.run(vm, "migrctl", "pause")
+    yield v
+    for vm in VMS:
+        for w in v.migrctl(vm, "ps"):
+            if w.get("alive"):
+                v.run(vm, "kill", "-9", str(w["pid"]), check=False)
+        v.run(vm, "migrctl", "resume", check=False)
+
+
+def wait_counts(vms: Vms, vm: str, path: str, at_least: int, timeout: float = 120) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = vms.counts(vm, path)
+        if len(got) >= at_least or time.monotonic() > deadline:
+            return got
+        time.sleep(1)
+
+
+def test_migrd_is_an_active_systemd_service_on_every_vm(vms):
+    for vm in VMS:
+        r = vms.run(vm, "systemctl", "is-active", "migrd", check=False)
+        assert r.stdout.strip() == "active", f"{vm}: migrd is {r.stdout.strip()!r}"
+        status = vms.run(vm, "systemctl", "show", "migrd", "-p", "Type", "-p", "WatchdogUSec").stdout
+        assert "Type=notify" in status and "WatchdogUSec=1min" in status, status
+
+
+def test_each_vm_has_its_own_kernel_with_soft_dirty(vms):
+    boots = {vm: vms.run(vm, "cat", "/proc/sys/kernel/random/boot_id").stdout.strip() for vm in VMS}
+    assert len(set(boots.values())) == len(VMS)
+    for vm in VMS:
+        r = vms.run(vm, "/opt/migrd/criu/bin/criu", "check", "--feature", "mem_dirty_track", check=False)
+        assert r.returncode == 0, f"{vm}: {r.stdout}{r.stderr}"
+
+
+@pytest.mark.parametrize("strategy", ["stop-copy", "postcopy"])
+def test_counter_moves_vm1_vm2_vm1_state_intact(vms, strategy):
+    first, second = VMS[0], VMS[1]
+    out = f"/var/tmp/migrd-count-{strategy}-{int(time.time())}"
+    info = vms.migrctl(first, "run", "--name", f"count-{strategy}", "--", "python3", "-c", COUNTER, out)
+    pid = info["pid"]
+    assert len(wait_counts(vms, first, out, 5)) >= 5, "the counter did not start"
+    timings = []
+    for here, there in ((first, second), (second, first)):
+        t0 = time.monotonic()
+        res = vms.migrctl(here, "migrate", str(pid), "--to", there, "--strategy", strategy, timeout=600)
+        timings.append((here, there, round(time.monotonic() - t0, 1), res.get("downtime")))
+        assert res["target"] == there, res
+        pid = res["target_pid"]
+        before = len(vms.counts(there, out))
+        assert len(wait_counts(vms, there, out, before + 5)) >= before + 5, f"no counting on {there} after the move"
+        left = [w for w in vms.migrctl(here, "ps") if w.get("alive") and w["command"].endswith(out)]
+        assert not left, f"a copy is left on {here}: {left}"
+    # Each VM has the values counted while the process ran there; together: 1..N, each once.
+    both = vms.counts(first, out) + vms.counts(second, out)
+    assert sorted(both) == list(range(1, len(both) + 1)), f"lost or repeated values: {sorted(both)[-40:]}"
+    print(f"\n{strategy}: moves (from, to, wall s, downtime s): {timings}")
