@@ -27,7 +27,7 @@ from migrbed import bed as bed_mod
 from migrbed.programs import BUSY
 from migrd import config as config_mod
 from migrd.model import PolicyConfig, Watermarks
-from workloads import copies, end_copies, wait_for
+from workloads import container_counts, copies, end_copies, wait_for
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed (make setup)"),
@@ -61,17 +61,6 @@ def running_on(run_in, bed, name: str) -> list[str]:
             if any(r["name"] == name and r.get("kind") == "container" and r["alive"] for r in ps(run_in, h.name))]
 
 
-def lines(marker: str) -> list[int]:
-    """/data/counter of the one live copy, read through its root; [] unless exactly one."""
-    live = copies(marker)
-    if len(live) != 1:
-        return []
-    try:
-        return [int(x) for x in Path(f"/proc/{live[0]}/root/data/counter").read_text().split()]
-    except (OSError, ValueError):
-        return []
-
-
 RUNTIMES = ["runc", pytest.param("podman", marks=pytest.mark.skipif(
     shutil.which("podman") is None or not Path("/var/cache/migrd/images/busybox/podman.tar").is_file(),
     reason="podman or its image not installed (make setup)"))]
@@ -101,7 +90,7 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         migrctl(run_in, "host1", "container", "run", "--runtime", runtime, spin, "--", "sh", "-c", script)
         migrctl(run_in, "host1", "container", "run", "--runtime", runtime, "--not-migratable", kept, "--", "sh", "-c",
                 f"i=0; while :; do i=$((i+1)); echo $i >> /data/counter; sleep 0.2; done # {kept_mark}")
-        wait_for(lambda: len(lines(spin_mark)) >= 3 and len(lines(kept_mark)) >= 3, timeout=30,
+        wait_for(lambda: len(container_counts(spin_mark)) >= 3 and len(container_counts(kept_mark)) >= 3, timeout=30,
                  what="both containers to count")
         spin_init = copies(spin_mark)[0]
         bed_mod.start_agents(bed)
@@ -114,9 +103,9 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
                  what="the agent to move the opted-in container to host2")
         moved_after = time.monotonic() - t0
         # It carries on there from its count (memory and rootfs change moved): one copy, running.
-        before = lines(spin_mark)
-        wait_for(lambda: len(lines(spin_mark)) >= len(before) + 3, timeout=30, what="the container to keep spinning")
-        got = lines(spin_mark)
+        before = container_counts(spin_mark)
+        wait_for(lambda: len(container_counts(spin_mark)) >= len(before) + 3, timeout=30, what="the container to keep spinning")
+        got = container_counts(spin_mark)
         assert got == [0] + [STRIDE * k for k in range(1, len(got))], got[-10:]
         assert len(copies(spin_mark)) == 1 and psutil.Process(copies(spin_mark)[0]).status() != psutil.STATUS_STOPPED
         # On host2 it is a candidate that has just arrived: in its migration cooldown.
@@ -147,7 +136,7 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         # The container that is not opted in stays on host1, counting, a candidate the policy skips.
         time.sleep(5)
         assert running_on(run_in, bed, kept) == ["host1"]
-        k = lines(kept_mark)
+        k = container_counts(kept_mark)
         assert k == list(range(len(k))) and len(copies(kept_mark)) == 1
         rows = {r["name"]: r for r in ps(run_in, "host1")}
         assert rows[kept]["opted_in"] is False and rows[kept]["action"] == "stay", rows[kept]

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from workloads import CLIENT, copies, criu_tables, wait_for
+from workloads import CLIENT, container_counts, copies, criu_tables, wait_for
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed (make setup)"),
@@ -46,18 +46,6 @@ def mig(run_in):
 
 def jrun(mig, host: str, command: str, *args: str, **kw):
     return json.loads(mig(host, command, *args, "--json", **kw).stdout)
-
-
-def counts(marker: str) -> list[int]:
-    """/data/counter of the one live copy, read through its root (bed hosts share one PID
-    space); [] while there is not exactly one."""
-    live = copies(marker)
-    if len(live) != 1:
-        return []
-    try:
-        return [int(x) for x in Path(f"/proc/{live[0]}/root/data/counter").read_text().split()]
-    except (OSError, ValueError):
-        return []
 
 
 def running_on(mig, bed, name: str) -> list[str]:
@@ -85,7 +73,7 @@ def container(mig, bed):
         mig("host1", "container", "run", "--runtime", runtime, *([] if migratable else ["--not-migratable"]),
             name, "--", "sh", "-c", f"{body} # {marker}")
         if script is None:
-            wait_for(lambda: len(counts(marker)) >= 5, what="container to count")
+            wait_for(lambda: len(container_counts(marker)) >= 5, what="container to count")
         return name, marker
 
     yield start
@@ -95,9 +83,9 @@ def container(mig, bed):
 
 
 def continues(marker: str, n_new: int = 5) -> list[int]:
-    before = len(counts(marker))
-    wait_for(lambda: len(counts(marker)) >= before + n_new, what=f"{marker} to keep counting")
-    got = counts(marker)
+    before = len(container_counts(marker))
+    wait_for(lambda: len(container_counts(marker)) >= before + n_new, what=f"{marker} to keep counting")
+    got = container_counts(marker)
     assert got == list(range(len(got))), f"count went backwards, repeated or restarted: {got[-30:]}"
     return got
 
@@ -108,7 +96,7 @@ def test_container_moves_there_and_back_with_its_rootfs(mig, bed, container, run
     assert [r["name"] for r in jrun(mig, "host1", "ps") if r.get("kind") == "container"] == [name]
     times = []
     for here, there in (("host1", "host2"), ("host2", "host1")):
-        before = counts(marker)
+        before = container_counts(marker)
         t0 = time.monotonic()
         res = jrun(mig, here, "migrate", "--container", name, "--to", there)
         times.append({"wall": round(time.monotonic() - t0, 2), "downtime": res["downtime"],
@@ -137,7 +125,7 @@ def test_owners_modes_xattrs_and_special_files_move_with_the_rootfs(mig, bed, co
     name, marker = container(runtime=runtime, script=(
         "echo secret > /data/owned; chmod 0640 /data/owned; mkfifo -m 0620 /data/pipe; ln -s owned /data/link; "
         "i=0; while :; do i=$((i+1)); echo $i >> /data/counter; sleep 0.1; done"))
-    wait_for(lambda: len(counts(marker)) >= 5, what="container to count")
+    wait_for(lambda: len(container_counts(marker)) >= 5, what="container to count")
     root = Path(f"/proc/{copies(marker)[0]}/root/data")
     os.chown(root / "owned", 1234, 2345)
     os.setxattr(root / "owned", "user.migrd", b"moved\x00\xff")
