@@ -189,13 +189,13 @@ def test_watchdog_keeps_coming_during_a_long_migration(tmp_path, monkeypatch):
     from migrd.model import Action
     from migrd.model import Decision, Level, Mode
 
-    def held_migration(cfg, pid, opts, progress=None):
+    def held_migration(cfg, ref, pid, opts, progress=None):
         failpoints.step("transfer")
         return migrate.Outcome(id="m1", mode="move", source="a", target=opts.target, pid=pid, target_pid=2,
                                bytes=1, phases={}, downtime=0.1, dry_run=False)
 
     monkeypatch.setenv(failpoints.ENV, "transfer:delay")
-    monkeypatch.setattr(agent_mod.migrate, "migrate", held_migration)
+    monkeypatch.setattr(agent_mod.migrate, "migrate_subject", held_migration)
     path = tmp_path / "notify"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(str(path))
