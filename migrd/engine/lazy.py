@@ -272,9 +272,7 @@ def fd_link(infd: int = 0, outfd: int = 1) -> Link:
         return os.read(infd, CHUNK)
 
     def write(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(outfd, view):]
+        receive.write_all(outfd, data)
 
     os.write(outfd, READY + b"\n")
     return Link(read, write)

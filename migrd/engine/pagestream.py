@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import zstandard
 
 from migrd.adapters.criu import Criu
+from migrd.engine import receive
 from migrd.errors import CriuError, ImageError, TransportError
 
 if TYPE_CHECKING:  # the target side must not pay for importing paramiko
@@ -193,9 +194,7 @@ def serve(criu: Criu, pages: Path, log: Path, compression: str, timeout: float,
     def answers() -> None:
         with suppress(OSError):
             while data := ours.recv(1 << 16):
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(outfd, view):]
+                receive.write_all(outfd, data)
 
     os.write(outfd, READY + b"\n")  # before any answer can exist: nothing to interleave
     relay = threading.Thread(target=answers, name="pages-answers", daemon=True)

@@ -361,11 +361,8 @@ class _Pool:
 
     def flush(self) -> None:
         if self._pending:
-            view = memoryview(self._pending)
-            at = self.slots * PAGE
-            while view:
-                n = os.pwrite(self.fd, view, at)
-                view, at = view[n:], at + n
+            # Slots only ever grow at the end, and reads use pread: plain appends will do.
+            receive.write_all(self.fd, self._pending)
             self.slots += len(self._pending) // PAGE
             self._pending = bytearray()
 
@@ -480,9 +477,11 @@ def _rebuild(src: _In, dest: Path, size: int, sha256: str, pool: _Pool, mode: in
             buf += data
             left -= len(data)
             if len(buf) >= BATCH:
-                _write_all(fd, buf, h256)
+                h256.update(buf)
+                receive.write_all(fd, buf)
                 buf = bytearray()
-        _write_all(fd, buf, h256)
+        h256.update(buf)
+        receive.write_all(fd, buf)
     finally:
         os.close(fd)
     if h256.hexdigest() != sha256:
@@ -495,10 +494,3 @@ def _check_run(dest: Path, count: int, left: int, *, whole: bool) -> None:
     """A run must hold pages, no more than MAX_RUN, and (whole: all of them) fit in the image."""
     if not 0 < count <= MAX_RUN or (count - 1) * PAGE >= left or (whole and count * PAGE > left):
         raise ImageError(f"{dest.name}: a run of {count} pages where {left} bytes were left")
-
-
-def _write_all(fd: int, data: bytearray, h256) -> None:
-    h256.update(data)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

@@ -228,9 +228,11 @@ def _next_header(r: _Reader) -> tuple[str, int] | None:
     return info.name, info.size
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Every byte of data to fd (a pipe or socket may take less than asked at a time)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _receive_into(r: _Reader, partial: Path, manifest_sha256: str) -> manifest.Manifest:
@@ -265,7 +267,7 @@ def _receive_into(r: _Reader, partial: Path, manifest_sha256: str) -> manifest.M
         try:
             for piece in r.take(size):
                 digest.update(piece)
-                _write_all(fd, piece)
+                write_all(fd, piece)
         finally:
             os.close(fd)
         if digest.hexdigest() != expected.sha256:

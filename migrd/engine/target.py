@@ -149,9 +149,7 @@ def receive_files(infd: int = 0) -> dict[str, int]:
                 chunk = os.read(infd, min(left, 1 << 20))
                 if not chunk:
                     raise InputError(f"the source stopped in the middle of {f.path}")
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
+                receive.write_all(fd, chunk)
                 left -= len(chunk)
             os.fchmod(fd, f.mode)
         finally:
