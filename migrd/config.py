@@ -150,6 +150,11 @@ class DaemonSettings:
     probe_bytes: int = 4 << 20
     #: The decisions log (state_dir/decisions.jsonl) keeps at most this many records.
     max_decisions_log: int = 2000
+    #: How the agent's moves run, in order of preference: the first that can move the chosen
+    #: process or container (a container moves with stop-copy). auto measures the link and the
+    #: workload's dirty rate and runs the strategy whose freeze meets migrate.downtime_target.
+    strategies: tuple[Literal["auto", "stream-copy", "stop-copy", "postcopy", "precopy", "hybrid"], ...] = (
+        "auto", "stop-copy")
     #: Where agents find each other's load: ssh (read each peer's snapshot over SFTP) or etcd
     #: (agents publish to etcd under leases and reserve targets there; see `etcd`).
     registry: Literal["ssh", "etcd"] = "ssh"

@@ -9,7 +9,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 
 # --------------------------------------------------------------------------- Load snapshots (what agents exchange)
@@ -168,6 +168,12 @@ class Estimate:
     move_score: float
     #: stay_score - move_score, cost units; positive means the move pays.
     gain: float
+    #: The strategy the move is priced with (the one `auto` would pick; None: a restart).
+    strategy: str | None = None
+    #: Seconds the process stands still: the strategy's freeze, or the whole restart.
+    downtime_s: float = 0.0
+    #: Every strategy's forecast, one line each (migrd/core/choice.py), for `explain`.
+    forecasts: tuple[str, ...] = ()
 
 # --------------------------------------------------------------------------- Policy inputs and outputs
 
@@ -198,6 +204,21 @@ class Watermarks:
     def text(self) -> str:
         """For reasons; every round states the marks (cached on the instance: not a field)."""
         return f"(low {self.low:g}, high {self.high:g})"
+
+
+@dataclass(frozen=True)
+class MoveRates:
+    """Bytes per second of the local work a move does, and its fixed cost (the strategies'
+    forecasts, migrd/core/choice.py)."""
+
+    #: CRIU writing the dumped memory.
+    dump: float = 400e6
+    #: CRIU reading it back into a restored process.
+    restore: float = 800e6
+    #: Reading and comparing the running workload's memory (pre-copy's rounds).
+    scan: float = 500e6
+    #: Seconds of a freeze that do not grow with memory: CRIU's start, the switch, the restore's start.
+    overhead: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -235,8 +256,15 @@ class PolicyConfig:
     #: Cost units per CPU-second, per host; hosts not listed cost `default_cpu_second_cost`.
     cpu_second_cost: dict[str, float] = field(default_factory=dict)
     default_cpu_second_cost: float = 0.0
-    #: Freeze + dump + restore time of a checkpoint, on top of sending it.
-    migration_overhead_s: float = 0.5
+    #: How fast this cluster's hosts dump, compare and restore memory, and the freeze a move
+    #: costs whatever its size; sending it comes on top, per strategy (migrd/core/choice.py).
+    move_rates: MoveRates = MoveRates()
+    #: The strategies a move is priced with: the policy prices the one `--strategy auto` would
+    #: pick among them. stop-copy and precopy move any process; stream-copy and postcopy only
+    #: `migrctl run` workloads, so they are not assumed.
+    strategies: tuple[Literal["stop-copy", "stream-copy", "postcopy", "precopy"], ...] = ("stop-copy", "precopy")
+    #: Seconds a workload may be frozen: the agent sets it from migrate.downtime_target.
+    downtime_target: float = field(default=0.5, metadata={"yaml": False})
     #: Expected remaining life is capped here (a week-old daemon is not "a week more" of work
     #: worth planning around).
     max_horizon_s: float = 86400.0
@@ -280,6 +308,8 @@ class SubjectRef:
     #: Its data are its open files, which travel only when the move takes them (with_files);
     #: a container's data are its rootfs changes, which always travel with it.
     open_files: bool = True
+    #: The only strategies that can move it (None: any the policy prices).
+    strategies: tuple[str, ...] | None = None
 
     def label(self, pid: int | None, proc_name: str | None) -> str:
         """How decisions and explanations name it."""
@@ -290,6 +320,8 @@ class SubjectRef:
 
 #: The subject of a plain process candidate.
 PROCESS_TREE = SubjectRef()
+#: A container is checkpointed by its runtime, which dumps to disk: stop-and-copy only.
+CONTAINER_STRATEGIES = ("stop-copy",)
 
 
 @dataclass(frozen=True)
@@ -312,6 +344,9 @@ class Candidate:
     restartable: bool = False
     #: Bytes of code a restart needs; None: the executable's size (`proc.exe_bytes`).
     code_bytes: int | None = None
+    #: Bytes per second it rewrites its memory; None: not measured (priced as 0: no peer
+    #: without soft-dirty tracking can measure it without reading all its memory).
+    dirty_rate: float | None = None
     subject: SubjectRef = PROCESS_TREE
 
     @property

@@ -31,6 +31,8 @@ from migrd.errors import AgentNotRunning, ConfigError, InputError, MigrdError
 from test_policy import NOW, cand, host, peer
 
 FAST = Link(0.001, 100e6)
+#: How the agent runs its moves by default (daemon.strategies).
+AGENT_STRATEGIES = DaemonSettings().strategies
 
 
 # --------------------------------------------------------------------------- pure core
@@ -201,7 +203,10 @@ def test_round_offloads_then_cools_down(make_agent):
     a = make_agent()
     d = a.round()
     assert d.action is Action.MIGRATE and d.pid == 101 and d.target == "b"
-    assert a.calls == [(101, migrate.Options(target="b"))]
+    assert a.calls == [(101, migrate.Options(target="b", preference=AGENT_STRATEGIES))]
+    # The move was priced against the downtime the agent's migrations aim at.
+    assert a.policy_cfg.downtime_target == a.cfg.migrate.downtime_target
+    assert d.estimate is not None and d.estimate.strategy in a.policy_cfg.strategies
     d2 = a.round()
     assert d2.action is Action.STAY and any("host cooldown" in r for r in d2.reasons)
     recs = a.decisions.records()
@@ -216,7 +221,7 @@ def test_round_moves_the_data_it_priced(make_agent):
     d = a.round()
     assert d.action is Action.MIGRATE_WITH_DATA and d.pid == 101
     assert d.estimate is not None and d.estimate.transfer_bytes == 100 * 10**6 + (4 << 20)  # rss + the data
-    assert a.calls == [(101, migrate.Options(target="b", with_files=True))]
+    assert a.calls == [(101, migrate.Options(target="b", with_files=True, preference=AGENT_STRATEGIES))]
 
 
 def test_paused_agent_decides_but_does_not_move(make_agent):
@@ -286,7 +291,7 @@ def test_consolidate_packs_onto_a_busier_peer(make_agent):
     a = make_agent(local=0.1, peer_load=0.4, mode="consolidate", share=0.2)
     d = a.round()
     assert d.mode is Mode.CONSOLIDATE and d.level is Level.LOW
-    assert d.action is Action.MIGRATE and a.calls == [(101, migrate.Options(target="b"))]
+    assert d.action is Action.MIGRATE and a.calls == [(101, migrate.Options(target="b", preference=AGENT_STRATEGIES))]
 
 
 def test_admin_ops_after_a_round(make_agent):

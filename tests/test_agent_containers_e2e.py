@@ -119,7 +119,7 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         moves = [r for r in log if r.get("migration") and r["pid"] in (spin_init, copies(kept_mark)[0])]
         assert [r["migration"]["outcome"] for r in moves] == ["ok"], moves
         (move,) = moves
-        assert move["subject"] == {"kind": runtime, "name": spin, "open_files": False}
+        assert move["subject"] == {"kind": runtime, "name": spin, "open_files": False, "strategies": ["stop-copy"]}
         assert move["pid"] == spin_init and move["target"] == "host2"
         assert move["action"] in ("migrate", "migrate_with_data") and move["reasons"]
         assert any("overloaded" in r for r in move["reasons"])

@@ -141,7 +141,9 @@ def test_agents_balance_load(bed, run_in, agents, tmp_path: Path):
             explained = {r["migration"]["id"]: r for r in log if r.get("migration", {}).get("id")}
             assert ids <= set(explained), f"{h.name}: moves without a decision record"
             for mid in ids:
-                assert explained[mid]["action"] == "migrate" and explained[mid]["reasons"]
+                # BUSY appends to its count file ten times a second: a sample that finds the
+                # file open prices (and moves) it as data.
+                assert explained[mid]["action"] in ("migrate", "migrate_with_data") and explained[mid]["reasons"]
                 assert any("overloaded" in r for r in explained[mid]["reasons"])
 
         # State kept, exactly one copy of each; the plain process never moved.

@@ -56,7 +56,7 @@ def rules(**kw) -> candidates.AllowFn:
 def test_a_container_is_one_candidate_with_its_cgroup_and_rootfs():
     prev, cur = sample(cpu_s=100.0, mono=50.0), sample(cpu_s=101.5, mono=52.0)
     c = candidates.container_candidate(prev, cur, deny)
-    assert c.subject == SubjectRef("runc", "web", open_files=False)
+    assert c.subject == SubjectRef("runc", "web", open_files=False, strategies=("stop-copy",))
     assert c.opted_in  # the annotation
     p = c.proc
     assert (p.pid, p.name, p.user, p.age_s) == (INIT, "web", "root", 600.0)
@@ -199,9 +199,9 @@ def test_the_agent_moves_the_chosen_container_through_its_subject(tmp_path, monk
     a._candidates = lambda: (ct, cand(10, share=0.05))  # type: ignore[method-assign]
     d = a.round()
     assert d.subject == ct.subject
-    assert calls == [(ct.subject, INIT, migrate.Options(target="b"))]
+    assert calls == [(ct.subject, INIT, migrate.Options(target="b", preference=("auto", "stop-copy")))]
     (record,) = a.decisions.records()
-    assert record["subject"] == {"kind": "runc", "name": "web", "open_files": False}
+    assert record["subject"] == {"kind": "runc", "name": "web", "open_files": False, "strategies": ["stop-copy"]}
     assert record["migration"]["outcome"] == "ok"
     rows = a.op_ps(agent_mod.Request("ps"))
     assert {r["subject"]["kind"] for r in rows} == {"runc", "process"}

@@ -10,7 +10,7 @@ import pytest
 
 from migrd.core import binding
 from migrd.core.binding import Mechanism
-from migrd.config import Config, MigrateSettings
+from migrd.config import Config, DaemonSettings, MigrateSettings
 from migrd.engine import strategies
 from migrd.engine.migration import Options
 from migrd.model import Connection, Listener, OpenFile, ProcessInfo
@@ -40,6 +40,16 @@ def test_preference_list_picks_the_first_strategy_that_can_move_the_process():
     assert s.name == "stop-copy" and "own PID namespace" in skipped[0]
     s, skipped = strategies.choose(INFO, Options(target="h2", tcp_established=True), prefer("stream-copy", "stop-copy"))
     assert s.name == "stop-copy" and "--tcp-established" in skipped[0]
+
+
+def test_the_agents_preference_runs_auto_and_a_container_falls_through_to_stop_copy():
+    agent = DaemonSettings().strategies
+    s, skipped = strategies.choose(INFO, Options(target="h2", preference=agent), prefer("stream-copy"))
+    assert s.name == "auto" and skipped == []
+    container_refuses = {"stop-copy": None}.get  # what a container subject says: stop-copy only
+    s, skipped = strategies.choose(INFO, Options(target="h2", preference=agent), prefer("stream-copy"),
+                                   refuses=lambda n: container_refuses(n, "stop-copy only"))
+    assert s.name == "stop-copy" and skipped == ["auto: stop-copy only"]
 
 
 def test_a_pinned_strategy_that_cannot_run_is_refused_with_its_reason():

@@ -6,6 +6,7 @@ rule fails a test here."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 
 from migrd.model import (
+    CONTAINER_STRATEGIES,
     Action,
     Candidate,
     Decision,
@@ -21,17 +23,21 @@ from migrd.model import (
     Level,
     Link,
     Mode,
+    MoveRates,
     Peer,
     PolicyConfig,
     ProcessLoad,
     Situation,
+    SubjectRef,
 )
 from migrd.core.policy import classify, decide, explain, pick_fill_source
 
 MB = 1_000_000
 GB = 1000 * MB
 NOW = 10_000.0
-CFG = PolicyConfig()
+#: The rules' reference prices a move as one flat transfer: stop-and-copy with a free dump and
+#: restore, 0.5 s fixed. The strategies' own forecasts are tested below (test_strategy_*).
+CFG = PolicyConfig(strategies=("stop-copy",), move_rates=MoveRates(dump=math.inf, restore=math.inf, overhead=0.5))
 FAST = Link(rtt_s=0.001, bandwidth=100 * MB)
 #: docs/policy.md, "Near ties": gains within 5 % of the best tie (written here, not imported,
 #: so the reference stays independent of the code it checks).
@@ -311,6 +317,52 @@ def test_migrate_estimate_numbers() -> None:
     assert e.gain == pytest.approx(600.0 - 301.501)
 
 
+# --- pricing per strategy (migrd/core/choice.py's forecasts, the default rates) ------------------
+
+SLOW = Link(rtt_s=0.001, bandwidth=10 * MB)
+
+
+def test_strategy_a_big_process_over_a_slow_link_is_priced_with_precopy() -> None:
+    """1 GB over 10 MB/s: stop-and-copy would freeze it for the whole copy (~100 s); pre-copy's
+    rounds run while it works at home and freeze it only for the dump, compare and restore."""
+    d = decide(situation(peers=[peer("b", 0.1, SLOW)], cands=[cand(10, rss=1 * GB, age=3600.0)]), PolicyConfig())
+    e = d.estimate
+    assert d.action is Action.MIGRATE and e is not None and e.strategy == "precopy", explain(d)
+    stop_copy = 0.15 + 1 * GB / 400e6 + 1 * GB / SLOW.bandwidth + 1 * GB / 800e6 + SLOW.rtt_s
+    assert e.downtime_s < 10 < stop_copy < e.transfer_s
+    # Its rounds run at home at half speed (share 0.5 here, 1.0 there); the switch ends them.
+    rounds = e.transfer_s - e.downtime_s
+    assert e.there_s == pytest.approx(e.downtime_s + rounds + (3600.0 - rounds) * 0.5)
+    text = explain(d)
+    assert f"stop-copy: freeze {stop_copy:.2f} s" in text and "precopy: freeze" in text
+    assert "by precopy, frozen" in text
+
+
+def test_strategy_a_workload_rewriting_faster_than_the_link_is_priced_with_stop_copy() -> None:
+    """Pre-copy diverges when memory is rewritten faster than it crosses: every round resends
+    it all, so stop-and-copy freezes less."""
+    c = cand(10, rss=1 * GB, age=3600.0, dirty_rate=20 * MB)
+    d = decide(situation(peers=[peer("b", 0.1, SLOW)], cands=[c]), PolicyConfig())
+    assert d.estimate is not None and d.estimate.strategy == "stop-copy", explain(d)
+    assert "diverging" in explain(d)
+
+
+def test_strategy_a_container_is_priced_with_stop_copy_only() -> None:
+    ref = SubjectRef("runc", "web", open_files=False, strategies=CONTAINER_STRATEGIES)
+    d = decide(situation(peers=[peer("b", 0.1, SLOW)], cands=[cand(10, rss=1 * GB, age=3600.0, subject=ref)]),
+               PolicyConfig())
+    e = d.estimate
+    assert e is not None and e.strategy == "stop-copy" and len(e.forecasts) == 1, explain(d)
+
+
+def test_strategy_the_downtime_target_picks_the_quickest_that_meets_it() -> None:
+    """Both freeze under a generous target: the one that finishes first is priced (stop-and-copy
+    has no rounds before its freeze)."""
+    d = decide(situation(peers=[peer("b", 0.1)], cands=[cand(10)]),
+               dataclasses.replace(PolicyConfig(), downtime_target=10.0))
+    assert d.estimate is not None and d.estimate.strategy == "stop-copy", explain(d)
+
+
 def test_classify_levels_and_reasons() -> None:
     level, why = classify(history("a", 2.0), CFG)
     assert level is Level.HIGH and "40 s" in why[0]
@@ -509,7 +561,7 @@ def price(c: Candidate, p: Peer, action: Action, sit: Situation, cfg: PolicyConf
         move_s = send_s + (min(c.proc.age_s, cfg.max_horizon_s) + remaining) * pace
         cpu_there = (c.proc.cpu_seconds * local.cpu_speed + ref_cpu_s) / t.cpu_speed
     else:
-        move_s = cfg.migration_overhead_s + send_s + remaining * pace
+        move_s = cfg.move_rates.overhead + send_s + remaining * pace
         cpu_there = ref_cpu_s / t.cpu_speed
     move_score = (cfg.time_value * move_s + sent * cfg.byte_cost
                   + cpu_there * cfg.cpu_price(t.host))

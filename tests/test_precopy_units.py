@@ -67,26 +67,26 @@ def test_simulation_converges_for_an_idle_workload_and_diverges_for_a_busy_one()
     assert len(bounded.rounds) <= 5 and bounded.decision.stop
 
 
-def situation(memory: int, rate: float, target: float) -> choice.Situation:
-    return choice.Situation(memory=memory, dirty_rate=rate, bandwidth=50 * MB, rtt=0.001, downtime_target=target)
+def situation(memory: int, rate: float, target: float) -> choice.MoveFacts:
+    return choice.MoveFacts(memory=memory, dirty_rate=rate, bandwidth=50 * MB, rtt=0.001, downtime_target=target)
 
 
 ALL = ("stream-copy", "stop-copy", "precopy", "postcopy")
 
 
 def test_auto_takes_precopy_for_a_big_idle_workload_and_stream_copy_for_a_small_one():
-    name, est = choice.choose(ALL, situation(512 * MB, 0.0, 4.0))
-    assert name == "precopy", [e.line() for e in est]
-    name, _ = choice.choose(ALL, situation(4 * MB, 0.0, 0.5))
-    assert name == "stream-copy"
+    chosen, est = choice.choose(ALL, situation(512 * MB, 0.0, 4.0))
+    assert chosen.strategy == "precopy", [e.line() for e in est]
+    chosen, _ = choice.choose(ALL, situation(4 * MB, 0.0, 0.5))
+    assert chosen.strategy == "stream-copy"
 
 
 def test_auto_falls_back_to_postcopy_only_when_nothing_else_meets_the_target():
-    name, est = choice.choose(ALL, situation(1024 * MB, 200 * MB, 0.5))
-    assert name == "postcopy"
+    chosen, est = choice.choose(ALL, situation(1024 * MB, 200 * MB, 0.5))
+    assert chosen.strategy == "postcopy"
     assert {e.strategy for e in est} == set(ALL)
-    name, _ = choice.choose(("stop-copy", "precopy"), situation(1024 * MB, 200 * MB, 0.5))
-    assert name in ("stop-copy", "precopy")
+    chosen, _ = choice.choose(("stop-copy", "precopy"), situation(1024 * MB, 200 * MB, 0.5))
+    assert chosen.strategy in ("stop-copy", "precopy")
 
 
 def test_auto_estimates_say_how_they_were_reached():

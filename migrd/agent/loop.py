@@ -92,16 +92,17 @@ def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: fl
     )
 
 
-def options_for(d: Decision, candidates: Iterable[Candidate] = ()) -> migrate.Options | None:
+def options_for(d: Decision, candidates: Iterable[Candidate] = (),
+                preference: tuple[str, ...] = ()) -> migrate.Options | None:
     """The orchestrator's options for a decision (None: nothing to do): the action as it was
     priced, so the open files travel exactly when their bytes were counted (a container's data,
-    its rootfs changes, travel with it anyway)."""
+    its rootfs changes, travel with it anyway); the strategies tried in `preference`'s order."""
     if d.action is Action.STAY or d.target is None:
         return None
     c = next((c for c in candidates if c.proc.pid == d.pid), None)
     with_files = c is not None and c.subject.open_files and costmodel.data_travels(c, d.action, d.source)
     return migrate.Options(target=d.target, mode="restart" if d.action is Action.RESTART_ELSEWHERE else "move",
-                           with_files=with_files)
+                           with_files=with_files, preference=preference)
 
 
 def decision_dict(d: Decision, now: float) -> dict[str, Any]:
@@ -193,7 +194,9 @@ class Agent:
         self.decisions = DecisionLog(cfg.state_dir / "decisions.jsonl", d.max_decisions_log)
         self.stop = threading.Event()
         self.lock = threading.Lock()
-        self.settings = step.Settings(self.host, d.mode, d.interval, cfg.policy)
+        #: The policy prices a move's freeze against the downtime its migrations aim at.
+        self.policy_cfg = dataclasses.replace(cfg.policy, downtime_target=cfg.migrate.downtime_target)
+        self.settings = step.Settings(self.host, d.mode, d.interval, self.policy_cfg)
         self.state = step.State()
         self.paused = False
         self.situation: Situation | None = None
@@ -306,7 +309,7 @@ class Agent:
         record = decision_dict(d, now)
         if out.skipped:
             record["skipped"] = out.skipped
-        opts = options_for(d, out.situation.candidates) if out.move else None
+        opts = options_for(d, out.situation.candidates, self.cfg.daemon.strategies) if out.move else None
         if opts is None:
             self.decisions.append(record)
             if out.ask is not None:
@@ -420,7 +423,7 @@ class Agent:
     def _alone(self, sit: Situation, c: Candidate) -> Decision:
         """The decision as if c were the only candidate: its own score and reasons."""
         mode = sit.mode if sit.requester or step.own_mode(self.cfg.daemon.mode) else Mode.OFFLOAD
-        return policy.decide(dataclasses.replace(sit, candidates=(c,), mode=mode), self.cfg.policy)
+        return policy.decide(dataclasses.replace(sit, candidates=(c,), mode=mode), self.policy_cfg)
 
     def op_ps(self, req: Request) -> list[dict[str, Any]]:
         sit = self._last()

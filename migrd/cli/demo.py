@@ -141,6 +141,15 @@ def _automatic(state: bed_mod.BedState, migrctl, work: Path, step) -> None:
                 click.echo("\n".join(f"    - {reason}" for reason in last.get("reasons", [])))
             raise click.ClickException("the agents did not spread the load within 90 s")
         click.echo(f"balanced after {time.monotonic() - t0:.1f} s")
+        # A move decided just now may still run (the source stopped, the copy restoring): the
+        # copies are counted only once no agent has one in flight.
+        for h in state.hosts:
+            migrctl(h.name, "pause", "--json")
+        settle = time.monotonic() + 120
+        while any(migrctl(h.name, "status", "--json").get("in_flight") for h in state.hosts):
+            if time.monotonic() > settle:
+                raise click.ClickException("an agent's move was still in flight 120 s after pausing")
+            time.sleep(0.5)
 
         step("why: host1's decision record for its last move (from state_dir/decisions.jsonl)")
         moves = [m for h in state.hosts for m in migrctl(h.name, "history", "--json")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from migrd.model import Candidate, ProcessLoad, SubjectRef
+from migrd.model import CONTAINER_STRATEGIES, Candidate, ProcessLoad, SubjectRef
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ def container_candidate(prev: ContainerSample | None, cur: ContainerSample, allo
                    rss_bytes=cur.memory_bytes, read_bytes_per_s=None, write_bytes_per_s=None,
                    open_file_bytes=0, exe_bytes=0)
     return Candidate(proc, opted_in=container_opt_in(cur, allow) is not None, last_migrated=cur.arrived,
-                     data_bytes=cur.rootfs_bytes or 0, subject=SubjectRef(cur.kind, cur.name, open_files=False))
+                     data_bytes=cur.rootfs_bytes or 0,
+                     subject=SubjectRef(cur.kind, cur.name, open_files=False, strategies=CONTAINER_STRATEGIES))
 
 
 def members(containers: Iterable[ContainerSample], also: frozenset[int] = frozenset()) -> frozenset[int]:

@@ -16,8 +16,12 @@ Completion time of the process's remaining work:
   share = min(1, capacity / demand) is the fair share each runnable task gets, and demand
   counts the process itself (on a target: demand + what the process wants).
 * Time on host H: R x ((1 - busy) + busy x k_here / k_H). Staying takes R.
-* Moving first stops the process for the transfer:
-  overhead (freeze, dump, restore) + RTT + bytes / bandwidth.
+* Moving stops the process for the freeze of the strategy the move would run: the one
+  `--strategy auto` picks among `strategies` (migrd/core/choice.py forecasts each from the
+  memory, the rate the process rewrites it, the link and the downtime target). Stop-and-copy
+  freezes for the dump, the copy and the restore; pre-copy runs on at home during its rounds
+  and freezes only for the last changes; data files cross while frozen. Time on the target
+  starts at the switch.
 * Data that lives on another host is read over the link while the process stays
   (RTT + data / bandwidth); running the code where the data is removes that term.
 
@@ -39,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 from dataclasses import dataclass
 
+from migrd.core import choice
 from migrd.model import Action, Candidate, Estimate, HostLoad, Link, PolicyConfig, Site, Work
 
 
@@ -113,30 +118,47 @@ def data_travels(c: Candidate, action: Action, source: str) -> bool:
             and (c.data_host or source) == source)
 
 
-def transfer_bytes(c: Candidate, action: Action, source: str) -> int:
-    data = c.data_size if data_travels(c, action, source) else 0
-    if action is Action.RESTART_ELSEWHERE:
-        return c.code_size + data
-    return c.proc.rss_bytes + data
+def strategies(c: Candidate, cfg: PolicyConfig) -> tuple[str, ...]:
+    """The strategies c's move is priced with: the configured ones it can be moved by."""
+    only = c.subject.strategies
+    if only is None:
+        return cfg.strategies
+    return tuple(n for n in cfg.strategies if n in only) or only
+
+
+def forecasts(c: Candidate, link: Link, cfg: PolicyConfig) -> tuple[choice.Forecast, tuple[choice.Forecast, ...]]:
+    """The forecast of the strategy that would move c's memory over link, and every one's."""
+    facts = choice.MoveFacts(memory=c.proc.rss_bytes, dirty_rate=c.dirty_rate or 0.0, bandwidth=link.bandwidth,
+                             rtt=link.rtt_s, downtime_target=cfg.downtime_target)
+    return choice.choose_cached(strategies(c, cfg), facts, cfg.move_rates)
 
 
 def estimate(c: Candidate, w: Work, st: Stay, action: Action, here: Site, there: Site,
              link: Link, cfg: PolicyConfig) -> Estimate:
     """Price `action` taking `c` from `here` to `there` over `link`."""
-    nbytes = transfer_bytes(c, action, here.host)
+    data = c.data_size if data_travels(c, action, here.host) else 0
     k_here = effective_speed(here, 0.0)
     k_there = effective_speed(there, w.wants)
     pace = _pace(w, k_here, k_there)
-    transfer_s = link.send_s(nbytes)
     if action is Action.RESTART_ELSEWHERE:
+        nbytes = c.code_size + data
+        transfer_s = downtime_s = link.send_s(nbytes)
         run_s = (w.done_s + w.remaining_s) * pace
         cpu_s = (w.done_cpu_s + w.cpu_s) / there.speed
+        strategy, lines = None, ()
     else:
-        transfer_s += cfg.migration_overhead_s
-        run_s = w.remaining_s * pace
+        chosen, every = forecasts(c, link, cfg)
+        nbytes = chosen.sent + data
+        data_s = data / link.bandwidth
+        downtime_s = chosen.freeze + data_s
+        transfer_s = chosen.total + data_s
+        # Pre-copy's rounds run while the process still works at home at its own pace.
+        before = min(chosen.running_before, w.remaining_s)
+        run_s = before + (w.remaining_s - before) * pace
         cpu_s = w.cpu_s / there.speed
+        strategy, lines = chosen.strategy, tuple(f.line() for f in every)
     transfer_cost = nbytes * cfg.byte_cost
-    there_s = transfer_s + run_s
+    there_s = downtime_s + run_s
     there_cost = transfer_cost + cpu_s * there.cpu_price
     move_score = cfg.time_value * there_s + there_cost
     return Estimate(
@@ -152,23 +174,28 @@ def estimate(c: Candidate, w: Work, st: Stay, action: Action, here: Site, there:
         stay_score=st.score,
         move_score=move_score,
         gain=st.score - move_score,
+        strategy=strategy,
+        downtime_s=downtime_s,
+        forecasts=lines,
     )
 
 
-def upper_gain(w: Work, st: Stay, k_here: float, k_there: float, transfer_s: float,
+def upper_gain(w: Work, st: Stay, k_here: float, k_there: float, downtime_s: float,
                price_per_work: float, cfg: PolicyConfig) -> float:
     """No move gains more than this if the target's effective speed is at most `k_there`,
-    the transfer takes at least `transfer_s` and a unit of work costs at least
-    `price_per_work` there. Used to skip options without pricing them in full."""
-    best_time = transfer_s + w.remaining_s * _pace(w, k_here, k_there)
+    the process stands still at least `downtime_s` and a unit of work costs at least
+    `price_per_work` there. Used to skip options without pricing them in full. Pre-copy's
+    rounds run at home's pace: at best all of the work at the faster of the two."""
+    best_time = downtime_s + w.remaining_s * min(1.0, _pace(w, k_here, k_there))
     return st.score - (cfg.time_value * best_time + w.cpu_s * price_per_work)
 
 
-def min_transfer_s(c: Candidate, link: Link, cfg: PolicyConfig) -> float:
-    """The quickest any action could send `c` over `link` (restart skips the checkpoint)."""
+def min_downtime_s(c: Candidate, link: Link, cfg: PolicyConfig) -> float:
+    """The shortest any action could stop `c` for over `link` (restart skips the checkpoint)."""
+    freeze = min(f.freeze for f in forecasts(c, link, cfg)[1])
     if c.restartable:
-        return link.send_s(min(c.proc.rss_bytes, c.code_size))
-    return link.send_s(c.proc.rss_bytes) + cfg.migration_overhead_s
+        return min(freeze, link.send_s(c.code_size))
+    return freeze
 
 
 @dataclass(frozen=True)
@@ -201,7 +228,8 @@ def _mb(n: float) -> str:
 
 
 def table(e: Estimate) -> list[str]:
-    return [
+    how = [f"strategy: {e.strategy}, frozen {e.downtime_s:.2f} s; forecasts:"] if e.strategy else []
+    return how + [f"  {line}" for line in e.forecasts] + [
         f"transfer: {_mb(e.transfer_bytes)} in {e.transfer_s:.2f} s, cost {e.transfer_cost:.2f}",
         f"expected remaining life: {e.remaining_s:.0f} s",
         f"stay: {e.here_s:.1f} s, cost {e.here_cost:.2f} -> score {e.stay_score:.1f}",
@@ -213,7 +241,8 @@ def table(e: Estimate) -> list[str]:
 
 def describe(e: Estimate, action: Action, target: str, need: float) -> list[str]:
     return [
-        f"{action.value} to {target}: sends {_mb(e.transfer_bytes)} in {e.transfer_s:.2f} s",
+        f"{action.value} to {target}: sends {_mb(e.transfer_bytes)} in {e.transfer_s:.2f} s"
+        + (f" by {e.strategy}, frozen {e.downtime_s:.2f} s" if e.strategy else ""),
         f"runs x{e.speedup:.2f} as fast there: done in {e.there_s:.1f} s instead of "
         f"{e.here_s:.1f} s",
         f"gain {e.gain:.1f} >= required {need:.1f}",

@@ -356,7 +356,7 @@ def _search_candidate(
                 break  # this and every later (slower) target
             k_there = costmodel.effective_speed(t.site, work.wants)
             if costmodel.upper_gain(work, stay, k_here, k_there,
-                                    costmodel.min_transfer_s(c, t.link, cfg),
+                                    costmodel.min_downtime_s(c, t.link, cfg),
                                     t.site.cpu_price / t.site.speed, cfg) < floor:
                 continue  # cannot beat the best so far
         for action in _actions(c, source, t.site.host):

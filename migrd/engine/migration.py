@@ -66,8 +66,11 @@ STOP = threading.Event()
 class Options:
     target: str
     mode: str = "move"
-    #: A name from strategies.STRATEGIES; None: the first available of migrate.strategies.
+    #: A name from strategies.STRATEGIES; None: the first available of `preference`.
     strategy: str | None = None
+    #: Strategies to try in order when none is pinned (the agent's daemon.strategies); empty:
+    #: migrate.strategies.
+    preference: tuple[str, ...] = ()
     with_files: bool = False
     move_address: str | None = None
     tcp_established: bool = False

@@ -350,7 +350,7 @@ def precopy_rounds(run: Migration, pusher: Pusher) -> tuple[list[Round], Decisio
     info = run.info
     m = run.cfg.migrate
     limits = precopy.Limits(max_rounds=m.precopy_rounds, downtime_target=m.downtime_target)
-    fixed = choice.precopy_fixed(info.rss, choice.Rates())
+    fixed = choice.precopy_fixed(info.rss, run.cfg.policy.move_rates)
     pids = info.tree_ids or (info.pid,)
     rounds: list[Round] = []
     while True:
@@ -381,10 +381,11 @@ class Auto(Strategy):
         rate = precopy_mod.sample_dirty_rate(info.tree_ids or (info.pid,), 0.25, 8)
         candidates = [n for n, s in STRATEGIES.items()
                       if not isinstance(s, (Auto, Hybrid)) and s.unavailable(info, opts, run.cfg) is None]
-        situation = choice.Situation(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth_bytes_per_s,
-                                     rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target)
-        name, estimates = choice.choose(candidates, situation)
-        run.j.record("auto", strategy=name, auto_estimates=[e.line() for e in estimates],
+        facts = choice.MoveFacts(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth_bytes_per_s,
+                                 rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target)
+        chosen, forecasts = choice.choose(candidates, facts, run.cfg.policy.move_rates)
+        name = chosen.strategy
+        run.j.record("auto", strategy=name, auto_estimates=[f.line() for f in forecasts],
                      sampled_dirty_rate=round(rate), link_bandwidth=round(link.bandwidth_bytes_per_s),
                      link_rtt=round(link.rtt_s, 5))
         STRATEGIES[name].forward(run, target, progress)
@@ -407,13 +408,13 @@ def recorded(name: str | None, streamed: bool) -> Strategy:
 def choose(info: ProcessInfo, opts: Options, cfg: Config,
            refuses: Callable[[str], str | None] = lambda name: None) -> tuple[Strategy | None, list[str]]:
     """The strategy for this move and why the ones before it were passed over. With
-    `opts.strategy` set only that one is tried, else migrate.strategies in order. refuses: the
-    subject's own word on a strategy (Subject.refuses), asked first."""
+    `opts.strategy` set only that one is tried, else opts.preference or migrate.strategies in
+    order. refuses: the subject's own word on a strategy (Subject.refuses), asked first."""
     if opts.mode == "restart":
         why = refuses("restart")
         return (ALL["restart"], []) if why is None else (None, [f"restart: {why}"])
     skipped = []
-    for name in ((opts.strategy,) if opts.strategy else cfg.migrate.strategies):
+    for name in ((opts.strategy,) if opts.strategy else opts.preference or cfg.migrate.strategies):
         s = STRATEGIES[name]
         why = refuses(name) or s.unavailable(info, opts, cfg)
         if why is None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from migrd.core import binding, precheck
 from migrd.core.precheck import ContainerAsk, ContainerFacts, Request
 from migrd.errors import InputError, JournalCorrupt, MigrdError, NotPermitted
-from migrd.model import ContainerInfo, ProcessInfo, SubjectRef
+from migrd.model import CONTAINER_STRATEGIES, ContainerInfo, ProcessInfo, SubjectRef
 
 if TYPE_CHECKING:  # the target side imports subjects; it must not pay for paramiko
     from migrd.adapters.workloads import Workload
@@ -322,8 +322,8 @@ class RuncContainer(Subject):
     def refuses(self, strategy: str, mode: str) -> str | None:
         if mode != "move":
             return f"a container moves; --mode {mode} is for processes"
-        if strategy != "stop-copy":
-            return "containers move with stop-copy only"
+        if strategy not in CONTAINER_STRATEGIES:
+            return f"containers move with {', '.join(CONTAINER_STRATEGIES)} only"
         return None
 
     def precheck_request(self, req: Request) -> Request:
