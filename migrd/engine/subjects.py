@@ -125,7 +125,8 @@ class Subject(ABC):
 
     @staticmethod
     def target_facts(cfg: Config, ask: ContainerAsk) -> ContainerFacts:
-        """A container's facts here for the precheck (only container subjects are asked)."""
+        """A container's facts here for the precheck: the target asks the subject that a
+        container's ask names as its runtime (a process tree is no runtime, whatever it says)."""
         return ContainerFacts(runtime_ok=False, runtime_message="not a container runtime")
 
     @staticmethod
