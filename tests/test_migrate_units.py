@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from migrd.engine import failpoints
-from migrd.adapters import criu, netaddr, procfs, untrusted
+from migrd.engine import failpoints, target
+from migrd.adapters import criu, netaddr, procfs
 from migrd.core import precheck
 from migrd.config import MigrateSettings
-from migrd.errors import MigrdError
+from migrd.errors import InputError, MigrdError
 from migrd.engine.journal import Journal, summarize
 from migrd.model import FileIdentity, ProcessInfo
 
@@ -138,8 +138,6 @@ def _wire(r: precheck.Request) -> dict:
 
 
 def _through_json(r: precheck.Request) -> precheck.Request:
-    from migrd.engine import target
-
     return target.parse_precheck(_wire(r))
 
 
@@ -168,12 +166,9 @@ def _hostile(**ask_changes: object) -> dict:
     ({"image_id": True}, "key 'ask.image_id': expected a string, got true"),
 ])
 def test_a_hostile_ask_is_refused_with_one_line(ask, message):
-    from migrd.engine import target
-    from migrd.errors import InputError
-
     with pytest.raises(InputError) as e:
         target.parse_precheck(_hostile(**ask))
-    assert str(e.value) == f"precheck request: {message}" and "\n" not in str(e.value)
+    assert str(e.value) == f"precheck request: {message}"
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -187,17 +182,19 @@ def test_a_hostile_ask_is_refused_with_one_line(ask, message):
       "files": [["/a", "big"]]}, "key 'ask.files[0][1]': expected an integer, got 'big'"),
 ])
 def test_a_malformed_ask_is_refused_with_one_line(raw, message):
-    from migrd.engine import target
-    from migrd.errors import InputError
+    with pytest.raises(InputError) as e:
+        target.parse_precheck(_wire(req()) | {"ask": raw})
+    assert str(e.value) == f"precheck request: {message}"
 
-    d = _wire(req()) | {"ask": raw}
-    with pytest.raises(InputError, match="^precheck request: " + message.replace("[", r"\[").replace("]", r"\]") + "$"):
-        target.parse_precheck(d)
+
+def test_a_cpuinfo_that_is_not_base64_is_refused_with_one_line():
+    with pytest.raises(InputError) as e:
+        target.parse_precheck(_wire(req(cpuinfo="A=")))
+    assert str(e.value) == "precheck request: key 'cpuinfo': not base64"
 
 
 def test_the_target_gathers_facts_by_the_kind_of_ask(tmp_path):
     from migrd.config import Config
-    from migrd.engine import target
 
     cfg = Config()
     unknown = target.subject_facts(precheck.ContainerAsk("web", "lxc", "busybox", "d1"), cfg, "move")

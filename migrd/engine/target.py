@@ -69,7 +69,7 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
             criu_ok, criu_msg = criu.check()
             if criu_ok and req.cpuinfo:
                 with tempfile.TemporaryDirectory(prefix="migrd-cpuinfo-") as tmp:
-                    Path(tmp, "cpuinfo.img").write_bytes(_cpuinfo(req.cpuinfo))
+                    Path(tmp, "cpuinfo.img").write_bytes(base64.b64decode(req.cpuinfo))
                     try:
                         criu.cpuinfo_check(Path(tmp), Path(tmp) / "check.log")
                     except MigrdError as e:
@@ -90,13 +90,6 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
         incoming_exists=incoming(cfg, req.id).exists(),
         subject=subject_facts(req.ask, cfg, req.mode),
     )
-
-
-def _cpuinfo(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        raise InputError("precheck request: key 'cpuinfo': not base64") from None
 
 
 @functools.singledispatch
@@ -135,7 +128,13 @@ def _container_facts(ask: precheck.ContainerAsk, cfg: Config, mode: str) -> prec
 
 def parse_precheck(raw: Any) -> precheck.Request:
     """The source's precheck request, every type checked (InputError naming what is wrong)."""
-    return untrusted.build(precheck.Request, raw, InputError, "precheck request")
+    req = untrusted.build(precheck.Request, raw, InputError, "precheck request")
+    if req.cpuinfo is not None:
+        try:
+            base64.b64decode(req.cpuinfo, validate=True)
+        except ValueError:
+            raise InputError("precheck request: key 'cpuinfo': not base64") from None
+    return req
 
 
 def run_precheck(cfg: Config, raw: Any) -> dict[str, Any]:
