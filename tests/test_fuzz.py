@@ -9,6 +9,7 @@ and the receiver leaves nothing behind when it refuses.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -24,7 +25,8 @@ from migrd import model
 from migrd.agent import admin, loop as agent
 from migrd import config
 from migrd.adapters import exchange, untrusted
-from migrd.engine import manifest, migration as migrate, receive
+from migrd.core import precheck
+from migrd.engine import manifest, migration as migrate, receive, target
 from migrd.errors import ConfigError, ImageError, InputError, JournalCorrupt, MigrdError
 from migrd.engine.journal import Journal, summarize
 from test_policy import host
@@ -242,6 +244,34 @@ def test_admin_request_parser(line: bytes) -> None:
     # Whatever the handler does, every request gets an answer.
     for handler in (agent.parse_request, bug):
         assert admin.answer(handler, line)["ok"] in (True, False)
+
+
+# --------------------------------------------------------------------------- precheck requests
+
+def _precheck_request(ask: precheck.Ask) -> Any:
+    return json.loads(json.dumps(dataclasses.asdict(precheck.Request(
+        id="m1", mode="move", rss=1 << 20, ports=(80,), carry=("/tmp/x",), with_files=True,
+        move_address=None, headroom=1.2, ask=ask, cpuinfo="AA=="))))
+
+
+GOOD_PRECHECKS = (
+    _precheck_request(precheck.ProcessAsk(pid=42, start_time=1.0, tree_ids=(42, 43), own_pid_namespace=False,
+                                          files=(("/tmp/x", 5),),
+                                          identities={"/tmp/x": model.FileIdentity(1, 2, 5, "ab")})),
+    _precheck_request(precheck.ContainerAsk("web", "podman", "busybox", "d1", "abc")),
+)
+
+
+@given(st.sampled_from(GOOD_PRECHECKS).flatmap(documents))
+def test_precheck_request_parser(data: bytes) -> None:
+    """The target's reading of the source's request: one line naming what is wrong, or a
+    request whose ask is one whole kind of ask."""
+    try:
+        req = target.parse_precheck(untrusted.loads(data, InputError, "precheck request"))
+    except InputError as e:
+        assert str(e).startswith("precheck request: ") and "\n" not in str(e)
+        return
+    assert isinstance(req.ask, (precheck.ProcessAsk, precheck.ContainerAsk))
 
 
 # --------------------------------------------------------------------------- receive stream

@@ -131,6 +131,32 @@ def test_not_opted_in_and_bad_input_change_nothing(mig, run_in, tmp_path, counte
         psutil.Process(plain).kill()
 
 
+def test_pids_held_on_the_target_are_refused_by_precheck(mig, run_in, bed, tmp_path):
+    """A process outside its own PID namespace needs its PIDs there. The bed's hosts share one
+    PID space, so a clone finds them held by the source itself and is refused; a move is not,
+    since the dump frees them (the target tells the very process by its start time)."""
+    out = tmp_path / "plain"
+    etc = bed.host("host1").dir / "etc"
+    cfg = config_mod.parse((etc / "migrd.yaml").read_text())
+    cfg = dataclasses.replace(cfg, migrate=dataclasses.replace(cfg.migrate, allow_commands=(str(out) + "$",)))
+    (etc / "allow-plain.yaml").write_text(config_mod.dump(cfg))
+    env = {"MIGRD_CONFIG": "/etc/migrd/allow-plain.yaml"}
+    r = run_in("host1", "sh", "-c", 'setsid "$0" -c "$1" "$2" </dev/null >/dev/null 2>&1 & echo $!',
+               PY, COUNTER, str(out))
+    plain = int(r.stdout)
+    try:
+        wait_for(lambda: read_counts(out), what="plain process")
+        clone = mig("host1", "migrate", plain, "--to", "host2", "--mode", "clone", "--dry-run", check=False, env=env)
+        assert clone.returncode == 10 and f"PID {plain} is taken on the target by ".encode() in clone.stderr, \
+            clone.stderr
+        moved = jrun(mig, "host1", "migrate", plain, "--to", "host2", "--dry-run", env=env)
+        assert moved["dry_run"]
+        continues(out, 3)
+        assert copies(str(out)) == [plain]
+    finally:
+        psutil.Process(plain).kill()
+
+
 def test_clone_leaves_two_copies_both_counting(mig, counter):
     """Both copies run on after a clone: neither is left stopped, and both count. They append
     to the same file from the dumped value on, so two running copies write every new value

@@ -9,25 +9,38 @@ import time
 
 import pytest
 
-from migrd.engine import failpoints
-from migrd.adapters import criu, netaddr, procfs, untrusted
+from migrd.engine import failpoints, target
+from migrd.adapters import criu, netaddr, procfs
 from migrd.core import precheck
 from migrd.config import MigrateSettings
-from migrd.errors import MigrdError
+from migrd.errors import InputError, MigrdError
 from migrd.engine.journal import Journal, summarize
 from migrd.model import FileIdentity, ProcessInfo
 
 
+ASK_KEYS = {f.name for f in dataclasses.fields(precheck.ProcessAsk)}
+PROCESS_FACT_KEYS = {f.name for f in dataclasses.fields(precheck.ProcessFacts)}
+
+
 def req(**kw) -> precheck.Request:
-    base = dict(id="m1", mode="move", pid=10, start_time=1.0, rss=100 << 20, tree_ids=(10,),
-                own_pid_namespace=False, ports=(8080,), files=(("/srv/d", 5),), carry=(),
-                with_files=False, move_address=None, headroom=1.2)
+    """A process tree's request; keys of its ask go into the ask."""
+    ask = dict(pid=10, start_time=1.0, tree_ids=(10,), own_pid_namespace=False, files=(("/srv/d", 5),))
+    ask.update({k: kw.pop(k) for k in list(kw) if k in ASK_KEYS})
+    base = dict(id="m1", mode="move", rss=100 << 20, ports=(8080,), carry=(), with_files=False,
+                move_address=None, headroom=1.2, ask=precheck.ProcessAsk(**ask))
     base.update(kw)
     return precheck.Request(**base)
 
 
+def facts_with(base: precheck.TargetFacts, **kw) -> precheck.TargetFacts:
+    """base with kw replaced; keys of the process facts go into those."""
+    sub = {k: kw.pop(k) for k in list(kw) if k in PROCESS_FACT_KEYS}
+    return dataclasses.replace(base, subject=dataclasses.replace(base.subject, **sub), **kw)
+
+
 GOOD = precheck.TargetFacts(criu_ok=True, criu_message="", cpu_ok=True, cpu_message="",
-                            mem_available=8 << 30, disk_free=8 << 30, files={"/srv/d": 5})
+                            mem_available=8 << 30, disk_free=8 << 30,
+                            subject=precheck.ProcessFacts(files={"/srv/d": 5}))
 
 
 def test_journal_ids_sort_by_start_time():
@@ -44,7 +57,7 @@ def test_all_good_means_go():
 
 
 def test_every_problem_is_named_at_once():
-    facts = dataclasses.replace(GOOD, criu_ok=False, criu_message="criu check failed", cpu_ok=False,
+    facts = facts_with(GOOD, criu_ok=False, criu_message="criu check failed", cpu_ok=False,
                                 cpu_message="no avx512", mem_available=1 << 20, disk_free=1 << 20,
                                 pids_taken={10: "sleep (sleeping)"}, ports_taken=(8080,),
                                 files={"/srv/d": None}, incoming_exists=True)
@@ -55,12 +68,12 @@ def test_every_problem_is_named_at_once():
 
 
 def test_own_pid_namespace_ignores_taken_pids_and_carried_files_are_not_required():
-    facts = dataclasses.replace(GOOD, pids_taken={10: "x"}, files={"/srv/d": None})
+    facts = facts_with(GOOD, pids_taken={10: "x"}, files={"/srv/d": None})
     assert precheck.evaluate(req(own_pid_namespace=True, carry=("/srv/d",)), facts) == []
 
 
 def test_open_file_with_other_size_needs_with_files():
-    facts = dataclasses.replace(GOOD, files={"/srv/d": 6})
+    facts = facts_with(GOOD, files={"/srv/d": 6})
     assert "has size 6 on the target, 5 here" in precheck.evaluate(req(), facts)[0]
 
 
@@ -70,7 +83,7 @@ LOG = FileIdentity(fsid=7, inode=42, size=5, digest="ab")
 def test_shared_growing_file_is_left_to_criu():
     """Same filesystem and inode there, the bytes read here there too: the file grew on shared
     storage between the two looks; CRIU checks its size after the freeze."""
-    grown = dataclasses.replace(GOOD, files={"/srv/d": 6}, identities={"/srv/d": LOG})
+    grown = facts_with(GOOD, files={"/srv/d": 6}, identities={"/srv/d": LOG})
     assert precheck.evaluate(req(identities={"/srv/d": LOG}), grown) == []
     assert precheck.shared(LOG, LOG) and not precheck.shared(LOG, None) and not precheck.shared(None, None)
 
@@ -80,21 +93,21 @@ def test_look_alike_files_are_not_shared():
     file rewritten or cut short): the sizes must match as before."""
     for other in (dataclasses.replace(LOG, inode=43), dataclasses.replace(LOG, fsid=8),
                   dataclasses.replace(LOG, digest="cd"), dataclasses.replace(LOG, digest=""), None):
-        facts = dataclasses.replace(GOOD, files={"/srv/d": 6}, identities={"/srv/d": other})
+        facts = facts_with(GOOD, files={"/srv/d": 6}, identities={"/srv/d": other})
         assert "has size 6 on the target, 5 here" in precheck.evaluate(req(identities={"/srv/d": LOG}), facts)[0]
 
 
 def test_a_file_the_target_may_see_already_is_never_copied_onto_itself():
     carried = req(identities={"/srv/d": LOG}, carry=("/srv/d",), with_files=True)
-    same = dataclasses.replace(GOOD, identities={"/srv/d": LOG})
+    same = facts_with(GOOD, identities={"/srv/d": LOG})
     assert precheck.not_to_copy(carried, same) == ("/srv/d",) and precheck.evaluate(carried, same) == []
     # Same inode, other bytes: copying would overwrite what may be the very file: refused.
-    rewritten = dataclasses.replace(same, files={"/srv/d": 6},
-                                    identities={"/srv/d": dataclasses.replace(LOG, digest="cd")})
+    rewritten = facts_with(same, files={"/srv/d": 6},
+                           identities={"/srv/d": dataclasses.replace(LOG, digest="cd")})
     assert precheck.not_to_copy(carried, rewritten) == ("/srv/d",)
     assert "would overwrite it" in precheck.evaluate(carried, rewritten)[0]
     # Another file there: copied as asked.
-    other = dataclasses.replace(GOOD, files={"/srv/d": None}, identities={"/srv/d": None})
+    other = facts_with(GOOD, files={"/srv/d": None}, identities={"/srv/d": None})
     assert precheck.not_to_copy(carried, other) == () and precheck.evaluate(carried, other) == []
 
 
@@ -119,19 +132,93 @@ def test_file_identity_follows_the_file_not_its_name(tmp_path):
     assert procfs.file_identity(str(tmp_path / "absent")) is None
 
 
-def test_precheck_request_round_trips_through_json():
+def _wire(r: precheck.Request) -> dict:
+    """The request as the target reads it."""
+    return json.loads(json.dumps(dataclasses.asdict(r)))
+
+
+def _through_json(r: precheck.Request) -> precheck.Request:
+    return target.parse_precheck(_wire(r))
+
+
+def test_each_ask_round_trips_through_json():
     r = req(identities={"/srv/d": LOG}, cpuinfo="AA==")
-    assert untrusted.build(precheck.Request, json.loads(json.dumps(dataclasses.asdict(r))),
-                           MigrdError, "request") == r
+    assert _through_json(r) == r and isinstance(_through_json(r).ask, precheck.ProcessAsk)
+    c = req(ask=precheck.ContainerAsk("web", "podman", "busybox", "d1", "abc"))
+    assert _through_json(c) == c and isinstance(_through_json(c).ask, precheck.ContainerAsk)
+
+
+def _hostile(**ask_changes: object) -> dict:
+    """A container's request with ask_changes made to its ask."""
+    d = _wire(req(ask=precheck.ContainerAsk("web", "runc", "busybox", "d1")))
+    d["ask"].update(ask_changes)
+    return d
+
+
+@pytest.mark.parametrize("ask, message", [
+    ({"kind": "vm"}, "key 'ask.kind': expected one of 'process', 'container', got 'vm'"),
+    ({"kind": ["container"]}, "key 'ask.kind': expected one of 'process', 'container', got a list"),
+    ({"kind": None}, "key 'ask.kind': expected one of 'process', 'container', got null"),
+    ({"pid": 1}, "key 'ask.pid' does not belong to kind 'container'"),
+    ({"kind": "process", "pid": 1, "start_time": 0, "tree_ids": [1], "own_pid_namespace": False,
+      "files": []}, "key 'ask.image' does not belong to kind 'process'"),
+    ({"name": 7}, "key 'ask.name': expected a string, got 7"),
+    ({"image_id": True}, "key 'ask.image_id': expected a string, got true"),
+])
+def test_a_hostile_ask_is_refused_with_one_line(ask, message):
+    with pytest.raises(InputError) as e:
+        target.parse_precheck(_hostile(**ask))
+    assert str(e.value) == f"precheck request: {message}"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"kind": "process"}, "key 'ask.pid' is missing"),
+    ({"pid": 1}, "key 'ask.kind' is missing"),
+    ([], "key 'ask': expected an object, got a list"),
+    (None, "key 'ask': expected an object, got null"),
+    ({"kind": "process", "pid": "1", "start_time": 0, "tree_ids": [], "own_pid_namespace": False, "files": []},
+     "key 'ask.pid': expected an integer, got '1'"),
+    ({"kind": "process", "pid": 1, "start_time": 0, "tree_ids": [], "own_pid_namespace": False,
+      "files": [["/a", "big"]]}, "key 'ask.files[0][1]': expected an integer, got 'big'"),
+])
+def test_a_malformed_ask_is_refused_with_one_line(raw, message):
+    with pytest.raises(InputError) as e:
+        target.parse_precheck(_wire(req()) | {"ask": raw})
+    assert str(e.value) == f"precheck request: {message}"
+
+
+def test_a_cpuinfo_that_is_not_base64_is_refused_with_one_line():
+    with pytest.raises(InputError) as e:
+        target.parse_precheck(_wire(req(cpuinfo="A=")))
+    assert str(e.value) == "precheck request: key 'cpuinfo': not base64"
+
+
+def test_the_target_gathers_facts_by_the_kind_of_ask(tmp_path):
+    from migrd.config import Config
+
+    cfg = Config()
+    unknown = target.subject_facts(precheck.ContainerAsk("web", "lxc", "busybox", "d1"), cfg, "move")
+    assert unknown == precheck.ContainerFacts(runtime_ok=False, runtime_message="unknown runtime 'lxc'")
+    # A process tree is no container runtime, whatever the request says.
+    assert not target.subject_facts(precheck.ContainerAsk("web", "process", "busybox", "d1"), cfg, "move").runtime_ok
+    held = tmp_path / "held"
+    held.write_bytes(b"12345")
+    me = os.getpid()
+    ask = precheck.ProcessAsk(pid=me, start_time=procfs.start_time(me), tree_ids=(me,), own_pid_namespace=False,
+                              files=((str(held), 5), (str(tmp_path / "absent"), 1)))
+    moved = target.subject_facts(ask, cfg, "move")
+    # This very process holds its PIDs here (hosts sharing one PID space): free once it moved.
+    assert moved == precheck.ProcessFacts(files={str(held): 5, str(tmp_path / "absent"): None})
+    assert me in target.subject_facts(ask, cfg, "clone").pids_taken
 
 
 def test_restart_mode_needs_no_criu():
-    facts = dataclasses.replace(GOOD, criu_ok=False, cpu_ok=False, disk_free=0)
+    facts = facts_with(GOOD, criu_ok=False, cpu_ok=False, disk_free=0)
     assert precheck.evaluate(req(mode="restart"), facts) == []
 
 
 def test_move_address_must_be_free_and_routable_on_target():
-    facts = dataclasses.replace(GOOD, address_present=True, address_interface=None)
+    facts = facts_with(GOOD, address_present=True, address_interface=None)
     problems = precheck.evaluate(req(move_address="198.18.0.100/24"), facts)
     assert len(problems) == 2
 

@@ -179,30 +179,33 @@ def test_apply_never_writes_through_a_link_out_of_the_rootfs(tmp_path):
 INFO = ProcessInfo(pid=10, cmdline=("sh",), exe="/bin/busybox", cwd="/", uid=0, rss=1 << 20,
                    start_time=1.0, own_pid_namespace=True, tree_ids=(10, 11))
 CT = ContainerInfo("web", "runc", "busybox", "d1", "/b/web", {}, True)
-REQ = precheck.Request(id="m", mode="move", pid=10, start_time=1.0, rss=1 << 20, tree_ids=(10, 11),
-                       own_pid_namespace=True, ports=(), files=(("/data/x", 1),), carry=(), with_files=False,
-                       move_address=None, headroom=1.2)
 FACTS = precheck.TargetFacts(criu_ok=True, criu_message="", cpu_ok=True, cpu_message="",
                              mem_available=1 << 30, disk_free=1 << 30)
 
 
-def test_container_request_leaves_out_host_pids_and_files():
-    req = RuncContainer(INFO, CT).precheck_request(REQ)
-    assert req.tree_ids == () and req.files == ()
-    assert req.container == precheck.ContainerAsk("web", "runc", "busybox", "d1")
+def container_request(ask: precheck.Ask) -> precheck.Request:
+    return precheck.Request(id="m", mode="move", rss=1 << 20, ports=(), carry=(), with_files=False,
+                            move_address=None, headroom=1.2, ask=ask)
+
+
+def test_container_asks_for_its_runtime_image_and_name_not_host_pids_and_files():
+    assert RuncContainer(INFO, CT).precheck_ask() == precheck.ContainerAsk("web", "runc", "busybox", "d1")
 
 
 def test_container_precheck_refusals():
-    req = RuncContainer(INFO, CT).precheck_request(REQ)
+    req = container_request(RuncContainer(INFO, CT).precheck_ask())
     ok = precheck.ContainerFacts(runtime_ok=True, image_digest="d1")
-    assert precheck.evaluate(req, dataclasses.replace(FACTS, container=ok)) == []
+    assert precheck.evaluate(req, dataclasses.replace(FACTS, subject=ok)) == []
     bad = precheck.ContainerFacts(runtime_ok=False, runtime_message="no runc", image_digest="other",
                                   name_taken=True, loopback_up=False)
-    problems = precheck.evaluate(req, dataclasses.replace(FACTS, container=bad))
+    problems = precheck.evaluate(req, dataclasses.replace(FACTS, subject=bad))
     assert len(problems) == 4 and "differs" in problems[1] and "exists on the target" in problems[2]
-    missing = precheck.evaluate(req, dataclasses.replace(FACTS, container=precheck.ContainerFacts(runtime_ok=True)))
+    missing = precheck.evaluate(req, dataclasses.replace(FACTS, subject=precheck.ContainerFacts(runtime_ok=True)))
     assert missing == ["image busybox is not on the target (run `make setup` there)"]
     assert precheck.evaluate(req, FACTS) == ["the target did not check container web"]
+    # Facts of the other kind of subject are no check of this one.
+    assert precheck.evaluate(req, dataclasses.replace(FACTS, subject=precheck.ProcessFacts())) == [
+        "the target did not check container web"]
 
 
 def test_container_moves_by_stop_copy_only():
@@ -226,10 +229,11 @@ def test_podman_needs_the_very_image_id_there():
     from migrd.engine.subjects import PodmanContainer
 
     ct = dataclasses.replace(CT, runtime="podman", image_id="abc")
-    req = PodmanContainer(INFO, ct).precheck_request(REQ)
-    assert req.container == precheck.ContainerAsk("web", "podman", "busybox", "d1", "abc")
+    ask = PodmanContainer(INFO, ct).precheck_ask()
+    assert ask == precheck.ContainerAsk("web", "podman", "busybox", "d1", "abc")
+    req = container_request(ask)
     same = precheck.ContainerFacts(runtime_ok=True, image_digest="d1", image_id="abc")
-    assert precheck.evaluate(req, dataclasses.replace(FACTS, container=same)) == []
+    assert precheck.evaluate(req, dataclasses.replace(FACTS, subject=same)) == []
     other = dataclasses.replace(same, image_id="def")
-    assert precheck.evaluate(req, dataclasses.replace(FACTS, container=other)) == [
+    assert precheck.evaluate(req, dataclasses.replace(FACTS, subject=other)) == [
         "podman's image busybox on the target has another ID than the source's"]

@@ -5,7 +5,8 @@ becomes the reader's own documented error naming the file or peer, never a TypeE
 RecursionError out of the middle of the agent.
 
 Unknown keys are ignored: a newer migrd may add fields, and an older reader must still read
-what it knows. A known key of the wrong type is an error.
+what it knows. A known key of the wrong type is an error, and so is, in one of several kinds of
+object, a key of another kind.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class _Shape(Exception):
 def build(tp: Any, value: Any, error: type[MigrdError], origin: str) -> Any:
     """`value` (parsed JSON) as type `tp`: a dataclass (from an object; unknown keys ignored,
     missing keys without a default refused), int, float (finite), str, bool, Any, Literal,
-    X | None, tuple[X, ...], tuple[X, Y], list[X], dict[str, X]. Raises `error` naming the
-    key path."""
+    X | None, a union of dataclasses told apart by a `kind: Literal["..."]` field each,
+    tuple[X, ...], tuple[X, Y], list[X], dict[str, X]. Raises `error` naming the key path."""
     try:
         return _build(tp, value, "")
     except _Shape as e:
@@ -81,9 +82,9 @@ def _build(tp: Any, value: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if len(inner) != 1:
-            raise TypeError(f"unsupported union {tp}")
-        return _build(inner[0], value, path)
+        if len(inner) == 1:
+            return _build(inner[0], value, path)
+        return _build_tagged(inner, value, path)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Shape(f"{_what(path)}: expected an object, got {_kind(value)}")
@@ -130,6 +131,36 @@ def _build(tp: Any, value: Any, path: str) -> Any:
             raise _Shape(f"{_what(path)}: expected a string, got {short(value)}")
         return value
     raise TypeError(f"unsupported type {tp}")  # a migrd bug, not bad input
+
+
+def _tag(tp: Any) -> str:
+    """The one value of a tagged union member's `kind: Literal[...]` field."""
+    hint = typing.get_type_hints(tp).get("kind") if dataclasses.is_dataclass(tp) else None
+    if typing.get_origin(hint) is not Literal or len(typing.get_args(hint)) != 1:
+        raise TypeError(f"unsupported union member {tp}: no kind field")  # a migrd bug, not bad input
+    return typing.get_args(hint)[0]
+
+
+def _build_tagged(members: list[Any], value: Any, path: str) -> Any:
+    """One of several dataclasses, the one its `kind` names. A key that belongs to another
+    member and not to this one is refused: such an object is none of them, and guessing which
+    one was meant would act on a mixture."""
+    by_kind = {_tag(m): m for m in members}
+    if not isinstance(value, dict):
+        raise _Shape(f"{_what(path)}: expected an object, got {_kind(value)}")
+    kind_path = f"{path}.kind" if path else "kind"
+    if "kind" not in value:
+        raise _Shape(f"{_what(kind_path)} is missing")
+    kind = value["kind"]
+    if not isinstance(kind, str) or kind not in by_kind:
+        raise _Shape(f"{_what(kind_path)}: expected one of {', '.join(map(repr, by_kind))}, got {short(kind)}")
+    tp = by_kind[kind]
+    own = {f.name for f in dataclasses.fields(tp)}
+    foreign = sorted(({f.name for m in members for f in dataclasses.fields(m)} - own) & value.keys())
+    if foreign:
+        key = f"{path}.{foreign[0]}" if path else foreign[0]
+        raise _Shape(f"{_what(key)} does not belong to kind {kind!r}")
+    return _build(tp, value, path)
 
 
 def _kind(value: Any) -> str:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import select
 import sys
+from typing import Any
 
 import click
 
+from migrd.adapters import untrusted
 from migrd.engine import target as peer_mod
+from migrd.errors import InputError
 from migrd.engine.receive import COMPRESSIONS
 from migrd.cli.common import json_option, load_config
 
@@ -22,14 +25,15 @@ def peer() -> None:
     """Target-side steps of a migration (run by the source over SSH)."""
 
 
-def _stdin_json() -> dict:
-    return json.loads(sys.stdin.read() or "{}")
+def _stdin_json(origin: str) -> Any:
+    """The source's JSON on stdin; InputError (one line naming origin) for junk or deep nesting."""
+    return untrusted.loads(sys.stdin.read() or "{}", InputError, origin)
 
 
 @peer.command("precheck")
 @json_option
 def peer_precheck(as_json: bool) -> None:
-    click.echo(json.dumps(peer_mod.run_precheck(load_config(), _stdin_json())))
+    click.echo(json.dumps(peer_mod.run_precheck(load_config(), _stdin_json("precheck request"))))
 
 
 @peer.command("restore")
@@ -113,7 +117,7 @@ def peer_files(as_json: bool) -> None:
 @click.argument("mid")
 @json_option
 def peer_start(mid: str, as_json: bool) -> None:
-    click.echo(json.dumps(peer_mod.start(load_config(), mid, _stdin_json())))
+    click.echo(json.dumps(peer_mod.start(load_config(), mid, _stdin_json("start request"))))
 
 
 @peer.command("status")

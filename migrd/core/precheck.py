@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 from migrd.config import MigrateSettings
 from migrd.model import FileIdentity, ProcessInfo
@@ -17,15 +18,16 @@ MODES = ("move", "clone", "restart")
 
 
 @dataclass(frozen=True)
-class ContainerAsk:
-    """A container's part of a precheck request."""
+class ProcessFacts:
+    """What the target found for a process tree's ask."""
 
-    name: str
-    runtime: str
-    image: str
-    image_digest: str
-    #: The runtime's image ID, when restoring needs the very same one (Podman).
-    image_id: str = ""
+    #: PID -> description, for PIDs held by processes other than the one being moved.
+    pids_taken: dict[int, str] = field(default_factory=dict)
+    #: path -> size on the target (None: absent).
+    files: dict[str, int | None] = field(default_factory=dict)
+    #: path -> identity on the target over the source's size (None: absent, unreadable or
+    #: shorter), for the paths in ProcessAsk.identities.
+    identities: dict[str, FileIdentity | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -41,31 +43,117 @@ class ContainerFacts:
     loopback_up: bool = True
 
 
+SubjectFacts = ProcessFacts | ContainerFacts
+
+
+@dataclass(frozen=True)
+class ProcessAsk:
+    """A process tree's part of a precheck request: its PIDs and the files it holds open."""
+
+    #: The tree's root and its start time: only to tell whether this very process is the one
+    #: holding its PIDs on the target (hosts sharing one PID space).
+    pid: int
+    start_time: float
+    tree_ids: tuple[int, ...]
+    own_pid_namespace: bool
+    #: (path, size) of regular files the process has open.
+    files: tuple[tuple[str, int | None], ...]
+    #: path -> identity here, for the open files whose identity could be taken.
+    identities: dict[str, FileIdentity] = field(default_factory=dict)
+    kind: Literal["process"] = "process"
+
+    def problems(self, req: Request, facts: SubjectFacts | None) -> list[str]:
+        if not isinstance(facts, ProcessFacts):
+            return [f"the target did not check the process tree of PID {self.pid}"]
+        out = []
+        if req.needs_criu and not self.own_pid_namespace and facts.pids_taken:
+            pid, who = sorted(facts.pids_taken.items())[0]
+            out.append(f"PID {pid} is taken on the target by {who} (the process needs its PIDs; "
+                       f"start workloads with `migrctl run` to avoid this)")
+        for path, size in self.files:
+            there = facts.files.get(path)
+            here_id, there_id = self.identities.get(path), facts.identities.get(path)
+            if shared(here_id, there_id):
+                continue
+            if path in req.carry:
+                if same_inode(here_id, there_id):
+                    out.append(f"open file {path} has the same filesystem and inode on the target "
+                               f"but other contents; copying it there would overwrite it")
+                continue
+            if there is None:
+                out.append(f"open file {path} does not exist on the target (use --with-files)")
+            elif size is not None and there != size:
+                out.append(f"open file {path} has size {there} on the target, {size} here "
+                           f"(use --with-files)")
+        return out
+
+    def not_to_copy(self, carry: tuple[str, ...], facts: SubjectFacts | None) -> tuple[str, ...]:
+        if not isinstance(facts, ProcessFacts):
+            return ()
+        return tuple(p for p in carry if same_inode(self.identities.get(p), facts.identities.get(p)))
+
+
+@dataclass(frozen=True)
+class ContainerAsk:
+    """A container's part of a precheck request. Its files and PIDs live in its own rootfs and
+    PID namespace, not the host's: the target checks its runtime, image and name instead."""
+
+    name: str
+    #: The runtime, which is also the kind of subject (migrd.engine.subjects) checking it there.
+    runtime: str
+    image: str
+    image_digest: str
+    #: The runtime's image ID, when restoring needs the very same one (Podman).
+    image_id: str = ""
+    kind: Literal["container"] = "container"
+
+    def problems(self, req: Request, facts: SubjectFacts | None) -> list[str]:
+        if not isinstance(facts, ContainerFacts):
+            return [f"the target did not check container {self.name}"]
+        out = []
+        if not facts.runtime_ok:
+            out.append(f"{self.runtime} does not work with CRIU on the target: {facts.runtime_message}")
+        if facts.image_digest is None:
+            out.append(f"image {self.image} is not on the target (run `make setup` there)")
+        elif facts.image_digest != self.image_digest:
+            out.append(f"image {self.image} on the target differs from the source's")
+        elif self.image_id and facts.image_id != self.image_id:
+            out.append(f"{self.runtime}'s image {self.image} on the target has another ID than the source's")
+        if facts.name_taken:
+            out.append(f"a container named {self.name} exists on the target")
+        if not facts.loopback_up:
+            out.append("the loopback interface is down on the target (CRIU's TCP repair check needs it)")
+        return out
+
+    def not_to_copy(self, carry: tuple[str, ...], facts: SubjectFacts | None) -> tuple[str, ...]:
+        return ()  # its files travel as rootfs changes, never as carried files
+
+
+#: A subject's own part of a precheck request (in JSON, told apart by `kind`).
+Ask = ProcessAsk | ContainerAsk
+
+
 @dataclass(frozen=True)
 class Request:
-    """What the source asks the target to check (sent as JSON)."""
+    """What the source asks the target to check (sent as JSON): what every move needs, and
+    the subject's own ask."""
 
     id: str
     mode: str
-    pid: int
-    start_time: float
     rss: int
-    tree_ids: tuple[int, ...]
-    own_pid_namespace: bool
     ports: tuple[int, ...]
-    #: (path, size) of regular files the process has open.
-    files: tuple[tuple[str, int | None], ...]
-    #: Of those, the ones the migration copies to the target itself.
+    #: The open files the migration copies to the target itself.
     carry: tuple[str, ...]
     with_files: bool
     move_address: str | None
     headroom: float
+    ask: Ask
     #: base64 of `criu cpuinfo dump`'s cpuinfo.img (None for restart mode).
     cpuinfo: str | None = None
-    #: path -> identity here, for the open files whose identity could be taken.
-    identities: dict[str, FileIdentity] = field(default_factory=dict)
-    #: Set when the subject is a container.
-    container: ContainerAsk | None = None
+
+    @property
+    def needs_criu(self) -> bool:
+        return self.mode in ("move", "clone")
 
 
 @dataclass(frozen=True)
@@ -78,18 +166,12 @@ class TargetFacts:
     disk_free: int
     #: The directory whose filesystem disk_free measures (where the images will land).
     disk_path: str = ""
-    #: PID -> description, for PIDs held by processes other than the one being moved.
-    pids_taken: dict[int, str] = field(default_factory=dict)
     ports_taken: tuple[int, ...] = ()
-    #: path -> size on the target (None: absent).
-    files: dict[str, int | None] = field(default_factory=dict)
-    #: path -> identity on the target over the source's size (None: absent, unreadable or
-    #: shorter), for the paths in Request.identities.
-    identities: dict[str, FileIdentity | None] = field(default_factory=dict)
     address_present: bool = False
     address_interface: str | None = None
     incoming_exists: bool = False
-    container: ContainerFacts | None = None
+    #: The facts for the request's ask (None: not gathered).
+    subject: SubjectFacts | None = None
 
 
 def opt_in(settings: MigrateSettings, info: ProcessInfo, user: str, cgroups: list[str],
@@ -130,69 +212,28 @@ def shared(here: FileIdentity | None, there: FileIdentity | None) -> bool:
 
 def not_to_copy(req: Request, facts: TargetFacts) -> tuple[str, ...]:
     """The carried files that must not be copied, because the target may see them already."""
-    return tuple(p for p in req.carry
-                 if same_inode(req.identities.get(p), facts.identities.get(p)))
-
-
-def _container_problems(ask: ContainerAsk | None, facts: ContainerFacts | None) -> list[str]:
-    if ask is None:
-        return []
-    if facts is None:
-        return [f"the target did not check container {ask.name}"]
-    out = []
-    if not facts.runtime_ok:
-        out.append(f"{ask.runtime} does not work with CRIU on the target: {facts.runtime_message}")
-    if facts.image_digest is None:
-        out.append(f"image {ask.image} is not on the target (run `make setup` there)")
-    elif facts.image_digest != ask.image_digest:
-        out.append(f"image {ask.image} on the target differs from the source's")
-    elif ask.image_id and facts.image_id != ask.image_id:
-        out.append(f"{ask.runtime}'s image {ask.image} on the target has another ID than the source's")
-    if facts.name_taken:
-        out.append(f"a container named {ask.name} exists on the target")
-    if not facts.loopback_up:
-        out.append("the loopback interface is down on the target (CRIU's TCP repair check needs it)")
-    return out
+    return req.ask.not_to_copy(req.carry, facts.subject)
 
 
 def evaluate(req: Request, facts: TargetFacts) -> list[str]:
     """Every reason the migration would fail on this target; empty means go."""
-    problems: list[str] = _container_problems(req.container, facts.container)
-    needs_criu = req.mode in ("move", "clone")
-    if needs_criu and not facts.criu_ok:
+    problems: list[str] = []
+    if req.needs_criu and not facts.criu_ok:
         problems.append(f"CRIU does not work on the target: {facts.criu_message}")
-    if needs_criu and not facts.cpu_ok:
+    if req.needs_criu and not facts.cpu_ok:
         problems.append(f"CPU not compatible with the source: {facts.cpu_message}")
     need = int(req.rss * req.headroom)
     if facts.mem_available < need:
         problems.append(f"target has {facts.mem_available >> 20} MiB memory available, "
                         f"needs {need >> 20} MiB")
-    if needs_criu and facts.disk_free < need:
+    if req.needs_criu and facts.disk_free < need:
         where = f" in {facts.disk_path}" if facts.disk_path else ""
         problems.append(f"target has {facts.disk_free >> 20} MiB free disk{where} for images, "
                         f"needs {need >> 20} MiB")
-    if needs_criu and not req.own_pid_namespace and facts.pids_taken:
-        pid, who = sorted(facts.pids_taken.items())[0]
-        problems.append(f"PID {pid} is taken on the target by {who} (the process needs its PIDs; "
-                        f"start workloads with `migrctl run` to avoid this)")
+    problems += req.ask.problems(req, facts.subject)
     if facts.ports_taken:
         problems.append("ports already listening on the target: "
                         + ", ".join(map(str, sorted(facts.ports_taken))))
-    for path, size in req.files:
-        there = facts.files.get(path)
-        here_id, there_id = req.identities.get(path), facts.identities.get(path)
-        if shared(here_id, there_id):
-            continue
-        if path in req.carry:
-            if same_inode(here_id, there_id):
-                problems.append(f"open file {path} has the same filesystem and inode on the target "
-                                f"but other contents; copying it there would overwrite it")
-            continue
-        if there is None:
-            problems.append(f"open file {path} does not exist on the target (use --with-files)")
-        elif size is not None and there != size:
-            problems.append(f"open file {path} has size {there} on the target, {size} here "
-                            f"(use --with-files)")
     if req.move_address:
         if facts.address_present:
             problems.append(f"address {req.move_address} is already in use on the target")

@@ -280,14 +280,10 @@ class Migration:
         if opts.mode == "clone" and opts.move_address:
             local.append("--move-address makes no sense with --mode clone (both copies run)")
         req = precheck.Request(
-            id=self.j.id, mode=opts.mode, pid=info.pid, start_time=info.start_time, rss=info.rss,
-            tree_ids=info.tree_ids, own_pid_namespace=info.own_pid_namespace,
-            ports=tuple(sorted({s.port for s in info.listening})),
-            files=tuple((f.path, f.size) for f in info.open_files), carry=tuple(carry),
-            with_files=opts.with_files, move_address=opts.move_address,
-            headroom=self.cfg.migrate.headroom, cpuinfo=cpuinfo,
-            identities={f.path: f.identity for f in info.open_files if f.identity})
-        resp = target.precheck(subject.precheck_request(req))
+            id=self.j.id, mode=opts.mode, rss=info.rss, ports=tuple(sorted({s.port for s in info.listening})),
+            carry=tuple(carry), with_files=opts.with_files, move_address=opts.move_address,
+            headroom=self.cfg.migrate.headroom, ask=subject.precheck_ask(), cpuinfo=cpuinfo)
+        resp = target.precheck(req)
         problems = local + list(resp.problems)
         if problems:
             self.j.record("refused", reason="; ".join(problems))

@@ -91,6 +91,14 @@ class _Ready:
 
 
 @dataclass(frozen=True)
+class _FilesFacts:
+    """The one fact of the target's the source keeps: its open files' sizes there (a container's
+    facts have none)."""
+
+    files: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class _PrecheckRaw:
     problems: tuple[str, ...]
     incoming: str
@@ -205,8 +213,8 @@ class Target:
 
     def precheck(self, req: Request) -> PrecheckAnswer:
         raw = self._call(_PrecheckRaw, ["precheck"], asdict(req))
-        files = untrusted.build(dict[str, int | None], raw.facts.get("files", {}), PeerProtocolError,
-                                f"{self.name}: peer precheck: facts.files")
+        files = untrusted.build(_FilesFacts, raw.facts.get("subject") or {}, PeerProtocolError,
+                                f"{self.name}: peer precheck: facts.subject").files
         return PrecheckAnswer(raw.problems, raw.incoming, files, raw.not_to_copy)
 
     def page_stream(self, progress: ProgressFn | None, total: int) -> pagestream.Sender:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from migrd.core import binding, precheck
-from migrd.core.precheck import ContainerAsk, ContainerFacts, Request
+from migrd.core.precheck import Ask, ContainerAsk, ContainerFacts, ProcessAsk
 from migrd.errors import InputError, JournalCorrupt, MigrdError, NotPermitted
 from migrd.model import CONTAINER_STRATEGIES, ContainerInfo, ProcessInfo, SubjectRef
 
@@ -87,9 +87,9 @@ class Subject(ABC):
         """Why this subject cannot be moved by `strategy` in `mode` (None: it can)."""
         return None
 
-    def precheck_request(self, req: Request) -> Request:
-        """The target's precheck request, fitted to this subject."""
-        return req
+    @abstractmethod
+    def precheck_ask(self) -> Ask:
+        """Its own part of the target's precheck request."""
 
     @abstractmethod
     def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
@@ -125,7 +125,8 @@ class Subject(ABC):
 
     @staticmethod
     def target_facts(cfg: Config, ask: ContainerAsk) -> ContainerFacts:
-        """A container's facts here for the precheck (only container subjects are asked)."""
+        """A container's facts here for the precheck: the target asks the subject that a
+        container's ask names as its runtime (a process tree is no runtime, whatever it says)."""
         return ContainerFacts(runtime_ok=False, runtime_message="not a container runtime")
 
     @staticmethod
@@ -184,6 +185,13 @@ class ProcessTree(Subject):
 
     def resources(self, shape: binding.MoveShape) -> tuple[binding.Resource, ...]:
         return binding.resources(self._info, shape)
+
+    def precheck_ask(self) -> Ask:
+        info = self._info
+        return ProcessAsk(pid=info.pid, start_time=info.start_time, tree_ids=info.tree_ids,
+                          own_pid_namespace=info.own_pid_namespace,
+                          files=tuple((f.path, f.size) for f in info.open_files),
+                          identities={f.path: f.identity for f in info.open_files if f.identity})
 
     def criu_options(self, tcp_established: bool) -> dict[str, bool]:
         # A process that is not its own session leader was started from a shell: CRIU needs
@@ -326,11 +334,9 @@ class RuncContainer(Subject):
             return f"containers move with {', '.join(CONTAINER_STRATEGIES)} only"
         return None
 
-    def precheck_request(self, req: Request) -> Request:
+    def precheck_ask(self) -> Ask:
         c = self.container
-        # Its files and PIDs live in its own rootfs and PID namespace, not the host's.
-        return dataclasses.replace(req, tree_ids=(), files=(), identities={},
-                                   container=ContainerAsk(c.name, c.runtime, c.image, c.image_digest, c.image_id))
+        return ContainerAsk(c.name, c.runtime, c.image, c.image_digest, c.image_id)
 
     def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
              tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import dataclasses
+import functools
 from dataclasses import dataclass
 import json
 import os
@@ -62,7 +63,7 @@ def _existing_ancestor(path: Path) -> Path:
 def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
     """Facts about this host for req (adapter: CRIU, /proc, filesystem, ip)."""
     criu_ok, criu_msg, cpu_ok, cpu_msg = True, "", True, ""
-    if req.mode in ("move", "clone"):
+    if req.needs_criu:
         try:
             criu = find_criu(cfg)
             criu_ok, criu_msg = criu.check()
@@ -76,21 +77,6 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
         except MigrdError as e:
             criu_ok, criu_msg = False, str(e)
     private.private_dir(cfg.state_dir)
-    # On hosts sharing one PID space (the bed) the source process itself is visible here; in
-    # move mode its PIDs are free once the dump ends it.
-    source_here = req.mode == "move" and workloads.same_process(req.pid, req.start_time)
-    taken = {}
-    for pid in () if source_here else req.tree_ids:
-        if (who := procfs.holder(pid)) is not None:
-            taken[pid] = who
-    files = {}
-    for path, _ in req.files:
-        try:
-            files[path] = os.stat(path).st_size
-        except OSError:
-            files[path] = None
-    # Over the bytes the source read: a shared file that grew since still matches.
-    identities = {path: procfs.file_identity(path, here.size) for path, here in req.identities.items()}
     return precheck.TargetFacts(
         criu_ok=criu_ok, criu_message=criu_msg, cpu_ok=cpu_ok, cpu_message=cpu_msg,
         mem_available=procfs.mem_available(),
@@ -98,26 +84,61 @@ def gather(cfg: Config, req: precheck.Request) -> precheck.TargetFacts:
         # than state_dir's.
         disk_free=shutil.disk_usage(_existing_ancestor(incoming(cfg, req.id))).free,
         disk_path=str(incoming(cfg, req.id).parent),
-        pids_taken=taken,
         ports_taken=tuple(sorted(procfs.listening_ports() & set(req.ports))),
-        files=files,
-        identities=identities,
         address_present=bool(req.move_address and netaddr.holder_of(req.move_address)),
         address_interface=netaddr.interface_for(req.move_address) if req.move_address else None,
         incoming_exists=incoming(cfg, req.id).exists(),
-        container=_container_facts(cfg, req.container) if req.container else None,
+        subject=subject_facts(req.ask, cfg, req.mode),
     )
 
 
-def _container_facts(cfg: Config, ask: precheck.ContainerAsk) -> precheck.ContainerFacts:
+@functools.singledispatch
+def subject_facts(ask: precheck.Ask, cfg: Config, mode: str) -> precheck.SubjectFacts:
+    """The facts here for the subject's own ask, by the ask's type."""
+    raise TypeError(f"no facts for {type(ask).__name__}")  # a migrd bug: every Ask type is registered
+
+
+@subject_facts.register
+def _process_facts(ask: precheck.ProcessAsk, cfg: Config, mode: str) -> precheck.ProcessFacts:
+    # On hosts sharing one PID space (the bed) the source process itself is visible here; in
+    # move mode its PIDs are free once the dump ends it.
+    source_here = mode == "move" and workloads.same_process(ask.pid, ask.start_time)
+    taken = {}
+    for pid in () if source_here else ask.tree_ids:
+        if (who := procfs.holder(pid)) is not None:
+            taken[pid] = who
+    files = {}
+    for path, _ in ask.files:
+        try:
+            files[path] = os.stat(path).st_size
+        except OSError:
+            files[path] = None
+    # Over the bytes the source read: a shared file that grew since still matches.
+    identities = {path: procfs.file_identity(path, here.size) for path, here in ask.identities.items()}
+    return precheck.ProcessFacts(pids_taken=taken, files=files, identities=identities)
+
+
+@subject_facts.register
+def _container_facts(ask: precheck.ContainerAsk, cfg: Config, mode: str) -> precheck.ContainerFacts:
     subject = SUBJECTS.get(ask.runtime)
     if subject is None:
         return precheck.ContainerFacts(runtime_ok=False, runtime_message=f"unknown runtime {ask.runtime!r}")
     return subject.target_facts(cfg, ask)
 
 
-def run_precheck(cfg: Config, raw: Any) -> dict[str, Any]:
+def parse_precheck(raw: Any) -> precheck.Request:
+    """The source's precheck request, every type checked (InputError naming what is wrong)."""
     req = untrusted.build(precheck.Request, raw, InputError, "precheck request")
+    if req.cpuinfo is not None:
+        try:
+            base64.b64decode(req.cpuinfo, validate=True)
+        except ValueError:
+            raise InputError("precheck request: key 'cpuinfo': not base64") from None
+    return req
+
+
+def run_precheck(cfg: Config, raw: Any) -> dict[str, Any]:
+    req = parse_precheck(raw)
     facts = gather(cfg, req)
     return {"problems": precheck.evaluate(req, facts), "incoming": str(incoming(cfg, req.id) / "images"),
             "facts": dataclasses.asdict(facts), "not_to_copy": list(precheck.not_to_copy(req, facts))}
