@@ -326,6 +326,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
             mine = [r for r in rows if r["case"] == case and r["method"] == method]
             good = [r for r in mine if r["ok"]]
             s["runs"], s["failed"] = len(mine), len(mine) - len(good)
+            if ran := sorted({r["ran"] for r in good if r.get("ran")}):
+                s["ran"] = ran  # auto: the strategies it picked
             for key in MEASURES:
                 m = median_or_none(r.get(key) for r in good)
                 if m is not None:
@@ -340,8 +342,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
     return out
 
 
-def aims(summary: dict[str, dict[str, dict[str, Any]]], sizes: Sequence[int], rate: float) -> list[dict[str, Any]]:
-    """The issue's aims, where this run measured what they need (downtime as the workload saw it)."""
+def aims(summary: dict[str, dict[str, dict[str, Any]]], sizes: Sequence[int],
+         rates: Sequence[float]) -> list[dict[str, Any]]:
+    """The issues' aims, where this run measured what they need (downtime as the workload saw it)."""
     out = []
     big, small = max(sizes), min(sizes)
     pc_big = summary.get(case_name(big, 0.0), {}).get("postcopy", {}).get("downtime_seen_s")
@@ -351,17 +354,47 @@ def aims(summary: dict[str, dict[str, dict[str, Any]]], sizes: Sequence[int], ra
     if pc_big is not None and pc_small and big != small:
         out.append({"aim": f"postcopy downtime {big} MiB <= 1.5x {small} MiB (idle)",
                     "value": pc_big / pc_small, "met": pc_big / pc_small <= 1.5})
-    for r in (0.0, rate):
+    for r in rates:
         ms = summary.get(case_name(big, r), {})
         ratios = {m: s["total_s_vs_manual"] for m, s in ms.items() if m != "manual" and "total_s_vs_manual" in s}
         if ratios:
             best = min(ratios, key=ratios.__getitem__)
             out.append({"aim": f"best total at {case_name(big, r)} <= 0.8x manual", "best": best,
                         "value": ratios[best], "met": ratios[best] <= 0.8})
+    for size in sizes:
+        for r in rates:
+            out += precopy_and_auto_aims(summary.get(case_name(size, r), {}), case_name(size, r),
+                                         0.25 if r == 0 else 0.5 if r == max(rates) else None)
     for m, s in summary.get("counter", {}).items():
         if m != "manual" and "downtime_seen_s" in s:
             out.append({"aim": f"counter downtime with {m} <= 0.3 s", "value": s["downtime_seen_s"],
                         "met": s["downtime_seen_s"] <= 0.3})
+    return out
+
+
+#: migrate.downtime_target's default: `auto` takes the quickest strategy whose freeze meets it.
+DOWNTIME_TARGET = 0.5
+
+
+def precopy_and_auto_aims(ms: dict[str, dict[str, Any]], case: str, precopy_factor: float | None) -> list[dict[str, Any]]:
+    """Issue 11's aims in one case: pre-copy's freeze against stop-copy's (0.25x idle, 0.5x at the
+    highest rewriting rate), and `auto` within 10 % of the best strategy by auto's own rule (the
+    quickest total among those whose downtime met the target, else the shortest downtime)."""
+    out: list[dict[str, Any]] = []
+    seen = {m: s for m, s in ms.items() if "downtime_seen_s" in s and "total_s" in s}
+    pre, stop = seen.get("precopy"), seen.get("stop-copy")
+    if precopy_factor is not None and pre and stop:
+        ratio = pre["downtime_seen_s"] / stop["downtime_seen_s"]
+        out.append({"aim": f"precopy downtime at {case} <= {precopy_factor}x stop-copy's", "value": ratio,
+                    "met": ratio <= precopy_factor})
+    others = {m: s for m, s in seen.items() if m not in ("auto", "manual")}
+    if "auto" in seen and others:
+        meets = {m: s for m, s in others.items() if s["downtime_seen_s"] <= DOWNTIME_TARGET}
+        key = "total_s" if meets else "downtime_seen_s"
+        best = min(meets or others, key=lambda m: (meets or others)[m][key])
+        ratio = seen["auto"][key] / (meets or others)[best][key]
+        out.append({"aim": f"auto at {case} within 10 % of the best ({best}, by {key})", "value": ratio,
+                    "chose": seen["auto"].get("ran"), "met": ratio <= 1.1})
     return out
 
 
@@ -728,6 +761,10 @@ def plot(doc: dict[str, Any], png: Path) -> bool:
     return True
 
 
+def _rates(text: str) -> list[float]:
+    return sorted({float(x) for x in text.split(",") if x.strip()})
+
+
 def _sizes(text: str) -> list[int]:
     sizes = [int(x) for x in text.split(",") if x.strip()]
     if not sizes or any(s <= 0 for s in sizes):
@@ -742,6 +779,9 @@ def main() -> int:
                     help="MiB/s the rewriting workloads rewrite (default 32: about a tenth of the bed's "
                          "SSH throughput, so pages keep changing while they are copied)")
     ap.add_argument("--modes", default="idle,rewrite", help="idle, rewrite or both (default both)")
+    ap.add_argument("--rates", type=_rates, default=None,
+                    help="MiB/s the workloads rewrite, comma-separated, 0 for idle; replaces --modes "
+                         "and --rate (issue 11's sweep: --sizes 512,1024 --rates 0,40,400)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"default {','.join(STRATEGIES)}")
     ap.add_argument("--no-counter", action="store_true", help="skip the small process (migrbed's COUNTER)")
     ap.add_argument("--reps", type=int, default=3)
@@ -751,7 +791,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "strategies.json")
     args = ap.parse_args()
     modes = {m.strip() for m in args.modes.split(",")}
-    rates = [r for m, r in (("idle", 0.0), ("rewrite", args.rate)) if m in modes]
+    rates = args.rates or [r for m, r in (("idle", 0.0), ("rewrite", args.rate)) if m in modes]
     cases = [Case(case_name(s, r), s, r, args.fill) for s in args.sizes for r in rates]
     cases += [] if args.no_counter else [Case("counter", None, 0.0, args.fill)]
     # A SIGTERM ends the run through the same finally blocks as an error: bed down, PIDs ended.
@@ -771,7 +811,7 @@ def main() -> int:
             "machine": {"cpus": psutil.cpu_count(), "kernel": platform.release()},
             "topology": "2-host embedded bed, host1 -> host2, both on this machine's cores",
             "methods": [m.describe() for m in methods], "left_out": missing,
-            "rows": rows, "summary": summary, "aims": aims(summary, args.sizes, args.rate),
+            "rows": rows, "summary": summary, "aims": aims(summary, args.sizes, rates),
         }
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,24 @@ def test_summary_medians_of_good_runs_and_ratios_to_manual():
     assert s["x"]["downtime_seen_s_vs_manual"] == pytest.approx(0.1)
 
 
+def test_issue_11_aims_precopy_against_stop_copy_and_auto_against_the_best_by_its_rule():
+    def seen(down: float, total: float, **kw) -> dict:
+        return {"downtime_seen_s": down, "total_s": total, **kw}
+
+    idle = {"stop-copy": seen(8.0, 10.0), "precopy": seen(1.5, 20.0), "postcopy": seen(0.45, 15.0),
+            "auto": seen(0.46, 16.0, ran=["postcopy"]), "manual": seen(9.0, 9.0)}
+    pre, auto = st.precopy_and_auto_aims(idle, "1024MiB-idle", 0.25)
+    assert pre["value"] == pytest.approx(1.5 / 8.0) and pre["met"]
+    # Only post-copy met the 0.5 s target: auto is judged by total against it.
+    assert "postcopy, by total_s" in auto["aim"] and auto["value"] == pytest.approx(16.0 / 15.0) and auto["met"]
+    assert auto["chose"] == ["postcopy"]
+    # None met the target: by downtime; auto took stop-copy, 5x worse than pre-copy's freeze.
+    busy = {"stop-copy": seen(8.0, 10.0), "precopy": seen(1.6, 30.0), "auto": seen(8.0, 10.5, ran=["stop-copy"])}
+    pre, auto = st.precopy_and_auto_aims(busy, "1024MiB-rewrite400", 0.5)
+    assert pre["met"] and "by downtime_seen_s" in auto["aim"] and not auto["met"]
+    assert st.precopy_and_auto_aims(busy, "1024MiB-rewrite40", None)[0]["aim"].startswith("auto")
+
+
 def test_strategy_figures_from_the_journal_and_the_json():
     journal = {"freeze": 1_700_000_000.0, "downtime": 0.2, "last_page": 1_700_000_002.5,
                "on_demand_bytes": 4096, "pushed_bytes": 1 << 20, "streamed": True}
