@@ -584,3 +584,9 @@ def test_status_text_says_when_the_registry_is_unreachable():
     text = _status_text({**base, "registry": {"registry": "etcd", "ok": False, "error": "etcd at http://x:1: down",
                                               "note": "deciding on local load only"}})
     assert "UNREACHABLE (etcd at http://x:1: down); deciding on local load only" in text
+
+
+def test_an_admin_request_naming_both_a_pid_and_a_container_is_refused():
+    with pytest.raises(InputError, match="a PID or a container, not both"):
+        agent_mod.parse_request({"op": "explain", "pid": 7, "container": "web"})
+    assert agent_mod.parse_request({"op": "explain", "container": "web"}).container == "web"

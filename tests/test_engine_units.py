@@ -124,12 +124,24 @@ def test_the_target_side_does_not_import_paramiko_psutil_or_the_policy():
     assert out.strip() == "[]", out
 
 
-@pytest.mark.parametrize("user", ["root; rm -rf /", "nobody", 0, ["0"]])
-def test_a_restart_there_refuses_a_user_that_is_not_a_user_number(tmp_path, user):
+@pytest.mark.parametrize("spec, message", [
+    ({"cmdline": ["true"], "user": "root; rm -rf /"}, "not a user number"),
+    ({"cmdline": ["true"], "user": "nobody"}, "not a user number"),
+    ({"cmdline": ["true"], "user": 0}, "key 'user'"),
+    ({"cmdline": ["true"], "user": ["0"]}, "key 'user'"),
+    ({"cmdline": []}, "the command line is empty"),
+    ({"cmdline": "true"}, "key 'cmdline'"),
+    ({"cmdline": ["true"], "env": {"A": 1}}, "key 'env.A'"),
+    ({}, "cmdline"),
+    (["true"], "start request"),
+    (None, "start request"),
+])
+def test_a_restart_there_refuses_a_malformed_request_in_one_line(tmp_path, spec, message):
     from migrd.engine import target
     from migrd.errors import InputError
 
     cfg = Config(state_dir=tmp_path)
-    with pytest.raises(InputError, match="not a user number"):
-        target.start(cfg, "20261130-000000000-abcdef", {"cmdline": ["true"], "user": user})
+    with pytest.raises(InputError, match=message) as e:
+        target.start(cfg, "20261130-000000000-abcdef", spec)
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "incoming").exists()

@@ -173,6 +173,8 @@ def parse_request(raw: Any) -> Request:
         raise InputError(f"request: key 'limit': expected at least 0, got {req.limit}")
     if req.op == "offer" and req.requester is None:
         raise InputError("request: key 'requester' is missing")
+    if req.pid is not None and req.container is not None:
+        raise InputError("request: name a PID or a container, not both")
     return req
 
 

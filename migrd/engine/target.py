@@ -339,15 +339,29 @@ def _expect(link: lazy_mod.Link, key: str, timeout: float) -> dict[str, Any]:
     return msg
 
 
-def start(cfg: Config, mid: str, spec: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StartSpec:
+    """Restart mode's request (JSON from the source): the command line to run fresh here."""
+
+    cmdline: tuple[str, ...]
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    name: str | None = None
+    #: The user it ran as there, by number (names may differ between hosts); None: root.
+    user: str | None = None
+
+
+def start(cfg: Config, mid: str, raw: Any) -> dict[str, Any]:
     """Restart mode: run the command line fresh here as a migratable workload, as the user it
-    ran as there (a user number: names may differ between hosts)."""
-    user = spec.get("user")
-    if user is not None and not (isinstance(user, str) and user.isdigit()):
-        raise InputError(f"restart as user {user!r}: not a user number")
+    ran as there."""
+    spec = untrusted.build(StartSpec, raw, InputError, "start request")
+    if not spec.cmdline:
+        raise InputError("start request: the command line is empty")
+    if spec.user is not None and not spec.user.isdigit():
+        raise InputError(f"restart as user {spec.user!r}: not a user number")
     d = private.private_dir(incoming(cfg, mid))
-    w = workloads.start(cfg.state_dir, tuple(spec["cmdline"]), name=spec.get("name"),
-                       cwd=spec.get("cwd"), env=spec.get("env"), host=cfg.host, user=user)
+    w = workloads.start(cfg.state_dir, spec.cmdline, name=spec.name, cwd=spec.cwd, env=spec.env,
+                        host=cfg.host, user=spec.user)
     _write(d / "restored.json", {"pid": w.pid, "start_time": w.start_time, "name": w.name})
     return {"pid": w.pid, "start_time": w.start_time, "name": w.name}
 
