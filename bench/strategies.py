@@ -82,28 +82,35 @@ STRATEGIES = tuple(dict.fromkeys([*OFFERED, "postcopy", "precopy", "hybrid", "au
 
 #: The memory workload. argv: MiB, rewrite MiB/s, fill (mixed|random|zero), base path in /tmp.
 #: Memory is 256 KiB chunks, each a copy of one block of a small pool (random blocks, and
-#: zero pages touched with a marker byte), so a chunk's expected CRC is its block's; rewriting
-#: copies another block of the same kind over the next chunk, at a steady rate. Every 10 ms it
+#: zero pages touched with a marker byte) with every page stamped with its own place, so no two
+#: pages are alike (a copy by content finds nothing to share, as with real memory) and a chunk's
+#: expected CRC follows from its block and place; rewriting copies another block of the same
+#: kind over the next chunk, stamped again, at a steady rate. Every 10 ms it
 #: appends "count wall-time netns-inode" to BASE.ticks (reopened each time: CRIU never sees a
 #: growing open file). When BASE.verify appears it checks every chunk and writes BASE.verified.
 TICKER = f"""
-import array, json, os, sys, time, zlib  # {MARK}
+import array, json, os, struct, sys, time, zlib  # {MARK}
 mib, rate, fill, base = int(sys.argv[1]), float(sys.argv[2]) * (1 << 20), sys.argv[3], sys.argv[4]
-CH, POOL = 1 << 18, 8
+CH, POOL, PAGE = 1 << 18, 8, 4096
+STAMP = struct.Struct(">Q")
 chunks = max(1, (mib << 20) // CH)
 blocks = [os.urandom(CH) for _ in range(POOL)]
 for k in range(POOL):
     z = bytearray(CH)
     z[::4096] = bytes([k + 1]) * (CH // 4096)
     blocks.append(bytes(z))
-crcs = [zlib.crc32(b) for b in blocks]
+def stamped(k, i):
+    b = bytearray(blocks[k])
+    for p in range(CH // PAGE):
+        STAMP.pack_into(b, p * PAGE + 8, i * (CH // PAGE) + p)
+    return b
 zero_from = {{"random": chunks, "zero": 0}}.get(fill, chunks // 2)
 buf = bytearray(chunks * CH)
 view = memoryview(buf)
 idx = array.array("H", [0]) * chunks
 for i in range(chunks):
     k = i % POOL + (POOL if i >= zero_from else 0)
-    view[i * CH:(i + 1) * CH] = blocks[k]
+    view[i * CH:(i + 1) * CH] = stamped(k, i)
     idx[i] = k
 with open(base + ".ready", "w") as f:
     f.write(str(os.getpid()))
@@ -126,12 +133,12 @@ while time.time() < deadline:
     while credit >= CH:
         k = idx[cursor]
         k = (k + 1) % POOL + (POOL if k >= POOL else 0)
-        view[cursor * CH:(cursor + 1) * CH] = blocks[k]
+        view[cursor * CH:(cursor + 1) * CH] = stamped(k, cursor)
         idx[cursor] = k
         cursor = (cursor + 1) % chunks
         credit -= CH
     if not verified and os.path.exists(base + ".verify"):
-        bad = sum(zlib.crc32(view[i * CH:(i + 1) * CH]) != crcs[idx[i]] for i in range(chunks))
+        bad = sum(zlib.crc32(view[i * CH:(i + 1) * CH]) != zlib.crc32(stamped(idx[i], i)) for i in range(chunks))
         with open(base + ".verified.tmp", "w") as f:
             json.dump({{"chunks": chunks, "bad_chunks": bad, "count": n}}, f)
         os.rename(base + ".verified.tmp", base + ".verified")

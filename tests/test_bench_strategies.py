@@ -154,6 +154,17 @@ def test_the_memory_workload_ticks_rewrites_and_checks_itself(tmp_path: Path):
         p.wait()
 
 
+def test_no_two_pages_of_the_memory_workload_are_alike(monkeypatch):
+    """A copy by content (pre-copy's rounds) must find nothing to share, as with real memory:
+    the workload's set-up, run up to the point where it would start ticking."""
+    monkeypatch.setattr(sys, "argv", ["ticker", "4", "0", "mixed", "/nonexistent/w"])
+    env: dict = {}
+    exec(st.TICKER.split('with open(base + ".ready"')[0], env)
+    buf = bytes(env["buf"])
+    pages = {buf[o:o + 4096] for o in range(0, len(buf), 4096)}
+    assert len(buf) == 4 << 20 and len(pages) == 1024
+
+
 @pytest.mark.root
 def test_a_tiny_sweep_on_a_bed(tmp_path: Path):
     out = tmp_path / "s.json"
