@@ -397,9 +397,9 @@ def precopy_and_auto_aims(ms: dict[str, dict[str, Any]], case: str, precopy_fact
     others = {m: s for m, s in seen.items() if m not in ("auto", "manual")}
     if "auto" in seen and others:
         meets = {m: s for m, s in others.items() if s["downtime_seen_s"] <= DOWNTIME_TARGET}
-        key = "total_s" if meets else "downtime_seen_s"
-        best = min(meets or others, key=lambda m: (meets or others)[m][key])
-        ratio = seen["auto"][key] / (meets or others)[best][key]
+        pool, key = (meets, "total_s") if meets else (others, "downtime_seen_s")
+        best = min(pool, key=lambda m: pool[m][key])
+        ratio = seen["auto"][key] / pool[best][key]
         out.append({"aim": f"auto at {case} within 10 % of the best ({best}, by {key})", "value": ratio,
                     "chose": seen["auto"].get("ran"), "met": ratio <= 1.1})
     return out

@@ -196,9 +196,9 @@ class Agent:
         self.decisions = DecisionLog(cfg.state_dir / "decisions.jsonl", d.max_decisions_log)
         self.stop = threading.Event()
         self.lock = threading.Lock()
-        #: The policy prices a move's freeze against the downtime its migrations aim at.
-        self.policy_cfg = dataclasses.replace(cfg.policy, downtime_target=cfg.migrate.downtime_target)
-        self.settings = step.Settings(self.host, d.mode, d.interval, self.policy_cfg)
+        # The policy prices a move's freeze against the downtime its migrations aim at.
+        self.settings = step.Settings(self.host, d.mode, d.interval,
+                                      dataclasses.replace(cfg.policy, downtime_target=cfg.migrate.downtime_target))
         self.state = step.State()
         self.paused = False
         self.situation: Situation | None = None
@@ -425,7 +425,7 @@ class Agent:
     def _alone(self, sit: Situation, c: Candidate) -> Decision:
         """The decision as if c were the only candidate: its own score and reasons."""
         mode = sit.mode if sit.requester or step.own_mode(self.cfg.daemon.mode) else Mode.OFFLOAD
-        return policy.decide(dataclasses.replace(sit, candidates=(c,), mode=mode), self.policy_cfg)
+        return policy.decide(dataclasses.replace(sit, candidates=(c,), mode=mode), self.settings.policy)
 
     def op_ps(self, req: Request) -> list[dict[str, Any]]:
         sit = self._last()
