@@ -89,8 +89,13 @@ class MigrateSettings:
     #: Seconds a workload may be frozen: pre-copy switches once its predicted freeze meets this,
     #: and `auto` prefers the strategies whose estimated freeze does.
     downtime_target: float = 0.5
-    #: Pre-copy: rounds while the workload runs at most (the first, full one included).
+    #: Pre-copy: rounds while the workload runs at most (the first, full one included; at
+    #: most 64).
     precopy_rounds: int = 8
+    #: Pre-copy: how rounds find the pages that changed. criu: CRIU's own pre-dumps, which need
+    #: a kernel with soft-dirty tracking (`migrctl check` says); content: read the memory and
+    #: compare it page by page (any kernel); auto: criu where the kernel has soft-dirty.
+    dirty_tracking: Literal["auto", "criu", "content"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,9 @@ def _check_range(name: str, path: str, node: yaml.Node, value: Any) -> None:
             raise bad("expected a number of at least 0")
         if path in _POSITIVE and value <= 0:
             raise bad("expected a number greater than 0")
+        if path == "migrate.precopy_rounds" and value > 64:
+            # A CRIU pre-dump chain this long is refused by the target (manifest.MAX_PARENTS).
+            raise bad("expected at most 64 rounds")
     if path == "state_dir" and not (isinstance(value, str) and value.startswith("/")):
         raise bad("expected an absolute path (a string starting with /)")
 

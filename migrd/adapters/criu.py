@@ -250,15 +250,20 @@ class Criu:
 
     def dump(self, pid: int, images: Path, log: Path, *, leave_running: bool = False,
              leave_stopped: bool = False, tcp_established: bool = False, shell_job: bool = False,
-             page_server_fd: int | None = None,
+             page_server_fd: int | None = None, parent: str | None = None, pre: bool = False,
              extra: list[str] | None = None, pass_fds: tuple[int, ...] = (),
              as_user: tuple[int, int] | None = None) -> DumpResult:
         """pass_fds: descriptors CRIU inherits, e.g. a lock that must stay held while CRIU
         runs even if its caller dies. page_server_fd: a connected socket to a page server;
         the memory pages go there instead of into images. as_user: (uid, gid) to run CRIU as
-        (see dump_user); its files are then that user's until restrict_files."""
-        args = ["dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4",
-                "--network-lock", self.network_lock]
+        (see dump_user); its files are then that user's until restrict_files. pre: a
+        `criu pre-dump` (the memory only, the task runs on) that starts soft-dirty tracking;
+        parent: the images of the pre-dump before, relative to images (CRIU links it as
+        `parent`): only the pages written since go into images."""
+        args = ["pre-dump" if pre else "dump", "-t", str(pid), "-D", str(images), "-o", str(log), "-v4"]
+        args += [] if pre else ["--network-lock", self.network_lock]
+        args += ["--track-mem"] if pre or parent else []
+        args += ["--prev-images-dir", parent] if parent else []
         prefix: tuple[str, ...] = ()
         if as_user is not None:
             caps = procfs.capabilities(Path("/proc/self/status").read_text())
@@ -277,7 +282,7 @@ class Criu:
         t0 = time.monotonic()
         cp = self._run(args + (extra or []), pass_fds=pass_fds, prefix=prefix)
         if cp.returncode != 0:
-            raise self._fail("dump", log, cp.stderr)
+            raise self._fail(args[0], log, cp.stderr)
         return DumpResult(time.monotonic() - t0, log)
 
     def restore(self, images: Path, log: Path, *, tcp_established: bool = False,

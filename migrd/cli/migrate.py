@@ -85,8 +85,9 @@ def migrate(pid: str | None, container: str | None, target: str, strategy: str |
                     + "\n".join(f"    {r}" for r in rows))
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in o.phases.items())
         down = f", downtime {o.downtime:.2f} s" if o.downtime is not None else ""
+        rounds = f" ({o.rounds} rounds, changed pages found by {o.dirty_tracking})" if o.rounds else ""
         return (f"migrated {what} {o.pid} from {o.source} to {o.target} (now PID {o.target_pid}), "
-                f"mode {o.mode}, strategy {o.strategy}, {human_bytes(o.bytes)} moved{down}\n"
+                f"mode {o.mode}, strategy {o.strategy}{rounds}, {human_bytes(o.bytes)} moved{down}\n"
                 f"  {phases}\n  id {o.id}" + "".join(f"\n  estimate {e}" for e in o.estimates))
 
     emit(out, as_json, human)

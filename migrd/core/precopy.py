@@ -161,3 +161,21 @@ def hybrid_switch(decision: Decision, limits: Limits, postcopy_possible: bool) -
     if decision.predicted_freeze <= limits.downtime_target or not postcopy_possible:
         return "stop-copy"
     return "postcopy"
+
+
+#: How rounds find the pages that changed: CRIU's pre-dumps (the kernel's soft-dirty bits) or
+#: by content (read and compare; any kernel).
+TRACKING = ("criu", "content")
+
+
+def dirty_tracking(setting: str, soft_dirty: bool) -> tuple[str | None, str | None]:
+    """The tracking migrate.dirty_tracking (auto, criu or content) gives on a kernel with or
+    without soft-dirty tracking: (tracking, None), or (None, why it cannot run)."""
+    if setting == "content":
+        return "content", None
+    if soft_dirty:
+        return "criu", None
+    if setting == "criu":
+        return None, ("migrate.dirty_tracking is criu, but this kernel has no soft-dirty tracking "
+                      "(`criu check --feature mem_dirty_track` fails); set it to auto or content")
+    return "content", None

@@ -24,6 +24,15 @@ from migrd.model import ProcessInfo
 from migrd.errors import InputError, NotPermitted
 
 @dataclass(frozen=True)
+class Parent:
+    """The pre-dump a dump leans on (pre-copy on a soft-dirty kernel): CRIU's link to its
+    images, relative to the dump's, and how many pre-dumps the chain holds."""
+
+    link: str
+    depth: int
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     manifest: mf.Manifest
     images: Path
@@ -62,9 +71,11 @@ def _prepare_dir(images: Path) -> bool:
 def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = False,
                leave_stopped: bool = False, tcp_established: bool = False,
                criu: Criu | None = None, pass_fds: tuple[int, ...] = (),
-               page_server_fd: int | None = None) -> Checkpoint:
+               page_server_fd: int | None = None, parent: Parent | None = None,
+               pre: bool = False) -> Checkpoint:
     """page_server_fd: send the pages to a page server over this socket (they are then not
-    in images, nor in the manifest)."""
+    in images, nor in the manifest). parent: the pre-dump whose pages this dump need not hold
+    again. pre: a CRIU pre-dump (the memory only; the process runs on)."""
     from migrd.adapters import procinfo  # psutil, for the source only: the target imports this module
 
     criu = criu or find_criu(cfg)
@@ -79,15 +90,16 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
             f"(uid {info.uid}); CRIU cannot dump it there. Start such a service with "
             f"`migrctl run --user USER -- CMD` (migrctl drops the rights itself)")
     created = _prepare_dir(images)
-    log = log_path(cfg, "dump", pid)
+    log = log_path(cfg, "pre-dump" if pre else "dump", pid)
     options = ProcessTree(info).criu_options(tcp_established)
     as_user = criu_mod.dump_user(procinfo.tree_creds(pid),
                                  procfs.capabilities(Path("/proc/self/status").read_text()))
     try:
         with failpoints.dying_while("dumping"):
             result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
-                               pass_fds=pass_fds, page_server_fd=page_server_fd, as_user=as_user, **options)
-        m = _seal(cfg, criu, images, info, options)
+                               pass_fds=pass_fds, page_server_fd=page_server_fd, as_user=as_user,
+                               parent=parent.link if parent else None, pre=pre, **options)
+        m = _seal(cfg, criu, images, info, options, parents=parent.depth if parent else 0, pre=pre)
     except BaseException:
         # CRIU resumes the task when a dump fails; leave no half-written checkpoint behind.
         if created:
@@ -99,11 +111,14 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
     return Checkpoint(m, images, result.seconds, log)
 
 
-def _seal(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: dict[str, bool]) -> mf.Manifest:
-    """After CRIU wrote the images: make them root's only and write the manifest."""
+def _seal(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: dict[str, bool],
+          parents: int = 0, pre: bool = False) -> mf.Manifest:
+    """After CRIU wrote the images: make them root's only and write the manifest. The failpoint
+    `dumped` is the freeze's dump, not a pre-dump."""
     private.restrict_files(images)
-    failpoints.point("dumped")
-    return write_manifest(cfg, criu, images, info, options)
+    if not pre:
+        failpoints.point("dumped")
+    return write_manifest(cfg, criu, images, info, options, parents=parents)
 
 
 def write_manifest(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: dict[str, Any],

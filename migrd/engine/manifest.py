@@ -22,6 +22,11 @@ from migrd.core.rootfs import Change
 from migrd.model import ContainerInfo, ProcessInfo
 
 NAME = "manifest.json"
+#: CRIU's link from a dump to the images of the pre-dump before it: not an image file, and
+#: never sent (the receiving side links its own copy of the chain; migrd.engine.predump).
+PARENT_LINK = "parent"
+#: The longest chain of pre-dumps a manifest may name (far above any round limit).
+MAX_PARENTS = 64
 FORMAT = 1
 _CHUNK = 1 << 20
 
@@ -49,6 +54,8 @@ class Manifest:
     #: For a container: what its rootfs changed against the image, each file's content in an
     #: image file (Change.blob) with its size and sha256.
     rootfs: tuple[Change, ...] = ()
+    #: Pre-dumps these images lean on (CRIU's `parent` chain): their pages are not in files.
+    parents: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -67,20 +74,25 @@ def sha256_file(path: Path) -> str:
 
 
 def scan(directory: Path) -> dict[str, FileEntry]:
-    """Hash every regular file directly in directory except the manifest itself.
+    """Hash every regular file directly in directory except the manifest itself and CRIU's
+    link to a pre-dump.
 
     CRIU image directories are flat; anything else (subdirectory, link, device) is refused
     because the receiver would refuse it anyway.
     """
     entries: dict[str, FileEntry] = {}
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        if entry.name == NAME:
+        if entry.name == NAME or is_parent_link(entry):
             continue
         if not entry.is_file(follow_symlinks=False):
             raise ImageError(f"{directory}: {entry.name} is not a regular file; images must be flat")
         p = Path(entry.path)
         entries[entry.name] = FileEntry(p.stat().st_size, sha256_file(p))
     return entries
+
+
+def is_parent_link(entry: os.DirEntry[str]) -> bool:
+    return entry.name == PARENT_LINK and entry.is_symlink()
 
 
 def write(directory: Path, manifest: Manifest) -> Path:
@@ -109,6 +121,8 @@ def from_json(text: str | bytes, origin: str = NAME) -> Manifest:
     for name, entry in m.files.items():
         if entry.size < 0:
             raise ImageError(f"{origin}: image file {name!r} has a negative size")
+    if not 0 <= m.parents <= MAX_PARENTS:
+        raise ImageError(f"{origin}: {m.parents} pre-dumps is not between 0 and {MAX_PARENTS}")
     return m
 
 
@@ -164,7 +178,7 @@ def verify(directory: Path, hashes: bool = True, streamed: Mapping[str, int] | N
         actual = scan(directory)
     else:
         actual = {e.name: FileEntry(e.stat().st_size, expected[e.name].sha256 if e.name in expected else "")
-                  for e in os.scandir(directory) if e.name != NAME}
+                  for e in os.scandir(directory) if e.name != NAME and not is_parent_link(e)}
     for name in streamed or {}:
         if name in actual:
             actual[name] = FileEntry(actual[name].size, "")

@@ -36,7 +36,7 @@ from migrd.adapters.criu import find_criu
 from migrd.config import Config
 from migrd.core import binding, precheck
 from migrd.engine import checkpoint as cp
-from migrd.engine import failpoints, pagestream, peerclient, strategies
+from migrd.engine import failpoints, pagestream, peerclient, predump, strategies
 from migrd.engine.journal import FINAL, Journal, all_journals, new_id
 from migrd.engine.manifest import process_from_dict
 from migrd.engine.strategies import Strategy
@@ -106,6 +106,10 @@ class Outcome:
     estimates: tuple[str, ...] = ()
     #: `--strategy hybrid`: how it switched ("stop-copy" or "postcopy").
     hybrid_switch: str | None = None
+    #: Pre-copy and hybrid: how the rounds found changed pages ("criu" pre-dumps or "content").
+    dirty_tracking: str | None = None
+    #: Pre-copy and hybrid: rounds run while the workload ran.
+    rounds: int | None = None
 
 
 ProgressFn = Callable[[int, int], None]
@@ -165,6 +169,8 @@ class Migration:
         self.j = journal
         self.lock_fd = lock_fd
         self.images = journal.dir / "images"
+        #: CRIU's pre-dumps (pre-copy on a soft-dirty kernel), which the images lean on.
+        self.pre_dumps = journal.dir / predump.CHAIN
 
     # --- journal-derived state -------------------------------------------------------------
 
@@ -294,11 +300,11 @@ class Migration:
 
     # --- phase helpers (what strategies compose) -------------------------------------------
 
-    def dump(self, *, leave_stopped: bool, page_server_fd: int | None) -> cp.Checkpoint:
+    def dump(self, *, leave_stopped: bool, page_server_fd: int | None, parent: cp.Parent | None = None) -> cp.Checkpoint:
         opts = self.opts
         return self.subject.dump(self.cfg, self.images, leave_running=opts.mode == "clone",
                                  leave_stopped=leave_stopped, tcp_established=opts.tcp_established,
-                                 pass_fds=(self.lock_fd,), page_server_fd=page_server_fd)
+                                 pass_fds=(self.lock_fd,), page_server_fd=page_server_fd, parent=parent)
 
     def release_address(self) -> None:
         """A moved address leaves this host before the target restores (one holder at a time)."""
@@ -400,7 +406,7 @@ class Migration:
                 netaddr.nft_delete(table)
             if d.get("workload"):
                 workloads.Registry(self.cfg.state_dir).remove(d["workload"])
-        shutil.rmtree(self.images, ignore_errors=True)
+        self.drop_images()
         self.j.record("done", outcome="ok", announce_error=announce_error)
 
     # --- the way back ----------------------------------------------------------------------
@@ -437,13 +443,18 @@ class Migration:
         tables = d.get("nft_tables")
         if tables is None:  # ended between the dump and `transfer`, which records them
             tables = self.dump_tables()
-        shutil.rmtree(self.images, ignore_errors=True)
+        self.drop_images()
         for table in tables:
             netaddr.nft_delete(table)  # a local restore unlocks its own; a dump-only leaves it
         if unclean:
             self.j.record("target_unclean", reason=unclean, local_pid=local_pid)
             return
         self.j.record("rolled_back", reason=d.get("reason", reason), local_pid=local_pid or d.get("local_pid"))
+
+    def drop_images(self) -> None:
+        """The process's memory leaves this host's disk: the dump and the pre-dumps it leans on."""
+        shutil.rmtree(self.images, ignore_errors=True)
+        shutil.rmtree(self.pre_dumps, ignore_errors=True)
 
     def dump_tables(self) -> list[str]:
         """CRIU's network-lock tables this migration's dump left here, found by the run id in
@@ -493,6 +504,7 @@ class Migration:
                        streamed=bool(d.get("streamed")), resources=tuple(d.get("resources", ())),
                        passed_over=tuple(d.get("passed_over", ())),
                        estimates=tuple(d.get("auto_estimates", ())), hybrid_switch=d.get("hybrid_switch"),
+                       dirty_tracking=d.get("dirty_tracking"), rounds=d.get("rounds"),
                        announce_error=d.get("announce_error"))
 
 

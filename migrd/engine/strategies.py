@@ -20,7 +20,7 @@ import shutil
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,6 +34,8 @@ from migrd.model import ProcessInfo
 
 if TYPE_CHECKING:  # the driver imports this module
     from migrd.core.precopy import Decision, Round
+    from migrd.core.precopy import Limits as PrecopyLimits
+    from migrd.engine.checkpoint import Parent
     from migrd.engine.precopy import Pusher
     from migrd.engine.migration import Migration, Options
     from migrd.engine.peerclient import Target
@@ -105,10 +107,17 @@ class StopCopy(Strategy):
                "whole memory crosses while it is frozen")
 
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
+        self.switch(run, target, progress, strategy=self.name)
+
+    @staticmethod
+    def switch(run: Migration, target: Target, progress: ProgressFn | None,
+               parent: Parent | None = None, **figures: Any) -> None:
+        """The freeze through the commit. parent: the CRIU pre-dump the dump leans on (then
+        only the pages written since it are dumped and sent). figures: for the journal."""
         with run.prepare_switch(target) as switch:  # the target waits before the freeze
-            run.begin("checkpoint", strategy=self.name)
+            run.begin("checkpoint", **figures)
             freeze = time.time()
-            ck = run.dump(leave_stopped=False, page_server_fd=None)
+            ck = run.dump(leave_stopped=False, page_server_fd=None, parent=parent)
             run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
                       image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
             run.release_address()
@@ -234,36 +243,79 @@ class PostCopy(Strategy):
             netaddr.nft_delete(table)
         if d.get("workload"):
             workloads.Registry(run.cfg.state_dir).remove(d["workload"])
-        shutil.rmtree(run.images, ignore_errors=True)
+        run.drop_images()
         run.j.record("done", outcome="ok")
 
 
 class PreCopy(Strategy):
     """Memory crosses while the workload runs, round after round of what changed, until the
-    stop rule (migrd/core/precopy.py) predicts a short enough freeze; then a dump, of whose
-    pages only those the target lacks cross (migrd/engine/precopy.py: by content, so any
-    kernel will do). The dump ends the source, as stop-copy's does: rollback restores it here."""
+    stop rule (migrd/core/precopy.py) predicts a short enough freeze; then a dump of what the
+    target still lacks. The rounds find changed pages with CRIU's pre-dumps where the kernel
+    tracks soft-dirty pages (migrd/engine/predump.py), else by content on any kernel
+    (migrd/engine/precopy.py): `migrate.dirty_tracking`. The dump ends the source, as
+    stop-copy's does: rollback restores it here."""
 
     name = "precopy"
-    summary = ("send the memory while it runs, then what changed, then freeze and send only the "
-               "pages the target lacks: the freeze is the dump, a compare and the last changes")
+    summary = ("send the memory while it runs, then what changed, then freeze and send only what "
+               "the target lacks: the freeze is the dump and the last changes")
+
+    def unavailable(self, info: ProcessInfo, opts: Options, cfg: Config) -> str | None:
+        return tracking(cfg)[1]
 
     def forward(self, run: Migration, target: Target, progress: ProgressFn | None) -> None:
-        run.begin("precopy", strategy=self.name, **dirty_tracking(run))
-        with target.precopy() as pusher:
-            rounds, decision = precopy_rounds(run, pusher)
-            self.switch(run, target, pusher, rounds, decision, progress)
+        with self.rounds(run, target) as rounds_port:
+            rounds, decision = precopy_rounds(run, rounds_port)
+            rounds_port.switch(run, target, progress, **round_figures(rounds, decision))
 
-    def switch(self, run: Migration, target: Target, pusher: Pusher, rounds: list[Round],
-               decision: Decision, progress: ProgressFn | None) -> None:
-        """Freeze, dump, and send what the target still lacks: a brief stop-and-copy."""
+    def rounds(self, run: Migration, target: Target) -> contextlib.AbstractContextManager[Rounds]:
+        """The rounds' way of finding changed pages, journaled with what the kernel offers."""
+        way, why = tracking(run.cfg)
+        if way is None:
+            raise MigrdError(f"cannot pre-copy: {why}")
+        run.begin("precopy", strategy=self.name, dirty_tracking=way)
+        return ROUNDS[way].opened(run, target)
+
+
+class Rounds(ABC):
+    """How pre-copy's rounds find and send the pages that changed, and how its switch sends
+    what the target still lacks."""
+
+    @classmethod
+    @abstractmethod
+    def opened(cls, run: Migration, target: Target) -> contextlib.AbstractContextManager[Rounds]:
+        """Ready for round 1; closed after the switch."""
+
+    @abstractmethod
+    def round(self, number: int) -> Round:
+        """One round while the workload runs."""
+
+    @abstractmethod
+    def switch(self, run: Migration, target: Target, progress: ProgressFn | None, **figures: Any) -> None:
+        """The freeze through the commit."""
+
+
+class ContentRounds(Rounds):
+    """Pages read from the running process and compared by content (any kernel); the switch
+    sends only the dump's pages whose content the target lacks (migrd/engine/precopy.py)."""
+
+    def __init__(self, run: Migration, pusher: Pusher) -> None:
+        self.run = run
+        self.pusher = pusher
+
+    @classmethod
+    @contextlib.contextmanager
+    def opened(cls, run: Migration, target: Target) -> Iterator[Rounds]:
+        with target.precopy() as pusher:
+            yield cls(run, pusher)
+
+    def round(self, number: int) -> Round:
+        info = self.run.info
+        return self.pusher.round(info.tree_ids or (info.pid,), number, carried(self.run))
+
+    def switch(self, run: Migration, target: Target, progress: ProgressFn | None, **figures: Any) -> None:
         from migrd.engine import precopy as precopy_mod
 
-        figures = {"rounds": len(rounds), "round_sent_bytes": sum(r.sent for r in rounds),
-                   "round_seconds": round(sum(r.seconds for r in rounds), 4),
-                   "stop_reason": decision.reason, "predicted_freeze": decision.predicted_freeze,
-                   "diverging": decision.diverging,
-                   "dirty_rate": round(decision.dirty_rate) if decision.dirty_rate is not None else None}
+        pusher = self.pusher
         # The carried files go with the pages (read ahead in the rounds), not on a files session.
         with run.prepare_switch(target, files=False) as switch:
             run.begin("checkpoint", **figures)
@@ -286,6 +338,67 @@ class PreCopy(Strategy):
             run.restore_there(target, switch.restoring, page_bytes=final.page_bytes)
 
 
+class PreDumpRounds(Rounds):
+    """CRIU's pre-dumps on a soft-dirty kernel, each sent whole to the target; the switch is a
+    stop-and-copy whose dump holds only the pages written since the last pre-dump
+    (migrd/engine/predump.py). The carried files go after the freeze, as stop-copy's do."""
+
+    def __init__(self, run: Migration, target: Target) -> None:
+        self.run = run
+        self.target = target
+        self.depth = 0
+        self._last_start: float | None = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def opened(cls, run: Migration, target: Target) -> Iterator[Rounds]:
+        yield cls(run, target)
+
+    def round(self, number: int) -> Round:
+        from migrd.adapters import private
+        from migrd.core import precopy
+        from migrd.engine import predump
+
+        run = self.run
+        start = time.monotonic()
+        interval = start - self._last_start if self._last_start is not None else 0.0
+        self._last_start = start
+        here = predump.round_dir(private.private_dir(run.pre_dumps), number)
+        run.subject.pre_dump(run.cfg, here, predump.round_parent(number), run.opts.tcp_established)
+        with self.target.image_sink(predump.remote_round_dir(run.remote_images, number)) as sink:
+            stats = sink.send(here)
+        self.depth = number
+        return precopy.Round(changed=predump.page_bytes(here), sent=stats.bytes,
+                             seconds=time.monotonic() - start, interval=interval)
+
+    def switch(self, run: Migration, target: Target, progress: ProgressFn | None, **figures: Any) -> None:
+        from migrd.engine import predump
+
+        StopCopy.switch(run, target, progress, parent=predump.final_parent(self.depth), **figures)
+
+
+#: The ways rounds find changed pages, by migrd.core.precopy.TRACKING name.
+ROUNDS: dict[str, type[Rounds]] = {"criu": PreDumpRounds, "content": ContentRounds}
+
+
+def tracking(cfg: Config) -> tuple[str | None, str | None]:
+    """How pre-copy finds changed pages here: (way, None) or (None, why it cannot run)."""
+    from migrd.core import precopy
+
+    setting = cfg.migrate.dirty_tracking
+    soft_dirty = setting != "content" and find_criu(cfg).has_feature("mem_dirty_track")
+    return precopy.dirty_tracking(setting, soft_dirty)
+
+
+def round_figures(rounds: list[Round], decision: Decision) -> dict[str, Any]:
+    """What the rounds did and why they stopped, for the journal."""
+    return {"rounds": len(rounds), "round_sent_bytes": sum(r.sent for r in rounds),
+            "round_seconds": round(sum(r.seconds for r in rounds), 4),
+            "stop_reason": decision.reason, "predicted_freeze": decision.predicted_freeze,
+            "diverging": decision.diverging,
+            "dirty_rate": round(decision.dirty_rate) if decision.dirty_rate is not None else None}
+
+
 class Hybrid(PreCopy):
     """Pre-copy's rounds, then the stop rule's prediction picks the switch: a brief
     stop-and-copy of what is still dirty (as `precopy`) when it meets the downtime target,
@@ -300,15 +413,14 @@ class Hybrid(PreCopy):
         from migrd.core import precopy
 
         postcopy = ALL["postcopy"]
-        run.begin("precopy", strategy=self.name, **dirty_tracking(run))
-        with target.precopy() as pusher:
-            rounds, decision = precopy_rounds(run, pusher)
-            limits = precopy.Limits(downtime_target=run.cfg.migrate.downtime_target)
-            way = precopy.hybrid_switch(decision, limits, postcopy.unavailable(run.info, run.opts, run.cfg) is None)
+        with self.rounds(run, target) as rounds_port:
+            rounds, decision = precopy_rounds(run, rounds_port)
+            way = precopy.hybrid_switch(decision, precopy_limits(run.cfg),
+                                        postcopy.unavailable(run.info, run.opts, run.cfg) is None)
             run.j.record("switch", hybrid_switch=way, rounds=len(rounds), stop_reason=decision.reason,
                          predicted_freeze=decision.predicted_freeze)
             if way == "stop-copy":
-                self.switch(run, target, pusher, rounds, decision, progress)
+                rounds_port.switch(run, target, progress, **round_figures(rounds, decision))
                 return
         # Post-copy moves every page itself: what the rounds sent is not used (the lazy-pages
         # daemon serves pages from the source only).
@@ -327,35 +439,32 @@ class Hybrid(PreCopy):
         return self._way(run).bring_back(run, states)
 
 
-def dirty_tracking(run: Migration) -> dict[str, Any]:
-    """How the rounds find changed pages, for the journal. Pages are compared by content on
-    every kernel: CRIU's own pre-dump rounds (soft-dirty) are not wired in yet, so a kernel that
-    has soft-dirty is only noted."""
-    from migrd.adapters.criu import find_criu
-
-    return {"kernel_soft_dirty": find_criu(run.cfg).has_feature("mem_dirty_track"), "dirty_tracking": "content"}
-
-
 def carried(run: Migration) -> list[Path]:
     """The files this migration copies to the target (its stdout log, --with-files)."""
     return [Path(p) for p in run.data["carry"]]
 
 
-def precopy_rounds(run: Migration, pusher: Pusher) -> tuple[list[Round], Decision]:
+def precopy_limits(cfg: Config) -> PrecopyLimits:
+    """Pre-copy's stop rule as the config sets it (the rounds, hybrid's switch and `auto`'s
+    forecast all use this one)."""
+    from migrd.core import precopy
+
+    return precopy.Limits(max_rounds=cfg.migrate.precopy_rounds, downtime_target=cfg.migrate.downtime_target)
+
+
+def precopy_rounds(run: Migration, rounds_port: Rounds) -> tuple[list[Round], Decision]:
     """Rounds while the workload runs, until the stop rule says switch. Each round can be made
     to fail (or the orchestrator to die) with the failpoint `roundN`."""
     from migrd.core import choice, precopy
     from migrd.engine import failpoints
 
     info = run.info
-    m = run.cfg.migrate
-    limits = precopy.Limits(max_rounds=m.precopy_rounds, downtime_target=m.downtime_target)
+    limits = precopy_limits(run.cfg)
     fixed = choice.precopy_fixed(info.rss, run.cfg.policy.move_rates)
-    pids = info.tree_ids or (info.pid,)
     rounds: list[Round] = []
     while True:
         failpoints.point(f"round{len(rounds) + 1}")
-        rounds.append(pusher.round(pids, len(rounds) + 1, carried(run)))
+        rounds.append(rounds_port.round(len(rounds) + 1))
         decision = precopy.decide(rounds, limits, memory=info.rss, fixed=fixed,
                                   fallback_bandwidth=precopy.ASSUMED_BANDWIDTH)
         if decision.stop:
@@ -383,7 +492,7 @@ class Auto(Strategy):
                       if not isinstance(s, (Auto, Hybrid)) and s.unavailable(info, opts, run.cfg) is None]
         facts = choice.MoveFacts(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth_bytes_per_s,
                                  rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target)
-        chosen, forecasts = choice.choose(candidates, facts, run.cfg.policy.move_rates)
+        chosen, forecasts = choice.choose(candidates, facts, run.cfg.policy.move_rates, precopy_limits(run.cfg))
         name = chosen.strategy
         run.j.record("auto", strategy=name, auto_estimates=[f.line() for f in forecasts],
                      sampled_dirty_rate=round(rate), link_bandwidth=round(link.bandwidth_bytes_per_s),

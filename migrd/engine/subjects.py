@@ -23,7 +23,7 @@ from migrd.model import CONTAINER_STRATEGIES, ContainerInfo, ProcessInfo, Subjec
 if TYPE_CHECKING:  # the target side imports subjects; it must not pay for paramiko
     from migrd.adapters.workloads import Workload
     from migrd.config import Config
-    from migrd.engine.checkpoint import Checkpoint
+    from migrd.engine.checkpoint import Checkpoint, Parent
     from migrd.engine.manifest import Manifest
     from migrd.engine.peerclient import Restored
 
@@ -93,8 +93,15 @@ class Subject(ABC):
 
     @abstractmethod
     def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
-             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
-        """Checkpoint into images, manifest included."""
+             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None,
+             parent: Parent | None = None) -> Checkpoint:
+        """Checkpoint into images, manifest included. parent: the CRIU pre-dump it leans on
+        (only subjects that pre_dump get one)."""
+
+    def pre_dump(self, cfg: Config, images: Path, parent: Parent | None, tcp_established: bool) -> Checkpoint:
+        """CRIU's pre-dump of the memory while the subject runs on (pre-copy on a soft-dirty
+        kernel). Only a subject whose `refuses` lets pre-copy through is asked."""
+        raise InputError(f"{self.label()} cannot be pre-dumped by CRIU")
 
     @abstractmethod
     def restore_local(self, cfg: Config, images: Path, tcp_established: bool) -> int:
@@ -211,12 +218,18 @@ class ProcessTree(Subject):
                              f"{', '.join(map(str, sorted(missing)))} on {where}")
 
     def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
-             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
+             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None,
+             parent: Parent | None = None) -> Checkpoint:
         from migrd.engine import checkpoint as cp
 
         return cp.checkpoint(cfg, self._info.pid, images, leave_running=leave_running,
                              leave_stopped=leave_stopped, tcp_established=tcp_established,
-                             pass_fds=pass_fds, page_server_fd=page_server_fd)
+                             pass_fds=pass_fds, page_server_fd=page_server_fd, parent=parent)
+
+    def pre_dump(self, cfg: Config, images: Path, parent: Parent | None, tcp_established: bool) -> Checkpoint:
+        from migrd.engine import checkpoint as cp
+
+        return cp.checkpoint(cfg, self._info.pid, images, tcp_established=tcp_established, parent=parent, pre=True)
 
     def restore_local(self, cfg: Config, images: Path, tcp_established: bool) -> int:
         from migrd.adapters.criu import find_criu
@@ -339,7 +352,8 @@ class RuncContainer(Subject):
         return ContainerAsk(c.name, c.runtime, c.image, c.image_digest, c.image_id)
 
     def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
-             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
+             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None,
+             parent: Parent | None = None) -> Checkpoint:
         from migrd.engine import containers
 
         return containers.checkpoint(cfg, self.container, self._info, images, tcp_established=tcp_established)
@@ -404,7 +418,8 @@ class PodmanContainer(RuncContainer):
         return podman.describe(cfg, name)
 
     def dump(self, cfg: Config, images: Path, *, leave_running: bool, leave_stopped: bool,
-             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None) -> Checkpoint:
+             tcp_established: bool, pass_fds: tuple[int, ...], page_server_fd: int | None,
+             parent: Parent | None = None) -> Checkpoint:
         from migrd.engine import podman
 
         return podman.checkpoint(cfg, self.container, self._info, images, tcp_established=tcp_established)

@@ -24,7 +24,7 @@ from typing import Any
 from migrd.engine import checkpoint as cp
 from migrd.adapters import netaddr, private, procfs, untrusted, workloads
 from migrd.engine import lazy as lazy_mod
-from migrd.engine import pagestream
+from migrd.engine import pagestream, predump
 from migrd.engine import receive
 from migrd.core import precheck
 from migrd.config import Config
@@ -239,6 +239,8 @@ def restore(cfg: Config, mid: str, name: str | None, stdout: str | None,
     # `migrctl receive` hashed every file as it wrote it moments ago; hashing again here would
     # add ~0.6 s per GiB of downtime for nothing.
     m = read_manifest(images)
+    if m.parents:
+        predump.link_chain(images, m.parents)
     pid, seconds = _subject(m.subject).restore_there(cfg, images, m, hashed=True, streamed=streamed,
                                                       lazy_work=lazy_work)
     start_time = procfs.start_time(pid)
