@@ -265,6 +265,8 @@ class PolicyConfig:
     strategies: tuple[Literal["stop-copy", "stream-copy", "postcopy", "precopy"], ...] = ("stop-copy", "precopy")
     #: Seconds a workload may be frozen: the agent sets it from migrate.downtime_target.
     downtime_target: float = field(default=0.5, metadata={"yaml": False})
+    #: Pre-copy's round limit: the agent sets it from migrate.precopy_rounds.
+    precopy_rounds: int = field(default=8, metadata={"yaml": False})
     #: Expected remaining life is capped here (a week-old daemon is not "a week more" of work
     #: worth planning around).
     max_horizon_s: float = 86400.0

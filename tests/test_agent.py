@@ -206,6 +206,7 @@ def test_round_offloads_then_cools_down(make_agent):
     assert a.calls == [(101, migrate.Options(target="b", preference=AGENT_STRATEGIES))]
     # The move was priced against the downtime the agent's migrations aim at.
     assert a.settings.policy.downtime_target == a.cfg.migrate.downtime_target
+    assert a.settings.policy.precopy_rounds == a.cfg.migrate.precopy_rounds
     assert d.estimate is not None and d.estimate.strategy in a.settings.policy.strategies
     d2 = a.round()
     assert d2.action is Action.STAY and any("host cooldown" in r for r in d2.reasons)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import struct
@@ -87,6 +89,14 @@ def test_auto_falls_back_to_postcopy_only_when_nothing_else_meets_the_target():
     assert {e.strategy for e in est} == set(ALL)
     chosen, _ = choice.choose(("stop-copy", "precopy"), situation(1024 * MB, 200 * MB, 0.5))
     assert chosen.strategy in ("stop-copy", "precopy")
+
+
+def test_auto_forecasts_precopy_with_the_configured_round_limit():
+    facts = situation(512 * MB, 20 * MB, 0.1)
+    _, (eight,) = choice.choose(("precopy",), facts)
+    _, (one,) = choice.choose(("precopy",), dataclasses.replace(facts, max_rounds=1))
+    assert "1 rounds, then" in one.line() and "1 rounds, then" not in eight.line()
+    assert one.freeze > eight.freeze
 
 
 def test_auto_estimates_say_how_they_were_reached():

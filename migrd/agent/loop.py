@@ -196,9 +196,11 @@ class Agent:
         self.decisions = DecisionLog(cfg.state_dir / "decisions.jsonl", d.max_decisions_log)
         self.stop = threading.Event()
         self.lock = threading.Lock()
-        # The policy prices a move's freeze against the downtime its migrations aim at.
+        # The policy prices a move's freeze against the downtime its migrations aim at, with
+        # the round limit they pre-copy with.
         self.settings = step.Settings(self.host, d.mode, d.interval,
-                                      dataclasses.replace(cfg.policy, downtime_target=cfg.migrate.downtime_target))
+                                      dataclasses.replace(cfg.policy, downtime_target=cfg.migrate.downtime_target,
+                                                          precopy_rounds=cfg.migrate.precopy_rounds))
         self.state = step.State()
         self.paused = False
         self.situation: Situation | None = None

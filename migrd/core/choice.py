@@ -37,6 +37,8 @@ class MoveFacts:
     bandwidth: float
     rtt: float
     downtime_target: float
+    #: Pre-copy's round limit (migrate.precopy_rounds).
+    max_rounds: int = precopy.Limits.max_rounds
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,9 @@ def precopy_fixed(memory: int, rates: MoveRates) -> float:
     return rates.overhead + memory / rates.dump + memory / rates.scan + memory / rates.restore
 
 
-def choose(candidates: Iterable[str], m: MoveFacts, rates: MoveRates = MoveRates(),
-           limits: precopy.Limits | None = None) -> tuple[Forecast, tuple[Forecast, ...]]:
+def choose(candidates: Iterable[str], m: MoveFacts, rates: MoveRates = MoveRates()) -> tuple[Forecast, tuple[Forecast, ...]]:
     """The forecast of the strategy to run and that of every candidate (in the candidates' order)."""
-    limits = limits or precopy.Limits(downtime_target=m.downtime_target)
+    limits = precopy.Limits(max_rounds=m.max_rounds, downtime_target=m.downtime_target)
     forecasts = tuple(MODELS[n].forecast(m, rates, limits) for n in candidates)
     if not forecasts:
         raise ValueError("no strategy to choose from")

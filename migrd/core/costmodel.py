@@ -129,7 +129,7 @@ def strategies(c: Candidate, cfg: PolicyConfig) -> tuple[str, ...]:
 def forecasts(c: Candidate, link: Link, cfg: PolicyConfig) -> tuple[choice.Forecast, tuple[choice.Forecast, ...]]:
     """The forecast of the strategy that would move c's memory over link, and every one's."""
     facts = choice.MoveFacts(memory=c.proc.rss_bytes, dirty_rate=c.dirty_rate or 0.0, bandwidth=link.bandwidth,
-                             rtt=link.rtt_s, downtime_target=cfg.downtime_target)
+                             rtt=link.rtt_s, downtime_target=cfg.downtime_target, max_rounds=cfg.precopy_rounds)
     return choice.choose_cached(strategies(c, cfg), facts, cfg.move_rates)
 
 

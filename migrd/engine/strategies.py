@@ -491,8 +491,9 @@ class Auto(Strategy):
         candidates = [n for n, s in STRATEGIES.items()
                       if not isinstance(s, (Auto, Hybrid)) and s.unavailable(info, opts, run.cfg) is None]
         facts = choice.MoveFacts(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth_bytes_per_s,
-                                 rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target)
-        chosen, forecasts = choice.choose(candidates, facts, run.cfg.policy.move_rates, precopy_limits(run.cfg))
+                                 rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target,
+                                 max_rounds=run.cfg.migrate.precopy_rounds)
+        chosen, forecasts = choice.choose(candidates, facts, run.cfg.policy.move_rates)
         name = chosen.strategy
         run.j.record("auto", strategy=name, auto_estimates=[f.line() for f in forecasts],
                      sampled_dirty_rate=round(rate), link_bandwidth=round(link.bandwidth_bytes_per_s),
