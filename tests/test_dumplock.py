@@ -90,3 +90,13 @@ def test_clear_stale_leaves_anything_else_alone(tmp_path, monkeypatch, kind):
 
 def test_clear_stale_skips_tasks_that_are_gone():
     assert dumplock.clear_stale([2**22 + 12345]) == []
+
+
+def test_checkpoint_journals_only_a_notable_wait():
+    from migrd.engine.checkpoint import Checkpoint
+
+    def ck(wait: float) -> Checkpoint:
+        return Checkpoint(manifest=None, images=Path("/x"), dump_seconds=0.1, log=Path("/l"), lock_wait=wait)  # type: ignore[arg-type]
+
+    assert ck(0.01).lock_note() == {}
+    assert ck(2.34567).lock_note() == {"dump_lock_wait": 2.346}
