@@ -148,8 +148,12 @@ def lazy_checkpoint(cfg: Config, pid: int, images: Path, sock_fd: int, *, tcp_es
             dumplock.clear_stale(info.tree_ids or (pid,))
             t0 = time.monotonic()
             dump = criu.lazy_dump(pid, images, log, sock_fd, pass_fds=pass_fds, **options)
-            with failpoints.dying_while("dumping"):
-                dump.wait_images(timeout)
+            try:
+                with failpoints.dying_while("dumping"):
+                    dump.wait_images(timeout)
+            except BaseException:
+                dump.kill()  # before the lock goes: no parasite runs without it
+                raise
             seconds = time.monotonic() - t0
         m = _seal(cfg, criu, images, info, options)
     except BaseException:
