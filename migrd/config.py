@@ -60,6 +60,9 @@ class CriuSettings:
     #: Network lock method: nftables needs no binary (CRIU links libnftables); iptables needs
     #: iptables-restore on the host.
     network_lock: Literal["nftables", "iptables"] = "nftables"
+    #: Seconds a dump waits for another CRIU dump on this host to finish (one at a time: two
+    #: can collide on CRIU's proc.crtools directory).
+    dump_lock_timeout: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,7 @@ def _problem(e: yaml.YAMLError) -> str:
 _POSITIVE = {"ssh.connect_timeout", "ssh.op_timeout", "migrate.pid_wait", "migrate.lazy_timeout",
              "migrate.downtime_target", "migrate.precopy_rounds", "daemon.interval",
              "daemon.peer_stale_after", "daemon.probe_every", "daemon.probe_bytes",
-             "daemon.max_decisions_log", "daemon.cpu_speed", "migrate.headroom"}
+             "daemon.max_decisions_log", "daemon.cpu_speed", "migrate.headroom", "criu.dump_lock_timeout"}
 
 
 def _check_range(name: str, path: str, node: yaml.Node, value: Any) -> None:

@@ -43,6 +43,13 @@ class CriuError(MigrdError):
         super().__init__(f"criu {action} failed: {first}{where}")
 
 
+class DumpLockTimeout(MigrdError):
+    """Another CRIU dump on this host kept the dump lock longer than criu.dump_lock_timeout
+    (dumps run one at a time: see migrd/adapters/dumplock.py). Nothing was frozen."""
+
+    exit_code = 14
+
+
 class ImageError(MigrdError):
     """A checkpoint directory is incomplete, altered or not a checkpoint at all."""
 

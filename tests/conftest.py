@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+import workloads
 from workloads import Procs
 
 # Fuzz tests (tests/test_fuzz.py): a quick, reproducible run in `make test`, and many more
@@ -24,6 +25,12 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("root"):
             item.add_marker(requires_root)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _claim_run_dir(tmp_path_factory) -> None:
+    """Markers under this run's own temporary directory are this run's (workloads.copies)."""
+    workloads.claim_run_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

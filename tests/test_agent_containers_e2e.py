@@ -27,7 +27,7 @@ from migrbed import bed as bed_mod
 from migrbed.programs import BUSY
 from migrd import config as config_mod
 from migrd.model import PolicyConfig, Watermarks
-from workloads import container_counts, copies, end_copies, wait_for
+from workloads import container_counts, copies, end_copies, marker, wait_for
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed (make setup)"),
@@ -76,7 +76,7 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
     deadline = time.time() + 240
     stamp = int(time.time() * 1000) % 10**8
     spin, kept = f"spin{stamp}", f"kept{stamp}"
-    spin_mark, kept_mark = f"migrd-test-{spin}", f"migrd-test-{kept}"
+    spin_mark, kept_mark = marker(spin), marker(kept)
     outs = [tmp_path / f"load-{i}" for i in range(LOADERS)]
     agents = False
     try:

@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from workloads import COUNTER, SERVER, ask, end_copies, is_running, not_private, values, wait_for
@@ -173,3 +175,94 @@ def test_images_and_state_are_root_only_whatever_the_umask(migrd_config, tmp_pat
         assert not_private(images) == {}
     finally:
         end_copies(str(out))
+
+
+@pytest.fixture
+def pidns_counters(migrd_config, tmp_path):
+    """Counters started as `migrctl run` starts them (own PID namespace, the host's /proc), but
+    in a working directory of the test's own, where CRIU's parasite makes its proc.crtools:
+    never `/`, which other dumps on this machine use."""
+    from migrd.adapters import workloads as wl
+
+    home = tmp_path / "home"
+    home.mkdir()
+    outs: list[Path] = []
+
+    def start() -> tuple[int, Path]:
+        out = tmp_path / f"count-{len(outs)}"
+        outs.append(out)
+        w = wl.start(tmp_path / "state", (sys.executable, "-c", COUNTER, str(out)),
+                     name=f"pidns{len(outs)}", cwd=str(home))
+        wait_for(lambda: len(values(out)) >= 5, what="counter to start")
+        return w.pid, out
+
+    yield home, start
+    end_copies(*map(str, outs))
+
+
+def test_stale_proc_crtools_left_by_a_killed_dump_is_removed_and_the_dump_works(pidns_counters, tmp_path):
+    """An empty proc.crtools in the workload's working directory (what a dump killed inside
+    CRIU's parasite leaves) failed every later dump with "Can't create a directory (-17)"."""
+    home, start = pidns_counters
+    pid, out = start()
+    (home / "proc.crtools").mkdir()
+    info = checkpoint(pid, tmp_path / "img")
+    assert info["files"] > 0
+    assert not (home / "proc.crtools").exists()
+    wait_for(lambda: not is_running(pid), what="the dumped workload to end")
+    before = values(out)
+    restore(tmp_path / "img")
+    assert_resumes(out, before)
+
+
+def test_proc_crtools_with_content_is_left_alone(pidns_counters, tmp_path):
+    home, start = pidns_counters
+    pid, _ = start()
+    (home / "proc.crtools").mkdir()
+    (home / "proc.crtools" / "someones").write_text("data")
+    r = migrctl("checkpoint", pid, "--images", tmp_path / "img", "--leave-running")
+    assert r.returncode == 5, r.stderr
+    assert any("Can't create a directory (-17)" in log.read_text() for log in (tmp_path / "state" / "logs").glob("dump-*"))
+    assert (home / "proc.crtools" / "someones").read_text() == "data" and is_running(pid)
+
+
+def test_dumps_wait_for_each_other_one_at_a_time(pidns_counters, migrd_config, tmp_path):
+    """Two workloads sharing a working directory: a dump waits while another holds the dump
+    lock (and says so), is refused after criu.dump_lock_timeout with nothing frozen, and two
+    dumps started together both succeed."""
+    from migrd.adapters import dumplock
+
+    home, start = pidns_counters
+    (a, out_a), (b, _) = start(), start()
+    lock = dumplock.acquire(5)
+    try:
+        waiting = subprocess.Popen([*MIGRCTL, "checkpoint", str(a), "--images", str(tmp_path / "wait"),
+                                    "--leave-running", "--json"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        time.sleep(2.0)
+        assert waiting.poll() is None and not (tmp_path / "wait" / "inventory.img").exists()
+        at = len(values(out_a))
+        wait_for(lambda: len(values(out_a)) > at, what="the waiting dump's workload to keep counting")
+    finally:
+        os.close(lock.fd)
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err
+    assert "waited" in err and json.loads(out)["files"] > 0
+
+    lock = dumplock.acquire(5)
+    try:
+        with migrd_config.open("a") as f:
+            f.write("criu:\n  dump_lock_timeout: 0.5\n")
+        r = migrctl("checkpoint", b, "--images", tmp_path / "refused", "--leave-running")
+    finally:
+        os.close(lock.fd)
+    assert r.returncode == 14 and "another CRIU dump" in r.stderr and "\n" not in r.stderr.strip(), r.stderr
+    assert not (tmp_path / "refused").exists() and psutil.Process(b).status() != psutil.STATUS_STOPPED
+
+    both = [subprocess.Popen([*MIGRCTL, "checkpoint", str(pid), "--images", str(tmp_path / f"both{pid}"),
+                              "--leave-running"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for pid in (a, b)]
+    for p in both:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert not (home / "proc.crtools").exists()

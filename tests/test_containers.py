@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from workloads import CLIENT, container_counts, copies, criu_tables, wait_for
+from workloads import marker as run_marker
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed (make setup)"),
@@ -67,7 +68,7 @@ def container(mig, bed):
     def start(migratable: bool = True, runtime: str = "runc", script: str | None = None) -> tuple[str, str]:
         """script: what the container runs instead of the counter (the caller waits for it)."""
         name = f"ct{int(time.time() * 1000) % 10**8}"
-        marker = f"migrd-test-{name}"
+        marker = run_marker(name)
         names.append(name)
         body = script or "i=0; while :; do i=$((i+1)); echo $i >> /data/counter; sleep 0.1; done"
         mig("host1", "container", "run", "--runtime", runtime, *([] if migratable else ["--not-migratable"]),

@@ -22,7 +22,7 @@ from migrd.adapters import cgroup
 from migrd import config as config_mod
 from migrd.engine.journal import STEPS, Journal, all_journals, summarize
 from migrbed.programs import COUNTER, read_counts
-from workloads import CLIENT, copies, criu_tables, end_copies, not_private, wait_for
+from workloads import CLIENT, RUN_TOKEN, copies, criu_tables, end_copies, marker, not_private, wait_for
 
 pytestmark = pytest.mark.root
 BED_HOSTS = 3
@@ -283,7 +283,8 @@ def service_dir():
     import shutil
     import tempfile
 
-    d = Path(tempfile.mkdtemp(prefix="migrd-svc-"))
+    # Not under tmp_path, whose parents nobody cannot enter; the token makes it this run's marker.
+    d = Path(tempfile.mkdtemp(prefix=f"migrd-svc-{RUN_TOKEN}-"))
     os.chown(d, 65534, 65534)
     yield d
     end_copies(str(d))
@@ -573,7 +574,8 @@ while time.time() < deadline:
         x.sendall(f"{served}\\n".encode())
 """
 
-SERVICE_MARK = "s.bind((sys.argv[1], 8080))"
+#: Passed after the address (SERVICE ignores it): this run's copies of the service.
+SERVICE_MARK = marker("service")
 
 def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
     from migrbed import bed as bed_mod
@@ -581,7 +583,7 @@ def test_move_address_and_established_connection(mig, run_in, bed, tmp_path):
     vip = "198.18.0.100"
     name = "svc-" + tmp_path.name[-8:]
     run_in("host1", "ip", "addr", "add", f"{vip}/24", "dev", "eth0")
-    w = jrun(mig, "host1", "run", "--name", name, "--", PY, "-c", SERVICE, vip)
+    w = jrun(mig, "host1", "run", "--name", name, "--", PY, "-c", SERVICE, vip, SERVICE_MARK)
     go = tmp_path / "go"
     client = None
     try:
@@ -626,7 +628,7 @@ def test_moved_address_is_announced(mig, run_in, tmp_path):
     name = "ann-" + tmp_path.name[-8:]
     run_in("host1", "ip", "addr", "add", f"{vip}/24", "dev", "eth0")
     try:
-        w = jrun(mig, "host1", "run", "--name", name, "--", PY, "-c", SERVICE, vip)
+        w = jrun(mig, "host1", "run", "--name", name, "--", PY, "-c", SERVICE, vip, SERVICE_MARK)
         wait_for(lambda: run_in("host3", PY, "-c", CLIENT, vip, "1", "5", check=False).returncode == 0,
                  what="service up")
         before = eval(run_in("host3", PY, "-c", CLIENT, vip, "1", "5").stdout)

@@ -4,6 +4,7 @@ started (by PID, after checking the PID still runs one of our scripts)."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import stat
 import subprocess
@@ -15,6 +16,27 @@ import psutil
 
 from migrbed.programs import COUNTER, MARK
 from migrbed.programs import read_counts as values
+
+#: This test run's own token. copies() and end_copies() see every process on the machine, so a
+#: marker must belong to this run: a path under its temporary directory (claimed by conftest)
+#: or a name made by marker(). Two runs side by side then never count or kill each other's copies.
+RUN_TOKEN = secrets.token_hex(4)
+_run_dir: Path | None = None
+
+
+def claim_run_dir(path: Path) -> None:
+    """This run's temporary directory (pytest's basetemp): paths under it are markers too."""
+    global _run_dir
+    _run_dir = path
+
+
+def marker(name: str) -> str:
+    """A marker for a workload that carries no path of this run (put it in its command line)."""
+    return f"migrd-test-{RUN_TOKEN}-{name}"
+
+
+def of_this_run(mark: str) -> bool:
+    return RUN_TOKEN in mark or (_run_dir is not None and mark.startswith(f"{_run_dir}/"))
 
 # Answers each connection with how many it has answered so far: state a restore must keep.
 SERVER = f"""
@@ -161,6 +183,9 @@ def copies(marker: str) -> list[int]:
     """Live processes anywhere on the machine running the workload named by marker (not the
     `unshare` that `migrctl run` leaves waiting for its PID namespace's init). Bed hosts share
     one PID space, so this counts copies on every host at once."""
+    if not of_this_run(marker):
+        raise ValueError(f"marker {marker!r} could match another test run's processes: "
+                         f"use a path under this run's tmp_path or workloads.marker()")
     out = []
     for p in psutil.process_iter(["cmdline", "status", "name"]):
         try:

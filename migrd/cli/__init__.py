@@ -27,6 +27,8 @@ Exit codes:
   10 migration precheck failed (every reason is listed; nothing changed)
   11 migration in doubt: target unreachable after restore began; run `migrd recover`
   12 no migrd agent is running on this host (status, explain, pause, resume)
+  13 post-copy: the pages stopped arriving after the switch; the workload is lost
+  14 another CRIU dump on this host held the dump lock too long; nothing was frozen
 """
 
 

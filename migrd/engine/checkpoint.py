@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from migrd.engine import failpoints
-from migrd.adapters import private, procfs
+from migrd.adapters import dumplock, private, procfs
 from migrd.engine import manifest as mf
 from migrd.config import Config
 from migrd.engine.subjects import ProcessTree
@@ -38,6 +38,12 @@ class Checkpoint:
     images: Path
     dump_seconds: float
     log: Path
+    #: Seconds spent waiting for another CRIU dump on this host before this one could start.
+    lock_wait: float = 0.0
+
+    def lock_note(self) -> dict[str, float]:
+        """For the journal: the wait, when it was long enough to delay the freeze noticeably."""
+        return {"dump_lock_wait": round(self.lock_wait, 3)} if dumplock.notable_wait(self.lock_wait) else {}
 
 
 def log_path(cfg: Config, action: str, pid: int | str) -> Path:
@@ -95,10 +101,14 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
     as_user = criu_mod.dump_user(procinfo.tree_creds(pid),
                                  procfs.capabilities(Path("/proc/self/status").read_text()))
     try:
-        with failpoints.dying_while("dumping"):
-            result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
-                               pass_fds=pass_fds, page_server_fd=page_server_fd, as_user=as_user,
-                               parent=parent.link if parent else None, pre=pre, **options)
+        # CRIU inherits the lock: a dump outliving a killed caller still holds it.
+        with dumplock.held(cfg.criu.dump_lock_timeout) as lock:
+            dumplock.clear_stale(info.tree_ids or (pid,))
+            with failpoints.dying_while("dumping"):
+                result = criu.dump(pid, images, log, leave_running=leave_running, leave_stopped=leave_stopped,
+                                   pass_fds=(*pass_fds, lock.fd), page_server_fd=page_server_fd,
+                                   as_user=as_user, parent=parent.link if parent else None, pre=pre,
+                                   **options)
         m = _seal(cfg, criu, images, info, options, parents=parent.depth if parent else 0, pre=pre)
     except BaseException:
         # CRIU resumes the task when a dump fails; leave no half-written checkpoint behind.
@@ -108,7 +118,7 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
             for child in images.iterdir():
                 child.unlink()
         raise
-    return Checkpoint(m, images, result.seconds, log)
+    return Checkpoint(m, images, result.seconds, log, lock.waited)
 
 
 def _seal(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: dict[str, bool],
@@ -145,19 +155,29 @@ def lazy_checkpoint(cfg: Config, pid: int, images: Path, sock_fd: int, *, tcp_es
     created = _prepare_dir(images)
     log = log_path(cfg, "dump", pid)
     options = ProcessTree(info).criu_options(tcp_established)
-    t0 = time.monotonic()
-    dump = criu.lazy_dump(pid, images, log, sock_fd, pass_fds=pass_fds, **options)
+    dump: LazyDump | None = None
     try:
-        with failpoints.dying_while("dumping"):
-            dump.wait_images(timeout)
-        seconds = time.monotonic() - t0
+        # Held until the images are complete (the parasite is gone by then), not while CRIU
+        # serves pages for the rest of the post-copy; so CRIU does not inherit it.
+        with dumplock.held(cfg.criu.dump_lock_timeout) as lock:
+            dumplock.clear_stale(info.tree_ids or (pid,))
+            t0 = time.monotonic()
+            dump = criu.lazy_dump(pid, images, log, sock_fd, pass_fds=pass_fds, **options)
+            try:
+                with failpoints.dying_while("dumping"):
+                    dump.wait_images(timeout)
+            except BaseException:
+                dump.kill()  # before the lock goes: no parasite runs without it
+                raise
+            seconds = time.monotonic() - t0
         m = _seal(cfg, criu, images, info, options)
     except BaseException:
-        dump.kill()  # a failed dump resumed the task itself; a killed one leaves it to the caller
+        if dump is not None:
+            dump.kill()  # a failed dump resumed the task itself; a killed one leaves it to the caller
         if created:
             shutil.rmtree(images, ignore_errors=True)
         raise
-    return Checkpoint(m, images, seconds, log), dump
+    return Checkpoint(m, images, seconds, log, lock.waited), dump
 
 
 def restore(cfg: Config, images: Path, *, criu: Criu | None = None,

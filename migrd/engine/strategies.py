@@ -118,7 +118,8 @@ class StopCopy(Strategy):
             run.begin("checkpoint", **figures)
             freeze = time.time()
             ck = run.dump(leave_stopped=False, page_server_fd=None, parent=parent)
-            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+            freeze += ck.lock_wait  # the task froze only once the dump lock was ours
+            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4), **ck.lock_note(),
                       image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
             run.release_address()
             moved, stats = run.send_after_freeze(switch, progress)
@@ -146,8 +147,9 @@ class StreamCopy(Strategy):
             with switch.pages as pages:
                 freeze = time.time()
                 ck = run.dump(leave_stopped=True, page_server_fd=pages.criu_fd)
+                freeze += ck.lock_wait  # the task froze only once the dump lock was ours
                 page_bytes = pages.finish(run.cfg.ssh.op_timeout)
-            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4), **ck.lock_note(),
                       image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
                       nft_tables=run.dump_tables())
             run.release_address()
@@ -321,7 +323,8 @@ class ContentRounds(Rounds):
             run.begin("checkpoint", **figures)
             freeze = time.time()
             ck = run.dump(leave_stopped=False, page_server_fd=None)
-            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4),
+            freeze += ck.lock_wait  # the task froze only once the dump lock was ours
+            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4), **ck.lock_note(),
                       image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
             run.release_address()
             rest = run.j.dir / "images.rest"
