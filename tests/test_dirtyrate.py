@@ -12,6 +12,7 @@ import time
 import pytest
 
 from migrd.adapters import memread
+from migrd.cli.migrate import dirty_cell
 from migrd.config import Config, DaemonSettings, DirtyRateSettings
 from migrd.core import dirtyrate as dr
 from migrd.core.policy import decide, explain
@@ -117,6 +118,11 @@ def test_the_policy_prices_the_measured_rate():
     assert d0.estimate is not None and "diverging" not in explain(d0)
     assert dr.describe(t.rates["pid 10"], 5.0) == "dirty rate: 20.00 MB/s, measured 4 s ago (2 samples)"
     assert dr.describe(None, 5.0) == "dirty rate: not measured (priced as idle)"
+
+
+def test_ps_shows_the_rate_and_its_age():
+    assert dirty_cell({"dirty_rate": 4_200_000, "dirty_rate_age_s": 3.4}) == "4.2MB/s (3s)"
+    assert dirty_cell({"dirty_rate": None}) == dirty_cell({}) == "-"
 
 
 # --------------------------------------------------------------------------- root: real memory
