@@ -41,6 +41,26 @@ while time.time() < deadline:
 """
 
 
+#: Rewrites argv[2] KiB/s of its argv[1] MiB of memory, sweeping through it (a page is
+#: rewritten again only after size/rate seconds), one stripe every 10 ms, after touching all of
+#: it once; prints "ready" then. Its dirty rate over any window shorter than size/rate is
+#: argv[2] KiB/s. Ends by itself after an hour.
+SWEEPER = f"""
+import sys, time  # {MARK}
+size, per_s = int(sys.argv[1]) << 20, int(sys.argv[2]) << 10
+buf = bytearray(size)
+buf[:] = b"\\1" * size
+stripe, at, n = per_s // 100, 0, 0
+print("ready", flush=True)
+start = time.monotonic()
+while time.monotonic() < start + 3600:
+    n += 1
+    buf[at:at + stripe] = bytes([n % 251 + 1]) * stripe
+    at = (at + stripe) % size
+    time.sleep(max(0.0, start + n / 100 - time.monotonic()))
+"""
+
+
 def read_counts(path) -> list[int]:
     try:
         with open(path) as f:

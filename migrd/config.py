@@ -129,6 +129,23 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class DirtyRateSettings:
+    """How the agent measures its candidates' dirty rates (migrd/core/dirtyrate.py): a strided
+    sample of each one's pages, read in two rounds and compared, only while the host is busy
+    enough that the policy may move something."""
+
+    enabled: bool = True
+    #: Seconds one round may spend reading memory (a read that would pass it is abandoned).
+    budget_s: float = 0.05
+    #: Bytes of memory one round may read.
+    budget_bytes: int = 16 << 20
+    #: Pages read of one candidate each time (every Nth page, N from its size).
+    pages: int = 1024
+    #: Seconds between two measurements of one candidate.
+    every: float = 30.0
+
+
+@dataclass(frozen=True)
 class DaemonSettings:
     """The agent loop (`migrd`): how often it looks, how it measures, how it talks."""
 
@@ -168,6 +185,7 @@ class DaemonSettings:
     registry: Literal["ssh", "etcd"] = "ssh"
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    dirty_rate: DirtyRateSettings = field(default_factory=DirtyRateSettings)
 
 
 @dataclass(frozen=True)

@@ -346,8 +346,8 @@ class Candidate:
     restartable: bool = False
     #: Bytes of code a restart needs; None: the executable's size (`proc.exe_bytes`).
     code_bytes: int | None = None
-    #: Bytes per second it rewrites its memory; None: not measured (priced as 0: no peer
-    #: without soft-dirty tracking can measure it without reading all its memory).
+    #: Bytes per second it rewrites its memory, as the agent sampled it (migrd/core/dirtyrate.py);
+    #: None: not measured (priced as 0).
     dirty_rate: float | None = None
     subject: SubjectRef = PROCESS_TREE
 

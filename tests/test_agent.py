@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import typing
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from migrd import config as config_mod
 from migrd.adapters import exchange, registry, sdnotify
 from migrd.engine import migration as migrate
 from migrd.core import step as step_mod
-from migrd.core import peerset
+from migrd.core import dirtyrate, peerset
 from migrd.config import Config, DaemonSettings, HostEntry
 from migrd.model import PROCESS_TREE, Action, Decision, Level, Link, Mode, PolicyConfig
 from migrd.errors import AgentNotRunning, ConfigError, InputError, MigrdError
@@ -311,6 +312,21 @@ def test_admin_ops_after_a_round(make_agent):
     assert a.handle({"op": "history"}) == []
     with pytest.raises(InputError, match="unknown operation"):
         a.handle({"op": "nope"})
+
+
+def test_ps_and_explain_show_the_measured_dirty_rate_and_its_age(make_agent):
+    """A calm host reads no memory; the rates it measured before still price its candidates
+    (until stale) and ps/explain show them with their age."""
+    a = make_agent(local=0.6)
+    a.dirty = dirtyrate.Tracker(rates={"pid 101": dirtyrate.Rate(3e6, time.monotonic() - 2.0, 2)})
+    a.round()
+    assert next(c for c in a.situation.candidates if c.proc.pid == 101).dirty_rate == 3e6
+    ps = {r["pid"]: r for r in a.handle({"op": "ps"})}
+    assert ps[101]["dirty_rate"] == 3000000 and 2.0 <= ps[101]["dirty_rate_age_s"] < 10
+    assert ps[101]["dirty_rate_samples"] == 2 and ps[102]["dirty_rate"] is None
+    ex = a.handle({"op": "explain", "pid": 101})
+    assert ex["dirty"]["dirty_rate"] == 3000000 and "dirty rate: 3.00 MB/s, measured" in ex["text"]
+    assert "dirty rate: not measured (priced as idle)" in a.handle({"op": "explain", "pid": 102})["text"]
 
 
 # --------------------------------------------------------------------------- admin protocol

@@ -9,12 +9,15 @@ areas and unreadable mappings are not.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 PAGE = 4096
 CHUNK = 1 << 20
+_ZERO = bytes(PAGE)
 _KERNEL_AREAS = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
 
 
@@ -74,3 +77,33 @@ def pages(pid: int) -> Iterator[tuple[int, bytes]]:
                 at += len(data)
     finally:
         os.close(fd)
+
+
+def sample(pids: Iterable[int], stride: int, phase: int, deadline: float) -> dict[tuple[int, int], bytes] | None:
+    """A digest of every page whose page number is `phase` modulo `stride` in the tasks'
+    dumpable regions (b"" for an all-zero page), one small read each, so the cost is the pages
+    sampled, not the memory. Choosing by address keeps the same pages when regions come and go.
+    None once time.monotonic() passes `deadline` (the caller's budget): a partial read
+    would compare only part of the memory."""
+    out: dict[tuple[int, int], bytes] = {}
+    step = stride * PAGE
+    for pid in pids:
+        try:
+            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # ended: it rewrites nothing
+        try:
+            for r in regions(pid):
+                at = (r.start - phase * PAGE + step - 1) // step * step + phase * PAGE
+                while at < r.end:
+                    if time.monotonic() > deadline:
+                        return None
+                    try:
+                        page = os.pread(fd, PAGE, at)
+                    except OSError:
+                        break
+                    out[pid, at] = b"" if page == _ZERO else hashlib.sha1(page).digest()
+                    at += step
+        finally:
+            os.close(fd)
+    return out

@@ -41,12 +41,12 @@ from typing import Any
 import psutil
 
 from migrd.agent import admin, metrics
-from migrd.adapters import exchange, load, private, procinfo, registry, sdnotify, untrusted, workloads
+from migrd.adapters import exchange, load, memread, private, procinfo, registry, sdnotify, untrusted, workloads
 from migrd.engine import census, journal, migration as migrate
 from migrd.engine.subjects import SUBJECTS
-from migrd.core import binding, candidates as candidates_core, costmodel, peerset, policy, precheck, step
+from migrd.core import binding, candidates as candidates_core, costmodel, dirtyrate, peerset, policy, precheck, step
 from migrd.config import Config
-from migrd.model import PROCESS_TREE, Action, Candidate, Decision, Mode, Peer, Situation
+from migrd.model import PROCESS_TREE, Action, Candidate, Decision, HostLoad, Mode, Peer, Situation
 from migrd.errors import ConfigError, InputError, MigrdError, RegistryError
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,11 @@ def check_settings(cfg: Config) -> None:
             raise ConfigError(f"{where} 'daemon.etcd.ttl': must be >= 2 seconds, not {d.etcd.ttl}")
         if d.etcd.target_slots < 1:
             raise ConfigError(f"{where} 'daemon.etcd.target_slots': must be >= 1, not {d.etcd.target_slots}")
+    dr = d.dirty_rate
+    for key, value in (("budget_s", dr.budget_s), ("budget_bytes", dr.budget_bytes), ("pages", dr.pages),
+                       ("every", dr.every)):
+        if value <= 0:
+            raise ConfigError(f"{where} 'daemon.dirty_rate.{key}': must be > 0, not {value}")
     if not 0 < d.metrics.port < 65536:
         raise ConfigError(f"{where} 'daemon.metrics.port': {d.metrics.port} is not a TCP port")
 
@@ -191,6 +196,13 @@ class Agent:
         self.census = census.ContainerCensus(cfg)
         #: Last round's sample of each container by name (its CPU rate).
         self.containers: dict[str, candidates_core.ContainerSample] = {}
+        #: The candidates' dirty rates and half-done measurements (monotonic clock); replaced,
+        #: never mutated, so the admin thread reads a consistent one.
+        self.dirty = dirtyrate.Tracker()
+        #: Each container's processes by name, from the last census (a container's rate is theirs).
+        self.members: dict[str, frozenset[int]] = {}
+        dr = d.dirty_rate
+        self.dirty_budget = dirtyrate.Budget(dr.budget_bytes, dr.pages, dr.every)
         self.peers = registry.make(cfg, self.host)
         self.metrics = metrics.Metrics()
         self.decisions = DecisionLog(cfg.state_dir / "decisions.jsonl", d.max_decisions_log)
@@ -301,7 +313,7 @@ class Agent:
         views = self.peers.views()
         peers = usable_peers((v for v in views if v.name in read), now, self.cfg.daemon.peer_stale_after,
                              self.peers.full_targets())
-        candidates = self._candidates()
+        candidates = self.measure(self._candidates(), sample)
         with self.lock:  # offers arrive from the admin thread
             out = step.step(self.state, step.Inputs(sample, peers, candidates, self.paused), self.settings)
             self.state, self.situation, self.decision = out.state, out.situation, out.decision
@@ -364,7 +376,37 @@ class Agent:
         out = candidates_core.build(self.monitor.sample(pids), {p: w.arrived for p, w in reg.items()},
                                     seen.samples, self.containers, self._allow, inside)
         self.containers = {c.name: c for c in seen.samples}
+        self.members = {c.name: c.members for c in seen.samples}
         return out
+
+    def measure(self, cands: tuple[Candidate, ...], sample: HostLoad) -> tuple[Candidate, ...]:
+        """The candidates with their dirty rates: this round's share of sampling (at most
+        daemon.dirty_rate.budget_s of reads, none on a host the policy would not move from)."""
+        dr = self.cfg.daemon.dirty_rate
+        if not dr.enabled:
+            return cands
+        now = time.monotonic()
+        todo = dirtyrate.targets(cands, self.members)
+        tracker = dirtyrate.keep(self.dirty, (t.key for t in todo), now, self.dirty_budget)
+        with self.lock:
+            level, offers = self.state.level, bool(self.state.offers)
+        if dirtyrate.worth_measuring(self.cfg.daemon.mode, level, sample, offers, self.settings.policy):
+            deadline = now + dr.budget_s
+            for read in dirtyrate.plan(tracker, todo, now, self.dirty_budget):
+                digests = memread.sample(read.pids, read.stride, read.phase, deadline)
+                if digests is None:
+                    break  # out of this round's time: the rest waits for the next round
+                tracker = dirtyrate.record(tracker, read, digests, time.monotonic())
+        self.dirty = tracker
+        return dirtyrate.apply(cands, tracker)
+
+    def _dirty_view(self, c: Candidate) -> dict[str, Any]:
+        """A candidate's measured dirty rate for ps and explain (None: not measured)."""
+        r = self.dirty.rates.get(dirtyrate.key_of(c))
+        if r is None:
+            return {"dirty_rate": None, "dirty_rate_age_s": None, "dirty_rate_samples": 0}
+        return {"dirty_rate": round(r.bytes_per_s), "dirty_rate_age_s": round(time.monotonic() - r.at, 1),
+                "dirty_rate_samples": r.samples}
 
     def _allow(self, cmdline: tuple[str, ...], user: str, cgroups: Sequence[str]) -> str | None:
         return precheck.allowed(self.cfg.migrate, cmdline, user, list(cgroups), False)
@@ -440,7 +482,7 @@ class Agent:
                          "age_s": round(c.proc.age_s, 1), "last_migrated": c.last_migrated,
                          "action": d.action.value, "target": d.target,
                          "gain": round(d.estimate.gain, 2) if d.estimate else None,
-                         "reason": d.reasons[-1] if d.reasons else None})
+                         "reason": d.reasons[-1] if d.reasons else None, **self._dirty_view(c)})
         return rows
 
     def op_explain(self, req: Request) -> dict[str, Any]:
@@ -450,6 +492,7 @@ class Agent:
                 d, sit = self.decision, self.situation
             if d is None or sit is None:
                 raise MigrdError("the agent has not finished its first round yet")
+            c = next((c for c in sit.candidates if c.proc.pid == d.pid), None) if d.pid is not None else None
         else:
             sit = self._last()
             if req.container is not None:
@@ -465,10 +508,13 @@ class Agent:
             d = self._alone(sit, c)
         rows = self._resources(d)
         text = policy.explain(d)
+        dirty = self._dirty_view(c) if c is not None else None
+        if c is not None:
+            text += f"\n{dirtyrate.describe(self.dirty.rates.get(dirtyrate.key_of(c)), time.monotonic())}"
         if rows:
             text += ("\nresources (binding, attachment to the host, what the move does):\n"
                      + "\n".join(f"  {r}" for r in binding.table(rows)))
-        return {"decision": decision_dict(d, sit.now), "text": text,
+        return {"decision": decision_dict(d, sit.now), "text": text, "dirty": dirty,
                 "resources": [dataclasses.asdict(r) for r in rows]}
 
     def _resources(self, d: Decision) -> tuple[binding.Resource, ...]:

@@ -119,6 +119,13 @@ def run(name: str | None, user: str | None, command: tuple[str, ...], as_json: b
          lambda d: f"started {d['name']} as PID {d['pid']} (log: {d['log']})")
 
 
+def dirty_cell(row: dict) -> str:
+    """The agent's measured dirty rate and its age, '-' when it has none."""
+    if row.get("dirty_rate") is None:
+        return "-"
+    return f"{row['dirty_rate'] / 1e6:.1f}MB/s ({row['dirty_rate_age_s']:.0f}s)"
+
+
 @click.command()
 @json_option
 def ps(as_json: bool) -> None:
@@ -127,7 +134,8 @@ def ps(as_json: bool) -> None:
     Without an agent: the workloads started here with `migrctl run`, and the containers runc
     and Podman run here (state_dir/runc, state_dir/podman). With one: also every
     other candidate its opt-in rules allow, and for each what the policy would do with it
-    alone (action, target, expected gain, the deciding reason).
+    alone (action, target, expected gain, the deciding reason) and the dirty rate it measured
+    (bytes per second the candidate rewrites, and how old that measurement is).
     """
     cfg = load_config()
     rows = [{"kind": "process", "name": w.name, "pid": w.pid, "alive": w.alive(), "command": " ".join(w.cmdline),
@@ -143,19 +151,20 @@ def ps(as_json: bool) -> None:
                 row = {"name": c["name"], "pid": c["pid"], "alive": True,
                        "command": " ".join(c["cmdline"]), "log": None}
                 rows.append(row)
-            keys = ("action", "target", "gain", "reason", "cpu_share", "age_s", "opted_in", "last_migrated")
+            keys = ("action", "target", "gain", "reason", "cpu_share", "age_s", "opted_in", "last_migrated",
+                    "dirty_rate", "dirty_rate_age_s")
             row.update({k: c[k] for k in keys})
 
     def human(rs) -> str:
         if not rs:
             return "no workloads (start one with `migrctl run -- CMD`)"
-        lines = [f"{'NAME':20} {'PID':>8} {'STATE':7} {'POLICY':28} COMMAND"]
+        lines = [f"{'NAME':20} {'PID':>8} {'STATE':7} {'POLICY':28} {'DIRTY (AGE)':16} COMMAND"]
         for r in rs:
             policy_view = (f"{r['action']}" + (f" -> {r['target']}" if r.get("target") else "")
                            + (f" (gain {r['gain']:.1f})" if r.get("gain") is not None else "")
                            if "action" in r else "-")
             lines.append(f"{r['name']:20} {r['pid']:>8} {'running' if r['alive'] else 'gone':7} "
-                         f"{policy_view:28} {r['command'][:50]}")
+                         f"{policy_view:28} {dirty_cell(r):16} {r['command'][:50]}")
         if scored is None:
             lines.append("(no agent running here: policy view unavailable)")
         return "\n".join(lines)
