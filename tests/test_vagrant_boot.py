@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from migrbed.programs import COUNTER
+from migrbed.programs import BUSY, COUNTER
 
 ROOT = Path(__file__).resolve().parent.parent
 VMS = [f"host{i}" for i in range(1, int(os.environ.get("MIGRD_VMS", "2")) + 1)]
@@ -167,3 +167,41 @@ def test_precopy_moves_a_memory_rewriter_with_each_way_of_tracking_dirty_pages(v
     for m in moves:
         assert m["strategy"] == "precopy" and m["dirty_tracking"] == tracking, m
         assert m["rounds"] >= 1, m
+
+
+def test_the_agents_spread_cpu_load_between_the_vms(vms):
+    """Last: the agents run on their own here (default policy: a host whose load stays above
+    1.0 per CPU for hold_s moves a process to a host below 0.5). Two CPU-bound workloads on
+    the first VM's one CPU; its agent moves one to the second VM, and each runs exactly once."""
+    first, second = VMS[0], VMS[1]
+    stamp = int(time.time())
+    deadline = time.time() + 900
+    outs = [f"/var/tmp/migrd-busy{i}-{stamp}" for i in range(2)]
+    for i, out in enumerate(outs):
+        vms.migrctl(first, "run", "--name", f"busy{i}", "--", "python3", "-c", BUSY, out, str(deadline))
+
+    def placed() -> dict[str, list[str]]:
+        return {vm: [out for out in outs for w in vms.migrctl(vm, "ps") if w.get("alive") and out in w["command"]]
+                for vm in (first, second)}
+
+    t0 = time.monotonic()
+    for vm in VMS:
+        vms.run(vm, "migrctl", "resume")
+    try:
+        where = placed()
+        while not where[second] and time.monotonic() - t0 < 420:
+            time.sleep(5)
+            where = placed()
+    finally:
+        for vm in VMS:
+            vms.run(vm, "migrctl", "pause", check=False)
+    spread_after = round(time.monotonic() - t0, 1)
+    moves = [m for vm in VMS for m in vms.migrctl(vm, "history") if m.get("outcome") == "ok"
+             and m.get("name") in ("busy0", "busy1")]
+    print(f"\nagents: spread after {spread_after} s; placement {where}; moves "
+          f"{[(m['source'], m['target'], m.get('strategy'), m.get('downtime')) for m in moves]}")
+    assert where[second], f"nothing moved to {second} in {spread_after} s: {where}"
+    assert sorted(where[first] + where[second]) == sorted(outs), f"a workload is missing or runs twice: {where}"
+    for out in outs:  # each kept counting across its move
+        got = vms.counts(first, out) + vms.counts(second, out)
+        assert sorted(got) == list(range(1, len(got) + 1)), f"{out}: lost or repeated values"
