@@ -42,7 +42,7 @@ def test_diverging_workload_stops_and_says_so():
 
 
 def test_round_limit_is_named_and_honoured():
-    rounds = [Round(MEM, MEM, 10.0, 0.0)] + [Round(20 * MB, 20 * MB - k * MB, 1.0, 1.0) for k in range(1, 3)]
+    rounds = [Round(MEM, MEM, 10.0, 0.0)] + [Round(20 * MB, (20 >> k) * MB, 1.0, 1.0) for k in range(1, 3)]
     limits = Limits(max_rounds=3, downtime_target=0.01, converged_bytes=0)
     d = decide(rounds, limits, memory=MEM, fixed=0.2, fallback_bandwidth=1.0)
     assert d.stop and d.reason == "round limit: 3 rounds"
@@ -57,6 +57,17 @@ def test_a_growing_round_stops_and_a_tiny_one_converges():
     tiny = [Round(MEM, MEM, 10.0, 0.0), Round(8192, 8192, 0.5, 10.0)]
     d = decide(tiny, limits, memory=MEM, fixed=0.2, fallback_bandwidth=1.0)
     assert d.stop and d.reason.startswith("converged")
+
+
+def test_rounds_that_stop_shrinking_stop_where_p_haul_would_run_to_its_round_limit():
+    """Seen on the Vagrant VMs: rounds of ~28 MB each, one after the other, as long as a round
+    took; P.Haul's rule (grows by > 10 %) ran all 8."""
+    limits = Limits(downtime_target=0.01)
+    plateau = [Round(MEM, MEM, 10.0, 0.0), Round(28 * MB, 28 * MB, 40.0, 10.0), Round(27 * MB, 27 * MB, 40.0, 40.0)]
+    d = decide(plateau, limits, memory=MEM, fixed=0.2, fallback_bandwidth=1.0)
+    assert d.stop and d.reason.startswith("not shrinking")
+    shrinking = plateau[:2] + [Round(20 * MB, 20 * MB, 30.0, 40.0)]
+    assert not decide(shrinking, limits, memory=MEM, fixed=0.2, fallback_bandwidth=1.0).stop
 
 
 def test_simulation_converges_for_an_idle_workload_and_diverges_for_a_busy_one():

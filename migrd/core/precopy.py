@@ -9,11 +9,13 @@ fixed cost of the dump and restore. It stops
 * when the prediction meets the downtime target,
 * when the dirty rate is at or above the rate pages cross (diverging: more rounds only resend),
 * when a round sent no more than a handful of pages (converged),
-* when a round sent more than the one before it by the growth margin (no longer shrinking),
+* when a round sent more than 90 % of the one before it (no longer shrinking: a round that only
+  repeats the one before costs its whole time and leaves the freeze as it was),
 * at the round limit.
 
 The limits are named, as P.Haul's iteration driver names its own (phaul/iters.py); P.Haul stops
-at 8 rounds, at <= 64 pages, or when a round grows by more than 10 %.
+at 8 rounds, at <= 64 pages, or when a round grows by more than 10 % (so rounds of equal size
+run on to the round limit).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class Limits:
     max_rounds: int = 8
     #: A round that sent at most this many bytes leaves nothing worth another round.
     converged_bytes: int = 64 * PAGE
-    #: A round that sent more than this multiple of the round before it is not shrinking.
-    growth: float = 1.1
+    #: A round that sent more than this fraction of the round before it is no longer
+    #: shrinking: the freeze would not get shorter, and each round more costs its full time.
+    shrink: float = 0.9
     #: Seconds the workload may be frozen (migrate.downtime_target).
     downtime_target: float = 0.5
 
@@ -115,7 +118,7 @@ def decide(rounds: Sequence[Round], limits: Limits, *, memory: int, fixed: float
         return stop(f"predicted freeze {freeze:.3f} s meets the target {limits.downtime_target:g} s")
     if len(rounds) >= 2 and last.sent <= limits.converged_bytes:
         return stop(f"converged: round {len(rounds)} sent {last.sent} bytes")
-    if len(rounds) >= 3 and last.sent > limits.growth * rounds[-2].sent:
+    if len(rounds) >= 3 and last.sent > limits.shrink * rounds[-2].sent:
         return stop(f"not shrinking: round {len(rounds)} sent {last.sent} bytes, the one before "
                     f"{rounds[-2].sent}")
     if len(rounds) >= limits.max_rounds:
