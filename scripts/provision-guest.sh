@@ -49,6 +49,9 @@ migrctl check
 # The real unit (Type=notify, watchdog), as `make install` writes it, started now and at boot.
 install -m 0644 "$src/systemd/migrd.service" /etc/systemd/system/migrd.service
 systemctl daemon-reload
-systemctl enable --now migrd
+systemctl enable migrd
+# restart, not start: a provisioning run again (`vagrant provision`) installed a new release, and
+# an agent still running the old one would answer the new migrctl.
+systemctl restart migrd
 systemctl is-active migrd
 say "migrd $(migrctl --version | awk '{print $NF}') active"

@@ -4,6 +4,7 @@ test with real workloads whose memory the agent samples."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from migrd.adapters import memread
+from migrd.errors import MigrdError
 from migrd.cli.migrate import dirty_cell
 from migrd.config import Config, DaemonSettings, DirtyRateSettings
 from migrd.core import dirtyrate as dr
@@ -123,6 +125,29 @@ def test_the_policy_prices_the_measured_rate():
 def test_ps_shows_the_rate_and_its_age():
     assert dirty_cell({"dirty_rate": 4_200_000, "dirty_rate_age_s": 3.4}) == "4.2MB/s (3s)"
     assert dirty_cell({"dirty_rate": None}) == dirty_cell({}) == "-"
+
+
+def test_ps_reads_an_agent_of_another_release_and_refuses_a_malformed_one(tmp_path, monkeypatch):
+    """Seen on the Vagrant VMs: an agent still running the release before (no dirty rates)
+    answered a new `migrctl ps`, which failed with KeyError."""
+    from click.testing import CliRunner
+
+    from migrd.cli import migrate as cli_migrate
+
+    monkeypatch.setattr(cli_migrate, "load_config", lambda: Config(host="a", state_dir=tmp_path))
+    old = [{"pid": 7, "name": "busy", "cmdline": ["python3", "busy.py"], "action": "stay", "target": None,
+            "gain": None, "reason": "host is not busy", "cpu_share": 0.5, "age_s": 3.0, "opted_in": True,
+            "last_migrated": None}]
+    monkeypatch.setattr(cli_migrate, "ask_if_running", lambda cfg, op: old)
+    r = CliRunner().invoke(cli_migrate.ps, ["--json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.output)
+    assert row["pid"] == 7 and row["action"] == "stay" and row["dirty_rate"] is None
+    assert CliRunner().invoke(cli_migrate.ps, []).exit_code == 0
+    monkeypatch.setattr(cli_migrate, "ask_if_running", lambda cfg, op: [{"pid": "seven"}])
+    r = CliRunner().invoke(cli_migrate.ps, ["--json"])
+    # A MigrdError: the CLI's group prints it as one line with its exit code.
+    assert isinstance(r.exception, MigrdError) and "the agent's ps: key '[0].name' is missing" in str(r.exception)
 
 
 # --------------------------------------------------------------------------- root: real memory

@@ -13,11 +13,12 @@ from migrd.engine import containers, podman
 from migrd.engine import journal as journal_mod
 from migrd.engine import migration as mig
 from migrd.engine.strategies import STRATEGIES
-from migrd.adapters import workloads
+from migrd.adapters import untrusted, workloads
 from migrd.adapters.procfs import parse_pid
 from migrd.cli.progress import Progress
 from migrd.cli.agent import ask_if_running
 from migrd.cli.common import emit, human_bytes, json_option, load_config, require_root
+from migrd.errors import MigrdError
 
 
 @click.command()
@@ -119,6 +120,26 @@ def run(name: str | None, user: str | None, command: tuple[str, ...], as_json: b
          lambda d: f"started {d['name']} as PID {d['pid']} (log: {d['log']})")
 
 
+@dataclasses.dataclass(frozen=True)
+class AgentRow:
+    """One candidate as the agent's `ps` shows it. Read as untrusted: an agent of another
+    release (still running after an upgrade) may lack a key, which then shows as unknown."""
+
+    name: str | None
+    pid: int
+    cmdline: tuple[str, ...] = ()
+    action: str | None = None
+    target: str | None = None
+    gain: float | None = None
+    reason: str | None = None
+    cpu_share: float | None = None
+    age_s: float | None = None
+    opted_in: bool | None = None
+    last_migrated: float | None = None
+    dirty_rate: float | None = None
+    dirty_rate_age_s: float | None = None
+
+
 def dirty_cell(row: dict) -> str:
     """The agent's measured dirty rate and its age, '-' when it has none."""
     if row.get("dirty_rate") is None:
@@ -142,18 +163,16 @@ def ps(as_json: bool) -> None:
              "log": w.stdout} for w in workloads.Registry(cfg.state_dir).all()]
     rows += [{**c, "command": f"container ({c['runtime']}, image {c['image']})", "log": None}
              for c in containers.listing(cfg) + podman.listing(cfg)]
-    scored = ask_if_running(cfg, "ps")
+    answer = ask_if_running(cfg, "ps")
+    scored = None if answer is None else untrusted.build(list[AgentRow], answer, MigrdError, "the agent's ps")
     if scored is not None:
         by_pid = {r["pid"]: r for r in rows}
         for c in scored:
-            row = by_pid.get(c["pid"])
+            row = by_pid.get(c.pid)
             if row is None:
-                row = {"name": c["name"], "pid": c["pid"], "alive": True,
-                       "command": " ".join(c["cmdline"]), "log": None}
+                row = {"name": c.name, "pid": c.pid, "alive": True, "command": " ".join(c.cmdline), "log": None}
                 rows.append(row)
-            keys = ("action", "target", "gain", "reason", "cpu_share", "age_s", "opted_in", "last_migrated",
-                    "dirty_rate", "dirty_rate_age_s")
-            row.update({k: c[k] for k in keys})
+            row.update({k: v for k, v in dataclasses.asdict(c).items() if k not in ("name", "pid", "cmdline")})
 
     def human(rs) -> str:
         if not rs:
@@ -162,7 +181,7 @@ def ps(as_json: bool) -> None:
         for r in rs:
             policy_view = (f"{r['action']}" + (f" -> {r['target']}" if r.get("target") else "")
                            + (f" (gain {r['gain']:.1f})" if r.get("gain") is not None else "")
-                           if "action" in r else "-")
+                           if r.get("action") is not None else "-")
             lines.append(f"{r['name']:20} {r['pid']:>8} {'running' if r['alive'] else 'gone':7} "
                          f"{policy_view:28} {dirty_cell(r):16} {r['command'][:50]}")
         if scored is None:
