@@ -4,7 +4,8 @@ freezes its job for the strategy's downtime, then the job resumes on the target.
 
 migrd's policies go through `migrd.core.step.step`, the agent's own round, with simulated snapshots
 (load average with the kernel's 1-minute decay, utilization and run queue averaged since the
-previous round, memory), links and candidates. The baselines (policies.py) see the same
+previous round, memory), links and candidates; `step.idle` first settles, exactly, the rounds
+that end before looking at them. The baselines (policies.py) see the same
 snapshots through the same probing.
 
 A plain heap of events, no simulation library: the shared heap holds only what makes hosts meet
