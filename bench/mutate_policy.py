@@ -49,13 +49,13 @@ P, C = "migrd/core/policy.py", "migrd/core/costmodel.py"
 MUTANTS = (
     # -- when
     Mutant("host-cooldown", "a host decides at most one move per host_cooldown_s", P,
-           "if sit.last_move_at is not None and sit.now - sit.last_move_at < cfg.host_cooldown_s:",
-           "if False:"),
+           "return last_move_at is not None and now - last_move_at < cfg.host_cooldown_s",
+           "return False"),
     Mutant("offload-needs-high", "offload acts only when this host is HIGH", P,
-           "if sit.mode is Mode.OFFLOAD and level is not Level.HIGH:",
+           "if sit.mode is Mode.OFFLOAD and level is not NEEDS[Mode.OFFLOAD]:",
            "if False:"),
     Mutant("consolidate-needs-low", "consolidate acts only when this host is LOW", P,
-           "if sit.mode is Mode.CONSOLIDATE and level is not Level.LOW:",
+           "if sit.mode is Mode.CONSOLIDATE and level is not NEEDS[Mode.CONSOLIDATE]:",
            "if False:"),
     Mutant("fill-requester-low", "fill gives work only to a LOW requester", P,
            "if not _is_low(req.load, cfg):", "if False:"),

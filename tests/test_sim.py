@@ -8,6 +8,7 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import pytest
 
@@ -52,18 +53,60 @@ def test_deterministic_for_a_seed():
 
 
 def test_migrd_policies_call_the_agents_round(monkeypatch):
-    """Not a copy of the policy: every migrd round in the simulation is one migrd.core.step.step."""
-    calls = []
-    real = step.step
+    """Not a copy of the policy: every migrd round in the simulation is settled by the agent's
+    own code, `step.idle` or else one migrd.core.step.step."""
+    calls, idle = [], []
+    real_step, real_idle = step.step, step.idle
 
     def counting(*args):
         calls.append(args[2].mode)
-        return real(*args)
+        return real_step(*args)
+
+    def counting_idle(*args):
+        out = real_idle(*args)
+        idle.append(out is not None)
+        return out
 
     monkeypatch.setattr(step, "step", counting)
+    monkeypatch.setattr(step, "idle", counting_idle)
     r = run(SMALL, ("migrd", "migrd_fill", "none"))
-    assert len(calls) == r["migrd"].policy_rounds + r["migrd_fill"].policy_rounds
+    assert len(idle) == r["migrd"].policy_rounds + r["migrd_fill"].policy_rounds
+    assert len(calls) == idle.count(False) > 0 and idle.count(True) > 0
     assert set(calls) == {"offload", "fill"}
+
+
+class _Untouchable(Sequence):
+    """Peers or candidates a round must not look at."""
+
+    def __len__(self) -> int:
+        raise AssertionError("an idle round looked at its peers or candidates")
+
+    def __getitem__(self, i):  # type: ignore[override]
+        raise AssertionError("an idle round looked at its peers or candidates")
+
+
+@pytest.mark.parametrize("policy", ["migrd", "migrd_fill", "migrd_consolidate"])
+def test_idle_rounds_are_what_step_would_do(monkeypatch, policy):
+    """Every round `step.idle` settles, `step.step` given the same state and sample (and the
+    peers and candidates the simulator would hand it) leaves the same state, moves nothing and
+    asks nobody; the run's results are those of calling `step.step` on every round."""
+    plain = run(SMALL, (policy,))[policy]
+    real_idle, settled = step.idle, []
+
+    def checked(state, sample, settings):
+        out = real_idle(state, sample, settings)
+        if out is not None:
+            full = step.step(state, step.Inputs(sample, _Untouchable(), _Untouchable()), settings)
+            assert (full.state, full.move, full.ask) == (out, False, None)
+            settled.append(out)
+        return out
+
+    monkeypatch.setattr(step, "idle", checked)
+    checked_run = run(SMALL, (policy,))[policy]
+    assert settled
+    monkeypatch.setattr(step, "idle", lambda *_: None)
+    every = run(SMALL, (policy,))[policy]
+    assert _numbers(plain) == _numbers(checked_run) == _numbers(every)
 
 
 def test_policies_ordering_fixed_seed():

@@ -50,8 +50,8 @@ from migrd.errors import InputError
 
 __all__ = [
     "Action", "Candidate", "Decision", "Estimate", "Level", "Link", "Mode", "Peer",
-    "PolicyConfig", "Situation", "Watermarks", "classify", "decide", "explain",
-    "pick_fill_source",
+    "PolicyConfig", "Situation", "Watermarks", "classify", "cooling", "decide", "explain",
+    "level", "NEEDS", "pick_fill_source",
 ]
 
 
@@ -104,6 +104,34 @@ def _describe_measures(h: HostLoad, cfg: PolicyConfig) -> str:
             f"run_queue {h.run_queue / cap:.2f} {cfg.run_queue.text}")
 
 
+def _grade(history: Sequence[HostLoad], cfg: PolicyConfig, previous: Level) -> tuple[Level, int, float]:
+    """`classify`'s level without its text: (level, which of its rules gave it, how long the
+    condition has held). `level` needs only the first; the simulator asks it of every round."""
+    if not history:
+        raise InputError("the policy needs at least one load sample of this host")
+    latest = history[-1]
+    high_for = _held_for(history, _is_high, cfg)
+    if high_for >= cfg.hold_s:
+        return Level.HIGH, 0, high_for
+    low_for = _held_for(history, _is_low, cfg)
+    if low_for >= cfg.hold_s:
+        return Level.LOW, 1, low_for
+    if previous is Level.HIGH and not _is_low(latest, cfg):
+        return Level.HIGH, 2, 0.0
+    if previous is Level.LOW and not _is_high(latest, cfg):
+        return Level.LOW, 3, 0.0
+    if high_for >= 0:
+        return Level.NORMAL, 4, high_for
+    if low_for >= 0:
+        return Level.NORMAL, 5, low_for
+    return Level.NORMAL, 6, 0.0
+
+
+def level(history: Sequence[HostLoad], cfg: PolicyConfig, previous: Level = Level.NORMAL) -> Level:
+    """This host's level, as `classify` gives it."""
+    return _grade(history, cfg, previous)[0]
+
+
 def classify(
     history: Sequence[HostLoad], cfg: PolicyConfig, previous: Level = Level.NORMAL
 ) -> tuple[Level, tuple[str, ...]]:
@@ -114,25 +142,21 @@ def classify(
     is back at or below its low watermark; once LOW it stays LOW until a signal reaches high.
     Between the watermarks a NORMAL host stays NORMAL.
     """
-    if not history:
-        raise InputError("the policy needs at least one load sample of this host")
-    latest = history[-1]
-    now = _describe_measures(latest, cfg)
-    high_for = _held_for(history, _is_high, cfg)
-    low_for = _held_for(history, _is_low, cfg)
-    if high_for >= cfg.hold_s:
-        return Level.HIGH, (f"overloaded for {high_for:.0f} s (>= hold {cfg.hold_s:g} s): {now}",)
-    if low_for >= cfg.hold_s:
-        return Level.LOW, (f"lightly loaded for {low_for:.0f} s (>= hold {cfg.hold_s:g} s): {now}",)
-    if previous is Level.HIGH and not _is_low(latest, cfg):
-        return Level.HIGH, (f"still overloaded (hysteresis: not yet back below low): {now}",)
-    if previous is Level.LOW and not _is_high(latest, cfg):
-        return Level.LOW, (f"still lightly loaded (hysteresis: no signal at high): {now}",)
-    if high_for >= 0:
-        return Level.NORMAL, (f"above high for only {high_for:.0f} s (< hold {cfg.hold_s:g} s): {now}",)
-    if low_for >= 0:
-        return Level.NORMAL, (f"below low for only {low_for:.0f} s (< hold {cfg.hold_s:g} s): {now}",)
-    return Level.NORMAL, (f"between watermarks: {now}",)
+    lvl, rule, held = _grade(history, cfg, previous)
+    now = _describe_measures(history[-1], cfg)
+    if rule == 0:
+        return lvl, (f"overloaded for {held:.0f} s (>= hold {cfg.hold_s:g} s): {now}",)
+    if rule == 1:
+        return lvl, (f"lightly loaded for {held:.0f} s (>= hold {cfg.hold_s:g} s): {now}",)
+    if rule == 2:
+        return lvl, (f"still overloaded (hysteresis: not yet back below low): {now}",)
+    if rule == 3:
+        return lvl, (f"still lightly loaded (hysteresis: no signal at high): {now}",)
+    if rule == 4:
+        return lvl, (f"above high for only {held:.0f} s (< hold {cfg.hold_s:g} s): {now}",)
+    if rule == 5:
+        return lvl, (f"below low for only {held:.0f} s (< hold {cfg.hold_s:g} s): {now}",)
+    return lvl, (f"between watermarks: {now}",)
 
 
 def pick_fill_source(local: HostLoad, peers: Sequence[Peer], cfg: PolicyConfig) -> str | None:
@@ -383,14 +407,23 @@ def _search_candidate(
                     s.best_rejected = _Option((), c, t.site.host, action, est)
 
 
+def cooling(last_move_at: float | None, now: float, cfg: PolicyConfig) -> bool:
+    """Is this host in its host cooldown (no mode moves anything)?"""
+    return last_move_at is not None and now - last_move_at < cfg.host_cooldown_s
+
+
+#: The level offload and consolidate need to act at all (fill is judged by its requester).
+NEEDS = {Mode.OFFLOAD: Level.HIGH, Mode.CONSOLIDATE: Level.LOW}
+
+
 def _trigger(sit: Situation, level: Level, cfg: PolicyConfig) -> str | None:
     """Why this mode has nothing to do right now (None: go ahead)."""
-    if sit.last_move_at is not None and sit.now - sit.last_move_at < cfg.host_cooldown_s:
-        return (f"host cooldown: last move {sit.now - sit.last_move_at:.0f} s ago "
+    if cooling(sit.last_move_at, sit.now, cfg):
+        return (f"host cooldown: last move {sit.now - sit.last_move_at:.0f} s ago "  # type: ignore[operator]
                 f"(< {cfg.host_cooldown_s:g} s)")
-    if sit.mode is Mode.OFFLOAD and level is not Level.HIGH:
+    if sit.mode is Mode.OFFLOAD and level is not NEEDS[Mode.OFFLOAD]:
         return f"offload needs this host overloaded; it is {level.value}"
-    if sit.mode is Mode.CONSOLIDATE and level is not Level.LOW:
+    if sit.mode is Mode.CONSOLIDATE and level is not NEEDS[Mode.CONSOLIDATE]:
         return f"consolidate needs this host lightly loaded; it is {level.value}"
     if sit.mode is Mode.FILL:
         req = next((p for p in sit.peers if p.load.host == sit.requester), None)

@@ -108,6 +108,28 @@ def take_offer(offers: Mapping[str, float], now: float) -> tuple[str | None, dic
     return requester, {h: t for h, t in live.items() if h != requester}
 
 
+def idle(state: State, sample: HostLoad, s: Settings) -> State | None:
+    """The state `step` would leave after this round, if the round provably ends before looking
+    at a peer or a candidate: no offer to take, and offload or consolidate in the host cooldown
+    or without the level it needs, or fill (not asked) with nothing to ask. Then `step` neither
+    moves nor asks, whatever the peers and candidates; only its decision's text is not made
+    here. None: call `step`. The simulator asks this first on every round (at 80 % load half
+    of all rounds end here); tests/test_sim.py checks it against `step` round by round."""
+    if state.offers:
+        return None
+    pc = s.policy
+    now = sample.time
+    history = keep_history(state.history, sample, pc.hold_s + 3 * s.interval)
+    level = policy.level(history, pc, state.level)
+    mode = own_mode(s.mode)
+    if mode is None:
+        if level is Level.LOW and (state.asked_at is None or now - state.asked_at >= pc.host_cooldown_s):
+            return None  # it may ask a busy peer for work
+    elif not policy.cooling(state.last_move_at, now, pc) and level is policy.NEEDS[mode]:
+        return None
+    return State(history, level, state.last_move_at, state.asked_at, {})
+
+
 def step(state: State, inp: Inputs, s: Settings) -> Step:
     """One round: keep the history, take the oldest live offer (it makes this a fill decision
     with the asker as the only target), decide, then either move (starting the host cooldown)
