@@ -334,7 +334,8 @@ class Candidate:
 
     proc: ProcessLoad
     opted_in: bool = False
-    #: When it last migrated (epoch seconds), None if never.
+    #: When it last migrated, or (on an agent) a move of it last failed (epoch seconds); None
+    #: if never.
     last_migrated: float | None = None
     #: Bytes of data it works on; None: its open regular files (`proc.open_file_bytes`).
     data_bytes: int | None = None

@@ -607,3 +607,22 @@ def test_an_admin_request_naming_both_a_pid_and_a_container_is_refused():
     with pytest.raises(InputError, match="a PID or a container, not both"):
         agent_mod.parse_request({"op": "explain", "pid": 7, "container": "web"})
     assert agent_mod.parse_request({"op": "explain", "container": "web"}).container == "web"
+
+
+def test_a_failed_move_cools_the_process_down_so_others_get_their_turn(make_agent, monkeypatch):
+    """Seen on the Vagrant VMs: CRIU could not dump one process (a configfs mount), and the
+    agent tried it again every round while the busy ones it could move waited."""
+    a = make_agent()
+
+    def failing(cfg, ref, pid, opts, progress=None):
+        a.calls.append((pid, opts))
+        raise MigrdError("criu dump failed: mnt: FS mnt ./sys/kernel/config unsupported")
+
+    monkeypatch.setattr(agent_mod.migrate, "migrate_subject", failing)
+    a.settings = dataclasses.replace(a.settings, policy=dataclasses.replace(a.settings.policy, host_cooldown_s=0.0))
+    d = a.round()
+    assert d.action is Action.MIGRATE and d.pid == 101 and 101 in a.failed
+    assert a.decisions.records()[-1]["migration"]["outcome"] == "failed"
+    d2 = a.round()
+    assert d2.action is Action.STAY and [c for c in a.calls if c[0] == 101] == a.calls[:1]
+    assert any("since last move or failed move" in r for r in d2.reasons), d2.reasons

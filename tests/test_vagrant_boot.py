@@ -124,6 +124,7 @@ def move_there_and_back(vms: Vms, program: str, tag: str, strategy: str, *args: 
     # them all); together: 1..N, each once.
     both = vms.counts(first, out) + ([] if with_files else vms.counts(second, out))
     assert sorted(both) == list(range(1, len(both) + 1)), f"lost or repeated values: {sorted(both)[-40:]}"
+    vms.run(first, "kill", "-9", str(pid))  # the next test's agents must not see it
     print(f"\n{tag}: moves (from, to, wall s, downtime s, rounds): "
           f"{[(m['from'], m['target'], m['wall'], m.get('downtime'), m.get('rounds')) for m in moves]}")
     return moves

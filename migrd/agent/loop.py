@@ -214,6 +214,8 @@ class Agent:
                                       dataclasses.replace(cfg.policy, downtime_target=cfg.migrate.downtime_target,
                                                           precopy_rounds=cfg.migrate.precopy_rounds))
         self.state = step.State()
+        #: PID -> when its move last failed: cooled down as if it had moved (after_failures).
+        self.failed: dict[int, float] = {}
         self.paused = False
         self.situation: Situation | None = None
         self.decision: Decision | None = None
@@ -313,7 +315,8 @@ class Agent:
         views = self.peers.views()
         peers = usable_peers((v for v in views if v.name in read), now, self.cfg.daemon.peer_stale_after,
                              self.peers.full_targets())
-        candidates = self.measure(self._candidates(), sample)
+        self.failed = {pid: t for pid, t in self.failed.items() if now - t < self.settings.policy.process_cooldown_s}
+        candidates = self.measure(candidates_core.after_failures(self._candidates(), self.failed), sample)
         with self.lock:  # offers arrive from the admin thread
             out = step.step(self.state, step.Inputs(sample, peers, candidates, self.paused), self.settings)
             self.state, self.situation, self.decision = out.state, out.situation, out.decision
@@ -355,6 +358,7 @@ class Agent:
             self.metrics.migration("not_reserved", metrics.strategy(opts.mode, None))
             log.warning("not moving %s to %s: %s", what, d.target, e)
         except MigrdError as e:
+            self.failed[d.pid] = time.time()
             record["migration"] = {"outcome": "failed", "error": str(e)}
             self.metrics.migration("failed", metrics.strategy(opts.mode, None), time.monotonic() - began)
             log.error("moving %s to %s failed: %s", what, d.target, e)

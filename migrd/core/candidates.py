@@ -92,3 +92,19 @@ def build(processes: Sequence[ProcessLoad], arrived: Mapping[int, float | None],
     out = [Candidate(p, opted_in=True, last_migrated=arrived.get(p.pid)) for p in processes if p.pid not in taken]
     out += [container_candidate(previous.get(c.name), c, allow) for c in containers]
     return tuple(out)
+
+
+def after_failures(cands: Sequence[Candidate], failed: Mapping[int, float]) -> tuple[Candidate, ...]:
+    """The candidates with a failed move counted as a move for the process cooldown: a process
+    CRIU cannot dump (or a target cannot take) is not tried again round after round while
+    other candidates wait. `failed`: PID -> when its last move failed."""
+    if not failed:
+        return tuple(cands)
+    out = []
+    for c in cands:
+        t = failed.get(c.proc.pid)
+        if t is not None and (c.last_migrated is None or t > c.last_migrated):
+            c = replace(c, last_migrated=t)
+        out.append(c)
+    return tuple(out)
+

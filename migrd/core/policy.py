@@ -248,7 +248,7 @@ def _eligible(sit: Situation, cfg: PolicyConfig) -> tuple[list[Candidate], list[
         else:
             ok.append(c)
     ok.sort(key=lambda c: c.proc.pid)
-    why = ("not opted in", f"in migration cooldown (< {cfg.process_cooldown_s:g} s since last move)",
+    why = ("not opted in", f"in migration cooldown (< {cfg.process_cooldown_s:g} s since last move or failed move)",
            f"younger than {cfg.min_age_s:g} s")
     reasons = [f"{len(ok)} of {len(sit.candidates)} processes eligible"]
     reasons += [f"{n} {w}" for w, n in sorted((why[k], n) for k, n in enumerate(skipped) if n)]
