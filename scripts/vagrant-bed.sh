@@ -43,7 +43,7 @@ packages() {
 }
 
 alive() { # $1 = pidfile, $2 = expected command name
-    [ -f "$1" ] && [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$2" ]
+    [ -f "$1" ] && [ "$(cat "/proc/$(cat "$1" 2>/dev/null)/comm" 2>/dev/null)" = "$2" ]  # the daemon may remove its pidfile as it exits
 }
 
 daemons() {
