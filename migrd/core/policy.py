@@ -144,19 +144,19 @@ def classify(
     """
     lvl, rule, held = _grade(history, cfg, previous)
     now = _describe_measures(history[-1], cfg)
-    if rule == 0:
-        return lvl, (f"overloaded for {held:.0f} s (>= hold {cfg.hold_s:g} s): {now}",)
-    if rule == 1:
-        return lvl, (f"lightly loaded for {held:.0f} s (>= hold {cfg.hold_s:g} s): {now}",)
-    if rule == 2:
-        return lvl, (f"still overloaded (hysteresis: not yet back below low): {now}",)
-    if rule == 3:
-        return lvl, (f"still lightly loaded (hysteresis: no signal at high): {now}",)
-    if rule == 4:
-        return lvl, (f"above high for only {held:.0f} s (< hold {cfg.hold_s:g} s): {now}",)
-    if rule == 5:
-        return lvl, (f"below low for only {held:.0f} s (< hold {cfg.hold_s:g} s): {now}",)
-    return lvl, (f"between watermarks: {now}",)
+    return lvl, (_RULE_TEXT[rule].format(held=held, hold=cfg.hold_s, now=now),)
+
+
+#: `classify`'s reason for each rule `_grade` names (its second value, the index here).
+_RULE_TEXT = (
+    "overloaded for {held:.0f} s (>= hold {hold:g} s): {now}",
+    "lightly loaded for {held:.0f} s (>= hold {hold:g} s): {now}",
+    "still overloaded (hysteresis: not yet back below low): {now}",
+    "still lightly loaded (hysteresis: no signal at high): {now}",
+    "above high for only {held:.0f} s (< hold {hold:g} s): {now}",
+    "below low for only {held:.0f} s (< hold {hold:g} s): {now}",
+    "between watermarks: {now}",
+)
 
 
 def pick_fill_source(local: HostLoad, peers: Sequence[Peer], cfg: PolicyConfig) -> str | None:

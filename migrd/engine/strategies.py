@@ -448,8 +448,8 @@ def carried(run: Migration) -> list[Path]:
 
 
 def precopy_limits(cfg: Config) -> PrecopyLimits:
-    """Pre-copy's stop rule as the config sets it (the rounds, hybrid's switch and `auto`'s
-    forecast all use this one)."""
+    """Pre-copy's stop rule as the config sets it, for the rounds and hybrid's switch (`auto`'s
+    forecast builds the same limits from MoveFacts, which carries the same two settings)."""
     from migrd.core import precopy
 
     return precopy.Limits(max_rounds=cfg.migrate.precopy_rounds, downtime_target=cfg.migrate.downtime_target)
