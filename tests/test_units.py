@@ -49,6 +49,17 @@ def test_version_is_asked_once_per_binary(tmp_path: Path):
     assert criu.Criu(fake).version() == "4.3"
 
 
+def test_a_feature_is_asked_once_per_binary_and_feature(tmp_path: Path):
+    asked = tmp_path / "asked"
+    fake = tmp_path / "criu"
+    fake.write_text(f'#!/bin/sh\necho "$3" >> {asked}\n[ "$3" = mem_dirty_track ]\n')
+    fake.chmod(0o700)
+    c = criu.Criu(fake)
+    assert c.has_feature("mem_dirty_track") and criu.Criu(fake).has_feature("mem_dirty_track")
+    assert not c.has_feature("uffd-noncoop") and not c.has_feature("uffd-noncoop")
+    assert asked.read_text().split() == ["mem_dirty_track", "uffd-noncoop"]
+
+
 def sample_manifest(files: dict[str, mf.FileEntry]) -> mf.Manifest:
     info = model.ProcessInfo(pid=42, cmdline=("sleep", "1"), exe="/bin/sleep", cwd="/", uid=0,
                           rss=1, start_time=1.0,

@@ -191,7 +191,12 @@ class RestoreResult:
     log: Path
 
 
-_VERSIONS: dict[tuple[str, int, int, int], str] = {}
+#: A binary as it is on disk: (path, device, inode, mtime).
+BinaryKey = tuple[str, int, int, int]
+_VERSIONS: dict[BinaryKey, str] = {}
+#: `criu check --feature` answers, by binary and feature: they depend on the binary and the
+#: running kernel, neither of which changes under a running migrd.
+_FEATURES: dict[tuple[BinaryKey, str], bool] = {}
 
 
 class Criu:
@@ -212,11 +217,14 @@ class Criu:
              prefix: tuple[str, ...] = ()):
         return command.run([*prefix, self.path, *args], check=False, timeout=timeout, pass_fds=pass_fds)
 
+    def _key(self) -> BinaryKey:
+        st = os.stat(self.path)
+        return (self.path, st.st_dev, st.st_ino, st.st_mtime_ns)
+
     def version(self) -> str:
         """Asked once per binary (as it is on disk): a dump's manifest names the version while
         the workload is frozen, so the migration asks first, before the freeze."""
-        st = os.stat(self.path)
-        key = (self.path, st.st_dev, st.st_ino, st.st_mtime_ns)
+        key = self._key()
         if key not in _VERSIONS:
             _VERSIONS[key] = parse_version(self._run(["--version"], 30).stdout.decode(errors="replace"))
         return _VERSIONS[key]
@@ -227,7 +235,12 @@ class Criu:
         return cp.returncode == 0, command.last_line(text)
 
     def has_feature(self, name: str) -> bool:
-        return self._run(["check", "--feature", name], 60).returncode == 0
+        """Asked once per binary and feature: pre-copy asks when its strategy is chosen and
+        again when its rounds start, each a CRIU start before the freeze."""
+        key = (self._key(), name)
+        if key not in _FEATURES:
+            _FEATURES[key] = self._run(["check", "--feature", name], 60).returncode == 0
+        return _FEATURES[key]
 
     def lazy_unready(self) -> str | None:
         """Why post-copy cannot run with this CRIU on this host (None: it can)."""
