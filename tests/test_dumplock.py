@@ -7,6 +7,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -96,7 +97,9 @@ def test_checkpoint_journals_only_a_notable_wait():
     from migrd.engine.checkpoint import Checkpoint
 
     def ck(wait: float) -> Checkpoint:
-        return Checkpoint(manifest=None, images=Path("/x"), dump_seconds=0.1, log=Path("/l"), lock_wait=wait)  # type: ignore[arg-type]
+        return Checkpoint(manifest=SimpleNamespace(image_bytes=10), images=Path("/x"),  # type: ignore[arg-type]
+                          dump_seconds=0.1, log=Path("/l"), lock_wait=wait)
 
-    assert ck(0.01).lock_note() == {}
-    assert ck(2.34567).lock_note() == {"dump_lock_wait": 2.346}
+    assert ck(0.01).figures(100.0) == {"freeze": 100.01, "dump_seconds": 0.1, "image_bytes": 10}
+    assert ck(2.34567).figures(100.0, streamed_bytes=5) == {
+        "freeze": 102.34567, "dump_seconds": 0.1, "dump_lock_wait": 2.346, "image_bytes": 15}

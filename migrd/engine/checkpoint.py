@@ -41,9 +41,18 @@ class Checkpoint:
     #: Seconds spent waiting for another CRIU dump on this host before this one could start.
     lock_wait: float = 0.0
 
-    def lock_note(self) -> dict[str, float]:
-        """For the journal: the wait, when it was long enough to delay the freeze noticeably."""
-        return {"dump_lock_wait": round(self.lock_wait, 3)} if dumplock.notable_wait(self.lock_wait) else {}
+    def frozen_at(self, called_at: float) -> float:
+        """When the task froze, for a dump called at `called_at`: only once the dump lock was
+        ours."""
+        return called_at + self.lock_wait
+
+    def figures(self, called_at: float, streamed_bytes: int = 0) -> dict[str, Any]:
+        """The transfer step's journal figures for a dump called at `called_at`: the freeze,
+        how long the dump took, the lock wait when it delayed the freeze noticeably, and the
+        image's bytes (with any pages streamed past the image directory)."""
+        note = {"dump_lock_wait": round(self.lock_wait, 3)} if dumplock.notable_wait(self.lock_wait) else {}
+        return {"freeze": self.frozen_at(called_at), "dump_seconds": round(self.dump_seconds, 4), **note,
+                "image_bytes": self.manifest.image_bytes + streamed_bytes}
 
 
 def log_path(cfg: Config, action: str, pid: int | str) -> Path:

@@ -321,13 +321,12 @@ def move(cfg: Config, conn: Connection, pid: int, start_time: float, images: Pat
     dump = None
     try:
         begin("checkpoint", streamed=True, postcopy=True)
-        freeze = time.time()
+        called = time.time()
         ck, dump = cp.lazy_checkpoint(cfg, pid, images, src.criu_fd, tcp_established=tcp_established,
                                       pass_fds=pass_fds, timeout=cfg.ssh.op_timeout)
-        freeze += ck.lock_wait  # the task froze only once the dump lock was ours
         src.criu_started()
-        begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4), **ck.lock_note(),
-              image_bytes=ck.manifest.image_bytes, **(dumped() if dumped else {}))
+        freeze = ck.frozen_at(called)
+        begin("transfer", **ck.figures(called), **(dumped() if dumped else {}))
         sent = send_carried()
         sent += src.link.send_images(images)
         begin("restore", bytes=sent)

@@ -116,11 +116,9 @@ class StopCopy(Strategy):
         only the pages written since it are dumped and sent). figures: for the journal."""
         with run.prepare_switch(target) as switch:  # the target waits before the freeze
             run.begin("checkpoint", **figures)
-            freeze = time.time()
+            called = time.time()
             ck = run.dump(leave_stopped=False, page_server_fd=None, parent=parent)
-            freeze += ck.lock_wait  # the task froze only once the dump lock was ours
-            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4), **ck.lock_note(),
-                      image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
+            run.begin("transfer", **ck.figures(called), page_bytes=0, nft_tables=run.dump_tables())
             run.release_address()
             moved, stats = run.send_after_freeze(switch, progress)
             run.begin("restore", bytes=stats.bytes + moved, transfer_seconds=round(stats.seconds, 4))
@@ -145,12 +143,10 @@ class StreamCopy(Strategy):
             run.begin("checkpoint", strategy=self.name, streamed=True)
             assert switch.pages is not None
             with switch.pages as pages:
-                freeze = time.time()
+                called = time.time()
                 ck = run.dump(leave_stopped=True, page_server_fd=pages.criu_fd)
-                freeze += ck.lock_wait  # the task froze only once the dump lock was ours
                 page_bytes = pages.finish(run.cfg.ssh.op_timeout)
-            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4), **ck.lock_note(),
-                      image_bytes=ck.manifest.image_bytes + page_bytes, page_bytes=page_bytes,
+            run.begin("transfer", **ck.figures(called, page_bytes), page_bytes=page_bytes,
                       nft_tables=run.dump_tables())
             run.release_address()
             moved, stats = run.send_after_freeze(switch, progress)
@@ -321,11 +317,9 @@ class ContentRounds(Rounds):
         # The carried files go with the pages (read ahead in the rounds), not on a files session.
         with run.prepare_switch(target, files=False) as switch:
             run.begin("checkpoint", **figures)
-            freeze = time.time()
+            called = time.time()
             ck = run.dump(leave_stopped=False, page_server_fd=None)
-            freeze += ck.lock_wait  # the task froze only once the dump lock was ours
-            run.begin("transfer", freeze=freeze, dump_seconds=round(ck.dump_seconds, 4), **ck.lock_note(),
-                      image_bytes=ck.manifest.image_bytes, page_bytes=0, nft_tables=run.dump_tables())
+            run.begin("transfer", **ck.figures(called), page_bytes=0, nft_tables=run.dump_tables())
             run.release_address()
             rest = run.j.dir / "images.rest"
             try:
