@@ -41,7 +41,7 @@ class HostLoad:
     cpu_speed: float
     #: 1, 5, 15 minute load averages (runnable + uninterruptible tasks). For a cgroup source the
     #: kernel keeps none, so the source computes the same exponential average of its runnable
-    #: count (`decay_loadavg`).
+    #: count (`decay_loadavg`), starting from the mean of a few counts over its first interval.
     loadavg: tuple[float, float, float]
     #: Busy fraction of `cpu_capacity`, 0..1.
     cpu_util: float

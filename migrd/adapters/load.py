@@ -163,11 +163,9 @@ def parse_pids(text: str) -> tuple[int, ...]:
 
 
 def decay_loadavg(
-    previous: tuple[float, float, float] | None, runnable: float, dt: float
+    previous: tuple[float, float, float], runnable: float, dt: float
 ) -> tuple[float, float, float]:
     """The kernel's load average recurrence, for sources the kernel keeps none for."""
-    if previous is None:
-        return (float(runnable),) * 3  # type: ignore[return-value]
     return tuple(  # type: ignore[return-value]
         old * math.exp(-dt / w) + runnable * (1 - math.exp(-dt / w))
         for old, w in zip(previous, LOADAVG_WINDOWS_S)
@@ -240,10 +238,11 @@ def cgroup_load(
     prev: CgroupRaw,
     cur: CgroupRaw,
     host: str,
+    prev_loadavg: tuple[float, float, float],
     cpu_speed: float = 1.0,
-    prev_loadavg: tuple[float, float, float] | None = None,
 ) -> HostLoad:
-    """A bed host's HostLoad from two raw samples of its cgroup.
+    """A bed host's HostLoad from two raw samples of its cgroup and its load average at `prev`
+    (the first time: `CgroupSource`'s seed).
 
     Its processing power is its CPU quota; utilization is CPU time used over the quota's time.
     """
@@ -401,6 +400,10 @@ def _cgroup_pids(dirs: Sequence[Path]) -> set[int]:
 
 
 def _runnable(pids: Iterable[int], proc: Path) -> int:
+    """Tasks in state R. The calling thread is one of them when it reads its own host (a bed
+    host's agent does): every host's count is one higher alike, which leaves them comparable.
+    Left out, a host that turns busy after its agent started takes tens of seconds more to
+    show a demand above its capacity (the policy's demand follows the 1-minute average)."""
     count = 0
     for pid in pids:
         text = _read(proc / str(pid) / "stat")
@@ -455,6 +458,13 @@ def read_cgroup_raw(dirs: Sequence[Path], proc: Path = PROC) -> CgroupRaw:
     )
 
 
+#: Reads of the runnable count spread over a cgroup source's first interval; their mean starts
+#: its load average. One instant's count, a minute's average from then on, made an idle host
+#: that caught one short-lived task look a CPU busy for a minute (the demo's agents then sent
+#: two moves to one peer and none to the idler one).
+SEED_READS = 5
+
+
 class CgroupSource:
     """Load of one bed host from its cgroup directories (see `read_cgroup_raw`)."""
 
@@ -468,11 +478,15 @@ class CgroupSource:
         self._loadavg: tuple[float, float, float] | None = None
 
     def sample(self) -> HostLoad:
-        if self._prev is None:
+        if self._prev is None or self._loadavg is None:
             self._prev = read_cgroup_raw(self.dirs, self.proc)
-            time.sleep(self.interval)
+            counts = [self._prev.runnable]
+            for _ in range(SEED_READS - 1):
+                time.sleep(self.interval / (SEED_READS - 1))
+                counts.append(_runnable(_cgroup_pids(self.dirs), self.proc))
+            self._loadavg = (sum(counts) / len(counts),) * 3
         cur = read_cgroup_raw(self.dirs, self.proc)
-        load = cgroup_load(self._prev, cur, self.host, self.cpu_speed, self._loadavg)
+        load = cgroup_load(self._prev, cur, self.host, self._loadavg, self.cpu_speed)
         self._prev, self._loadavg = cur, load.loadavg
         return load
 
