@@ -53,6 +53,31 @@ def _receive(s: socket.socket, until: float) -> list[str]:
     return got
 
 
+#: Settings that make systemd run the service in its own mount namespace (systemd's
+#: exec_needs_mount_namespace), each with the value that leaves it off (None: any value).
+MOUNT_NAMESPACE_SETTINGS = {
+    "PrivateTmp": "no", "PrivateDevices": "no", "PrivateMounts": "no", "ProtectSystem": "no",
+    "ProtectHome": "no", "ProtectKernelTunables": "no", "ProtectKernelModules": "no",
+    "ProtectKernelLogs": "no", "ProtectControlGroups": "no", "ProtectProc": "default",
+    "ProcSubset": "all", "PrivateIPC": "no", "PrivatePIDs": "no", "PrivateBPF": "no",
+    "TemporaryFileSystem": None, "ReadOnlyPaths": None, "ReadWritePaths": None,
+    "InaccessiblePaths": None, "ExecPaths": None, "NoExecPaths": None, "BindPaths": None,
+    "BindReadOnlyPaths": None, "RootDirectory": None, "RootImage": None, "MountAPIVFS": "no",
+}
+
+
+def test_the_unit_shares_the_hosts_mount_namespace():
+    """CRIU run from a mount namespace other than the workload's dumps that whole mount tree
+    (and the target rebuilds it); on the VMs every dump the agent started failed so while
+    ProtectKernelLogs gave it a namespace of its own."""
+    settings = [line.split("=", 1) for line in UNIT.read_text().splitlines()
+                if "=" in line and not line.lstrip().startswith("#")]
+    own = [f"{k}={v}" for k, v in settings
+           if k in MOUNT_NAMESPACE_SETTINGS and v.strip() != MOUNT_NAMESPACE_SETTINGS[k]]
+    assert not own, f"these give the agent its own mount namespace: {own}"
+    assert not any(k == "MountFlags" and v.strip() not in ("", "shared") for k, v in settings)
+
+
 @pytest.mark.root
 def test_agent_notifies_ready_and_watchdog(tmp_path, notify_socket):
     name, s = notify_socket
