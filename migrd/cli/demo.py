@@ -24,11 +24,13 @@ from migrd.cli.common import human_bytes, require_root
 
 ROUTE = ("host1", "host2", "host3", "host1")
 
-#: Thresholds for a demo that should take seconds, not minutes (the defaults hold 30 s).
+#: Thresholds for a demo that should take seconds, not minutes (the defaults hold 30 s). A
+#: process may move again 30 s after it arrived: a host that was sent too much can pass some on
+#: within the demo's 90 s.
 DEMO_POLICY = PolicyConfig(
     load=Watermarks(high=2.0, low=0.5), util=Watermarks(high=0.9, low=0.3),
     run_queue=Watermarks(high=1.5, low=0.5), hold_s=2.0, host_cooldown_s=4.0,
-    process_cooldown_s=120.0, min_age_s=2.0, min_gain=0.5, min_gain_ratio=0.05)
+    process_cooldown_s=30.0, min_age_s=2.0, min_gain=0.5, min_gain_ratio=0.05)
 BUSY_WORKLOADS = 4
 
 
