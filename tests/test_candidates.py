@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -279,6 +280,32 @@ def test_the_process_path_refuses_a_process_of_a_container(tmp_path, monkeypatch
                                                        "move the container"):
                     SUBJECTS[PROCESS_TREE.kind].locate(cfg, PROCESS_TREE, pid)
             assert census.container_of(cfg, 2**22 + 1) is None  # no such process
+        finally:
+            child.kill()
+
+
+@pytest.mark.root
+def test_the_process_path_refuses_when_migrd_has_mounts_of_its_own(tmp_path):
+    """migrd in a mount namespace of its own (as a systemd sandbox setting makes it) refuses a
+    process of the host's with one line, instead of letting CRIU dump the host's mount tree."""
+    try:
+        if os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/1/ns/mnt"):
+            pytest.skip("this test runs outside PID 1's mount namespace")
+    except PermissionError:
+        pytest.skip("PID 1's mount namespace cannot be read here (run it as CI does, in a PID namespace)")
+    cfg = config(tmp_path)
+    probe = ("import sys\nfrom pathlib import Path\nsys.path.insert(0, 'tests')\n"
+             "from test_candidates import config\nfrom migrd.engine.subjects import SUBJECTS\n"
+             "from migrd.model import PROCESS_TREE\nfrom migrd.errors import NotPermitted\n"
+             "try:\n    SUBJECTS[PROCESS_TREE.kind].locate(config(Path(sys.argv[2])), PROCESS_TREE, int(sys.argv[1]))\n"
+             "except NotPermitted as e:\n    print(e)\n")
+    with subprocess.Popen(["sleep", "30"], start_new_session=True) as child:
+        try:
+            assert SUBJECTS[PROCESS_TREE.kind].locate(cfg, PROCESS_TREE, child.pid).info.pid == child.pid
+            r = subprocess.run(["unshare", "--mount", "--propagation", "slave", sys.executable, "-c", probe,
+                                str(child.pid), str(tmp_path)], capture_output=True, text=True, timeout=60)
+            assert r.stdout.startswith("migrd runs in a mount namespace of its own, not the host's that "
+                                       f"PID {child.pid} runs in"), r.stdout + r.stderr
         finally:
             child.kill()
 

@@ -107,6 +107,22 @@ def checkable(pid: int) -> psutil.Process:
     return p
 
 
+def mounts_apart(pid: int) -> bool:
+    """This process runs in a mount namespace of its own while `pid` shares the host's (PID
+    1's): a service sandbox, e.g. a systemd setting that hides paths. CRIU run from here would
+    dump the host's whole mount tree with the process and rebuild it on the target. False when
+    PID 1's namespace cannot be read (a container's init of another user namespace)."""
+    try:
+        mine, theirs = os.readlink("/proc/self/ns/mnt"), os.readlink(f"/proc/{pid}/ns/mnt")
+    except FileNotFoundError:
+        raise InputError(f"no process with PID {pid}") from None
+    try:
+        host = os.readlink("/proc/1/ns/mnt")
+    except PermissionError:
+        return False
+    return mine != theirs and theirs == host
+
+
 def inspect(pid: int) -> ProcessInfo:
     p = checkable(pid)
     try:

@@ -168,6 +168,12 @@ class ProcessTree(Subject):
         if owner is not None:
             raise NotPermitted(f"PID {pid} belongs to the {owner.runtime.kind} container {owner.name}: "
                                f"move the container (migrctl migrate --container {owner.name})")
+        if procinfo.mounts_apart(pid):
+            raise NotPermitted(
+                f"migrd runs in a mount namespace of its own, not the host's that PID {pid} runs in "
+                f"(a sandboxing setting of its systemd unit or a drop-in, e.g. PrivateTmp= or "
+                f"ProtectKernelLogs=): CRIU would dump and rebuild the host's whole mount tree. "
+                f"Run migrd in the host's mount namespace")
         return cls(procinfo.inspect(pid))
 
     def opt_in(self, cfg: Config) -> str | None:
