@@ -84,6 +84,11 @@ def test_migrd_is_an_active_systemd_service_on_every_vm(vms):
         assert r.stdout.strip() == "active", f"{vm}: migrd is {r.stdout.strip()!r}"
         status = vms.run(vm, "systemctl", "show", "migrd", "-p", "Type", "-p", "WatchdogUSec").stdout
         assert "Type=notify" in status and "WatchdogUSec=1min" in status, status
+        # In the host's mount namespace: CRIU run from another one dumps the workloads' whole
+        # mount tree (and failed on the guests' configfs).
+        main = vms.run(vm, "systemctl", "show", "migrd", "-p", "MainPID", "--value").stdout.strip()
+        spaces = {p: vms.run(vm, "readlink", f"/proc/{p}/ns/mnt").stdout.strip() for p in (main, "1")}
+        assert spaces[main] == spaces["1"], f"{vm}: migrd's mount namespace is its own: {spaces}"
 
 
 def test_each_vm_has_its_own_kernel_with_soft_dirty(vms):
@@ -155,25 +160,64 @@ while time.time() < deadline and buf == shadow:
 """
 
 
+def with_migrate_settings(vms: Vms, name: str, settings: str) -> str:
+    """A config file on the first two VMs: theirs plus a migrate section; returns its path."""
+    config = f"/var/tmp/migrd-{name}.yaml"
+    for vm in VMS[:2]:
+        text = vms.run(vm, "cat", "/etc/migrd/migrd.yaml").stdout
+        assert "\nmigrate:" not in text, text  # the Vagrantfile's config has no migrate section
+        text = text.rstrip("\n") + f"\nmigrate:\n{settings}"
+        vms.run(vm, "sh", "-c", f"umask 077 && cat > {config} <<'EOF'\n{text}EOF")
+    return config
+
+
 @pytest.mark.parametrize("tracking", ["criu", "content"])
 def test_precopy_moves_a_memory_rewriter_with_each_way_of_tracking_dirty_pages(vms, tracking):
     """The guests' kernels have soft-dirty: pre-copy's rounds are CRIU's pre-dumps by default
     (dirty_tracking auto), and by content when the config says so; both move a workload that
     rewrites its memory during the move, memory intact."""
-    config = None
-    if tracking == "content":
-        config = "/var/tmp/migrd-content.yaml"
-        for vm in VMS[:2]:
-            text = vms.run(vm, "cat", "/etc/migrd/migrd.yaml").stdout
-            assert "\nmigrate:" not in text, text  # the Vagrantfile's config has no migrate section
-            text = text.rstrip("\n") + "\nmigrate:\n  dirty_tracking: content\n"
-            vms.run(vm, "sh", "-c", f"umask 077 && cat > {config} <<'EOF'\n{text}EOF")
+    config = with_migrate_settings(vms, "content", "  dirty_tracking: content\n") if tracking == "content" else None
     # Small for an emulated CPU: comparing 64 MiB with its shadow every step took most of it.
     moves = move_there_and_back(vms, REWRITER, f"rewrite-{tracking}", "precopy", "16", "16", config=config,
                                 with_files=True)
     for m in moves:
         assert m["strategy"] == "precopy" and m["dirty_tracking"] == tracking, m
         assert m["rounds"] >= 1, m
+
+
+@pytest.mark.parametrize("point,kind,recovered", [
+    ("round2", "die", "rolled back"), ("transfer", "die", "rolled back"), ("checkpoint", "error", None),
+])
+def test_a_failure_on_the_criu_pre_dump_route_leaves_exactly_one_copy(vms, point, kind, recovered):
+    """CRIU's pre-dump route (only these kernels have soft-dirty) failing in its second round,
+    after the freeze's dump (the source rolls back from its own chain of pre-dumps), or at the
+    freeze: the workload runs on once on the first VM, its count unbroken."""
+    first, second = VMS[0], VMS[1]
+    config = with_migrate_settings(vms, "criu-route", "  dirty_tracking: criu\n")
+    out = f"/var/tmp/migrd-fail-{point}-{int(time.time())}"
+    pid = vms.migrctl(first, "run", "--name", f"fail-{point}", "--", "python3", "-c", COUNTER, out)["pid"]
+    assert len(wait_counts(vms, first, out, 5)) >= 5, "the workload did not start"
+    r = vms.run(first, "env", f"MIGRD_CONFIG={config}", f"MIGRD_FAILPOINTS={point}:{kind}", "migrctl", "migrate",
+                "--json", str(pid), "--to", second, "--strategy", "precopy", timeout=600, check=False)
+    assert r.returncode != 0, r.stdout
+    if kind == "die":
+        acts = [a["action"] for a in vms.migrctl(first, "recover")]
+        assert len(acts) == 1 and acts[0].startswith(recovered), acts
+    else:
+        assert f"failpoint {point}:error" in r.stderr, r.stderr
+
+    def alive(vm: str) -> list[int]:
+        return [w["pid"] for w in vms.migrctl(vm, "ps") if w.get("alive") and out in w["command"]]
+
+    deadline = time.monotonic() + 120
+    while len(alive(first)) != 1 and time.monotonic() < deadline:
+        time.sleep(2)
+    assert len(alive(first)) == 1 and not alive(second), (alive(first), alive(second))
+    before = len(vms.counts(first, out))
+    got = wait_counts(vms, first, out, before + 5)
+    assert got == list(range(1, len(got) + 1)) and len(got) >= before + 5, f"lost or repeated: {got[-20:]}"
+    print(f"\n{point}:{kind}: {acts[0] if kind == 'die' else 'failed cleanly'}, {len(got)} counts, one copy")
+    vms.run(first, "kill", "-9", str(alive(first)[0]))
 
 
 def test_the_agents_spread_cpu_load_between_the_vms(vms):
