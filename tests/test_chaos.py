@@ -99,13 +99,21 @@ def reaches(j: Journal | None, moment: str) -> bool:
     return moment in states or any(s in states for s in FINAL)
 
 
+def _named(p: psutil.Process, name: str) -> bool:
+    """False for a process that ended since it was listed (a session's sshd does at any time)."""
+    try:
+        return p.name() == name
+    except psutil.NoSuchProcess:
+        return False
+
+
 def kill_sshd(ref: bed_mod.ProcRef) -> int:
     """SIGKILL an sshd listener and its per-connection sshd processes (not the commands its
     sessions run). Returns how many processes were killed."""
     if not bed_mod.alive(ref):
         return 0
     listener = psutil.Process(ref.pid)
-    victims = [listener] + [c for c in listener.children(recursive=True) if c.name() == "sshd"]
+    victims = [listener] + [c for c in listener.children(recursive=True) if _named(c, "sshd")]
     for p in victims:
         try:
             p.send_signal(signal.SIGKILL)
