@@ -253,10 +253,10 @@ def test_the_agents_spread_cpu_load_between_the_vms(vms):
     while any(vms.migrctl(vm, "status").get("in_flight") for vm in VMS) and time.monotonic() < settle:
         time.sleep(5)
     where = placed()
-    moves = [m for vm in VMS for m in vms.migrctl(vm, "history") if m.get("outcome") == "ok"
-             and m.get("name") in ("busy0", "busy1")]
+    tried = [m for vm in VMS for m in vms.migrctl(vm, "history") if m.get("name") in ("busy0", "busy1")]
+    moves = [m for m in tried if m.get("outcome") == "ok"]
     print(f"\nagents: spread after {spread_after} s; placement {where}; moves "
-          f"{[(m['source'], m['target'], m.get('strategy'), m.get('downtime')) for m in moves]}")
+          f"{[(m['id'], m['name'], m['source'], m['target'], m.get('strategy'), m.get('outcome'), m.get('downtime')) for m in tried]}")
     assert where[second], f"nothing moved to {second} in {spread_after} s: {where}"
     assert sorted(where[first] + where[second]) == sorted(outs), f"a workload is missing or runs twice: {where}"
     for out in outs:  # each kept counting across its move
