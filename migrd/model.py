@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, NamedTuple
@@ -368,8 +369,8 @@ class Situation:
     now: float
     #: This host's snapshots, oldest first; the last one is "now".
     history: tuple[HostLoad, ...]
-    peers: tuple[Peer, ...] = ()
-    candidates: tuple[Candidate, ...] = ()
+    peers: Sequence[Peer] = ()
+    candidates: Sequence[Candidate] = ()
     mode: Mode = Mode.OFFLOAD
     #: The level the previous decision reported (hysteresis).
     previous_level: Level = Level.NORMAL

@@ -140,12 +140,13 @@ def estimate(c: Candidate, w: Work, st: Stay, action: Action, here: Site, there:
     k_here = effective_speed(here, 0.0)
     k_there = effective_speed(there, w.wants)
     pace = _pace(w, k_here, k_there)
+    lines: tuple[str, ...] = ()
     if action is Action.RESTART_ELSEWHERE:
         nbytes = c.code_size + data
         transfer_s = downtime_s = link.send_s(nbytes)
         run_s = (w.done_s + w.remaining_s) * pace
         cpu_s = (w.done_cpu_s + w.cpu_s) / there.speed
-        strategy, lines = None, ()
+        strategy = None
     else:
         chosen, every = forecasts(c, link, cfg)
         nbytes = chosen.sent + data

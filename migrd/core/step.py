@@ -50,8 +50,9 @@ class State:
 @dataclass(frozen=True)
 class Inputs:
     sample: HostLoad
-    peers: tuple[Peer, ...]
-    candidates: tuple[Candidate, ...]
+    #: Any sequence: the simulator's are built only when the policy first looks at them.
+    peers: Sequence[Peer]
+    candidates: Sequence[Candidate]
     paused: bool = False
 
 
