@@ -66,11 +66,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import psutil
+import yaml
 
 from migrbed import bed as bed_mod
 from migrbed.programs import COUNTER, MARK, read_counts
 from migrd import config
+from migrd.adapters import private
 from migrd.adapters.criu import find_criu
+from migrd.core.precopy import STOP_RULES
 from migrd.engine.journal import Journal
 from migrd.engine.strategies import STRATEGIES as OFFERED
 
@@ -620,14 +623,30 @@ def _times(out: str) -> tuple[str, list[float], int]:
 
 
 class MigrdStrategy(Method):
-    """`migrctl migrate --strategy NAME`, on a workload started with `migrctl run`."""
+    """`migrctl migrate --strategy NAME`, on a workload started with `migrctl run`; with a stop
+    rule (method name `precopy.phaul`, `precopy.lxd`), under host1's config with
+    migrate.precopy_stop_rule set to it."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, strategy: str, stop_rule: str | None = None) -> None:
+        self.strategy, self.stop_rule = strategy, stop_rule
+        self.name = f"{strategy}.{stop_rule}" if stop_rule else strategy
 
     def describe(self) -> dict[str, str]:
-        return {"name": self.name, "invocation": f"migrctl migrate PID --to host2 --strategy {self.name} --json",
-                "summary": OFFERED[self.name].summary}
+        rule = f" (MIGRD_CONFIG: migrate.precopy_stop_rule {self.stop_rule})" if self.stop_rule else ""
+        return {"name": self.name,
+                "invocation": f"migrctl migrate PID --to host2 --strategy {self.strategy} --json{rule}",
+                "summary": OFFERED[self.strategy].summary
+                + (f"; stop rule: {STOP_RULES[self.stop_rule].summary}" if self.stop_rule else "")}
+
+    def config_env(self, b: Bench) -> str:
+        """The environment assignment that runs migrctl under this method's stop rule."""
+        if self.stop_rule is None:
+            return ""
+        path = b.tmp / f"migrd-{self.stop_rule}.yaml"
+        doc = yaml.safe_load((b.h1.dir / "etc" / "migrd.yaml").read_text()) or {}
+        doc.setdefault("migrate", {})["precopy_stop_rule"] = self.stop_rule
+        private.write_atomic(path, yaml.safe_dump(doc), durable=False)
+        return f"MIGRD_CONFIG={shlex.quote(str(path))} "
 
     def start(self, b: Bench, case: Case, base: Path) -> Started:
         r = bed_mod.exec_in(b.bed, "host1", [PY, "-m", "migrd.cli", "run", "--json", "--name", base.name,
@@ -637,8 +656,8 @@ class MigrdStrategy(Method):
         return Started(case, base, pid, psutil.Process(pid).create_time())
 
     def move(self, b: Bench, w: Started) -> Moved:
-        argv = [PY, "-m", "migrd.cli", "migrate", "--json", str(w.pid), "--to", "host2", "--strategy", self.name]
-        rc, out, err = b.sh("host1", _timed(shlex.join(argv)), timeout=900)
+        argv = [PY, "-m", "migrd.cli", "migrate", "--json", str(w.pid), "--to", "host2", "--strategy", self.strategy]
+        rc, out, err = b.sh("host1", _timed(self.config_env(b) + shlex.join(argv)), timeout=900)
         body, (t0, t1), status = _times(out)
         dump_logs = sorted((b.h1.dir / "state" / "logs").glob(f"dump-{w.pid}-*.log"),
                            key=lambda p: p.stat().st_mtime)
@@ -648,13 +667,14 @@ class MigrdStrategy(Method):
             return Moved(t1 - t0, t0, t1, None, row, error=(err.strip().splitlines() or [f"exit {status}"])[-1])
         res = json.loads(body)
         b.track(res["target_pid"])
-        if res.get("strategy") != self.name and self.name != "auto":
+        if res.get("strategy") != self.strategy and self.strategy != "auto":
             return Moved(t1 - t0, t0, t1, res["target_pid"], row,
-                         error=f"migrctl ran strategy {res.get('strategy')!r}, not {self.name!r}")
+                         error=f"migrctl ran strategy {res.get('strategy')!r}, not {self.strategy!r}")
         journal = Journal(b.h1.dir / "state" / "migrations" / res["id"]).merged()
         # auto runs another strategy: which one, for the "never more than 10 % worse" aim.
         row.update(migrd=res, ran=res.get("strategy"), migrd_downtime_s=res.get("downtime"), image_bytes=res.get("bytes"),
-                   phases=res.get("phases"), figures=strategy_figures(journal, res))
+                   phases=res.get("phases"), figures=strategy_figures(journal, res),
+                   stop_reason=journal.get("stop_reason"))
         return Moved(t1 - t0, t0, t1, res["target_pid"], row)
 
 
@@ -714,11 +734,19 @@ class Manual(Method):
 
 
 def methods_for(names: Sequence[str]) -> tuple[list[Method], dict[str, str]]:
-    """The strategies asked for that `migrctl migrate --strategy` offers, plus the manual
-    pipeline, and why the others are left out."""
-    methods: list[Method] = [MigrdStrategy(n) for n in names if n in OFFERED]
-    missing = {n: f"not offered by this checkout's migrctl (it has: {', '.join(OFFERED)})"
-               for n in names if n not in OFFERED}
+    """The strategies asked for that `migrctl migrate --strategy` offers (pre-copy and hybrid
+    also as NAME.RULE, under another stop rule), plus the manual pipeline, and why the others
+    are left out."""
+    methods: list[Method] = []
+    missing: dict[str, str] = {}
+    for n in names:
+        strategy, _, rule = n.partition(".")
+        if strategy not in OFFERED:
+            missing[n] = f"not offered by this checkout's migrctl (it has: {', '.join(OFFERED)})"
+        elif rule and (rule not in STOP_RULES or strategy not in ("precopy", "hybrid")):
+            missing[n] = f"a stop rule ({', '.join(STOP_RULES)}) applies to precopy and hybrid only"
+        else:
+            methods.append(MigrdStrategy(strategy, rule or None))
     return [*methods, Manual()], missing
 
 
@@ -789,7 +817,9 @@ def main() -> int:
     ap.add_argument("--rates", type=_rates, default=None,
                     help="MiB/s the workloads rewrite, comma-separated, 0 for idle; replaces --modes "
                          "and --rate (issue 11's sweep: --sizes 512,1024 --rates 0,40,400)")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"default {','.join(STRATEGIES)}")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES),
+                    help=f"default {','.join(STRATEGIES)}; precopy.phaul, precopy.lxd (and hybrid.*) run "
+                         "pre-copy under P.Haul's or LXD's stop rule instead of migrd's")
     ap.add_argument("--no-counter", action="store_true", help="skip the small process (migrbed's COUNTER)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fill", choices=["mixed", "random", "zero"], default="mixed",

@@ -99,6 +99,11 @@ class MigrateSettings:
     #: a kernel with soft-dirty tracking (`migrctl check` says); content: read the memory and
     #: compare it page by page (any kernel); auto: criu where the kernel has soft-dirty.
     dirty_tracking: Literal["auto", "criu", "content"] = "auto"
+    #: Pre-copy: when its rounds end. migrd: its own rule (the predicted freeze, divergence,
+    #: convergence, rounds no longer shrinking, precopy_rounds); phaul and lxd: P.Haul's and
+    #: LXD's rules, to measure against it (bench/strategies.py). The forecasts of `auto` and
+    #: of the policy assume migrd's.
+    precopy_stop_rule: Literal["migrd", "phaul", "lxd"] = "migrd"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from migrd.core import choice
-from migrd.core.precopy import Limits, Round, decide, simulate
+from migrd.core.precopy import STOP_RULES, Limits, Round, decide, simulate
 
 MB = 1_000_000
 MEM = 512 * MB
@@ -68,6 +68,43 @@ def test_rounds_that_stop_shrinking_stop_where_p_haul_would_run_to_its_round_lim
     assert d.stop and d.reason.startswith("not shrinking")
     shrinking = plateau[:2] + [Round(20 * MB, 20 * MB, 30.0, 40.0)]
     assert not decide(shrinking, limits, memory=MEM, fixed=0.2, fallback_bandwidth=1.0).stop
+
+
+def _rule(name: str, rounds: list[Round]):
+    return STOP_RULES[name].decide(rounds, Limits(downtime_target=0.5), memory=MEM, fixed=0.2,
+                                   fallback_bandwidth=1.0)
+
+
+def test_the_baseline_rules_stop_where_p_haul_and_lxd_do():
+    steady = [Round(MEM, MEM, 10.0, 0.0)] + [Round(200 * MB, 200 * MB, 4.0, 10.0)] * 9
+    # Equal rounds: P.Haul (no round grew by > 10 %) runs to its 8; LXD (61 % unchanged, goal
+    # 70 %) to its 10; migrd stops at the third, which no longer shrinks.
+    assert [n for n in range(1, 11) if _rule("phaul", steady[:n]).stop][0] == 8
+    assert [n for n in range(1, 11) if _rule("lxd", steady[:n]).stop][0] == 10
+    assert [n for n in range(1, 11) if _rule("migrd", steady[:n]).stop][0] == 3
+    assert "8 rounds" in _rule("phaul", steady[:8]).reason and "10 rounds" in _rule("lxd", steady).reason
+    # A round that grew by 20 %: P.Haul stops; one at 30 % of memory: LXD stops.
+    grown = [Round(MEM, MEM, 10.0, 0.0), Round(100 * MB, 100 * MB, 2.0, 10.0), Round(120 * MB, 120 * MB, 2.4, 2.0)]
+    assert _rule("phaul", grown).stop and "grew" in _rule("phaul", grown).reason
+    assert not _rule("phaul", grown[:2]).stop
+    synced = [Round(MEM, MEM, 10.0, 0.0), Round(int(0.3 * MEM), int(0.3 * MEM), 3.0, 10.0)]
+    assert _rule("lxd", synced).stop and "70% of memory unchanged" in _rule("lxd", synced).reason
+    assert not _rule("lxd", [synced[0], Round(int(0.31 * MEM), int(0.31 * MEM), 3.0, 10.0)]).stop
+    # At most 64 pages written: P.Haul's convergence. Each rule reports the same predicted freeze.
+    tiny = [Round(MEM, MEM, 10.0, 0.0), Round(64 * 4096, 64 * 4096, 0.1, 10.0)]
+    assert _rule("phaul", tiny).stop and "64 pages" in _rule("phaul", tiny).reason
+    assert len({_rule(n, grown).predicted_freeze for n in STOP_RULES}) == 1
+
+
+def test_the_stop_rule_is_a_setting_and_defaults_to_migrds():
+    from migrd import config
+    from migrd.errors import ConfigError
+
+    assert config.Config().migrate.precopy_stop_rule == "migrd"
+    assert config.parse("migrate:\n  precopy_stop_rule: lxd\n").migrate.precopy_stop_rule == "lxd"
+    with pytest.raises(ConfigError, match="precopy_stop_rule"):
+        config.parse("migrate:\n  precopy_stop_rule: qemu\n")
+    assert set(STOP_RULES) == {"migrd", "phaul", "lxd"}
 
 
 def test_simulation_converges_for_an_idle_workload_and_diverges_for_a_busy_one():

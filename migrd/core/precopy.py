@@ -15,12 +15,14 @@ fixed cost of the dump and restore. It stops
 
 The limits are named, as P.Haul's iteration driver names its own (phaul/iters.py); P.Haul stops
 at 8 rounds, at <= 64 pages, or when a round grows by more than 10 % (so rounds of equal size
-run on to the round limit).
+run on to the round limit). Those two rules are here too (`STOP_RULES`, migrate.precopy_stop_rule),
+so that the benchmark can run each of them against this one on the same workloads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 PAGE = 4096
@@ -96,34 +98,121 @@ def predict_freeze(fixed: float, remaining: int, bw: float) -> float:
     return fixed + remaining / bw
 
 
+@dataclass(frozen=True)
+class Stop:
+    """A rule's reason to switch now."""
+
+    reason: str
+    #: The workload rewrites faster than pages cross: more rounds would only resend them.
+    diverging: bool = False
+
+
+class StopRule(ABC):
+    """When pre-copy's rounds end: after each round, switch now or run another. Every rule
+    reports the freeze the switch would cost now, with the same measures."""
+
+    name: str
+    #: One line for `--help` and the docs.
+    summary: str
+
+    def decide(self, rounds: Sequence[Round], limits: Limits, *, memory: int, fixed: float,
+               fallback_bandwidth: float) -> Decision:
+        """After the last round in `rounds`. memory: bytes the workload's dumpable memory
+        holds; fixed: predicted seconds of the freeze that do not depend on the rounds (dump,
+        restore)."""
+        if not rounds:
+            raise ValueError("decide needs at least one round")
+        bw = bandwidth(rounds, fallback_bandwidth)
+        rate = dirty_rate(rounds)
+        freeze = predict_freeze(fixed, residual(rounds, rate, memory), bw)
+        stop = self.stop(rounds, limits, memory=memory, freeze=freeze, rate=rate, bw=bw)
+        if stop is None:
+            return Decision(False, "another round", round(freeze, 4), rate, bw)
+        return Decision(True, stop.reason, round(freeze, 4), rate, bw, stop.diverging)
+
+    @abstractmethod
+    def stop(self, rounds: Sequence[Round], limits: Limits, *, memory: int, freeze: float,
+             rate: float | None, bw: float) -> Stop | None:
+        """Why to switch now, or None for another round. freeze: the predicted one (seconds);
+        rate: the dirty rate (None before two rounds); bw: the rate pages cross."""
+
+
+class Adaptive(StopRule):
+    """migrd's own: the predicted freeze, divergence, convergence, shrinking, the limit."""
+
+    name = "migrd"
+    summary = ("stop once the predicted freeze meets the downtime target, the workload outruns the "
+               "link, a round sent almost nothing or no longer shrinks, or at migrate.precopy_rounds")
+
+    def stop(self, rounds: Sequence[Round], limits: Limits, *, memory: int, freeze: float,
+             rate: float | None, bw: float) -> Stop | None:
+        last = rounds[-1]
+        if rate is not None and rate >= bw:
+            return Stop(f"diverging: the workload rewrites {rate / 1e6:.1f} MB/s, pages cross at "
+                        f"{bw / 1e6:.1f} MB/s; more rounds would only resend them", diverging=True)
+        if len(rounds) >= 2 and freeze <= limits.downtime_target:
+            return Stop(f"predicted freeze {freeze:.3f} s meets the target {limits.downtime_target:g} s")
+        if len(rounds) >= 2 and last.sent <= limits.converged_bytes:
+            return Stop(f"converged: round {len(rounds)} sent {last.sent} bytes")
+        if len(rounds) >= 3 and last.sent > limits.shrink * rounds[-2].sent:
+            return Stop(f"not shrinking: round {len(rounds)} sent {last.sent} bytes, the one before "
+                        f"{rounds[-2].sent}")
+        if len(rounds) >= limits.max_rounds:
+            return Stop(f"round limit: {limits.max_rounds} rounds")
+        return None
+
+
+class PHaulRule(StopRule):
+    """P.Haul's iteration driver (phaul/iters.py), with its own constants: a round that wrote at
+    most 64 pages, a round that wrote more than 10 % more than the one before, 8 rounds. It
+    counts the pages a pre-dump wrote, which is `changed` here."""
+
+    name = "phaul"
+    summary = "P.Haul's: <= 64 pages, a round grown by > 10 %, or 8 rounds"
+    MIN_PAGES = 64
+    GROW_MAX = 0.10
+    MAX_ROUNDS = 8
+
+    def stop(self, rounds: Sequence[Round], limits: Limits, *, memory: int, freeze: float,
+             rate: float | None, bw: float) -> Stop | None:
+        last = rounds[-1]
+        if len(rounds) >= 2 and last.changed <= self.MIN_PAGES * PAGE:
+            return Stop(f"P.Haul: round {len(rounds)} wrote at most {self.MIN_PAGES} pages")
+        if len(rounds) >= 3 and last.changed > (1 + self.GROW_MAX) * rounds[-2].changed:
+            return Stop(f"P.Haul: round {len(rounds)} grew by more than {self.GROW_MAX:.0%}")
+        if len(rounds) >= self.MAX_ROUNDS:
+            return Stop(f"P.Haul: {self.MAX_ROUNDS} rounds")
+        return None
+
+
+class LXDRule(StopRule):
+    """LXD's (migration.incremental.memory.goal and .iterations, defaults 70 and 10): stop once
+    the last round found at least 70 % of memory unchanged, or after 10 rounds."""
+
+    name = "lxd"
+    summary = "LXD's: 70 % of memory unchanged in the last round, or 10 rounds"
+    GOAL = 0.70
+    MAX_ROUNDS = 10
+
+    def stop(self, rounds: Sequence[Round], limits: Limits, *, memory: int, freeze: float,
+             rate: float | None, bw: float) -> Stop | None:
+        if len(rounds) >= 2 and rounds[-1].changed <= (1 - self.GOAL) * memory:
+            return Stop(f"LXD: {self.GOAL:.0%} of memory unchanged in round {len(rounds)}")
+        if len(rounds) >= self.MAX_ROUNDS:
+            return Stop(f"LXD: {self.MAX_ROUNDS} rounds")
+        return None
+
+
+#: migrate.precopy_stop_rule -> the rule. migrd's own is the default and the only one the
+#: forecasts (`simulate`, `auto`, the policy) assume; the others are there to be measured.
+STOP_RULES: Mapping[str, StopRule] = {r.name: r for r in (Adaptive(), PHaulRule(), LXDRule())}
+ADAPTIVE = STOP_RULES["migrd"]
+
+
 def decide(rounds: Sequence[Round], limits: Limits, *, memory: int, fixed: float,
            fallback_bandwidth: float) -> Decision:
-    """After the last round in `rounds`: switch now, or run another round?
-    memory: bytes the workload's dumpable memory holds; fixed: predicted seconds of the freeze
-    that do not depend on the rounds (dump, restore)."""
-    if not rounds:
-        raise ValueError("decide needs at least one round")
-    bw = bandwidth(rounds, fallback_bandwidth)
-    rate = dirty_rate(rounds)
-    freeze = predict_freeze(fixed, residual(rounds, rate, memory), bw)
-    last = rounds[-1]
-
-    def stop(reason: str, diverging: bool = False) -> Decision:
-        return Decision(True, reason, round(freeze, 4), rate, bw, diverging)
-
-    if rate is not None and rate >= bw:
-        return stop(f"diverging: the workload rewrites {rate / 1e6:.1f} MB/s, pages cross at "
-                    f"{bw / 1e6:.1f} MB/s; more rounds would only resend them", diverging=True)
-    if len(rounds) >= 2 and freeze <= limits.downtime_target:
-        return stop(f"predicted freeze {freeze:.3f} s meets the target {limits.downtime_target:g} s")
-    if len(rounds) >= 2 and last.sent <= limits.converged_bytes:
-        return stop(f"converged: round {len(rounds)} sent {last.sent} bytes")
-    if len(rounds) >= 3 and last.sent > limits.shrink * rounds[-2].sent:
-        return stop(f"not shrinking: round {len(rounds)} sent {last.sent} bytes, the one before "
-                    f"{rounds[-2].sent}")
-    if len(rounds) >= limits.max_rounds:
-        return stop(f"round limit: {limits.max_rounds} rounds")
-    return Decision(False, "another round", round(freeze, 4), rate, bw)
+    """migrd's own rule (`Adaptive`) after the last round in `rounds`."""
+    return ADAPTIVE.decide(rounds, limits, memory=memory, fixed=fixed, fallback_bandwidth=fallback_bandwidth)
 
 
 @dataclass(frozen=True)

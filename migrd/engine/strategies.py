@@ -457,13 +457,14 @@ def precopy_rounds(run: Migration, rounds_port: Rounds) -> tuple[list[Round], De
 
     info = run.info
     limits = precopy_limits(run.cfg)
+    rule = precopy.STOP_RULES[run.cfg.migrate.precopy_stop_rule]
     fixed = choice.precopy_fixed(info.rss, run.cfg.policy.move_rates)
     rounds: list[Round] = []
     while True:
         failpoints.point(f"round{len(rounds) + 1}")
         rounds.append(rounds_port.round(len(rounds) + 1))
-        decision = precopy.decide(rounds, limits, memory=info.rss, fixed=fixed,
-                                  fallback_bandwidth=precopy.ASSUMED_BANDWIDTH)
+        decision = rule.decide(rounds, limits, memory=info.rss, fixed=fixed,
+                               fallback_bandwidth=precopy.ASSUMED_BANDWIDTH)
         if decision.stop:
             return rounds, decision
 
