@@ -9,6 +9,8 @@ fixed cost of the dump and restore. It stops
 * when the prediction meets the downtime target,
 * when the dirty rate is at or above the rate pages cross (diverging: more rounds only resend),
 * when a round sent no more than a handful of pages (converged),
+* when another round is forecast to shorten the freeze by less than a tenth (it would not pay:
+  the freeze is mostly the dump and the restore, which rounds cannot shrink),
 * when a round sent more than 90 % of the one before it (no longer shrinking: a round that only
   repeats the one before costs its whole time and leaves the freeze as it was),
 * at the round limit.
@@ -40,6 +42,10 @@ class Limits:
     #: A round that sent more than this fraction of the round before it is no longer
     #: shrinking: the freeze would not get shorter, and each round more costs its full time.
     shrink: float = 0.9
+    #: Another round must be forecast to shorten the predicted freeze by at least this fraction
+    #: of it: where the freeze is mostly the dump and restore, rounds past that cost their whole
+    #: time and leave the freeze as it was. 0 turns the forecast off.
+    min_gain: float = 0.1
     #: Seconds the workload may be frozen (migrate.downtime_target).
     downtime_target: float = 0.5
 
@@ -93,6 +99,16 @@ def residual(rounds: Sequence[Round], rate: float | None, memory: int) -> int:
     return min(memory, int(rate * rounds[-1].seconds))
 
 
+def gain_of_another_round(rounds: Sequence[Round], rate: float, bw: float, memory: int) -> float:
+    """Seconds one more round is forecast to take off the freeze. It would read as the last
+    one did (its time less its sending) and send what is dirty now; the freeze after it holds
+    what is rewritten meanwhile."""
+    last = rounds[-1]
+    now = residual(rounds, rate, memory)
+    seconds = max(0.0, last.seconds - last.sent / bw) + now / bw
+    return (now - min(memory, rate * seconds)) / bw
+
+
 def predict_freeze(fixed: float, remaining: int, bw: float) -> float:
     """Seconds frozen: the dump and restore (fixed) plus the remaining bytes at bw."""
     return fixed + remaining / bw
@@ -138,11 +154,13 @@ class StopRule(ABC):
 
 
 class Adaptive(StopRule):
-    """migrd's own: the predicted freeze, divergence, convergence, shrinking, the limit."""
+    """migrd's own: the predicted freeze, divergence, convergence, the forecast gain of another
+    round, shrinking, the limit."""
 
     name = "migrd"
     summary = ("stop once the predicted freeze meets the downtime target, the workload outruns the "
-               "link, a round sent almost nothing or no longer shrinks, or at migrate.precopy_rounds")
+               "link, a round sent almost nothing, another round would not shorten the freeze by a "
+               "tenth, a round no longer shrinks, or at migrate.precopy_rounds")
 
     def stop(self, rounds: Sequence[Round], limits: Limits, *, memory: int, freeze: float,
              rate: float | None, bw: float) -> Stop | None:
@@ -154,6 +172,10 @@ class Adaptive(StopRule):
             return Stop(f"predicted freeze {freeze:.3f} s meets the target {limits.downtime_target:g} s")
         if len(rounds) >= 2 and last.sent <= limits.converged_bytes:
             return Stop(f"converged: round {len(rounds)} sent {last.sent} bytes")
+        if (limits.min_gain > 0 and rate is not None
+                and (gain := gain_of_another_round(rounds, rate, bw, memory)) < limits.min_gain * freeze):
+            return Stop(f"another round would not pay: forecast to shorten the predicted freeze of "
+                        f"{freeze:.2f} s by {gain:.2f} s (less than {limits.min_gain:.0%})")
         if len(rounds) >= 3 and last.sent > limits.shrink * rounds[-2].sent:
             return Stop(f"not shrinking: round {len(rounds)} sent {last.sent} bytes, the one before "
                         f"{rounds[-2].sent}")
