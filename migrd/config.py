@@ -100,7 +100,8 @@ class MigrateSettings:
     #: compare it page by page (any kernel); auto: criu where the kernel has soft-dirty.
     dirty_tracking: Literal["auto", "criu", "content"] = "auto"
     #: Pre-copy: when its rounds end. migrd: its own rule (the predicted freeze, divergence,
-    #: convergence, rounds no longer shrinking, precopy_rounds); phaul and lxd: P.Haul's and
+    #: convergence, the forecast gain of another round, rounds no longer shrinking,
+    #: precopy_rounds); phaul and lxd: P.Haul's and
     #: LXD's rules, to measure against it (bench/strategies.py). The forecasts of `auto` and
     #: of the policy assume migrd's.
     precopy_stop_rule: Literal["migrd", "phaul", "lxd"] = "migrd"

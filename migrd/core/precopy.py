@@ -127,8 +127,9 @@ class StopRule(ABC):
     """When pre-copy's rounds end: after each round, switch now or run another. Every rule
     reports the freeze the switch would cost now, with the same measures."""
 
+    #: Its value of migrate.precopy_stop_rule.
     name: str
-    #: One line for `--help` and the docs.
+    #: One line for the benchmark's report.
     summary: str
 
     def decide(self, rounds: Sequence[Round], limits: Limits, *, memory: int, fixed: float,
