@@ -101,9 +101,8 @@ class MigrateSettings:
     dirty_tracking: Literal["auto", "criu", "content"] = "auto"
     #: Pre-copy: when its rounds end. migrd: its own rule (the predicted freeze, divergence,
     #: convergence, the forecast gain of another round, rounds no longer shrinking,
-    #: precopy_rounds); phaul and lxd: P.Haul's and
-    #: LXD's rules, to measure against it (bench/strategies.py). The forecasts of `auto` and
-    #: of the policy assume migrd's.
+    #: precopy_rounds); phaul and lxd: P.Haul's and LXD's rules, to measure against it
+    #: (bench/strategies.py). The forecasts of `auto` and of the policy assume migrd's.
     precopy_stop_rule: Literal["migrd", "phaul", "lxd"] = "migrd"
 
 
