@@ -182,21 +182,19 @@ def container_counts(marker: str) -> list[int]:
 def copies(marker: str) -> list[int]:
     """Live processes anywhere on the machine running the workload named by marker (not the
     `unshare` that `migrctl run` leaves waiting for its PID namespace's init). Bed hosts share
-    one PID space, so this counts copies on every host at once. A shell workload forks for a
-    command substitution, and the fork carries its command line until it execs: a match whose
-    parent matches too is that fork, not a second copy."""
+    one PID space, so this counts copies on every host at once."""
     if not of_this_run(marker):
         raise ValueError(f"marker {marker!r} could match another test run's processes: "
                          f"use a path under this run's tmp_path or workloads.marker()")
-    found: dict[int, int] = {}
-    for p in psutil.process_iter(["cmdline", "status", "name", "ppid"]):
+    out = []
+    for p in psutil.process_iter(["cmdline", "status", "name"]):
         try:
             if (p.info["status"] != psutil.STATUS_ZOMBIE and p.info["name"] != "unshare"
                     and any(marker in a for a in p.info["cmdline"] or ())):
-                found[p.pid] = p.info["ppid"]
+                out.append(p.pid)
         except psutil.Error:
             pass
-    return [pid for pid, parent in found.items() if parent not in found]
+    return out
 
 
 def end_copies(*markers: str) -> None:
