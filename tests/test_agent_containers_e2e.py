@@ -27,7 +27,7 @@ from migrbed import bed as bed_mod
 from migrbed.programs import BUSY
 from migrd import config as config_mod
 from migrd.model import PolicyConfig, Watermarks
-from workloads import container_counts, copies, end_copies, marker, wait_for
+from workloads import container_counts, container_inits, end_copies, marker, wait_for
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed (make setup)"),
@@ -92,7 +92,7 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
                 f"i=0; while :; do i=$((i+1)); echo $i >> /data/counter; sleep 0.2; done # {kept_mark}")
         wait_for(lambda: len(container_counts(spin_mark)) >= 3 and len(container_counts(kept_mark)) >= 3, timeout=30,
                  what="both containers to count")
-        spin_init = copies(spin_mark)[0]
+        spin_init = container_inits(spin_mark)[0]
         bed_mod.start_agents(bed)
         agents = True
         # `ps` asks the agent, which answers only once its first round is done.
@@ -107,7 +107,7 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         wait_for(lambda: len(container_counts(spin_mark)) >= len(before) + 3, timeout=30, what="the container to keep spinning")
         got = container_counts(spin_mark)
         assert got == [0] + [STRIDE * k for k in range(1, len(got))], got[-10:]
-        assert len(copies(spin_mark)) == 1 and psutil.Process(copies(spin_mark)[0]).status() != psutil.STATUS_STOPPED
+        assert len(container_inits(spin_mark)) == 1 and psutil.Process(container_inits(spin_mark)[0]).status() != psutil.STATUS_STOPPED
         # On host2 it is a candidate that has just arrived: in its migration cooldown.
         there = wait_for(lambda: [r for r in ps(run_in, "host2") if r["name"] == spin and "action" in r],
                          timeout=10, what="host2's agent to see the container")
@@ -116,7 +116,7 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         # The move was the agent's, of the container as a container.
         log = [json.loads(ln) for ln in (bed.host("host1").dir / "state" / "decisions.jsonl").read_text().splitlines()]
         # (The module's bed keeps the log of the other runtime's run.)
-        moves = [r for r in log if r.get("migration") and r["pid"] in (spin_init, copies(kept_mark)[0])]
+        moves = [r for r in log if r.get("migration") and r["pid"] in (spin_init, container_inits(kept_mark)[0])]
         assert [r["migration"]["outcome"] for r in moves] == ["ok"], moves
         (move,) = moves
         assert move["subject"] == {"kind": runtime, "name": spin, "open_files": False, "strategies": ["stop-copy"]}
@@ -137,7 +137,7 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         time.sleep(5)
         assert running_on(run_in, bed, kept) == ["host1"]
         k = container_counts(kept_mark)
-        assert k == list(range(len(k))) and len(copies(kept_mark)) == 1
+        assert k == list(range(len(k))) and len(container_inits(kept_mark)) == 1
         rows = {r["name"]: r for r in ps(run_in, "host1")}
         assert rows[kept]["opted_in"] is False and rows[kept]["action"] == "stay", rows[kept]
         explained = json.loads(migrctl(run_in, "host1", "explain", "--json").stdout)
@@ -145,7 +145,7 @@ def test_agent_moves_an_opted_in_container_and_leaves_the_other(bed, run_in, tmp
         alone = json.loads(migrctl(run_in, "host1", "explain", "--container", kept, "--json").stdout)
         assert alone["decision"]["action"] == "stay" and "1 not opted in" in alone["decision"]["reasons"], alone
         # Nor can its init be moved by hand as a plain process.
-        r = migrctl(run_in, "host1", "migrate", str(copies(kept_mark)[0]), "--to", "host2", check=False)
+        r = migrctl(run_in, "host1", "migrate", str(container_inits(kept_mark)[0]), "--to", "host2", check=False)
         assert r.returncode == 4 and f"belongs to the {runtime} container {kept}".encode() in r.stderr, r.stderr
         assert running_on(run_in, bed, kept) == ["host1"]
         print(f"\n{runtime} container moved by the agent after {moved_after:.1f} s; decision: {move['action']} "

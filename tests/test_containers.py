@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from workloads import CLIENT, container_counts, copies, criu_tables, wait_for
+from workloads import CLIENT, container_counts, container_inits, criu_tables, wait_for
 from workloads import marker as run_marker
 
 pytestmark = [pytest.mark.root,
@@ -108,8 +108,8 @@ def test_container_moves_there_and_back_with_its_rootfs(mig, bed, container, run
         assert not (bed.host(here).dir / "state" / "containers" / name).exists()  # source bundle gone
         got = continues(marker)
         assert got[:len(before)] == before  # the modified file's content came along
-        wait_for(lambda: len(copies(marker)) == 1, what="exactly one copy")
-        assert psutil.Process(copies(marker)[0]).status() != psutil.STATUS_STOPPED
+        wait_for(lambda: len(container_inits(marker)) == 1, what="exactly one copy")
+        assert psutil.Process(container_inits(marker)[0]).status() != psutil.STATUS_STOPPED
         manifest_changes = res["resources"]
         assert any(r["kind"] == "rootfs changes" for r in manifest_changes)
     print(f"{runtime} container moves: {times}")
@@ -127,7 +127,7 @@ def test_owners_modes_xattrs_and_special_files_move_with_the_rootfs(mig, bed, co
         "echo secret > /data/owned; chmod 0640 /data/owned; mkfifo -m 0620 /data/pipe; ln -s owned /data/link; "
         "i=0; while :; do i=$((i+1)); echo $i >> /data/counter; sleep 0.1; done"))
     wait_for(lambda: len(container_counts(marker)) >= 5, what="container to count")
-    root = Path(f"/proc/{copies(marker)[0]}/root/data")
+    root = Path(f"/proc/{container_inits(marker)[0]}/root/data")
     os.chown(root / "owned", 1234, 2345)
     os.setxattr(root / "owned", "user.migrd", b"moved\x00\xff")
     os.chown(root / "pipe", 4321, 0)
@@ -135,7 +135,7 @@ def test_owners_modes_xattrs_and_special_files_move_with_the_rootfs(mig, bed, co
     jrun(mig, "host1", "migrate", "--container", name, "--to", "host2")
     assert running_on(mig, bed, name) == ["host2"]
     continues(marker, 3)
-    root = Path(f"/proc/{copies(marker)[0]}/root/data")
+    root = Path(f"/proc/{container_inits(marker)[0]}/root/data")
     owned, pipe, null = (os.lstat(root / n) for n in ("owned", "pipe", "null"))
     assert (owned.st_uid, owned.st_gid, stat.S_IMODE(owned.st_mode)) == (1234, 2345, 0o640)
     assert os.getxattr(root / "owned", "user.migrd") == b"moved\x00\xff"
@@ -185,7 +185,7 @@ def test_hostile_rootfs_changes_are_refused_and_the_container_runs_once(mig, bed
     print(f"{runtime} {hostile}: {err.strip()}")
     assert not Path(f"/tmp/migrd-escape-{name}").exists()
     wait_for(lambda: running_on(mig, bed, name) == ["host1"], what="the container back on host1")
-    wait_for(lambda: len(copies(marker)) == 1, what="exactly one copy")
+    wait_for(lambda: len(container_inits(marker)) == 1, what="exactly one copy")
     continues(marker, 3)
     assert not (bed.host("host2").dir / "state" / "containers" / name).exists()
 
@@ -216,7 +216,7 @@ def test_rollback_when_the_target_restore_fails(mig, bed, container, run_in, run
         hist = jrun(mig, "host1", "history")
         assert hist[-1]["outcome"] == "rolled back", hist[-1]
         wait_for(lambda: running_on(mig, bed, name) == ["host1"], what="the container back on host1")
-        wait_for(lambda: len(copies(marker)) == 1, what="exactly one copy")
+        wait_for(lambda: len(container_inits(marker)) == 1, what="exactly one copy")
         continues(marker, 3)
         assert not (bed.host("host2").dir / "state" / "containers" / name).exists()
     finally:
@@ -248,7 +248,7 @@ def test_container_failpoints_leave_exactly_one_copy(mig, bed, run_in, container
     else:
         assert r.returncode == 1 and f"failpoint {point}:error".encode() in r.stderr, r.stderr
     wait_for(lambda: running_on(mig, bed, name) == [where], timeout=30, what=f"the container running on {where}")
-    wait_for(lambda: len(copies(marker)) == 1, timeout=30, what="exactly one copy")
+    wait_for(lambda: len(container_inits(marker)) == 1, timeout=30, what="exactly one copy")
     continues(marker, 3)
     other = "host2" if where == "host1" else "host1"
     assert not (bed.host(other).dir / "state" / "containers" / name).exists()
@@ -300,7 +300,7 @@ def test_container_service_keeps_its_address_connections_and_state(mig, bed, run
         assert client.returncode == 0, err
         held = eval(out.decode().strip().splitlines()[-1])
         assert held[:3] == first and len(held) == 6 and held == sorted(held) and held[3] > fresh[1], held
-        assert len(copies(marker)) == 1
+        assert len(container_inits(marker)) == 1
     finally:
         if client and client.poll() is None:
             client.kill()

@@ -170,7 +170,7 @@ class Procs:
 def container_counts(marker: str) -> list[int]:
     """/data/counter of the one live copy of a container, read through its root (bed hosts
     share one PID space); [] while there is not exactly one."""
-    live = copies(marker)
+    live = container_inits(marker)
     if len(live) != 1:
         return []
     try:
@@ -192,6 +192,21 @@ def copies(marker: str) -> list[int]:
             if (p.info["status"] != psutil.STATUS_ZOMBIE and p.info["name"] != "unshare"
                     and any(marker in a for a in p.info["cmdline"] or ())):
                 out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def container_inits(marker: str) -> list[int]:
+    """The init of each live copy of a container running the workload named by marker: the
+    copies whose parent is not one. A shell script forks a child for each command it runs, which
+    carries the script's command line until it execs; that child is part of the same copy."""
+    live = copies(marker)
+    out = []
+    for pid in live:
+        try:
+            if psutil.Process(pid).ppid() not in live:
+                out.append(pid)
         except psutil.Error:
             pass
     return out
