@@ -215,3 +215,25 @@ def test_sample_reads_only_the_strided_pages():
         p.kill()
         p.wait()
     assert os.geteuid() == 0
+
+
+@pytest.mark.root
+def test_autos_sample_measures_the_rate_a_workload_rewrites():
+    from migrd.engine.precopy import sample_dirty_rate
+    from migrd.engine.strategies import AUTO_SAMPLE_PAGES
+
+    procs = [subprocess.Popen([sys.executable, "-c", SWEEPER, "64", str(kib)], stdout=subprocess.PIPE)
+             for kib in (0, 16 << 10)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        stride = dr.stride_for(64 << 20, AUTO_SAMPLE_PAGES)
+        idle, writer = (sample_dirty_rate([p.pid], 0.25, stride) for p in procs)
+        # The idle one's interpreter still wakes 100 times a second: its stack and heap change.
+        assert idle < (1 << 20), idle
+        # 16 MiB/s written as 100 stripes a second; a preempted reader sees more or less of them.
+        assert (6 << 20) < writer < (40 << 20), writer
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

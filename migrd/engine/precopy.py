@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import struct
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from migrd.adapters import memread, private, untrusted
+from migrd.core import dirtyrate
 from migrd.core.precopy import Round
 from migrd.engine import manifest as mf
 from migrd.engine import pagestream, receive
@@ -314,18 +316,17 @@ def _file_pages(paths: Iterable[Path]) -> Iterator[tuple[tuple[str, int], bytes]
 
 def sample_dirty_rate(pids: Iterable[int], seconds: float, stride: int) -> float:
     """Bytes per second the tasks rewrite, from every `stride`-th page read twice `seconds`
-    apart (a sample: `auto` decides on it before anything is sent)."""
-    def read() -> dict[tuple[int, int], bytes]:
-        return {(pid, addr): digest(page) for pid in pids
-                for n, (addr, page) in enumerate(memread.pages(pid)) if n % stride == 0}
-
-    first = read()
+    apart (a sample: `auto` decides on it before anything is sent). Each read is one small read
+    per sampled page (memread.sample), so its cost is the pages sampled, not the memory."""
+    pids = tuple(pids)
+    phase = dirtyrate.phase_for(time.time(), stride)
+    first = memread.sample(pids, stride, phase, math.inf)
     start = time.monotonic()
     time.sleep(seconds)
-    second = read()
+    second = memread.sample(pids, stride, phase, math.inf)
     elapsed = time.monotonic() - start
-    changed = sum(1 for k, h in second.items() if first.get(k) != h)
-    return changed * stride * PAGE / elapsed
+    assert first is not None and second is not None  # only a deadline makes them None
+    return dirtyrate.changed(first, second) * stride * PAGE / elapsed
 
 
 # --- the target half -----------------------------------------------------------------------
