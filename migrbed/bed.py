@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 from migrd.adapters import cgroup, private, command
 from migrbed import etcdserver, sshd
@@ -324,7 +325,7 @@ def proc_ref(pid: int) -> ProcRef:
     return ProcRef(pid, st[1], _boot_id())
 
 
-def alive(ref: ProcRef | None) -> bool:
+def alive(ref: ProcRef | None) -> TypeGuard[ProcRef]:
     """ref still names the process we started, and it has not exited."""
     if ref is None or ref.boot != _boot_id():
         return False
@@ -345,12 +346,12 @@ def stop(ref: ProcRef | None, timeout: float = 5.0) -> None:
         if not alive(ref):
             return
         try:
-            os.kill(ref.pid, sig)  # type: ignore[union-attr]
+            os.kill(ref.pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            _reap(ref.pid)  # type: ignore[union-attr]
+            _reap(ref.pid)
             if not alive(ref):
                 return
             time.sleep(0.05)
@@ -794,7 +795,7 @@ def start_registry(state: BedState, timeout: float = 30.0) -> str:
     at it (daemon.registry: etcd); agents started afterwards use it. Returns its client URL."""
     ref = _read_ref(_registry_file(state))
     if alive(ref):
-        raise NotPermitted(f"bed {state.name!r} already runs an etcd (PID {ref.pid})")  # type: ignore[union-attr]
+        raise NotPermitted(f"bed {state.name!r} already runs an etcd (PID {ref.pid})")
     br = NETNS_DIR / state.bridge_netns
     if REGISTRY_ADDRESS not in command.run(["ip", "-n", state.bridge_netns, "-o", "addr", "show", "dev", "br0"]
                                         ).stdout.decode():

@@ -367,7 +367,7 @@ def _convert(tp: Any, node: yaml.Node, name: str, path: str) -> Any:
         if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
             return None
         return _convert(args[0], node, name, path)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # is_dataclass is true of instances too
         return _build(tp, node, name, path)
     if origin is tuple:
         if not isinstance(node, yaml.SequenceNode):

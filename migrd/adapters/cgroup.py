@@ -90,7 +90,7 @@ def layout_from(mountinfo: str, proc_cgroup: str, wanted: Iterable[str] = CONTRO
     wanted = set(wanted)
     found = cgroup_mounts(mountinfo)
     paths = parse_proc_cgroup(proc_cgroup)
-    v1 = []
+    v1: list[Hierarchy] = []
     for fstype, mountpoint, root, opts in found:
         ctrls = opts & wanted
         if fstype != "cgroup" or not ctrls:

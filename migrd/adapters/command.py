@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
+from typing import IO, Any
 
 from migrd.errors import CommandError
 
@@ -58,8 +59,8 @@ def run(
 def spawn(
     argv: Sequence[str],
     *,
-    stdout: int | None = subprocess.DEVNULL,
-    stderr: int | None = subprocess.DEVNULL,
+    stdout: int | IO[Any] | None = subprocess.DEVNULL,
+    stderr: int | IO[Any] | None = subprocess.DEVNULL,
     env: Mapping[str, str] | None = None,
     new_session: bool = True,
     pass_fds: Sequence[int] = (),

@@ -443,7 +443,7 @@ def read_cgroup_raw(dirs: Sequence[Path], proc: Path = PROC) -> CgroupRaw:
         if (dev := _read(proc / str(pid) / "net" / "dev")) is not None:
             net = parse_net_dev(dev)
             break
-    pressure_files = {k: p for k in ("cpu", "memory", "io") if (p := _first(dirs, f"{k}.pressure"))}
+    pressure_files = {k: path for k in ("cpu", "memory", "io") if (path := _first(dirs, f"{k}.pressure"))}
     return CgroupRaw(
         wall=time.time(),
         mono=time.monotonic(),

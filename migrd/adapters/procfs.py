@@ -139,7 +139,7 @@ def descendants(pid: int) -> list[int]:
 
 def socket_inodes(pid: int) -> set[int]:
     """The inodes of the sockets pid has open."""
-    out = set()
+    out: set[int] = set()
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except (FileNotFoundError, ProcessLookupError, PermissionError):

@@ -74,7 +74,7 @@ def _tree_ids(p: psutil.Process) -> tuple[int, ...]:
 
 def tree_creds(pid: int) -> list[tuple[int, ...]]:
     """(uid, euid, suid, gid, egid, sgid) of pid and every descendant still there."""
-    out = []
+    out: list[tuple[int, ...]] = []
     try:
         tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:

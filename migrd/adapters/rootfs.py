@@ -11,11 +11,11 @@ import stat
 from pathlib import Path
 
 from migrd.adapters import private
-from migrd.core.rootfs import Change, Entry, carried_xattr, differences, refused
+from migrd.core.rootfs import Change, Entry, Kind, carried_xattr, differences, refused
 from migrd.errors import ImageError
 
-_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link", stat.S_IFIFO: "fifo",
-          stat.S_IFCHR: "char", stat.S_IFBLK: "block"}
+_KINDS: dict[int, Kind] = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link", stat.S_IFIFO: "fifo",
+                           stat.S_IFCHR: "char", stat.S_IFBLK: "block"}
 _MAKE = {"fifo": stat.S_IFIFO, "char": stat.S_IFCHR, "block": stat.S_IFBLK}
 
 

@@ -16,6 +16,7 @@ Two facts of runc with CRIU shape this adapter:
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
@@ -131,7 +132,8 @@ class Runc:
         return State(raw["id"], int(raw.get("pid") or 0), raw["status"], raw["bundle"],
                      dict(raw.get("annotations") or {}))
 
-    def _with_stdio(self, argv: list[str], bundle: Path, timeout: float) -> tuple[int, str]:
+    # builtins.list: in this class body `list` names the method above.
+    def _with_stdio(self, argv: builtins.list[str], bundle: Path, timeout: float) -> tuple[int, str]:
         """Run argv with the container's stdio as pipes (see the module's docstring); returns
         runc's exit status and its last log line."""
         log = bundle / "runc.log"

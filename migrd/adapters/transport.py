@@ -562,7 +562,7 @@ class Conversation:
         except _PeerClosed:
             raise TransportError(f"{self.conn.where}: {self.what} stopped listening") from None
 
-    def send(self, data: bytes | memoryview) -> None:
+    def send(self, data: bytes | bytearray | memoryview) -> None:
         """Raw bytes to the command's stdin."""
         try:
             self.conn._send_all(self.chan, memoryview(data), f"streaming to {self.what}")

@@ -85,7 +85,7 @@ def _build(tp: Any, value: Any, path: str) -> Any:
         if len(inner) == 1:
             return _build(inner[0], value, path)
         return _build_tagged(inner, value, path)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # is_dataclass is true of instances too
         if not isinstance(value, dict):
             raise _Shape(f"{_what(path)}: expected an object, got {_kind(value)}")
         hints = typing.get_type_hints(tp)

@@ -28,7 +28,9 @@ def run(name: str, image: str, runtime: str, not_migratable: bool, command: tupl
     Example:  migrctl container run ticker -- sh -c 'while :; do date >> /data/log; sleep 1; done'
     """
     require_root("migrctl container run")
-    create = {"runc": containers.create, "podman": podman.create}[runtime]
+    # Not a dict lookup: mypy types a dict of the two functions as returning object, a
+    # conditional as their union (click.Choice leaves only these two).
+    create = containers.create if runtime == "runc" else podman.create
     st = create(load_config(), name, list(command), image=image, migratable=not not_migratable)
     emit({"name": st.name, "pid": st.pid, "status": st.status, "runtime": runtime}, as_json,
          lambda d: f"started {d['runtime']} container {d['name']} (init PID {d['pid']})")

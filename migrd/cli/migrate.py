@@ -70,8 +70,12 @@ def migrate(pid: str | None, container: str | None, target: str, strategy: str |
         signal.signal(sig, lambda *_: mig.STOP.set())
     progress = Progress(f"sending to {target}", enabled=False if as_json else None)
     try:
-        out = (mig.migrate_container(cfg, container, opts, progress=progress) if container is not None
-               else mig.migrate(cfg, parse_pid(pid), opts, progress=progress))
+        if container is not None:
+            out = mig.migrate_container(cfg, container, opts, progress=progress)
+        elif pid is not None:
+            out = mig.migrate(cfg, parse_pid(pid), opts, progress=progress)
+        else:  # excluded by the check above; mypy cannot follow the == of the two tests
+            raise click.UsageError("give a PID or --container NAME (one of them)")
     finally:
         progress.close()
 

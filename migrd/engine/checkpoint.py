@@ -17,7 +17,7 @@ from migrd.engine import failpoints
 from migrd.adapters import dumplock, private, procfs
 from migrd.engine import manifest as mf
 from migrd.config import Config
-from migrd.engine.subjects import ProcessTree
+from migrd.engine.subjects import CriuOptions, ProcessTree
 from migrd.adapters import criu as criu_mod
 from migrd.adapters.criu import Criu, LazyDump, find_criu
 from migrd.model import ProcessInfo
@@ -130,14 +130,14 @@ def checkpoint(cfg: Config, pid: int, images: Path, *, leave_running: bool = Fal
     return Checkpoint(m, images, result.seconds, log, lock.waited)
 
 
-def _seal(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: dict[str, bool],
+def _seal(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: CriuOptions,
           parents: int = 0, pre: bool = False) -> mf.Manifest:
     """After CRIU wrote the images: make them root's only and write the manifest. The failpoint
     `dumped` is the freeze's dump, not a pre-dump."""
     private.restrict_files(images)
     if not pre:
         failpoints.point("dumped")
-    return write_manifest(cfg, criu, images, info, options, parents=parents)
+    return write_manifest(cfg, criu, images, info, dict(options), parents=parents)
 
 
 def write_manifest(cfg: Config, criu: Criu, images: Path, info: ProcessInfo, options: dict[str, Any],

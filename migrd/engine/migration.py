@@ -23,7 +23,7 @@ import socket
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -328,7 +328,7 @@ class Migration:
         the source never said go. files=False: the strategy sends the carried files itself."""
         d = self.data
         with ThreadPoolExecutor(4) as pool:
-            futures = {
+            futures: dict[str, Future[Any] | None] = {
                 "restoring": pool.submit(target.prepare_restore, name=d.get("workload"), stdout=d.get("stdout"),
                                          address=self.opts.move_address),
                 "images": pool.submit(target.image_sink, self.remote_images),
@@ -436,7 +436,7 @@ class Migration:
             # pages: up to the whole memory) and carried files wait for a later rollback: the
             # journal stays unfinished, so `migrd recover` asks again.
             unclean = f"{opts.target} could not be cleaned: {e}"
-        if opts.mode == "move" and d.get("address_interface"):
+        if opts.mode == "move" and opts.move_address and d.get("address_interface"):
             if netaddr.holder_of(opts.move_address) is None:
                 netaddr.add(opts.move_address, d["address_interface"])
         local_pid = self.strategy.bring_back(self, states)
@@ -557,7 +557,7 @@ def recover(cfg: Config) -> list[dict[str, Any]]:
     """Finish or undo every migration a crash left unfinished. Returns what was done; a
     corrupt journal is left alone and reported (with "corrupt": the error), the others are
     still recovered."""
-    report = []
+    report: list[dict[str, Any]] = []
     for j in all_journals(cfg.state_dir):
         try:
             last = j.last_state()
@@ -593,28 +593,27 @@ def _recover_one(m: Migration, last: str | None) -> str:
         target = None
     try:
         if m.strategy.point_of_no_return in states:
-            st = target.status() if target is not None else None
-            if st is not None and st.busy:
-                return f"skipped: {m.opts.target} is still settling the post-copy; run recover again"
-            lost = st.lost if st is not None else None
-            if lost is not None:
-                # Post-copy: the pages stopped arriving after the switch, and the target
-                # ended its copy rather than run it on zero-filled memory.
-                m.j.record("lost", reason=lost)
-                target.abort(m.opts.move_address, [])
-                return f"lost: {lost}"
             if target is None:
                 # The target's copy waits, stopped, for our word: finishing here alone would
                 # leave no copy running at all.
                 raise InDoubt(f"migration {m.j.id}: committed, but {m.opts.target} cannot be reached to "
                               f"resume its copy; run `migrd recover` again once it answers")
+            st = target.status()
+            if st.busy:
+                return f"skipped: {m.opts.target} is still settling the post-copy; run recover again"
+            if st.lost is not None:
+                # Post-copy: the pages stopped arriving after the switch, and the target
+                # ended its copy rather than run it on zero-filled memory.
+                m.j.record("lost", reason=st.lost)
+                target.abort(m.opts.move_address, [])
+                return f"lost: {st.lost}"
             m.commit(target)
             return "committed"
         if "rollback" not in states and "restore" in states and target is not None:
-            st = target.status().restored
-            if st and st.alive:
+            restored = target.status().restored
+            if restored and restored.alive:
                 try:
-                    m.verify(target, ports=m.opts.mode != "restart", seen=st)
+                    m.verify(target, ports=m.opts.mode != "restart", seen=restored)
                 except MigrdError as e:
                     m.rollback(target, f"recovered after a crash at {last}; the target copy failed "
                                        f"verification: {e}")

@@ -161,7 +161,8 @@ class Pusher:
         self._last_start = start
         changed = sent = 0
         seen, slots = self.seen, self.slots
-        memory = (((pid, addr), page) for pid in pids for addr, page in memread.pages(pid))
+        memory: Iterator[tuple[tuple[int | str, int], bytes]] = (
+            ((pid, addr), page) for pid in pids for addr, page in memread.pages(pid))
         for key, page in itertools.chain(memory, _file_pages(carried)):
             h = ZERO_DIGEST if page == ZERO else digest(page)
             if seen.get(key) == h:

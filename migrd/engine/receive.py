@@ -303,7 +303,8 @@ def receive(read: Callable[[int], bytes], directory: Path, manifest_sha256: str,
     try:
         if compression == "zstd":
             # stream_reader bounds every read's output, so a stream of zeros cannot balloon.
-            read = zstandard.ZstdDecompressor().stream_reader(_RawRead(read), read_size=CHUNK).read
+            # The ignore: zstandard's stub wants IO[bytes], its docs and code only a read(size).
+            read = zstandard.ZstdDecompressor().stream_reader(_RawRead(read), read_size=CHUNK).read  # type: ignore[arg-type]
         try:
             m = _receive_into(_Reader(read), partial, manifest_sha256)
         except zstandard.ZstdError as e:

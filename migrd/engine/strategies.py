@@ -533,7 +533,7 @@ def choose(info: ProcessInfo, opts: Options, cfg: Config,
     if opts.mode == "restart":
         why = refuses("restart")
         return (ALL["restart"], []) if why is None else (None, [f"restart: {why}"])
-    skipped = []
+    skipped: list[str] = []
     for name in ((opts.strategy,) if opts.strategy else opts.preference or cfg.migrate.strategies):
         s = STRATEGIES[name]
         why = refuses(name) or s.unavailable(info, opts, cfg)

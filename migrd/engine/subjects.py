@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 from migrd.core import binding, precheck
 from migrd.core.precheck import Ask, ContainerAsk, ContainerFacts, ProcessAsk
@@ -26,6 +26,14 @@ if TYPE_CHECKING:  # the target side imports subjects; it must not pay for param
     from migrd.engine.checkpoint import Checkpoint, Parent
     from migrd.engine.manifest import Manifest
     from migrd.engine.peerclient import Restored
+
+
+class CriuOptions(TypedDict, total=False):
+    """Keywords of Criu.dump and lazy_dump, passed as **options: a plain dict[str, bool]
+    would let a bool reach their other keywords."""
+
+    tcp_established: bool
+    shell_job: bool
 
 
 class Subject(ABC):
@@ -45,7 +53,7 @@ class Subject(ABC):
         """Every resource it holds with what `shape` does with it."""
 
     @abstractmethod
-    def criu_options(self, tcp_established: bool) -> dict[str, bool]:
+    def criu_options(self, tcp_established: bool) -> CriuOptions:
         """The CRIU options its dump needs (recorded in the manifest for the restore)."""
 
     @abstractmethod
@@ -206,7 +214,7 @@ class ProcessTree(Subject):
                           files=tuple((f.path, f.size) for f in info.open_files),
                           identities={f.path: f.identity for f in info.open_files if f.identity})
 
-    def criu_options(self, tcp_established: bool) -> dict[str, bool]:
+    def criu_options(self, tcp_established: bool) -> CriuOptions:
         # A process that is not its own session leader was started from a shell: CRIU needs
         # --shell-job to leave its session and terminal alone.
         return {"tcp_established": tcp_established, "shell_job": not self._info.session_leader}
@@ -326,7 +334,7 @@ class RuncContainer(Subject):
             *binding.network(self._info, shape),
         )
 
-    def criu_options(self, tcp_established: bool) -> dict[str, bool]:
+    def criu_options(self, tcp_established: bool) -> CriuOptions:
         return {"tcp_established": tcp_established}
 
     def verify(self, restored: Restored | None, where: str, ports: bool) -> None:

@@ -107,7 +107,7 @@ def _process_facts(ask: precheck.ProcessAsk, cfg: Config, mode: str) -> precheck
     for pid in () if source_here else ask.tree_ids:
         if (who := procfs.holder(pid)) is not None:
             taken[pid] = who
-    files = {}
+    files: dict[str, int | None] = {}
     for path, _ in ask.files:
         try:
             files[path] = os.stat(path).st_size
