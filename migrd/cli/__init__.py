@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from typing import Any
 
 import click
 
@@ -75,7 +76,7 @@ class MigrdGroup(click.Group):
             self.add_command(getattr(importlib.import_module(f"{__name__}.{module}"), attr), name)
         return super().get_command(ctx, name)
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except MigrdError as e:

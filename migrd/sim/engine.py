@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from migrd.core import step
 from migrd.core.peerset import Probe
@@ -169,7 +170,7 @@ class _OnDemand(Sequence):
     def __len__(self) -> int:
         return len(self._get())
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i: Any) -> Any:
         return self._get()[i]
 
     def __iter__(self) -> Iterator:
