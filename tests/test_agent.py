@@ -22,7 +22,7 @@ import yaml
 
 from migrd.agent import admin, loop as agent_mod
 from migrd import config as config_mod
-from migrd.adapters import exchange, registry, sdnotify
+from migrd.adapters import exchange, registry, sdnotify, untrusted
 from migrd.engine import migration as migrate
 from migrd.core import step as step_mod
 from migrd.core import dirtyrate, peerset
@@ -81,6 +81,22 @@ def test_options_carry_the_data_exactly_when_it_was_priced():
     restart = replace(here, action=Action.RESTART_ELSEWHERE)
     assert agent_mod.options_for(restart, [data]) == migrate.Options(target="b", mode="restart", with_files=True)
     assert not agent_mod.options_for(restart, [remote]).with_files
+
+
+def test_options_bring_autos_measures_from_the_round():
+    """`auto` decides on the link and dirty rate the policy priced the move with; what the
+    round did not measure it measures itself. The journal keeps them (recovery reads it back)."""
+    move = Decision(Action.MIGRATE, Mode.OFFLOAD, Level.HIGH, "a", pid=5, target="b")
+    peers = [peer("c", 0.2), peer("b", 0.2)]
+    opts = agent_mod.options_for(move, [replace(cand(5), dirty_rate=3e6)], peers=peers)
+    assert opts is not None and opts.link == peers[1].link and opts.dirty_rate == 3e6
+    bare = agent_mod.options_for(move, [cand(5)], peers=peers[:1])
+    assert bare is not None and bare.link is None and bare.dirty_rate is None
+    record = {"source": "a", "options": dataclasses.asdict(opts), "carry": [],
+              "process": {"pid": 5, "cmdline": [], "exe": "x", "cwd": "/", "uid": 0, "rss": 1, "start_time": 0.0},
+              "request": {"pid": 5, "start_time": 0.0, "target": "b", "mode": "move"}}
+    back = untrusted.build(migrate.Recorded, json.loads(json.dumps(record)), MigrdError, "j")
+    assert back.options == opts
 
 
 def test_fill_source_only_when_idle_in_fill_mode():

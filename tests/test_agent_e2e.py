@@ -21,6 +21,7 @@ import pytest
 
 from migrbed import bed as bed_mod
 from migrd.adapters import cgroup
+from migrd.engine.journal import Journal
 from migrd import config as config_mod
 from migrd.model import PolicyConfig, Watermarks
 from migrbed.programs import BUSY, read_counts
@@ -145,6 +146,9 @@ def test_agents_balance_load(bed, run_in, agents, tmp_path: Path):
                 # file open prices (and moves) it as data.
                 assert explained[mid]["action"] in ("migrate", "migrate_with_data") and explained[mid]["reasons"]
                 assert any("overloaded" in r for r in explained[mid]["reasons"])
+                # `auto` (daemon.strategies' first) chose on the link the agent had probed.
+                j = Journal(h.dir / "state" / "migrations" / mid).merged()
+                assert j["measured"]["link"] == "agent" and j["link_bandwidth"] > 0, j.get("measured")
 
         # State kept, exactly one copy of each; the plain process never moved.
         for out in outs:

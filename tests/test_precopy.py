@@ -207,8 +207,34 @@ def test_auto_measures_chooses_and_says_what_ran(mig, bed, tmp_path):
         assert res["downtime"] is not None
         d = journal(bed, res["id"]).merged()
         assert d["link_bandwidth"] > 0 and d["sampled_dirty_rate"] >= 0
+        # Its measuring is a phase of its own; the choice is an event, then the chosen one's phases.
+        assert "measure" in res["phases"] and "auto" not in res["phases"], res["phases"]
         n = len(read_counts(out))
         wait_for(lambda: len(read_counts(out)) >= n + 3, what="counter to go on")
+    finally:
+        end_copies(str(out))
+
+
+@pytest.mark.parametrize("kind,recovered", [("error", None), ("die", "nothing had changed")])
+def test_autos_measuring_interrupted_leaves_the_one_copy(mig, bed, tmp_path, kind, recovered):
+    out = tmp_path / "count"
+    pid = start(mig, out, COUNTER, str(out))
+    try:
+        wait_for(lambda: len(read_counts(out)) >= 3, what="counter")
+        r = mig("host1", "migrate", "--json", pid, "--to", "host2", "--strategy", "auto",
+                env={"MIGRD_FAILPOINTS": f"measure:{kind}"}, timeout=180)
+        [j] = [j for j in all_journals(bed.host("host1").dir / "state")
+               if j.merged().get("request", {}).get("pid") == pid]
+        if kind == "die":
+            assert r.returncode in (-9, 137), r.stderr
+            acts = [a["action"] for a in json.loads(mig("host1", "recover", "--json").stdout) if a["id"] == j.id]
+            assert acts == [recovered], acts
+        else:
+            assert r.returncode == 1 and b"failpoint measure:error" in r.stderr, r.stderr
+        assert copies(str(out)) == [pid]
+        n = len(read_counts(out))
+        wait_for(lambda: len(read_counts(out)) >= n + 3, what="the one copy to go on")
+        assert not (bed.host("host2").dir / "state" / "incoming" / j.id).exists()
     finally:
         end_copies(str(out))
 

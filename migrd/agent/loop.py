@@ -97,17 +97,21 @@ def usable_peers(views: Iterable[exchange.PeerView], now: float, stale_after: fl
     )
 
 
-def options_for(d: Decision, candidates: Iterable[Candidate] = (),
-                preference: tuple[str, ...] = ()) -> migrate.Options | None:
+def options_for(d: Decision, candidates: Iterable[Candidate] = (), preference: tuple[str, ...] = (),
+                peers: Iterable[Peer] = ()) -> migrate.Options | None:
     """The orchestrator's options for a decision (None: nothing to do): the action as it was
     priced, so the open files travel exactly when their bytes were counted (a container's data,
-    its rootfs changes, travel with it anyway); the strategies tried in `preference`'s order."""
+    its rootfs changes, travel with it anyway); the strategies tried in `preference`'s order;
+    the link to the target and the candidate's dirty rate as the round knew them, so that
+    `auto` decides on what the policy priced instead of measuring again."""
     if d.action is Action.STAY or d.target is None:
         return None
     c = next((c for c in candidates if c.proc.pid == d.pid), None)
     with_files = c is not None and c.subject.open_files and costmodel.data_travels(c, d.action, d.source)
+    link = next((p.link for p in peers if p.load.host == d.target), None)
     return migrate.Options(target=d.target, mode="restart" if d.action is Action.RESTART_ELSEWHERE else "move",
-                           with_files=with_files, preference=preference)
+                           with_files=with_files, preference=preference, link=link,
+                           dirty_rate=c.dirty_rate if c is not None else None)
 
 
 def decision_dict(d: Decision, now: float) -> dict[str, Any]:
@@ -328,7 +332,8 @@ class Agent:
         record = decision_dict(d, now)
         if out.skipped:
             record["skipped"] = out.skipped
-        opts = options_for(d, out.situation.candidates, self.cfg.daemon.strategies) if out.move else None
+        opts = options_for(d, out.situation.candidates, self.cfg.daemon.strategies,
+                           out.situation.peers) if out.move else None
         if opts is None:
             self.decisions.append(record)
             if out.ask is not None:

@@ -24,8 +24,9 @@ from migrd.errors import JournalCorrupt
 #: strategy's point of no return. FINAL states need no recovery.
 STEPS = ("precheck", "checkpoint", "transfer", "restore", "verify", "commit")
 FINAL = ("done", "rolled_back", "refused", "lost")
-#: States that mark an event, not the start of a phase.
-EVENTS = ("prechecked", "address_released", "resumed", "in_doubt", "target_unclean", "rollback")
+#: States that mark an event, not the start of a phase (`auto`: the strategy chosen after the
+#: `measure` phase; what follows is that strategy's own phases).
+EVENTS = ("prechecked", "auto", "address_released", "resumed", "in_doubt", "target_unclean", "rollback")
 
 
 def new_id() -> str:

@@ -52,7 +52,7 @@ from migrd.errors import (
     TransportError,
     WorkloadLost,
 )
-from migrd.model import PROCESS_TREE, ProcessInfo, SubjectRef
+from migrd.model import PROCESS_TREE, Link, ProcessInfo, SubjectRef
 
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,11 @@ class Options:
     move_address: str | None = None
     tcp_established: bool = False
     dry_run: bool = False
+    #: The agent's last probe of the link to the target and its sampler's last dirty rate of
+    #: the workload (bytes/s): `auto` decides on them instead of measuring again (None: it
+    #: measures).
+    link: Link | None = None
+    dirty_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -582,7 +587,7 @@ def recover(cfg: Config) -> list[dict[str, Any]]:
 
 
 def _recover_one(m: Migration, last: str | None) -> str:
-    if last in (None, "precheck", "prechecked"):
+    if last in (None, "precheck", "prechecked", "measure"):
         m.j.record("rolled_back", reason="interrupted before the checkpoint; nothing had changed")
         return "nothing had changed"
     untrusted.build(Recorded, m.data, JournalCorrupt, str(m.j.path))

@@ -31,7 +31,7 @@ from migrd.config import Config
 from migrd.engine import lazy
 from migrd.engine.peerclient import Restored
 from migrd.errors import MigrdError, PeerProtocolError, WorkloadLost
-from migrd.model import ProcessInfo
+from migrd.model import Link, ProcessInfo
 
 if TYPE_CHECKING:  # the driver imports this module
     from migrd.core.precopy import Decision, Round
@@ -491,23 +491,36 @@ class Auto(Strategy):
         from migrd.engine import precopy as precopy_mod
 
         info, opts = run.info, run.opts
+        run.begin("measure")
+
+        def dirty_rate() -> float:
+            if opts.dirty_rate is not None:
+                return opts.dirty_rate
+            return precopy_mod.sample_dirty_rate(info.tree_ids or (info.pid,), 0.25,
+                                                 dirtyrate.stride_for(info.rss, AUTO_SAMPLE_PAGES))
+
         # The sample and the strategies' checks (CRIU starts) mostly wait: they run beside the
-        # link probe, not after it.
+        # link probe, not after it. The agent's moves bring what it measured already.
         with ThreadPoolExecutor(max_workers=2) as pool:
-            sampling = pool.submit(precopy_mod.sample_dirty_rate, info.tree_ids or (info.pid,), 0.25,
-                                   dirtyrate.stride_for(info.rss, AUTO_SAMPLE_PAGES))
+            sampling = pool.submit(dirty_rate)
             checking = pool.submit(lambda: [n for n, s in STRATEGIES.items() if not isinstance(s, (Auto, Hybrid))
                                             and s.unavailable(info, opts, run.cfg) is None])
-            link = target.conn.probe(rounds=3, bulk_bytes=8 << 20, bulk_seconds=0.3)
+            if opts.link is not None:
+                link = opts.link
+            else:
+                probed = target.conn.probe(rounds=3, bulk_bytes=8 << 20, bulk_seconds=0.3)
+                link = Link(probed.rtt_s, probed.bandwidth_bytes_per_s)
             rate, candidates = sampling.result(), checking.result()
-        facts = choice.MoveFacts(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth_bytes_per_s,
+        facts = choice.MoveFacts(memory=info.rss, dirty_rate=rate, bandwidth=link.bandwidth,
                                  rtt=link.rtt_s, downtime_target=run.cfg.migrate.downtime_target,
                                  max_rounds=run.cfg.migrate.precopy_rounds)
         chosen, forecasts = choice.choose(candidates, facts, run.cfg.policy.move_rates)
         name = chosen.strategy
         run.j.record("auto", strategy=name, auto_estimates=[f.line() for f in forecasts],
-                     sampled_dirty_rate=round(rate), link_bandwidth=round(link.bandwidth_bytes_per_s),
-                     link_rtt=round(link.rtt_s, 5))
+                     sampled_dirty_rate=round(rate), link_bandwidth=round(link.bandwidth),
+                     link_rtt=round(link.rtt_s, 5),
+                     measured={"link": "probe" if opts.link is None else "agent",
+                               "dirty_rate": "sample" if opts.dirty_rate is None else "agent"})
         STRATEGIES[name].forward(run, target, progress)
 
 
