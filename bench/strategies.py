@@ -26,6 +26,9 @@ What is measured, per run:
                     start included; the manual script from the dump's start to the restore's end).
   wire_bytes        host1 eth0 received + sent bytes across the move (/proc/net/dev in host1's
                     network namespace): everything the move put on the wire, SSH included.
+  cpu_s             CPU time the whole machine spent busy across the move (/proc/stat): both
+                    bed hosts' sides, SSH, CRIU and the workload itself. On N cores no way of
+                    doing the same work can take less than cpu_s / N of wall time.
   figures           what a strategy records beyond stop-copy's (its journal on host1 and its
                     JSON): post-copy's bytes pushed and fetched on demand and when the last page
                     arrived (seconds after the freeze), pre-copy's rounds. migrctl's JSON is
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shlex
@@ -85,10 +89,13 @@ STRATEGIES = tuple(dict.fromkeys([*OFFERED, "postcopy", "precopy", "hybrid", "au
 
 #: The memory workload. argv: MiB, rewrite MiB/s, fill (mixed|random|zero), base path in /tmp.
 #: Memory is 256 KiB chunks, each a copy of one block of a small pool (random blocks, and
-#: zero pages touched with a marker byte) with every page stamped with its own place, so no two
-#: pages are alike (a copy by content finds nothing to share, as with real memory) and a chunk's
-#: expected CRC follows from its block and place; rewriting copies another block of the same
-#: kind over the next chunk, stamped again, at a steady rate. Every 10 ms it
+#: zero pages touched with a marker byte) with every page stamped with its own place and the
+#: number of times its chunk was rewritten, so no two pages are alike, now or earlier (a copy by
+#: content finds nothing to share, as with real memory: with the place alone, the pool's blocks
+#: came back every 8 rewrites, and pre-copy's content-addressed rounds found the final dump
+#: already sent once they had run that long) and a chunk's expected CRC follows from its block,
+#: place and generation; rewriting copies another block of the same kind over the next chunk,
+#: stamped again, at a steady rate. Every 10 ms it
 #: appends "count wall-time netns-inode" to BASE.ticks (reopened each time: CRIU never sees a
 #: growing open file). When BASE.verify appears it checks every chunk and writes BASE.verified.
 TICKER = f"""
@@ -102,18 +109,20 @@ for k in range(POOL):
     z = bytearray(CH)
     z[::4096] = bytes([k + 1]) * (CH // 4096)
     blocks.append(bytes(z))
-def stamped(k, i):
+def stamped(k, i, g):
     b = bytearray(blocks[k])
     for p in range(CH // PAGE):
         STAMP.pack_into(b, p * PAGE + 8, i * (CH // PAGE) + p)
+        STAMP.pack_into(b, p * PAGE + 16, g)
     return b
 zero_from = {{"random": chunks, "zero": 0}}.get(fill, chunks // 2)
 buf = bytearray(chunks * CH)
 view = memoryview(buf)
 idx = array.array("H", [0]) * chunks
+gen = array.array("L", [0]) * chunks
 for i in range(chunks):
     k = i % POOL + (POOL if i >= zero_from else 0)
-    view[i * CH:(i + 1) * CH] = stamped(k, i)
+    view[i * CH:(i + 1) * CH] = stamped(k, i, 0)
     idx[i] = k
 with open(base + ".ready", "w") as f:
     f.write(str(os.getpid()))
@@ -136,12 +145,13 @@ while time.time() < deadline:
     while credit >= CH:
         k = idx[cursor]
         k = (k + 1) % POOL + (POOL if k >= POOL else 0)
-        view[cursor * CH:(cursor + 1) * CH] = stamped(k, cursor)
+        gen[cursor] += 1
+        view[cursor * CH:(cursor + 1) * CH] = stamped(k, cursor, gen[cursor])
         idx[cursor] = k
         cursor = (cursor + 1) % chunks
         credit -= CH
     if not verified and os.path.exists(base + ".verify"):
-        bad = sum(zlib.crc32(view[i * CH:(i + 1) * CH]) != zlib.crc32(stamped(idx[i], i)) for i in range(chunks))
+        bad = sum(zlib.crc32(view[i * CH:(i + 1) * CH]) != zlib.crc32(stamped(idx[i], i, gen[i])) for i in range(chunks))
         with open(base + ".verified.tmp", "w") as f:
             json.dump({{"chunks": chunks, "bad_chunks": bad, "count": n}}, f)
         os.rename(base + ".verified.tmp", base + ".verified")
@@ -295,6 +305,21 @@ def eth_bytes(proc_net_dev: str, iface: str = "eth0") -> int:
     raise ValueError(f"no {iface} in /proc/net/dev")
 
 
+def busy_ticks(proc_stat: str) -> int:
+    """Clock ticks every CPU spent busy (user, nice, system, irq, softirq, steal) in a
+    /proc/stat text: its "cpu" line, less idle and iowait."""
+    for line in proc_stat.splitlines():
+        f = line.split()
+        if f and f[0] == "cpu":
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[1:9])
+            return user + nice + system + irq + softirq + steal
+    raise ValueError("no cpu line in /proc/stat")
+
+
+def busy_seconds() -> float:
+    return busy_ticks(Path("/proc/stat").read_text()) / os.sysconf("SC_CLK_TCK")
+
+
 def rotated(items: Sequence[str], k: int) -> list[str]:
     k %= len(items)
     return [*items[k:], *items[:k]]
@@ -322,7 +347,7 @@ def median_or_none(values: Iterable[float | None]) -> float | None:
 
 
 MEASURES = ("total_s", "downtime_seen_s", "switch_gap_s", "after_switch_max_gap_s", "criu_frozen_s",
-            "migrd_downtime_s", "wire_bytes", "image_bytes")
+            "migrd_downtime_s", "wire_bytes", "image_bytes", "cpu_s")
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -507,10 +532,11 @@ class Bench:
             time.sleep(0.3)  # some ticks before the move
             row["rss"] = psutil.Process(w.pid).memory_info().rss
             poller = CountPoller(Path(f"{base}.count")) if case.size_mib is None else None
-            wire0 = self.wire()
+            wire0, busy0 = self.wire(), busy_seconds()
             moved = method.move(self, w)
+            cpu_s = busy_seconds() - busy0
             time.sleep(self.settle)
-            row.update(moved.row, total_s=moved.total_s, wire_bytes=self.wire() - wire0)
+            row.update(moved.row, total_s=moved.total_s, wire_bytes=self.wire() - wire0, cpu_s=round(cpu_s, 2))
             if moved.error:
                 row.update(ok=False, error=moved.error)
                 return row
@@ -891,7 +917,8 @@ def _line(r: dict[str, Any]) -> str:
     state = "ok" if r["ok"] else f"FAILED: {r.get('error') or '; '.join(r.get('problems', []))}"
     return (f"rep {r['rep'] + 1} {r['case']:18} {r['method']:12} total {_fmt(r.get('total_s'))}  "
             f"seen {_fmt(r.get('downtime_seen_s'))}  criu frozen {_fmt(r.get('criu_frozen_s'))}  "
-            f"migrd {_fmt(r.get('migrd_downtime_s'))}  wire {_fmt(r.get('wire_bytes'), 'B')}  {state}")
+            f"migrd {_fmt(r.get('migrd_downtime_s'))}  wire {_fmt(r.get('wire_bytes'), 'B')}  "
+            f"cpu {_fmt(r.get('cpu_s'))}  {state}")
 
 
 def _print_summary(doc: dict[str, Any]) -> None:
