@@ -220,7 +220,8 @@ def test_round_offloads_then_cools_down(make_agent):
     a = make_agent()
     d = a.round()
     assert d.action is Action.MIGRATE and d.pid == 101 and d.target == "b"
-    assert a.calls == [(101, migrate.Options(target="b", preference=AGENT_STRATEGIES))]
+    # With the link the agent probed, for `auto` to decide on.
+    assert a.calls == [(101, migrate.Options(target="b", preference=AGENT_STRATEGIES, link=FAST))]
     # The move was priced against the downtime the agent's migrations aim at.
     assert a.settings.policy.downtime_target == a.cfg.migrate.downtime_target
     assert a.settings.policy.precopy_rounds == a.cfg.migrate.precopy_rounds
@@ -239,7 +240,7 @@ def test_round_moves_the_data_it_priced(make_agent):
     d = a.round()
     assert d.action is Action.MIGRATE_WITH_DATA and d.pid == 101
     assert d.estimate is not None and d.estimate.transfer_bytes == 100 * 10**6 + (4 << 20)  # rss + the data
-    assert a.calls == [(101, migrate.Options(target="b", with_files=True, preference=AGENT_STRATEGIES))]
+    assert a.calls == [(101, migrate.Options(target="b", with_files=True, preference=AGENT_STRATEGIES, link=FAST))]
 
 
 def test_paused_agent_decides_but_does_not_move(make_agent):
@@ -309,7 +310,7 @@ def test_consolidate_packs_onto_a_busier_peer(make_agent):
     a = make_agent(local=0.1, peer_load=0.4, mode="consolidate", share=0.2)
     d = a.round()
     assert d.mode is Mode.CONSOLIDATE and d.level is Level.LOW
-    assert d.action is Action.MIGRATE and a.calls == [(101, migrate.Options(target="b", preference=AGENT_STRATEGIES))]
+    assert d.action is Action.MIGRATE and a.calls == [(101, migrate.Options(target="b", preference=AGENT_STRATEGIES, link=FAST))]
 
 
 def test_admin_ops_after_a_round(make_agent):

@@ -183,7 +183,7 @@ def config(tmp_path, **migrate_kw) -> Config:
 
 
 def test_the_agent_moves_the_chosen_container_through_its_subject(tmp_path, monkeypatch):
-    from test_agent import FakeReader, FakeSource, view
+    from test_agent import FAST, FakeReader, FakeSource, view
 
     calls = []
 
@@ -200,7 +200,8 @@ def test_the_agent_moves_the_chosen_container_through_its_subject(tmp_path, monk
     a._candidates = lambda: (ct, cand(10, share=0.05))  # type: ignore[method-assign]
     d = a.round()
     assert d.subject == ct.subject
-    assert calls == [(ct.subject, INIT, migrate.Options(target="b", preference=("auto", "stop-copy")))]
+    assert calls == [(ct.subject, INIT, migrate.Options(target="b", preference=("auto", "stop-copy"),
+                                                              link=FAST))]
     (record,) = a.decisions.records()
     assert record["subject"] == {"kind": "runc", "name": "web", "open_files": False, "strategies": ["stop-copy"]}
     assert record["migration"]["outcome"] == "ok"
