@@ -479,8 +479,9 @@ AUTO_SAMPLE_PAGES = 8192
 class Auto(Strategy):
     """Measures, then runs the strategy migrd/core/choice.py picks: the link (a short probe),
     the rate the workload rewrites its memory (a sample) and its size, against the downtime
-    target and what can run here. The journal then names the strategy that ran (recovery and
-    `history` see that one) with every candidate's estimate."""
+    target and what can run here; a move the agent decided brings the link and rate it measured
+    (Options.link, Options.dirty_rate) and is not measured again. The journal then names the
+    strategy that ran (recovery and `history` see that one) with every candidate's estimate."""
 
     name = "auto"
     summary = ("measure the link and how fast the workload rewrites its memory, then run the "
