@@ -75,7 +75,7 @@ import yaml
 from migrbed import bed as bed_mod
 from migrbed.programs import COUNTER, MARK, read_counts
 from migrd import config
-from migrd.adapters import private
+from migrd.adapters import load, private
 from migrd.adapters.criu import find_criu
 from migrd.core.precopy import STOP_RULES
 from migrd.engine.journal import Journal
@@ -305,19 +305,11 @@ def eth_bytes(proc_net_dev: str, iface: str = "eth0") -> int:
     raise ValueError(f"no {iface} in /proc/net/dev")
 
 
-def busy_ticks(proc_stat: str) -> int:
-    """Clock ticks every CPU spent busy (user, nice, system, irq, softirq, steal) in a
-    /proc/stat text: its "cpu" line, less idle and iowait."""
-    for line in proc_stat.splitlines():
-        f = line.split()
-        if f and f[0] == "cpu":
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[1:9])
-            return user + nice + system + irq + softirq + steal
-    raise ValueError("no cpu line in /proc/stat")
-
-
 def busy_seconds() -> float:
-    return busy_ticks(Path("/proc/stat").read_text()) / os.sysconf("SC_CLK_TCK")
+    """Seconds every CPU of the machine has spent busy since boot (the agent's reader of
+    /proc/stat: idle and iowait left out)."""
+    times, _ = load.parse_proc_stat(Path("/proc/stat").read_text())
+    return times.busy / os.sysconf("SC_CLK_TCK")
 
 
 def rotated(items: Sequence[str], k: int) -> list[str]:

@@ -83,12 +83,10 @@ def test_wire_bytes_from_proc_net_dev():
         st.eth_bytes(text, "eth9")
 
 
-def test_busy_ticks_leave_idle_and_iowait_out():
-    text = "cpu  100 5 30 9000 40 2 3 1 0 0\ncpu0 50 2 15 4500 20 1 1 0 0 0\nintr 1\n"
-    assert st.busy_ticks(text) == 100 + 5 + 30 + 2 + 3 + 1
-    with pytest.raises(ValueError):
-        st.busy_ticks("intr 1\n")
-    assert st.busy_seconds() > 0
+def test_busy_seconds_count_up():
+    before = st.busy_seconds()
+    sum(range(2_000_000))  # some CPU
+    assert st.busy_seconds() >= before > 0
 
 
 def test_rotation_puts_every_method_in_every_position():
