@@ -46,6 +46,7 @@ Needs root.
 
   .venv/bin/python bench/strategies.py                      # the full sweep (minutes; see notes)
   .venv/bin/python bench/strategies.py --sizes 16 --reps 1  # a quick check
+  .venv/bin/python bench/strategies.py --link-mbit 500      # on a link slower than memory (tc tbf)
 """
 
 from __future__ import annotations
@@ -842,6 +843,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fill", choices=["mixed", "random", "zero"], default="mixed",
                     help="memory contents: half random, half touched zero pages (default), all random, all zero")
+    ap.add_argument("--link-mbit", type=float, default=None,
+                    help="shape host1's and host2's links to this many Mbit/s each way (tc tbf; default "
+                    "unshaped: the bed's veth runs at memory speed, faster than any real network)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds watched after the move (default 1)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "strategies.json")
     args = ap.parse_args()
@@ -865,6 +869,7 @@ def main() -> int:
             "reps": args.reps, "settle_s": args.settle, "seconds": round(time.time() - started, 1),
             "machine": {"cpus": psutil.cpu_count(), "kernel": platform.release()},
             "topology": "2-host embedded bed, host1 -> host2, both on this machine's cores",
+            "link_mbit": args.link_mbit,
             "methods": [m.describe() for m in methods], "left_out": missing,
             "rows": rows, "summary": summary, "aims": aims(summary, args.sizes, rates),
         }
@@ -872,7 +877,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="migrd-strategies-") as tmp:
         bed = bed_mod.new_name("bs")
-        state = bed_mod.up(bed, hosts=2, root=Path(tmp) / "bed")
+        links = {} if args.link_mbit is None else {"host1": args.link_mbit, "host2": args.link_mbit}
+        state = bed_mod.up(bed, hosts=2, root=Path(tmp) / "bed", link_mbits=links)
         try:
             b = Bench(state, Path(tmp), args.settle)
             methods, missing = methods_for([s.strip() for s in args.strategies.split(",") if s.strip()])

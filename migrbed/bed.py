@@ -79,6 +79,8 @@ class HostState:
     run_dir: Path  # sshd files and logs (same path inside the host)
     cgroup: cgroup.Group
     cpu_quota: float | None = None
+    #: Mbit/s each way on the host's link to the bridge (None: unshaped).
+    link_mbit: float | None = None
     holder: ProcRef | None = None  # keeps the host's mount namespace alive
     sshd: ProcRef | None = None
 
@@ -139,33 +141,59 @@ def new_name(prefix: str = "t") -> str:
     return validate_name(prefix + secrets.token_hex(2))
 
 
-def parse_quotas(specs: Iterable[str]) -> dict[str, float]:
-    """['host2=0.5', ...] -> {'host2': 0.5}: share of one CPU."""
+def _host_values(specs: Iterable[str], top: float, bad: str) -> dict[str, float]:
     out = {}
     for spec in specs:
         host, sep, value = spec.partition("=")
         try:
-            fraction = float(value)
+            number = float(value)
         except ValueError:
-            fraction = -1.0
-        if not sep or not host or not 0 < fraction <= 1024:
-            raise InputError(f"bad CPU quota {spec!r}: expected HOST=FRACTION, e.g. host2=0.5")
-        out[host] = fraction
+            number = -1.0
+        if not sep or not host or not 0 < number <= top:
+            raise InputError(f"bad {bad.format(spec=repr(spec))}")
+        out[host] = number
     return out
+
+
+def parse_quotas(specs: Iterable[str]) -> dict[str, float]:
+    """['host2=0.5', ...] -> {'host2': 0.5}: share of one CPU."""
+    return _host_values(specs, 1024, "CPU quota {spec}: expected HOST=FRACTION, e.g. host2=0.5")
+
+
+#: The fastest link rate a bed host may be given (Mbit/s); unshaped veth runs at memory speed.
+MAX_LINK_MBIT = 100_000
+
+
+def parse_link_rates(specs: Iterable[str]) -> dict[str, float]:
+    """['host2=200', ...] -> {'host2': 200.0}: Mbit/s each way on that host's link."""
+    return _host_values(specs, MAX_LINK_MBIT,
+                        "link rate {spec}: expected HOST=MBIT (Mbit/s each way), e.g. host2=200")
+
+
+def tbf_argv(netns: str, dev: str, mbit: float) -> list[str]:
+    """tc's token bucket on `dev`'s egress in `netns`, at `mbit` Mbit/s. The bucket holds 10 ms
+    of traffic (at least one 64 KiB GSO packet, which veth hands over whole) and the queue up
+    to 50 ms more: a link that sends at its rate, not a shaper that drops bursts."""
+    bits = round(mbit * 1e6)
+    burst = max(64 * 1024, bits // 8 // 100)
+    return ["tc", "-n", netns, "qdisc", "replace", "dev", dev, "root", "tbf",
+            "rate", f"{bits}bit", "burst", str(burst), "latency", "50ms"]
 
 
 def plan(name: str, hosts: int, root: Path, layout: cgroup.Layout,
          cpu_quotas: Mapping[str, float] | None = None, config_out: Path | None = None,
-         run_root: Path = RUN_ROOT) -> BedState:
+         run_root: Path = RUN_ROOT, link_mbits: Mapping[str, float] | None = None) -> BedState:
     """Every name the bed will create, before anything is created."""
     validate_name(name)
     if not 1 <= hosts <= MAX_HOSTS:
         raise InputError(f"a bed has 1 to {MAX_HOSTS} hosts, not {hosts}")
     quotas = dict(cpu_quotas or {})
+    rates = dict(link_mbits or {})
     names = [f"host{i}" for i in range(1, hosts + 1)]
-    unknown = sorted(set(quotas) - set(names))
-    if unknown:
-        raise InputError(f"CPU quota for unknown host {unknown[0]!r} (hosts: host1..host{hosts})")
+    for what, given in (("CPU quota", quotas), ("link rate", rates)):
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise InputError(f"{what} for unknown host {unknown[0]!r} (hosts: host1..host{hosts})")
     parent = cgroup.group_for(layout, f"migrd-bed-{name}")
     run_dir = run_root / name
     return BedState(
@@ -185,6 +213,7 @@ def plan(name: str, hosts: int, root: Path, layout: cgroup.Layout,
                 run_dir=run_dir / h,
                 cgroup=parent.child(h),
                 cpu_quota=quotas.get(h),
+                link_mbit=rates.get(h),
             )
             for i, h in enumerate(names, start=1)
         ),
@@ -255,7 +284,8 @@ def state_to_json(state: BedState) -> dict:
         "hosts": [
             {"name": h.name, "index": h.index, "address": h.address, "netns": h.netns,
              "dir": str(h.dir), "run_dir": str(h.run_dir), "cgroup": h.cgroup.to_json(),
-             "cpu_quota": h.cpu_quota, "holder": ref(h.holder), "sshd": ref(h.sshd)}
+             "cpu_quota": h.cpu_quota, "link_mbit": h.link_mbit, "holder": ref(h.holder),
+             "sshd": ref(h.sshd)}
             for h in state.hosts
         ],
     }
@@ -277,7 +307,7 @@ def state_from_json(data: dict) -> BedState:
             HostState(name=h["name"], index=int(h["index"]), address=h["address"], netns=h["netns"],
                       dir=Path(h["dir"]), run_dir=Path(h["run_dir"]),
                       cgroup=cgroup.Group.from_json(h["cgroup"]), cpu_quota=h["cpu_quota"],
-                      holder=ref(h["holder"]), sshd=ref(h["sshd"]))
+                      link_mbit=h.get("link_mbit"), holder=ref(h["holder"]), sshd=ref(h["sshd"]))
             for h in data["hosts"]
         ),
     )
@@ -430,12 +460,13 @@ def _refuse_foreign(state: BedState) -> None:
 
 
 def up(name: str = "bed", hosts: int = 3, root: Path | None = None,
-       cpu_quotas: Mapping[str, float] | None = None, config_out: Path | None = None) -> BedState:
+       cpu_quotas: Mapping[str, float] | None = None, config_out: Path | None = None,
+       link_mbits: Mapping[str, float] | None = None) -> BedState:
     """Create and start a bed; refuse if one of that name exists. On failure, everything made
     so far is removed again before the error is raised."""
     _require_root()
     root = (root or default_root()).absolute()
-    state = plan(name, hosts, root, cgroup.detect(), cpu_quotas, config_out)
+    state = plan(name, hosts, root, cgroup.detect(), cpu_quotas, config_out, link_mbits=link_mbits)
     if state.state_file.exists():
         raise _already(state)
     _claim(state)
@@ -491,6 +522,9 @@ def _build(state: BedState) -> BedState:
         _ip("-n", h.netns, "link", "set", "lo", "up")
         _ip("-n", h.netns, "addr", "add", f"{h.address}/24", "dev", "eth0")
         _ip("-n", h.netns, "link", "set", "eth0", "up")
+        if h.link_mbit is not None:  # both ways: out of the host, and out of the bridge to it
+            command.run(tbf_argv(h.netns, "eth0", h.link_mbit))
+            command.run(tbf_argv(br, port, h.link_mbit))
 
     for h in state.hosts:
         state = with_host(state, h.name, holder=_start_holder(h))
@@ -839,6 +873,7 @@ class HostStatus:
     cpu_quota: float | None
     cpu_seconds: float | None
     processes: int
+    link_mbit: float | None = None
 
 
 def status(state: BedState) -> list[HostStatus]:
@@ -853,6 +888,6 @@ def status(state: BedState) -> list[HostStatus]:
             mount_ns=str(h.mount_ns) if alive(h.holder) else None, holder_alive=alive(h.holder),
             sshd_pid=h.sshd.pid if h.sshd else None, sshd_alive=alive(h.sshd),
             cgroup=tuple(map(str, h.cgroup.dirs)), cpu_quota=quota, cpu_seconds=used,
-            processes=len(cgroup.pids(h.cgroup)),
+            processes=len(cgroup.pids(h.cgroup)), link_mbit=h.link_mbit,
         ))
     return out

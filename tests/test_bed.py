@@ -99,6 +99,23 @@ def test_quota_specs():
             bed_mod.parse_quotas([bad])
 
 
+def test_link_rate_specs_and_the_shaper_they_give():
+    assert bed_mod.parse_link_rates(["host2=200", "host1=0.5"]) == {"host2": 200.0, "host1": 0.5}
+    for bad in ["host2", "host2=", "=200", "host2=fast", "host2=0", "host2=-5", "host2=1e9"]:
+        with pytest.raises(InputError, match="link rate"):
+            bed_mod.parse_link_rates([bad])
+    slow, fast = bed_mod.tbf_argv("ns", "eth0", 8), bed_mod.tbf_argv("ns", "vh1", 8000)
+    assert slow[:7] == ["tc", "-n", "ns", "qdisc", "replace", "dev", "eth0"]
+    assert slow[slow.index("rate") + 1] == "8000000bit"
+    # At least one 64 KiB GSO packet, and 10 ms of traffic once that is more.
+    assert slow[slow.index("burst") + 1] == str(64 * 1024)
+    assert fast[fast.index("burst") + 1] == str(8_000_000_000 // 8 // 100)
+    st = bed_mod.plan("lr", 2, Path("/r"), V1, link_mbits={"host2": 200})
+    assert [h.link_mbit for h in st.hosts] == [None, 200]
+    with pytest.raises(InputError, match="link rate for unknown host 'host3'"):
+        bed_mod.plan("lr", 2, Path("/r"), V1, link_mbits={"host3": 200})
+
+
 def test_plan_names_everything_after_the_bed():
     st = bed_mod.plan("ab12", 3, Path("/r"), V1, {"host3": 0.25})
     assert st.bridge_netns == "migrd-ab12-br"
@@ -121,7 +138,8 @@ def test_plan_names_everything_after_the_bed():
 
 
 def test_state_file_round_trip():
-    st = bed_mod.plan("rt", 2, Path("/r"), V1, {"host1": 0.5}, config_out=Path("/tmp/c.yaml"))
+    st = bed_mod.plan("rt", 2, Path("/r"), V1, {"host1": 0.5}, config_out=Path("/tmp/c.yaml"),
+                      link_mbits={"host2": 100})
     st = bed_mod.with_host(st, "host2", holder=bed_mod.ProcRef(10, 1234, "b1"), sshd=bed_mod.ProcRef(11, 1240, "b1"))
     st = dataclasses.replace(st, ready=True)
     again = bed_mod.state_from_json(json.loads(json.dumps(bed_mod.state_to_json(st))))
@@ -350,6 +368,65 @@ def test_down_cleans_up_after_up_was_killed(tmp_path):
         if cli.poll() is None:
             cli.kill()
             cli.wait()
+        bed_mod.down(name, tmp_path)
+
+
+#: Sends N bytes to 198.18.0.2:5001 (retrying until the sink listens) and prints the seconds it
+#: took, the sink's acknowledgement of the last byte included.
+_SEND = """
+import socket, sys, time
+n = int(sys.argv[1]); block = bytes(65536)
+for _ in range(200):
+    try:
+        s = socket.create_connection(("198.18.0.2", 5001), timeout=30)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.05)
+t = time.monotonic()
+for _ in range(n // len(block)):
+    s.sendall(block)
+s.shutdown(socket.SHUT_WR); s.recv(1)
+print(time.monotonic() - t)
+"""
+_SINK = """
+import socket
+l = socket.create_server(("198.18.0.2", 5001)); l.settimeout(30)
+c, _ = l.accept()
+while c.recv(1 << 16):
+    pass
+c.sendall(b"k")
+"""
+
+
+@pytest.mark.root
+def test_link_rate_holds_a_host_to_its_rate(tmp_path):
+    name = bed_mod.new_name()
+    try:
+        migrctl("bed", "up", "--name", name, "--hosts", "2", "--link-rate", "host1=40", root=tmp_path)
+        state = bed_mod.load_state(name, tmp_path)
+        status = json.loads(migrctl("bed", "status", "--name", name, "--json", root=tmp_path).stdout)
+        assert [h["link_mbit"] for h in status["hosts"]] == [40, None]
+        for netns, dev in ((state.host("host1").netns, "eth0"), (state.bridge_netns, "vh1")):
+            shown = subprocess.run(["tc", "-n", netns, "qdisc", "show", "dev", dev], capture_output=True,
+                                   text=True, check=True).stdout
+            assert "tbf" in shown and "rate 40Mbit" in shown, shown
+
+        def seconds_to_send(n: int) -> float:
+            sink = bed_mod.spawn_in(state, "host2", [sys.executable, "-c", _SINK])
+            try:
+                out = bed_mod.exec_in(state, "host1", [sys.executable, "-c", _SEND, str(n)], timeout=60)
+                return float(out.stdout)
+            finally:
+                if sink.poll() is None:
+                    sink.kill()
+                sink.wait(timeout=10)
+
+        # 4 MiB at 40 Mbit/s is 0.84 s of wire time; unshaped veth moves it in a few ms.
+        took = seconds_to_send(4 << 20)
+        assert 0.7 < took < 5, took
+        migrctl("bed", "down", "--name", name, root=tmp_path)
+        _assert_gone(state, _recorded_pids(state))
+    finally:
         bed_mod.down(name, tmp_path)
 
 

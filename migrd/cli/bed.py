@@ -29,6 +29,9 @@ def bed() -> None:
               help="Number of hosts, named host1..hostN, host i at 198.18.0.i.")
 @click.option("--cpu-quota", "quotas", multiple=True, metavar="HOST=FRACTION",
               help="Limit a host's cgroup to FRACTION of one CPU (repeatable), e.g. host2=0.5.")
+@click.option("--link-rate", "rates", multiple=True, metavar="HOST=MBIT",
+              help="Shape a host's link to MBIT Mbit/s each way (repeatable), e.g. host2=200: "
+              "unshaped, the bed's links run at memory speed, faster than any network.")
 @click.option("--config", "config_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the cluster config (host: null) to FILE (left in place by `bed down`).")
 @click.option("--agents", is_flag=True, help="Also start a migrd agent in every host (log: the host's "
@@ -36,8 +39,8 @@ def bed() -> None:
 @click.option("--registry", type=click.Choice(["ssh", "etcd"]), default="ssh", show_default=True,
               help="How agents share load: ssh (each reads its peers' snapshots over SFTP) or etcd "
               "(an etcd member on 198.18.0.254 in the bed's bridge namespace; stopped by `bed down`).")
-def up(name: str, count: int, quotas: tuple[str, ...], config_out: Path | None, agents: bool,
-       registry: str) -> None:
+def up(name: str, count: int, quotas: tuple[str, ...], rates: tuple[str, ...], config_out: Path | None,
+       agents: bool, registry: str) -> None:
     """Create and start the bed NAME.
 
     Each host gets /etc/migrd/migrd.yaml (its config), /var/lib/migrd and /srv/migrd as its own
@@ -49,7 +52,8 @@ def up(name: str, count: int, quotas: tuple[str, ...], config_out: Path | None, 
     """
     require_root("migrctl bed up")
     state = bed_mod.up(name, count, cpu_quotas=bed_mod.parse_quotas(quotas),
-                       config_out=config_out.absolute() if config_out else None)
+                       config_out=config_out.absolute() if config_out else None,
+                       link_mbits=bed_mod.parse_link_rates(rates))
     click.echo(f"bed {state.name} is up: {len(state.hosts)} hosts "
                f"({state.hosts[0].address}..{state.hosts[-1].address}); cluster config: {state.config_file}")
     click.echo(f"run commands in a host with: migrctl bed exec --name {state.name} host1 -- CMD")
@@ -67,7 +71,7 @@ def up(name: str, count: int, quotas: tuple[str, ...], config_out: Path | None, 
 @name_option
 @json_option
 def status(name: str, as_json: bool) -> None:
-    """Show the bed's hosts: address, namespaces, sshd, cgroup, CPU quota and use."""
+    """Show the bed's hosts: address, namespaces, sshd, cgroup, CPU quota and use, link rate."""
     state = bed_mod.load_state(name)
     hosts = bed_mod.status(state)
     report = {"name": state.name, "dir": str(state.dir), "ready": state.ready,
@@ -78,10 +82,11 @@ def status(name: str, as_json: bool) -> None:
                  f"config {r['config']}"]
         for h in r["hosts"]:
             quota = "none" if h.cpu_quota is None else f"{h.cpu_quota:g} CPU"
+            link = "unshaped" if h.link_mbit is None else f"{h.link_mbit:g} Mbit/s"
             used = "?" if h.cpu_seconds is None else f"{h.cpu_seconds:.2f} s"
             sshd = f"pid {h.sshd_pid} {'up' if h.sshd_alive else 'DOWN'}" if h.sshd_pid else "not started"
             lines.append(f"  {h.name:7} {h.address:13} netns {h.netns}{'' if h.netns_exists else ' (MISSING)'}"
-                         f"  sshd {sshd}  quota {quota}  cpu {used}  processes {h.processes}")
+                         f"  sshd {sshd}  quota {quota}  link {link}  cpu {used}  processes {h.processes}")
             lines.append(f"          mount ns {h.mount_ns or 'GONE'}  cgroup {', '.join(h.cgroup)}")
         return "\n".join(lines)
 
