@@ -28,12 +28,12 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def sweep(hosts: list[int], loads: list[float], duration: float, seed: int, probe: str,
-          names: list[str]) -> list[dict]:
+          names: list[str], jobs: int) -> list[dict]:
     points = []
     for n in hosts:
         for load in loads:
             t0 = time.perf_counter()
-            res = run(SimConfig(hosts=n, load=load, seed=seed, duration=duration, probe=probe), names)
+            res = run(SimConfig(hosts=n, load=load, seed=seed, duration=duration, probe=probe), names, jobs=jobs)
             points.append({"hosts": n, "load": load,
                            "policies": {k: {f: v for f, v in dataclasses.asdict(r).items() if f != "policy"}
                                         for k, r in res.items()}})
@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--probe", default="fingers", help="all, fingers, random or random:D")
     ap.add_argument("--policy", nargs="+", default=list(POLICIES))
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                    help="policies simulated at once, each in its own process (default: the usable CPUs)")
     ap.add_argument("--out", type=Path, default=RESULTS / "sim.json")
     ap.add_argument("--plot", type=Path, nargs="+", metavar="JSON",
                     help="only draw the PNG (next to --out) from these earlier results")
@@ -126,7 +128,7 @@ def main() -> None:
         print(f"wrote {png}" if plot(points, png) else "no PNG")
         return
     t0 = time.perf_counter()
-    points = sweep(a.hosts, a.loads, a.duration, a.seed, a.probe, a.policy)
+    points = sweep(a.hosts, a.loads, a.duration, a.seed, a.probe, a.policy, a.jobs)
     out = {"command": " ".join(sys.argv), "machine": {"python": platform.python_version(),
                                                       "cpus": os.cpu_count()},
            "duration": a.duration, "seed": a.seed, "probe": a.probe,

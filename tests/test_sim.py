@@ -46,7 +46,8 @@ def test_jobs_are_conserved_and_never_on_two_hosts(policy):
 
 
 def test_deterministic_for_a_seed():
-    a, b = run(SMALL), run(SMALL)
+    a, b = run(SMALL), run(SMALL, jobs=3)  # b: three policies at a time, in forked processes
+    assert list(b) == list(engine.POLICIES)
     assert {n: _numbers(r) for n, r in a.items()} == {n: _numbers(r) for n, r in b.items()}
     other = run(dataclasses.replace(SMALL, seed=6), ("none",))["none"]
     assert _numbers(other) != _numbers(a["none"])
@@ -170,7 +171,8 @@ def test_probe_setting_parses():
 
 def test_cli_json(tmp_path):
     r = subprocess.run([sys.executable, "-m", "migrd.cli", "sim", "--hosts", "10", "--duration", "120",
-                        "--load", "0.8", "--seed", "3", "--policy", "none", "--policy", "migrd", "--json"],
+                        "--load", "0.8", "--seed", "3", "--policy", "none", "--policy", "migrd", "--jobs", "2",
+                        "--json"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import click
@@ -57,9 +58,13 @@ Example:
               help="policy.host_cooldown_s for every policy (default: migrd's, 15 s).")
 @click.option("--policy", "names", multiple=True,
               help="Run only these policies (repeatable; default: all).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Policies simulated at once, each in its own process (default: the CPUs this "
+                   "process may use). The results do not depend on it.")
 @json_option
 def sim(n_hosts: int, load: float, seed: int, duration: float, interval: float, probe: str,
-        strategy: str, host_cooldown: float | None, names: tuple[str, ...], as_json: bool) -> None:
+        strategy: str, host_cooldown: float | None, names: tuple[str, ...], jobs: int | None,
+        as_json: bool) -> None:
     from migrd.errors import InputError
     from migrd.model import PolicyConfig
     from migrd.sim import POLICIES, SimConfig, run
@@ -70,7 +75,7 @@ def sim(n_hosts: int, load: float, seed: int, duration: float, interval: float, 
     pc = PolicyConfig() if host_cooldown is None else PolicyConfig(host_cooldown_s=host_cooldown)
     cfg = SimConfig(hosts=n_hosts, load=load, seed=seed, duration=duration, interval=interval,
                     probe=probe, strategy=strategy, policy=pc)
-    results = run(cfg, names or POLICIES)
+    results = run(cfg, names or POLICIES, jobs=jobs or len(os.sched_getaffinity(0)))
     out = {"config": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "policy"},
                       "host_cooldown_s": pc.host_cooldown_s},
            "policies": {n: {k: v for k, v in dataclasses.asdict(r).items() if k != "policy"}
