@@ -85,10 +85,11 @@ def peer_pages(mid: str, compression: str) -> None:
 
 @peer.command("precopy")
 @click.argument("mid")
-def peer_precopy(mid: str) -> None:
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True)
+def peer_precopy(mid: str, compression: str) -> None:
     """Pre-copy's target side: pages by content on stdin while the workload runs there, then
     the dump's page images as pages and digests; rebuilds them for `peer restore`."""
-    peer_mod.precopy(load_config(), mid)
+    peer_mod.precopy(load_config(), mid, compression)
 
 
 @peer.command("lazy")

@@ -226,7 +226,9 @@ class Target:
 
     def precopy(self) -> precopy.Pusher:
         """The target's pre-copy store for this migration, running (`peer precopy`)."""
-        return precopy.Pusher(self._converse("precopy", self.mid))
+        compression = self.conn.cfg.ssh.compression
+        return precopy.Pusher(self._converse("precopy", self.mid, "--compression", compression), compression,
+                              level=self.conn.tuning.zstd_level)
 
     def files_sink(self) -> FilesSink:
         return FilesSink(self, self._converse("files", "--json"))

@@ -28,6 +28,8 @@ Wire format, source to target, on the peer's stdin (the target answers lines on 
   C size(4) JSON             a carried file follows, as runs: {"path", "size", "mode", "sha256"}
   E                          the end: the target answers {"bytes": N, "files": {NAME: SIZE},
                              "carried": {PATH: SIZE}}
+The whole stream is zstd-compressed when `ssh.compression` says so (`peer precopy
+--compression zstd`), each batch flushed as a block so the target can answer a round at once.
 Every run is at most MAX_RUN pages. The files a migration carries (its stdout log, --with-files)
 are read ahead with the memory, page by page into the same pool, so the freeze sends only their
 pages that changed.
@@ -47,7 +49,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
+
+import zstandard
 
 from migrd.adapters import memread, private, untrusted
 from migrd.core import dirtyrate
@@ -121,10 +125,13 @@ class Final:
 
 
 class Pusher:
-    """The source half of one migration's pre-copy session (`migrctl peer precopy`)."""
+    """The source half of one migration's pre-copy session (`migrctl peer precopy`). With
+    `compression` "zstd" the stream is compressed as the image stream is, each batch flushed
+    whole (the target answers rounds: it must be able to read all that came before)."""
 
-    def __init__(self, talk: Conversation) -> None:
+    def __init__(self, talk: Conversation, compression: str = "none", level: int = 1) -> None:
         self.talk = talk
+        self._zstd = zstandard.ZstdCompressor(level=level).compressobj() if compression == "zstd" else None
         pagestream.await_ready(talk, "peer precopy")
         #: Digest of each page the target holds -> its slot in the target's pool (zero pages
         #: are never stored: every host has them).
@@ -143,8 +150,11 @@ class Pusher:
 
     def _flush(self) -> None:
         if self._buf:
-            self.talk.send(self._buf)
-            self.wire += len(self._buf)
+            data: bytes | bytearray = self._buf
+            if self._zstd is not None:
+                data = self._zstd.compress(data) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+            self.talk.send(data)
+            self.wire += len(data)
             self._buf = bytearray()
 
     def _answer(self, what: str) -> dict:
@@ -336,17 +346,6 @@ def sample_dirty_rate(pids: Iterable[int], seconds: float, stride: int) -> float
 MAX_HEADER = 8192
 
 
-class _In:
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-
-    def exact(self, n: int) -> bytes:
-        data = self._f.read(n)
-        if len(data) != n:
-            raise ImageError("the source stopped in the middle of the pre-copy stream")
-        return data
-
-
 class _Pool:
     """The target's pages, one slot each, in the order they came."""
 
@@ -382,74 +381,88 @@ class _Pool:
 
 
 def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = None,
-          infd: int = 0, outfd: int = 1) -> dict:
+          infd: int = 0, outfd: int = 1, compression: str = "none") -> dict:
     """Receive pages into `store` (the pool) and rebuild the page images into `pages_dir`.
     Once every image was rebuilt and matched its sha256, `record` gets what `E` answers
     before the answer goes (the source restores as soon as it has it)."""
+    if compression not in receive.COMPRESSIONS:
+        raise ImageError(f"unknown compression {compression!r} (known: {', '.join(receive.COMPRESSIONS)})")
     private.private_dir(store.parent)
     pool = _Pool(store)
     out = os.fdopen(os.dup(outfd), "wb", buffering=0)
-    src = _In(os.fdopen(os.dup(infd), "rb", buffering=BATCH))
+
+    def read(n: int) -> bytes:
+        return os.read(infd, n)
+
+    src = receive.ExactReader(receive.unzstd(read) if compression == "zstd" else read, BATCH,
+                              "the source stopped in the middle of the pre-copy stream")
 
     def answer(value: dict) -> None:
         out.write(json.dumps(value).encode() + b"\n")
 
     out.write(pagestream.READY + b"\n")
-    files: dict[str, int] = {}
-    carried: dict[str, int] = {}
     try:
-        while True:
-            kind = src.exact(1)
-            if kind == b"S":
-                pool.append(src.exact(PAGE))
-            elif kind == b"A":
-                pool.flush()
-                answer({"round": _U32.unpack(src.exact(4))[0], "pages": pool.slots})
-            elif kind == b"F":
-                f = untrusted.loads(_header(src), ImageError, "a page image header")
-                if not isinstance(f, dict):
-                    raise ImageError("a page image header is not an object")
-                name, want, sha = f.get("name"), f.get("size"), f.get("sha256")
-                if not (isinstance(name, str) and is_page_image(name) and isinstance(want, int)
-                        and want >= 0 and isinstance(sha, str)):
-                    raise ImageError(f"refusing a page image header {f!r:.100}")
-                mf.check_name(name)
-                if not files:
-                    shutil.rmtree(pages_dir, ignore_errors=True)
-                    private.private_dir(pages_dir)
-                files[name] = _rebuild(src, pages_dir / name, want, sha, pool)
-            elif kind == b"C":
-                c = receive.carried_file(_header(src))
-                try:
-                    carried[c.path] = _rebuild(src, c.partial, c.size, c.sha256, pool, c.mode)
-                    os.replace(c.partial, c.path)
-                except BaseException:
-                    c.partial.unlink(missing_ok=True)
-                    raise
-            elif kind == b"E":
-                if files:
-                    private.restrict_files(pages_dir)
-                got = {"bytes": sum(files.values()), "files": files, "carried": carried}
-                if record is not None:
-                    record(got)
-                answer(got)
-                return got
-            else:
-                raise ImageError(f"not a pre-copy record: {kind!r}")
+        return _serve(src, pool, pages_dir, record, answer)
+    except zstandard.ZstdError as e:
+        raise ImageError(f"the pre-copy stream is not valid zstd ({e})") from None
     finally:
         pool.close()
         store.unlink(missing_ok=True)
         out.close()
 
 
-def _header(src: _In) -> bytes:
+def _serve(src: receive.ExactReader, pool: _Pool, pages_dir: Path, record: Callable[[dict], None] | None,
+           answer: Callable[[dict], None]) -> dict:
+    files: dict[str, int] = {}
+    carried: dict[str, int] = {}
+    while True:
+        kind = src.exact(1)
+        if kind == b"S":
+            pool.append(src.exact(PAGE))
+        elif kind == b"A":
+            pool.flush()
+            answer({"round": _U32.unpack(src.exact(4))[0], "pages": pool.slots})
+        elif kind == b"F":
+            f = untrusted.loads(_header(src), ImageError, "a page image header")
+            if not isinstance(f, dict):
+                raise ImageError("a page image header is not an object")
+            name, want, sha = f.get("name"), f.get("size"), f.get("sha256")
+            if not (isinstance(name, str) and is_page_image(name) and isinstance(want, int)
+                    and want >= 0 and isinstance(sha, str)):
+                raise ImageError(f"refusing a page image header {f!r:.100}")
+            mf.check_name(name)
+            if not files:
+                shutil.rmtree(pages_dir, ignore_errors=True)
+                private.private_dir(pages_dir)
+            files[name] = _rebuild(src, pages_dir / name, want, sha, pool)
+        elif kind == b"C":
+            c = receive.carried_file(_header(src))
+            try:
+                carried[c.path] = _rebuild(src, c.partial, c.size, c.sha256, pool, c.mode)
+                os.replace(c.partial, c.path)
+            except BaseException:
+                c.partial.unlink(missing_ok=True)
+                raise
+        elif kind == b"E":
+            if files:
+                private.restrict_files(pages_dir)
+            got = {"bytes": sum(files.values()), "files": files, "carried": carried}
+            if record is not None:
+                record(got)
+            answer(got)
+            return got
+        else:
+            raise ImageError(f"not a pre-copy record: {kind!r}")
+
+
+def _header(src: receive.ExactReader) -> bytes:
     (size,) = _U32.unpack(src.exact(4))
     if size > MAX_HEADER:
         raise ImageError("a page image or carried file header is too long")
     return src.exact(size)
 
 
-def _rebuild(src: _In, dest: Path, size: int, sha256: str, pool: _Pool, mode: int | None = None) -> int:
+def _rebuild(src: receive.ExactReader, dest: Path, size: int, sha256: str, pool: _Pool, mode: int | None = None) -> int:
     """Write the runs that make up dest's size bytes; refuse (and remove) it unless its sha256
     matches. mode: its permission bits (else private)."""
     h256 = hashlib.sha256()

@@ -124,12 +124,15 @@ def _open_nofollow(path: str, flags: int) -> int:
 
 # --- reading (receiver side) ---------------------------------------------------------------
 
-class _Reader:
-    """Exact-size reads over a `read(n)` that may return short pieces; b'' means end."""
+class ExactReader:
+    """Exact-size reads over a `read(n)` that may return short pieces; b'' means end, which
+    `ended` explains if it comes early."""
 
-    def __init__(self, read: Callable[[int], bytes], chunk: int = CHUNK) -> None:
+    def __init__(self, read: Callable[[int], bytes], chunk: int = CHUNK,
+                 ended: str = "the image stream ended early (sender stopped or connection lost)") -> None:
         self._read = read
         self._chunk = chunk
+        self._ended = ended
         self._buf = memoryview(b"")
 
     def take(self, n: int) -> Iterator[memoryview]:
@@ -137,7 +140,7 @@ class _Reader:
             if not self._buf:
                 data = self._read(self._chunk)
                 if not data:
-                    raise ImageError("the image stream ended early (sender stopped or connection lost)")
+                    raise ImageError(self._ended)
                 self._buf = memoryview(data)
             piece = self._buf[:n]
             self._buf = self._buf[len(piece):]
@@ -145,6 +148,9 @@ class _Reader:
             yield piece
 
     def exact(self, n: int) -> bytes:
+        if len(self._buf) >= n:  # the common case, without a generator: pre-copy reads per page
+            piece, self._buf = self._buf[:n], self._buf[n:]
+            return bytes(piece)
         return b"".join(self.take(n))
 
     def skip(self, n: int) -> None:
@@ -210,7 +216,7 @@ def check_member_name(name: str) -> None:
         raise ImageError(f"stream entry has an illegal name {name!r}")
 
 
-def _next_header(r: _Reader) -> tuple[str, int] | None:
+def _next_header(r: ExactReader) -> tuple[str, int] | None:
     """(name, size) of the next regular-file entry, or None at the end-of-archive marker."""
     block = r.exact(BLOCK)
     if block == bytes(BLOCK):
@@ -235,7 +241,7 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _receive_into(r: _Reader, partial: Path, manifest_sha256: str) -> manifest.Manifest:
+def _receive_into(r: ExactReader, partial: Path, manifest_sha256: str) -> manifest.Manifest:
     first = _next_header(r)
     if first is None or first[0] != manifest.NAME:
         raise ImageError(f"the image stream does not start with {manifest.NAME}")
@@ -302,11 +308,9 @@ def receive(read: Callable[[int], bytes], directory: Path, manifest_sha256: str,
     os.chmod(partial, private.DIR_MODE)  # the umask may have narrowed it, never widened it
     try:
         if compression == "zstd":
-            # stream_reader bounds every read's output, so a stream of zeros cannot balloon.
-            # The ignore: zstandard's stub wants IO[bytes], its docs and code only a read(size).
-            read = zstandard.ZstdDecompressor().stream_reader(_RawRead(read), read_size=CHUNK).read  # type: ignore[arg-type]
+            read = unzstd(read)
         try:
-            m = _receive_into(_Reader(read), partial, manifest_sha256)
+            m = _receive_into(ExactReader(read), partial, manifest_sha256)
         except zstandard.ZstdError as e:
             raise ImageError(f"the image stream is not valid zstd ({e})") from None
         except OSError as e:  # a full or read-only disk here, typically
@@ -323,10 +327,40 @@ def receive(read: Callable[[int], bytes], directory: Path, manifest_sha256: str,
 
 
 class _RawRead:
-    """The file-like face zstandard's stream_reader wants, over a read function."""
+    """The file-like face zstandard's stream_reader wants, over a read function; counts its
+    reads and notes the end."""
 
     def __init__(self, read: Callable[[int], bytes]) -> None:
-        self.read = read
+        self._read = read
+        self.reads = 0
+        self.ended = False
+
+    def read(self, n: int) -> bytes:
+        self.reads += 1
+        data = self._read(n)
+        self.ended = self.ended or not data
+        return data
+
+
+def unzstd(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
+    """The content of a zstd stream that `read` returns in pieces (b'' at its end). Each call
+    returns at most n bytes, so a stream of zeros cannot balloon, and returns as soon as some
+    are there: a read that waited for all n could wait forever on a sender that waits for an
+    answer (pre-copy's rounds). b'' at the end of the stream or of its frame."""
+    raw = _RawRead(read)
+    # The ignore: zstandard's stub wants IO[bytes], its docs and code only a read(size).
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK)  # type: ignore[arg-type]
+
+    def content(n: int) -> bytes:
+        while True:
+            reads = raw.reads
+            data = reader.read1(n)
+            # Nothing out of a whole read of input (a block still incomplete): read on. Nothing
+            # without reading: the frame is over.
+            if data or raw.ended or raw.reads == reads:
+                return data
+
+    return content
 
 
 def read_line(fd: int, limit: int) -> bytes:

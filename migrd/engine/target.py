@@ -197,13 +197,14 @@ def pages(cfg: Config, mid: str, compression: str) -> None:
     _write(d / "pages.json", {"bytes": received, "files": files})
 
 
-def precopy(cfg: Config, mid: str) -> None:
+def precopy(cfg: Config, mid: str, compression: str) -> None:
     """Pre-copy's store (migrd.engine.precopy): the dump's page images are rebuilt into
     incoming/ID/pages and recorded in pages.json, as a page stream's are."""
     from migrd.engine import precopy as precopy_mod
 
     d = incoming(cfg, mid)
-    precopy_mod.serve(d / "precopy.store", d / "pages", lambda got: _write(d / "pages.json", got))
+    precopy_mod.serve(d / "precopy.store", d / "pages", lambda got: _write(d / "pages.json", got),
+                      compression=compression)
 
 
 def _take_pages(d: Path, images: Path, page_bytes: int) -> dict[str, int]:
