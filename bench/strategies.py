@@ -641,29 +641,41 @@ def _times(out: str) -> tuple[str, list[float], int]:
     return body, [float(x) for x in parts[1:-1]], int(parts[-1])
 
 
-class MigrdStrategy(Method):
-    """`migrctl migrate --strategy NAME`, on a workload started with `migrctl run`; with a stop
-    rule (method name `precopy.phaul`, `precopy.lxd`), under host1's config with
-    migrate.precopy_stop_rule set to it."""
+#: A method name's suffix (`precopy.lxd`, `stop-copy.uncompressed`): host1's config for that
+#: method's runs, as (section, key, value), and what it means.
+VARIANTS: dict[str, tuple[str, str, str, str]] = {
+    **{rule: ("migrate", "precopy_stop_rule", rule, f"stop rule: {STOP_RULES[rule].summary}") for rule in STOP_RULES},
+    "uncompressed": ("ssh", "compression", "none", "images, streamed and pre-copied pages sent without zstd"),
+}
 
-    def __init__(self, strategy: str, stop_rule: str | None = None) -> None:
-        self.strategy, self.stop_rule = strategy, stop_rule
-        self.name = f"{strategy}.{stop_rule}" if stop_rule else strategy
+
+class MigrdStrategy(Method):
+    """`migrctl migrate --strategy NAME`, on a workload started with `migrctl run`; with a
+    variant (`precopy.phaul`, `precopy.lxd`, `NAME.uncompressed`: VARIANTS), under host1's
+    config with that setting changed."""
+
+    def __init__(self, strategy: str, variant: str | None = None) -> None:
+        self.strategy, self.variant = strategy, variant
+        self.name = f"{strategy}.{variant}" if variant else strategy
 
     def describe(self) -> dict[str, str]:
-        rule = f" (MIGRD_CONFIG: migrate.precopy_stop_rule {self.stop_rule})" if self.stop_rule else ""
+        if self.variant is None:
+            return {"name": self.name, "invocation": f"migrctl migrate PID --to host2 --strategy {self.strategy} --json",
+                    "summary": OFFERED[self.strategy].summary}
+        section, key, value, meaning = VARIANTS[self.variant]
         return {"name": self.name,
-                "invocation": f"migrctl migrate PID --to host2 --strategy {self.strategy} --json{rule}",
-                "summary": OFFERED[self.strategy].summary
-                + (f"; stop rule: {STOP_RULES[self.stop_rule].summary}" if self.stop_rule else "")}
+                "invocation": f"migrctl migrate PID --to host2 --strategy {self.strategy} --json "
+                              f"(MIGRD_CONFIG: {section}.{key} {value})",
+                "summary": f"{OFFERED[self.strategy].summary}; {meaning}"}
 
     def config_env(self, b: Bench) -> str:
-        """The environment assignment that runs migrctl under this method's stop rule."""
-        if self.stop_rule is None:
+        """The environment assignment that runs migrctl under this method's variant."""
+        if self.variant is None:
             return ""
-        path = b.tmp / f"migrd-{self.stop_rule}.yaml"
+        section, key, value, _ = VARIANTS[self.variant]
+        path = b.tmp / f"migrd-{self.variant}.yaml"
         doc = yaml.safe_load((b.h1.dir / "etc" / "migrd.yaml").read_text()) or {}
-        doc.setdefault("migrate", {})["precopy_stop_rule"] = self.stop_rule
+        doc.setdefault(section, {})[key] = value
         private.write_atomic(path, yaml.safe_dump(doc), durable=False)
         return f"MIGRD_CONFIG={shlex.quote(str(path))} "
 
@@ -759,13 +771,15 @@ def methods_for(names: Sequence[str]) -> tuple[list[Method], dict[str, str]]:
     methods: list[Method] = []
     missing: dict[str, str] = {}
     for n in names:
-        strategy, _, rule = n.partition(".")
+        strategy, _, variant = n.partition(".")
         if strategy not in OFFERED:
             missing[n] = f"not offered by this checkout's migrctl (it has: {', '.join(OFFERED)})"
-        elif rule and (rule not in STOP_RULES or strategy not in ("precopy", "hybrid")):
+        elif variant and variant not in VARIANTS:
+            missing[n] = f"no variant {variant!r} (known: {', '.join(VARIANTS)})"
+        elif variant in STOP_RULES and strategy not in ("precopy", "hybrid"):
             missing[n] = f"a stop rule ({', '.join(STOP_RULES)}) applies to precopy and hybrid only"
         else:
-            methods.append(MigrdStrategy(strategy, rule or None))
+            methods.append(MigrdStrategy(strategy, variant or None))
     return [*methods, Manual()], missing
 
 
@@ -838,7 +852,8 @@ def main() -> int:
                          "and --rate (issue 11's sweep: --sizes 512,1024 --rates 0,40,400)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES),
                     help=f"default {','.join(STRATEGIES)}; precopy.phaul, precopy.lxd (and hybrid.*) run "
-                         "pre-copy under P.Haul's or LXD's stop rule instead of migrd's")
+                         "pre-copy under P.Haul's or LXD's stop rule instead of migrd's; NAME.uncompressed "
+                         "runs a strategy with ssh.compression none")
     ap.add_argument("--no-counter", action="store_true", help="skip the small process (migrbed's COUNTER)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fill", choices=["mixed", "random", "zero"], default="mixed",

@@ -172,23 +172,24 @@ def test_no_two_pages_of_the_memory_workload_are_alike(monkeypatch):
 
 
 @pytest.mark.root
-def test_methods_name_a_stop_rule_for_precopy_and_hybrid_only():
+def test_methods_name_a_stop_rule_for_precopy_and_hybrid_only_and_compression_for_any():
     methods, missing = st.methods_for(["stop-copy", "precopy.phaul", "hybrid.lxd", "stop-copy.lxd",
-                                       "precopy.qemu", "teleport"])
-    assert [m.name for m in methods] == ["stop-copy", "precopy.phaul", "hybrid.lxd", "manual"]
-    assert methods[1].strategy == "precopy" and methods[1].stop_rule == "phaul"
+                                       "precopy.qemu", "teleport", "postcopy.uncompressed"])
+    assert [m.name for m in methods] == ["stop-copy", "precopy.phaul", "hybrid.lxd", "postcopy.uncompressed", "manual"]
+    assert methods[1].strategy == "precopy" and methods[1].variant == "phaul"
     assert "P.Haul" in methods[1].describe()["summary"]
+    assert "ssh.compression none" in methods[3].describe()["invocation"]
     assert set(missing) == {"stop-copy.lxd", "precopy.qemu", "teleport"}
 
 
 def test_a_tiny_sweep_on_a_bed(tmp_path: Path):
     out = tmp_path / "s.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "strategies.py"), "--sizes", "8", "--modes", "idle",
-                        "--strategies", "stop-copy,precopy.lxd", "--no-counter", "--reps", "1", "--settle", "0.3",
+                        "--strategies", "stop-copy,precopy.lxd,stop-copy.uncompressed", "--no-counter", "--reps", "1", "--settle", "0.3",
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads(out.read_text())
-    assert [m["name"] for m in doc["methods"]] == ["stop-copy", "precopy.lxd", "manual"]
+    assert [m["name"] for m in doc["methods"]] == ["stop-copy", "precopy.lxd", "stop-copy.uncompressed", "manual"]
     by = {row["method"]: row for row in doc["rows"]}
     for row in by.values():
         assert row["ok"], row
@@ -198,4 +199,6 @@ def test_a_tiny_sweep_on_a_bed(tmp_path: Path):
     assert by["manual"]["criu_frozen_s"] == pytest.approx(by["manual"]["criu_frozen_stats_s"], abs=0.005)
     # The stop rule reached the migration through the config the bench wrote for it.
     assert by["precopy.lxd"]["stop_reason"].startswith("LXD: "), by["precopy.lxd"]["stop_reason"]
+    # So did the compression setting: the workload's memory is half zero pages.
+    assert by["stop-copy.uncompressed"]["wire_bytes"] > 1.5 * by["stop-copy"]["wire_bytes"]
     assert doc["summary"]["8MiB-idle"]["stop-copy"]["total_s_vs_manual"] > 0
