@@ -97,11 +97,12 @@ def peer_precopy(mid: str, compression: str) -> None:
 @click.option("--name")
 @click.option("--stdout")
 @click.option("--address")
-def peer_lazy(mid: str, name: str | None, stdout: str | None, address: str | None) -> None:
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True)
+def peer_lazy(mid: str, name: str | None, stdout: str | None, address: str | None, compression: str) -> None:
     """Post-copy's target side: images, then lazy pages and control, framed on stdin/stdout."""
     from migrd.engine import lazy
 
-    peer_mod.lazy(load_config(), mid, name, stdout, address, lazy.fd_link())
+    peer_mod.lazy(load_config(), mid, name, stdout, address, lazy.fd_link(compression=compression))
 
 
 @peer.command("files")
