@@ -822,7 +822,8 @@ def plot(doc: dict[str, Any], png: Path) -> bool:
         ax.bar(names, [counter[m][key] for m in names])
         ax.set_title(label)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"host1 -> host2 on the embedded bed, medians of {doc['reps']} ({doc['fill']} memory)")
+    link = f", links shaped to {doc['link_mbit']:g} Mbit/s" if doc.get("link_mbit") else ""
+    fig.suptitle(f"host1 -> host2 on the embedded bed{link}, medians of {doc['reps']} ({doc['fill']} memory)")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
