@@ -336,8 +336,7 @@ class _RawRead:
 
 
 #: Compressed bytes unzstd decompresses at a time. A block of zeros compresses to 4 bytes for
-#: 128 KiB, so this bounds what one step can expand to (128 MiB); smaller steps cost more
-#: calls (1 KiB: twice the CPU of 4 KiB on half-random pages).
+#: 128 KiB, so this bounds what one step can expand to (128 MiB) beyond what was asked for.
 UNZSTD_STEP = 4096
 
 
@@ -363,8 +362,15 @@ def unzstd(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
                 if not data:
                     return b""
                 pending = memoryview(data)
-            step, pending = pending[:UNZSTD_STEP], pending[UNZSTD_STEP:]
-            out = memoryview(dobj.decompress(step))
+            # Step by step through what has come, up to n bytes out: big pieces for the
+            # caller without waiting for more input.
+            parts: list[bytes] = []
+            size = 0
+            while pending and size < n:
+                step, pending = pending[:UNZSTD_STEP], pending[UNZSTD_STEP:]
+                parts.append(dobj.decompress(step))
+                size += len(parts[-1])
+            out = memoryview(b"".join(parts))
         piece, out = out[:n], out[n:]
         return bytes(piece)
 
