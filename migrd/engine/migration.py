@@ -427,10 +427,21 @@ class Migration:
         target_files = d.get("target_files", {})
         created_there = [p for p in d.get("carry", []) if target_files.get(p) is None]
         unclean = None
+        given = target
         try:
-            if target is None:
+            try:
+                if target is None:
+                    target = peerclient.connect(self.cfg, opts.target, self.j.id)
+                target.abort(opts.move_address, created_there)
+            except TransportError:
+                if given is None:
+                    raise
+                # The connection the migration used may have gone down with the failure that
+                # brought us here (seen: "connection is not open" after a failed restore under
+                # load); a fresh one asks again before anything counts as in doubt. Abort is
+                # idempotent there.
                 target = peerclient.connect(self.cfg, opts.target, self.j.id)
-            target.abort(opts.move_address, created_there)
+                target.abort(opts.move_address, created_there)
         except MigrdError as e:
             if restore_started:
                 self.j.record("in_doubt", reason=f"target unreachable during rollback: {e}")
