@@ -78,3 +78,18 @@ def test_control_and_pages_cross_and_zstd_compresses_what_the_source_sends(compr
 def test_an_unknown_compression_is_refused():
     with pytest.raises(MigrdError, match="unknown compression 'lz4'"):
         lazy.fd_link(0, 1, "lz4")
+
+
+def test_a_stream_that_is_not_zstd_ends_the_link_and_says_why():
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+    target = lazy.fd_link(down_r, up_w, "zstd")
+    os.write(down_w, os.urandom(5000))
+    os.close(down_w)
+    try:
+        assert target.closed.wait(5)
+        assert target.error is not None and "not valid zstd" in target.error
+        assert target.control(0) is None
+    finally:
+        for fd in (down_r, up_r, up_w):
+            os.close(fd)

@@ -46,15 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import zstandard
-
 from migrd.adapters import workloads
 from migrd.config import Config
 from migrd.engine import checkpoint as cp
 from migrd.engine import failpoints
 from migrd.engine import receive
 from migrd.engine.pagestream import READY, await_ready, socketpair
-from migrd.errors import MigrdError, TransportError, WorkloadLost
+from migrd.errors import ImageError, MigrdError, TransportError, WorkloadLost
 
 if TYPE_CHECKING:  # the target side must not pay for importing paramiko
     from migrd.adapters.transport import Connection, Conversation
@@ -204,7 +202,7 @@ class Link:
                         self.pages_in += len(payload)
             if frames.partial:
                 self._fail("the channel ended in the middle of a frame")
-        except (OSError, EOFError, ValueError, TransportError) as e:
+        except (OSError, EOFError, ValueError, TransportError, ImageError) as e:
             self._fail(f"receiving: {e}")
         finally:
             self.closed.set()
@@ -226,7 +224,7 @@ class Source:
         await_ready(talk, "peer lazy")
         self.talk = talk
         self._ours, self._criu = socketpair()
-        self._zstd = zstandard.ZstdCompressor(level=level).compressobj() if compression == "zstd" else None
+        self._compressor = receive.Compressor(compression, level)
         self.link = Link(self._recv, self._send)
         self.link.attach(self._ours)
 
@@ -234,9 +232,7 @@ class Source:
         return self.talk.recv(CHUNK)
 
     def _send(self, data: bytes) -> None:
-        if self._zstd is not None:  # Link serializes its writes: one compressor will do
-            data = self._zstd.compress(data) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        self.talk.send(data)
+        self.talk.send(self._compressor.block(data))  # Link serializes its writes: one compressor will do
 
     @property
     def criu_fd(self) -> int:
@@ -279,13 +275,7 @@ class Source:
 # --- the target's side --------------------------------------------------------------------
 
 def fd_link(infd: int = 0, outfd: int = 1, compression: str = "none") -> Link:
-    if compression not in receive.COMPRESSIONS:
-        raise MigrdError(f"unknown compression {compression!r} (known: {', '.join(receive.COMPRESSIONS)})")
-
-    def raw(n: int) -> bytes:
-        return os.read(infd, n)
-
-    content = receive.unzstd(raw) if compression == "zstd" else raw
+    content = receive.fd_content(infd, compression)
 
     def read() -> bytes:
         return content(CHUNK)

@@ -101,19 +101,17 @@ class Sender:
             self._ours.shutdown(socket.SHUT_RDWR)
 
     def _pump_up(self) -> None:
-        cobj = zstandard.ZstdCompressor(level=self.level).compressobj() if self.compression == "zstd" else None
+        # A block per read: the page server must see each command whole before it answers,
+        # or both ends would wait for each other.
+        compressor = receive.Compressor(self.compression, self.level)
         try:
             while data := self._ours.recv(CHUNK):
                 self.sent += len(data)
-                if cobj is not None:
-                    # A block flush per read: the page server must see each command whole
-                    # before it answers, or both ends would wait for each other.
-                    data = cobj.compress(data) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-                self.talk.send(data)
+                self.talk.send(compressor.block(data))
                 if self.progress:
                     self.progress(self.sent, max(self.total, self.sent))
-            if cobj is not None:
-                self.talk.send(cobj.flush())
+            if tail := compressor.end():
+                self.talk.send(tail)
             self.talk.end_input()
         except (OSError, TransportError, EOFError) as e:
             self._fail(f"sending pages: {e}")

@@ -51,8 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import zstandard
-
 from migrd.adapters import memread, private, untrusted
 from migrd.core import dirtyrate
 from migrd.core.precopy import Round
@@ -131,7 +129,7 @@ class Pusher:
 
     def __init__(self, talk: Conversation, compression: str = "none", level: int = 1) -> None:
         self.talk = talk
-        self._zstd = zstandard.ZstdCompressor(level=level).compressobj() if compression == "zstd" else None
+        self._compressor = receive.Compressor(compression, level)
         pagestream.await_ready(talk, "peer precopy")
         #: Digest of each page the target holds -> its slot in the target's pool (zero pages
         #: are never stored: every host has them).
@@ -150,9 +148,7 @@ class Pusher:
 
     def _flush(self) -> None:
         if self._buf:
-            data: bytes | bytearray = self._buf
-            if self._zstd is not None:
-                data = self._zstd.compress(data) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+            data = self._compressor.block(self._buf)
             self.talk.send(data)
             self.wire += len(data)
             self._buf = bytearray()
@@ -385,17 +381,11 @@ def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = 
     """Receive pages into `store` (the pool) and rebuild the page images into `pages_dir`.
     Once every image was rebuilt and matched its sha256, `record` gets what `E` answers
     before the answer goes (the source restores as soon as it has it)."""
-    if compression not in receive.COMPRESSIONS:
-        raise ImageError(f"unknown compression {compression!r} (known: {', '.join(receive.COMPRESSIONS)})")
+    src = receive.ExactReader(receive.fd_content(infd, compression), BATCH,
+                              "the source stopped in the middle of the pre-copy stream")
     private.private_dir(store.parent)
     pool = _Pool(store)
     out = os.fdopen(os.dup(outfd), "wb", buffering=0)
-
-    def read(n: int) -> bytes:
-        return os.read(infd, n)
-
-    src = receive.ExactReader(receive.unzstd(read) if compression == "zstd" else read, BATCH,
-                              "the source stopped in the middle of the pre-copy stream")
 
     def answer(value: dict) -> None:
         out.write(json.dumps(value).encode() + b"\n")
@@ -403,8 +393,6 @@ def serve(store: Path, pages_dir: Path, record: Callable[[dict], None] | None = 
     out.write(pagestream.READY + b"\n")
     try:
         return _serve(src, pool, pages_dir, record, answer)
-    except zstandard.ZstdError as e:
-        raise ImageError(f"the pre-copy stream is not valid zstd ({e})") from None
     finally:
         pool.close()
         store.unlink(missing_ok=True)

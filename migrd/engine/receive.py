@@ -294,8 +294,7 @@ def partial_path(directory: Path) -> Path:
 def receive(read: Callable[[int], bytes], directory: Path, manifest_sha256: str,
             compression: str = "none") -> manifest.Manifest:
     """Receive an image stream from `read` into directory; all or nothing (see module doc)."""
-    if compression not in COMPRESSIONS:
-        raise ImageError(f"unknown compression {compression!r} (known: {', '.join(COMPRESSIONS)})")
+    check_compression(compression)
     if os.path.lexists(directory):
         raise ImageError(f"{directory} already exists; refusing to overwrite it")
     partial = partial_path(directory)
@@ -335,6 +334,43 @@ class _RawRead:
         self.read = read
 
 
+def check_compression(compression: str) -> None:
+    if compression not in COMPRESSIONS:
+        raise ImageError(f"unknown compression {compression!r} (known: {', '.join(COMPRESSIONS)})")
+
+
+class Compressor:
+    """A sender's side of `ssh.compression` on a stream whose receiver answers (pre-copy's
+    rounds, post-copy's pages, the page server): with zstd each piece is compressed and
+    flushed as a block, so the receiver can decompress all that was sent before the sender
+    waits for its answer; with none, pieces go as they are."""
+
+    def __init__(self, compression: str, level: int = 1) -> None:
+        check_compression(compression)
+        self._cobj = zstandard.ZstdCompressor(level=level).compressobj() if compression == "zstd" else None
+
+    def block(self, data: bytes | bytearray) -> bytes | bytearray:
+        if self._cobj is None:
+            return data
+        return self._cobj.compress(data) + self._cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+    def end(self) -> bytes:
+        """What ends the stream (zstd: the frame's end, which the receiver can check)."""
+        return b"" if self._cobj is None else self._cobj.flush()
+
+
+def fd_content(fd: int, compression: str) -> Callable[[int], bytes]:
+    """Reads of what arrives on fd, decompressed as `compression` says (see unzstd), for a
+    stream whose sender waits for answers: each returns what has come, at most n bytes; b''
+    at the end."""
+    check_compression(compression)
+
+    def raw(n: int) -> bytes:
+        return os.read(fd, n)
+
+    return unzstd(raw) if compression == "zstd" else raw
+
+
 #: Compressed bytes unzstd decompresses at a time. A block of zeros compresses to 4 bytes for
 #: 128 KiB, so this bounds what one step can expand to (128 MiB) beyond what was asked for.
 UNZSTD_STEP = 4096
@@ -347,7 +383,7 @@ def unzstd(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
     n, holds back output it has whenever its output buffer filled, until more input comes:
     with a sender waiting for an answer to what was held back, both would wait forever. A
     one-way stream (receive) keeps the stream_reader, which decompresses about twice as fast.
-    b'' at the end of the stream or of its frame."""
+    b'' at the end of the stream or of its frame; ImageError if it is not zstd."""
     dobj = zstandard.ZstdDecompressor().decompressobj()
     pending = memoryview(b"")
     out = memoryview(b"")
@@ -368,7 +404,10 @@ def unzstd(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
             size = 0
             while pending and size < n:
                 step, pending = pending[:UNZSTD_STEP], pending[UNZSTD_STEP:]
-                parts.append(dobj.decompress(step))
+                try:
+                    parts.append(dobj.decompress(step))
+                except zstandard.ZstdError as e:
+                    raise ImageError(f"the stream is not valid zstd ({e})") from None
                 size += len(parts[-1])
             out = memoryview(b"".join(parts))
         piece, out = out[:n], out[n:]
