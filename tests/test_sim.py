@@ -4,6 +4,7 @@ the agent's own round, and the policies' ordering on a short fixed-seed run. No 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import random
 import subprocess
@@ -43,6 +44,28 @@ def test_jobs_are_conserved_and_never_on_two_hosts(policy):
     assert all(s > 0 for s in sim.slowdowns)
     if policy != "none":
         assert r.migrations > 0, "the run is too short or idle to exercise the policy"
+
+
+@pytest.mark.parametrize("policy", engine.POLICIES)
+def test_a_run_leaves_nothing_for_the_cycle_collector(policy):
+    """A run turns the cyclic collector off (engine._no_gc). That is free only while the run
+    makes no reference cycles: they would pile up, uncollected, for the whole run."""
+    sim = _sim(SMALL, policy)
+    collected: list[int] = []
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "stop":
+            collected.append(info["collected"])
+
+    gc.collect()
+    gc.callbacks.append(note)
+    try:
+        sim.run()
+        assert gc.isenabled()
+        gc.collect()
+    finally:
+        gc.callbacks.remove(note)
+    assert collected and sum(collected) == 0
 
 
 def test_deterministic_for_a_seed():
