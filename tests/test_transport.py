@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -211,6 +212,64 @@ def test_refuses_existing_target_and_corrupt_zstd(image: Path, tmp_path: Path) -
     with pytest.raises(ImageError, match="not valid zstd"):
         receive.receive(reader(data), tmp_path / "z", sha, "zstd")
     assert_nothing_left(tmp_path / "z")
+
+
+def test_zstd_steps_bound_what_one_piece_of_a_stream_expands_to(monkeypatch) -> None:
+    """Zeros compress about 32000:1: a small piece of a stream from elsewhere, decompressed at
+    once, could be gigabytes in one allocation. zstd_steps hands it out UNZSTD_STEP
+    compressed bytes at a time (shrunk here so that a 64 MiB stream shows it)."""
+    import zstandard
+    monkeypatch.setattr(receive, "UNZSTD_STEP", 64)
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+    assert len(bomb) < 4096
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    sizes = [len(piece) for piece in receive.zstd_steps(dobj, bomb)]
+    assert sum(sizes) == 64 << 20 and dobj.eof
+    assert max(sizes) <= 64 * 32768  # at most 16 blocks of 128 KiB from 64 compressed bytes
+
+
+class _CountingPageServer:
+    """The page server's side of pagestream.serve without CRIU: counts what it is fed."""
+
+    def page_server(self, images: Path, log: Path, sock_fd: int) -> subprocess.Popen[bytes]:
+        code = ("import os, sys\nn = 0\nwhile b := os.read(int(sys.argv[1]), 1 << 16):\n    n += len(b)\n"
+                "open(sys.argv[2], 'w').write(str(n))")
+        return subprocess.Popen([sys.executable, "-c", code, str(sock_fd), str(images / "fed")],
+                                pass_fds=(sock_fd,))
+
+    def page_server_done(self, server: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+        assert server.wait(timeout) == 0
+
+
+@pytest.mark.parametrize("stream", ["whole", "cut", "not-zstd"])
+def test_page_stream_target_feeds_the_page_server_in_bounded_steps(tmp_path: Path, stream: str) -> None:
+    import zstandard
+    from migrd.engine import pagestream
+    content = os.urandom(1 << 20) + bytes(32 << 20)
+    data = {"whole": zstandard.ZstdCompressor().compress(content),
+            "cut": zstandard.ZstdCompressor().compress(content)[:-100],
+            "not-zstd": os.urandom(4096)}[stream]
+    infd, w = os.pipe()
+
+    def send() -> None:
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    answers_r, answers_w = os.pipe()
+    try:
+        if stream == "whole":
+            got = pagestream.serve(_CountingPageServer(), tmp_path, tmp_path / "log", "zstd", 30,  # type: ignore[arg-type]
+                                   infd, answers_w)
+            assert got == len(content) == int((tmp_path / "fed").read_text())
+        else:
+            with pytest.raises(ImageError, match="ended in the middle" if stream == "cut" else "not valid zstd"):
+                pagestream.serve(_CountingPageServer(), tmp_path, tmp_path / "log", "zstd", 30,  # type: ignore[arg-type]
+                                 infd, answers_w)
+    finally:
+        for fd in (infd, answers_r, answers_w):
+            os.close(fd)
 
 
 def test_refuses_a_running_or_stale_partial(image: Path, tmp_path: Path) -> None:

@@ -202,14 +202,14 @@ def serve(criu: Criu, pages: Path, log: Path, compression: str, timeout: float,
     problem: str | None = None
     try:
         while chunk := os.read(infd, CHUNK):
-            data = dobj.decompress(chunk) if dobj is not None else chunk
-            if data:
-                ours.sendall(data)
-                received += len(data)
+            for data in receive.zstd_steps(dobj, chunk) if dobj is not None else (chunk,):
+                if data:
+                    ours.sendall(data)
+                    received += len(data)
         if dobj is not None and not dobj.eof:
             problem = SOURCE_GONE
-    except zstandard.ZstdError as e:
-        problem = f"the page stream is not valid zstd ({e})"
+    except ImageError as e:
+        problem = f"the page stream: {e}"
     except OSError as e:
         problem = f"the page server stopped reading ({e.strerror})"
     finally:

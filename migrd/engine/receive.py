@@ -371,21 +371,33 @@ def fd_content(fd: int, compression: str) -> Callable[[int], bytes]:
     return unzstd(raw) if compression == "zstd" else raw
 
 
-#: Compressed bytes unzstd decompresses at a time. A block of zeros compresses to 4 bytes for
-#: 128 KiB, so this bounds what one step can expand to (128 MiB) beyond what was asked for.
+#: Compressed bytes decompressed at a time (zstd_steps). A block of zeros compresses to 4 bytes
+#: for 128 KiB, so this bounds what one step can expand to (128 MiB), whatever the sender sent.
 UNZSTD_STEP = 4096
+
+
+def zstd_steps(dobj: zstandard.ZstdDecompressionObj, data: bytes | memoryview) -> Iterator[bytes]:
+    """What `dobj` makes of `data`, UNZSTD_STEP compressed bytes at a time: a piece of a stream
+    from elsewhere cannot balloon into one huge allocation. ImageError if it is not zstd."""
+    view = memoryview(data)
+    for i in range(0, len(view), UNZSTD_STEP):
+        try:
+            yield dobj.decompress(view[i:i + UNZSTD_STEP])
+        except zstandard.ZstdError as e:
+            raise ImageError(f"the stream is not valid zstd ({e})") from None
 
 
 def unzstd(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
     """The content of a zstd stream that `read` returns in pieces (b'' at its end), for a
     stream whose sender waits for answers (pre-copy's rounds, post-copy's pages). Each call
     returns at most n bytes, as soon as some are there. zstandard's stream_reader, asked for
-    n, holds back output it has whenever its output buffer filled, until more input comes:
-    with a sender waiting for an answer to what was held back, both would wait forever. A
-    one-way stream (receive) keeps the stream_reader, which decompresses about twice as fast.
-    b'' at the end of the stream or of its frame; ImageError if it is not zstd."""
+    n, holds back output it has whenever its output buffer filled, until more input comes
+    (so does its read_to_iter): with a sender waiting for an answer to what was held back,
+    both would wait forever. A one-way stream (receive) keeps the stream_reader, which
+    decompresses about twice as fast. b'' at the end of the stream or of its frame; ImageError
+    if it is not zstd."""
     dobj = zstandard.ZstdDecompressor().decompressobj()
-    pending = memoryview(b"")
+    pending: Iterator[bytes] = iter(())
     out = memoryview(b"")
 
     def content(n: int) -> bytes:
@@ -393,22 +405,21 @@ def unzstd(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
         while not out:
             if dobj.eof:
                 return b""
-            if not pending:
-                data = read(CHUNK)
-                if not data:
-                    return b""
-                pending = memoryview(data)
-            # Step by step through what has come, up to n bytes out: big pieces for the
-            # caller without waiting for more input.
+            # Up to n bytes out of what has come: big pieces for the caller without waiting
+            # for more input.
             parts: list[bytes] = []
             size = 0
-            while pending and size < n:
-                step, pending = pending[:UNZSTD_STEP], pending[UNZSTD_STEP:]
-                try:
-                    parts.append(dobj.decompress(step))
-                except zstandard.ZstdError as e:
-                    raise ImageError(f"the stream is not valid zstd ({e})") from None
-                size += len(parts[-1])
+            for step in pending:
+                parts.append(step)
+                size += len(step)
+                if size >= n:
+                    break
+            else:
+                if not parts:
+                    data = read(CHUNK)
+                    if not data:
+                        return b""
+                    pending = zstd_steps(dobj, data)
             out = memoryview(b"".join(parts))
         piece, out = out[:n], out[n:]
         return bytes(piece)
