@@ -820,6 +820,7 @@ def plot(doc: dict[str, Any], png: Path) -> bool:
         ax = axes[len(rates)][col]
         names = [m for m in methods if key in counter.get(m, {})]
         ax.bar(names, [counter[m][key] for m in names])
+        ax.tick_params(axis="x", labelrotation=30)  # the names overlap side by side
         ax.set_title(label)
         ax.grid(True, axis="y", alpha=0.3)
     link = f", links shaped to {doc['link_mbit']:g} Mbit/s" if doc.get("link_mbit") else ""
