@@ -25,6 +25,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("root"):
             item.add_marker(requires_root)
+    if os.getpid() == 1 and os.geteuid() == 0 and any(item.get_closest_marker("root") for item in items):
+        # `unshare --pid --fork bash -c 'pytest ...'`: bash execs its last command, and pytest
+        # does not reap the orphans a PID namespace's init must, so every process CRIU ends
+        # stays a zombie holding its PID, and a bed host restoring that PID fails.
+        raise pytest.UsageError(
+            "pytest is PID 1 of its PID namespace and would leave the processes CRIU ends as "
+            "zombies holding their PIDs (restores on the bed would fail): run it under a shell "
+            "that stays PID 1, e.g. unshare --pid --fork --mount-proc bash .ci/run, or "
+            "bash -c 'pytest ...; true'")
 
 
 @pytest.fixture(scope="session", autouse=True)
