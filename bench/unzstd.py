@@ -35,7 +35,7 @@ PAGE = 4096
 
 
 def pages(size: int, seed: int = 1) -> bytes:
-    """Runs of 1-64 pages, alternately zero and word-like (zstd level 1 gets about 2:1)."""
+    """Runs of 1-64 pages, alternately zero and word-like (the run prints the ratio zstd gets)."""
     rnd = random.Random(seed)
     words = [rnd.randbytes(rnd.randint(2, 9)) for _ in range(2000)]
     pool = [b"".join(rnd.choice(words) for _ in range(800))[:PAGE].ljust(PAGE, b"\0") for _ in range(256)]

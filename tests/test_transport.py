@@ -272,6 +272,13 @@ def test_page_stream_target_feeds_the_page_server_in_bounded_steps(tmp_path: Pat
             os.close(fd)
 
 
+def test_page_stream_target_refuses_an_unknown_compression_before_starting_a_page_server(tmp_path: Path) -> None:
+    from migrd.engine import pagestream
+    with pytest.raises(ImageError, match="unknown compression 'gzip'"):
+        pagestream.serve(_CountingPageServer(), tmp_path, tmp_path / "log", "gzip", 30)  # type: ignore[arg-type]
+    assert not (tmp_path / "fed").exists()
+
+
 def test_refuses_a_running_or_stale_partial(image: Path, tmp_path: Path) -> None:
     data, sha = stream_of(image)
     receive.partial_path(tmp_path / "img").mkdir()

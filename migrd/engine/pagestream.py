@@ -185,6 +185,7 @@ def serve(criu: Criu, pages: Path, log: Path, compression: str, timeout: float,
           infd: int = 0, outfd: int = 1) -> int:
     """The target half: run a page server writing into pages, feed it what arrives on infd and
     relay its answers to outfd. Returns the page bytes received (uncompressed)."""
+    receive.check_compression(compression)
     ours, theirs = socketpair()
     server = criu.page_server(pages, log, theirs.fileno())
     theirs.close()

@@ -465,8 +465,8 @@ class Simulation:
 def _no_gc() -> Iterator[None]:
     """The cyclic garbage collector off while the arrivals are drawn and while a simulation
     runs: neither makes reference cycles (tests/test_sim.py checks the run), so the collector's
-    passes over the growing lists of jobs and hosts' state find nothing and cost a third of
-    the drawing and a seventh of a run. Back to its previous state afterwards."""
+    passes over the growing lists of jobs and hosts' state find nothing and only cost time
+    (measured in docs/sim.md, "Speed"). Back to its previous state afterwards."""
     was = gc.isenabled()
     gc.disable()
     try:
