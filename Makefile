@@ -3,15 +3,19 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system criu venv demo test unit chaos fuzz bench clean install box box-clean vagrant-up vagrant-down test-vagrant
+.PHONY: setup system criu pypy venv demo test unit chaos fuzz bench clean install box box-clean vagrant-up vagrant-down test-vagrant
 
-setup: system criu venv
+setup: system criu pypy venv
 
 system:
 	bash scripts/setup-system.sh
 
 criu: system
 	bash scripts/install-criu.sh
+
+# PyPy for long simulations (migrctl sim --interpreter); nothing else uses it.
+pypy: system
+	bash scripts/install-pypy.sh
 
 # Reinstall only when the project metadata changes.
 $(STAMP): pyproject.toml

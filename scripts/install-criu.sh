@@ -17,6 +17,8 @@ MIN_VERSION=4.2
 
 say() { printf 'install-criu: %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
+# shellcheck source=lib/sid-prefix.sh
+. "$(dirname "$0")/lib/sid-prefix.sh"
 
 version_ok() { # $1 = criu binary/wrapper
     local v
@@ -96,39 +98,16 @@ if [ -x "$PREFIX/bin/criu" ] && qualifies "$PREFIX/bin/criu"; then
 fi
 
 say "installing CRIU from Debian $SUITE into $PREFIX (private prefix; the system libc is not touched)"
-src=/etc/apt/sources.list.d/debian.sources
-uri=$(sed -n 's/^URIs: *//p' "$src" 2>/dev/null | head -1)
-keyring=$(sed -n 's/^Signed-By: *//p' "$src" 2>/dev/null | head -1)
-uri=${uri:-http://deb.debian.org/debian}
-keyring=${keyring:-/usr/share/keyrings/debian-archive-keyring.gpg}
-
 stage=$(mktemp -d /tmp/migrd-criu-install.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage/lists/partial" "$stage/archives/partial" "$stage/root"
-echo "deb [signed-by=$keyring] $uri $SUITE main" > "$stage/sources.list"
-: > "$stage/status"   # empty dpkg status: apt fetches the whole dependency closure
-apt_opts=(-q -o "Dir::Etc::SourceList=$stage/sources.list" -o Dir::Etc::SourceParts=/dev/null
-          -o "Dir::State::Lists=$stage/lists" -o "Dir::State::status=$stage/status"
-          -o "Dir::Cache::archives=$stage/archives" -o Debug::NoLocking=1
-          -o APT::Sandbox::User=root)
-apt-get "${apt_opts[@]}" update >&2 || die "apt-get update for Debian $SUITE failed"
-apt-get "${apt_opts[@]}" -y --no-install-recommends install --download-only criu >&2 \
-    || die "could not download criu and its libraries from Debian $SUITE"
-for deb in "$stage"/archives/*.deb; do dpkg -x "$deb" "$stage/root"; done
+unpack_closure "$SUITE" criu "$stage"
 [ -x "$stage/root/usr/sbin/criu" ] || die "the criu package did not contain usr/sbin/criu"
-[ -x "$stage/root/usr/lib64/ld-linux-x86-64.so.2" ] || die "no dynamic loader in the unpacked closure (only x86_64 is supported)"
 
 new=$PREFIX.new
 rm -rf "$new"; mkdir -p "$new/bin"
 mv "$stage/root" "$new/root"
-cat > "$new/bin/criu" <<WRAP
-#!/bin/sh
-# CRIU from Debian $SUITE with its own libraries, run through their loader (see install-criu.sh).
-R=$PREFIX/root
-exec "\$R/usr/lib64/ld-linux-x86-64.so.2" --library-path "\$R/usr/lib/x86_64-linux-gnu" "\$R/usr/sbin/criu" "\$@"
-WRAP
+prefix_wrapper "$PREFIX" "$SUITE" /usr/sbin/criu /usr/lib/x86_64-linux-gnu > "$new/bin/criu"
 chmod 755 "$new/bin/criu"
-rm -rf "$PREFIX.old"; [ -e "$PREFIX" ] && mv "$PREFIX" "$PREFIX.old"
-mv "$new" "$PREFIX"; rm -rf "$PREFIX.old"
+replace_prefix "$new" "$PREFIX"
 qualifies "$PREFIX/bin/criu" || die "installed $PREFIX/bin/criu but it does not pass the proof (see messages above)"
 say "installed $("$PREFIX/bin/criu" --version | head -1) at $PREFIX/bin/criu"
