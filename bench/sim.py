@@ -22,19 +22,21 @@ import sys
 import time
 from pathlib import Path
 
-from migrd.sim import POLICIES, SimConfig, run
+from migrd.adapters import pypy
+from migrd.sim import POLICIES, SimConfig
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def sweep(hosts: list[int], loads: list[float], duration: float, seed: int, probe: str,
-          names: list[str], jobs: int) -> list[dict]:
+          names: list[str], jobs: int, interpreter: str) -> list[dict]:
     points = []
     for n in hosts:
         for load in loads:
             t0 = time.perf_counter()
-            res = run(SimConfig(hosts=n, load=load, seed=seed, duration=duration, probe=probe), names, jobs=jobs)
-            points.append({"hosts": n, "load": load,
+            cfg = SimConfig(hosts=n, load=load, seed=seed, duration=duration, probe=probe)
+            ran_on, res = pypy.runner(interpreter, cfg).run(cfg, names, jobs)
+            points.append({"hosts": n, "load": load, "interpreter": ran_on,
                            "policies": {k: {f: v for f, v in dataclasses.asdict(r).items() if f != "policy"}
                                         for k, r in res.items()}})
             line = "  ".join(f"{k} {r.mean_slowdown:.2f}" for k, r in res.items())
@@ -112,6 +114,8 @@ def main() -> None:
     ap.add_argument("--policy", nargs="+", default=list(POLICIES))
     ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="policies simulated at once, each in its own process (default: the usable CPUs)")
+    ap.add_argument("--interpreter", choices=pypy.CHOICES, default="auto",
+                    help="as migrctl sim's: pypy, python or auto (PyPy for long runs when installed)")
     ap.add_argument("--out", type=Path, default=RESULTS / "sim.json")
     ap.add_argument("--plot", type=Path, nargs="+", metavar="JSON",
                     help="only draw the PNG (next to --out) from these earlier results")
@@ -128,7 +132,7 @@ def main() -> None:
         print(f"wrote {png}" if plot(points, png) else "no PNG")
         return
     t0 = time.perf_counter()
-    points = sweep(a.hosts, a.loads, a.duration, a.seed, a.probe, a.policy, a.jobs)
+    points = sweep(a.hosts, a.loads, a.duration, a.seed, a.probe, a.policy, a.jobs, a.interpreter)
     out = {"command": " ".join(sys.argv), "machine": {"python": platform.python_version(),
                                                       "cpus": os.cpu_count()},
            "duration": a.duration, "seed": a.seed, "probe": a.probe,

@@ -61,13 +61,20 @@ Example:
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Policies simulated at once, each in its own process (default: the CPUs this "
                    "process may use). The results do not depend on it.")
+@click.option("--interpreter", type=click.Choice(["auto", "python", "pypy"]), default="auto",
+              show_default=True,
+              help="What runs the simulation: pypy (a PyPy child process, the same code a few times "
+                   "faster on long runs; `make setup` installs it, $MIGRD_PYPY names another), python "
+                   "(this process) or auto (PyPy when installed and the run has at least 50 000 host "
+                   "rounds: hosts x duration / interval). The results do not depend on it.")
 @json_option
 def sim(n_hosts: int, load: float, seed: int, duration: float, interval: float, probe: str,
         strategy: str, host_cooldown: float | None, names: tuple[str, ...], jobs: int | None,
-        as_json: bool) -> None:
+        interpreter: str, as_json: bool) -> None:
     from migrd.errors import InputError
     from migrd.model import PolicyConfig
-    from migrd.sim import POLICIES, SimConfig, run
+    from migrd.adapters import pypy
+    from migrd.sim import POLICIES, SimConfig
 
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
@@ -75,9 +82,10 @@ def sim(n_hosts: int, load: float, seed: int, duration: float, interval: float, 
     pc = PolicyConfig() if host_cooldown is None else PolicyConfig(host_cooldown_s=host_cooldown)
     cfg = SimConfig(hosts=n_hosts, load=load, seed=seed, duration=duration, interval=interval,
                     probe=probe, strategy=strategy, policy=pc)
-    results = run(cfg, names or POLICIES, jobs=jobs or len(os.sched_getaffinity(0)))
+    ran_on, results = pypy.runner(interpreter, cfg).run(cfg, names or POLICIES,
+                                                   jobs or len(os.sched_getaffinity(0)))
     out = {"config": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "policy"},
-                      "host_cooldown_s": pc.host_cooldown_s},
+                      "host_cooldown_s": pc.host_cooldown_s, "interpreter": ran_on},
            "policies": {n: {k: v for k, v in dataclasses.asdict(r).items() if k != "policy"}
                         for n, r in results.items()}}
     emit(out, as_json, _table)
@@ -86,7 +94,8 @@ def sim(n_hosts: int, load: float, seed: int, duration: float, interval: float, 
 def _table(out: dict[str, Any]) -> str:
     c = out["config"]
     lines = [f"{c['hosts']} hosts, load {c['load']:g}, seed {c['seed']}, {c['duration']:g} s, "
-             f"probe {c['probe']}, {c['strategy']} migrations, host cooldown {c['host_cooldown_s']:g} s",
+             f"probe {c['probe']}, {c['strategy']} migrations, host cooldown {c['host_cooldown_s']:g} s, "
+             f"run by {c['interpreter']}",
              f"{'policy':<18} {'mean sd':>8} {'p99 sd':>8} {'mig/job':>8} {'GB moved':>9} "
              f"{'herds':>6} {'back':>5} {'idle':>6} {'reads':>6} {'cpu s':>6}"]
     for name, r in out["policies"].items():

@@ -22,6 +22,7 @@ import heapq
 import math
 import multiprocessing
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -466,7 +467,12 @@ def _no_gc() -> Iterator[None]:
     """The cyclic garbage collector off while the arrivals are drawn and while a simulation
     runs: neither makes reference cycles (tests/test_sim.py checks the run), so the collector's
     passes over the growing lists of jobs and hosts' state find nothing and only cost time
-    (measured in docs/sim.md, "Speed"). Back to its previous state afterwards."""
+    (measured in docs/sim.md, "Speed"). Back to its previous state afterwards. CPython only:
+    PyPy has no reference counting, its collector is what frees everything, and with it off a
+    run only grows (docs/sim.md)."""
+    if sys.implementation.name != "cpython":
+        yield
+        return
     was = gc.isenabled()
     gc.disable()
     try:
