@@ -73,7 +73,7 @@ class PyPy:
                          input=pickle.dumps((cfg, tuple(names), jobs)), env=env, timeout=None)
         try:
             label, results = pickle.loads(cp.stdout)
-        except Exception as e:  # noqa: BLE001 - whatever the bytes were, the answer is unusable
+        except Exception as e:  # unpickling garbage fails with whatever it hits
             raise CommandError(f"{self.path} answered the simulation with something unreadable "
                                f"({type(e).__name__})") from None
         if not (isinstance(label, str) and isinstance(results, dict)
