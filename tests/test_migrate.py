@@ -441,6 +441,25 @@ def test_failpoints_leave_exactly_one_copy(mig, bed, run_in, counter, staged_env
     assert criu_tables(run_in, "host1") <= tables
 
 
+def test_a_crash_after_the_precheck_still_cleans_what_the_target_began_to_receive(mig, bed, counter):
+    """The target's receivers start right after the precheck, before the next journal record:
+    an orchestrator killed in between (a chaos run's kill landed there) left the target's
+    incoming directory behind while recovery said nothing had changed. Recovery now asks the
+    target to drop it; the source never stopped."""
+    pid, out = counter()
+    r = mig("host1", "migrate", pid, "--to", "host2", check=False, env={"MIGRD_FAILPOINTS": "prechecked:die"})
+    assert r.returncode in (-9, 137), r.stderr
+    j = journal_of(bed, pid)
+    assert j.last_state() == "prechecked"
+    received = bed.host("host2").dir / "state" / "incoming" / j.id / "images"
+    received.mkdir(parents=True)  # as far as the image receiver had got
+    (received / "pages-1.img").write_bytes(b"\0" * 4096)
+    assert recover_settled(mig, j.id) == "nothing had changed"
+    assert j.last_state() == "rolled_back" and leftovers(bed, j.id) == []
+    assert copies(str(out)) == [pid]
+    continues(out, 3)
+
+
 def test_streamed_move_resumes_the_source_itself_on_rollback(mig, counter):
     """A workload in its own PID namespace has its pages streamed during the dump and stays
     stopped, not ended: a failure after the dump resumes that very process (same PID and
