@@ -102,12 +102,6 @@ stage=$(mktemp -d /tmp/migrd-criu-install.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
 unpack_closure "$SUITE" criu "$stage"
 [ -x "$stage/root/usr/sbin/criu" ] || die "the criu package did not contain usr/sbin/criu"
-
-new=$PREFIX.new
-rm -rf "$new"; mkdir -p "$new/bin"
-mv "$stage/root" "$new/root"
-prefix_wrapper "$PREFIX" "$SUITE" /usr/sbin/criu /usr/lib/x86_64-linux-gnu > "$new/bin/criu"
-chmod 755 "$new/bin/criu"
-replace_prefix "$new" "$PREFIX"
+install_prefix "$stage" "$PREFIX" "$SUITE" criu /usr/sbin/criu /usr/lib/x86_64-linux-gnu
 qualifies "$PREFIX/bin/criu" || die "installed $PREFIX/bin/criu but it does not pass the proof (see messages above)"
 say "installed $("$PREFIX/bin/criu" --version | head -1) at $PREFIX/bin/criu"

@@ -52,12 +52,6 @@ shared=$(cd "$stage/root" && find usr/lib -name 'libpypy3*-c.so' -printf '/%h\n'
     || die "the pypy3 package did not contain usr/bin/pypy3 and its libpypy3-c.so"
 libdirs=/usr/lib/x86_64-linux-gnu
 [ "$shared" = "$libdirs" ] || libdirs="$libdirs:$shared"
-
-new=$PREFIX.new
-rm -rf "$new"; mkdir -p "$new/bin"
-mv "$stage/root" "$new/root"
-prefix_wrapper "$PREFIX" "$SUITE" /usr/bin/pypy3 "$libdirs" > "$new/bin/pypy3"
-chmod 755 "$new/bin/pypy3"
-replace_prefix "$new" "$PREFIX"
+install_prefix "$stage" "$PREFIX" "$SUITE" pypy3 /usr/bin/pypy3 "$libdirs"
 qualifies "$PREFIX/bin/pypy3" || die "installed $PREFIX/bin/pypy3 but it does not pass the proof (see above)"
 say "installed $("$PREFIX/bin/pypy3" -c 'import sys; print(sys.version.splitlines()[-1])') at $PREFIX/bin/pypy3"

@@ -42,9 +42,15 @@ exec "\$R/usr/lib64/ld-linux-x86-64.so.2" --library-path "$path" "\$R$program" "
 WRAP
 }
 
-# replace_prefix NEW PREFIX: move the finished NEW into place as PREFIX (the old one goes).
-replace_prefix() {
-    local new=$1 prefix=$2
+# install_prefix STAGE PREFIX SUITE NAME PROGRAM LIBDIRS: make STAGE/root (from unpack_closure)
+# the prefix PREFIX, with PREFIX/bin/NAME the wrapper that runs PROGRAM (prefix_wrapper). The
+# new prefix is built beside the old one and moved into place; the old one goes.
+install_prefix() {
+    local stage=$1 prefix=$2 suite=$3 name=$4 program=$5 libdirs=$6 new=$2.new
+    rm -rf "$new"; mkdir -p "$new/bin"
+    mv "$stage/root" "$new/root"
+    prefix_wrapper "$prefix" "$suite" "$program" "$libdirs" > "$new/bin/$name"
+    chmod 755 "$new/bin/$name"
     rm -rf "$prefix.old"; [ -e "$prefix" ] && mv "$prefix" "$prefix.old"
     mv "$new" "$prefix"; rm -rf "$prefix.old"
 }
