@@ -603,11 +603,12 @@ _TARGET_NOT_ASKED = (None, "precheck")
 #: the target's receivers start before the next record and may hold an incoming directory
 #: (seen: a chaos run's kill landed there and left it), so the target is still asked to drop it.
 _NOTHING_FROZEN = ("prechecked", "measure")
+_UNCHANGED = "interrupted before the checkpoint; nothing had changed"
 
 
 def _recover_one(m: Migration, last: str | None) -> str:
     if last in _TARGET_NOT_ASKED:
-        m.j.record("rolled_back", reason="interrupted before the checkpoint; nothing had changed")
+        m.j.record("rolled_back", reason=_UNCHANGED)
         return "nothing had changed"
     untrusted.build(Recorded, m.data, JournalCorrupt, str(m.j.path))
     states = [r.state for r in m.j.records()]
@@ -645,13 +646,11 @@ def _recover_one(m: Migration, last: str | None) -> str:
                 m.j.record("commit", recovered=True)
                 m.commit(target)
                 return "rolled forward: the target copy was restored and verified"
-        if last in _NOTHING_FROZEN:
-            m.rollback(target, "interrupted before the checkpoint; nothing had changed")
-        else:
-            m.rollback(target, m.data.get("reason") or f"recovered after a crash at {last}")
+        unchanged = last in _NOTHING_FROZEN
+        m.rollback(target, _UNCHANGED if unchanged else m.data.get("reason") or f"recovered after a crash at {last}")
         if m.j.last_state() == "target_unclean":
             return f"rolled back here; {m.opts.target} still cannot be cleaned (run recover again once it answers)"
-        return "nothing had changed" if last in _NOTHING_FROZEN else "rolled back"
+        return "nothing had changed" if unchanged else "rolled back"
     finally:
         if target is not None:
             target.conn.close()
